@@ -1,0 +1,41 @@
+# The README's two commands: `make demo` and `make test`. Both work on a fresh clone (Python 3.11 + pip).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell $(PY) -c "import hashlib,sys;print(hashlib.sha256(open('pyproject.toml','rb').read()).hexdigest()[:12])")
+TOKENIZER := .cache/tokenizer.model.v1
+DEMO_CKPT := .cache/demo-checkpoint
+DEMO_BUNDLE := bundles/demo
+DEMO_IMAGE := .cache/demo-lesion.png
+
+.PHONY: install demo test test-slow clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[export,test]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+$(TOKENIZER): | $(STAMP)
+	$(BIN)/python scripts/fetch_tokenizer.py $(TOKENIZER)
+
+$(DEMO_BUNDLE)/manifest.json: $(STAMP) $(TOKENIZER)
+	$(BIN)/skin-offline make-demo-checkpoint $(DEMO_CKPT) --layout llava --preset tiny
+	$(BIN)/skin-offline export $(DEMO_CKPT) $(DEMO_BUNDLE)
+
+$(DEMO_IMAGE): | $(STAMP)
+	$(BIN)/python scripts/demo_image.py $(DEMO_IMAGE)
+
+demo: $(DEMO_BUNDLE)/manifest.json $(DEMO_IMAGE)
+	$(BIN)/skin-offline ask $(DEMO_IMAGE) "What is this lesion? Describe its colour and border." \
+		--bundle $(DEMO_BUNDLE) --max-new-tokens 48
+
+test: $(STAMP) $(TOKENIZER)
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
+
+test-slow: $(STAMP) $(TOKENIZER)
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) .cache bundles .pytest_cache .hypothesis

@@ -1,0 +1,157 @@
+"""`skin-offline` command line. Heavy imports live inside the commands so `--help` is instant.
+
+Exit codes: 0 ok, 1 other error, 2 usage, 3 bad input (image/question), 4 bundle/checkpoint,
+5 device, 130 interrupted (Ctrl-C prints what was generated so far).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import SkinOfflineError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run the SkinVL dermatology VLM offline.")
+
+
+def _fail(msg: str, code: int) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def friendly(fn):
+    """Turn our named errors into one line + exit code; never a traceback for expected failures."""
+
+    @wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except SkinOfflineError as e:
+            _fail(str(e), e.exit_code)
+        except MemoryError:
+            _fail("out of memory; try a smaller precision (int4) or close other programs", 1)
+
+    return wrapper
+
+
+@app.command()
+@friendly
+def export(
+    src: Path = typer.Argument(..., help="checkpoint folder (LLaVA or transformers Llava layout)"),
+    out: Path = typer.Argument(..., help="bundle folder to write (replaced atomically)"),
+    vision_tower: Optional[Path] = typer.Option(None, help="local CLIP checkpoint folder when config.json names a hub id"),
+    image_mode: Optional[str] = typer.Option(None, help="pad (model default) or crop (MM-Skin's evaluation)"),
+    max_context: Optional[int] = typer.Option(None, help="context limit (default: the checkpoint's, 2048 for LLaVA)"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="check the graphs against transformers"),
+):
+    """Export a SkinVL / LLaVA checkpoint folder to an ONNX bundle."""
+    from .export.to_onnx import export_bundle
+    from .manifest import PadMode
+
+    mode = None
+    if image_mode is not None:
+        if image_mode not in ("pad", "crop"):
+            _fail(f"--image-mode must be pad or crop, not {image_mode!r}", 2)
+        mode = PadMode(image_mode)
+    export_bundle(src, out, vision_tower=vision_tower, image_mode=mode, max_context=max_context, verify=verify,
+                  log=lambda m: typer.echo(m, err=True))
+
+
+@app.command()
+@friendly
+def ask(
+    image: Path = typer.Argument(..., help="image file (jpg, png, webp, ...)"),
+    question: str = typer.Argument(..., help="question about the image"),
+    bundle: Optional[Path] = typer.Option(None, help="bundle folder (default: $SKIN_OFFLINE_BUNDLE or the user data dir)"),
+    max_new_tokens: int = typer.Option(256, min=1),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy"),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
+    top_k: int = typer.Option(0, min=0),
+    seed: Optional[int] = typer.Option(None),
+    threads: Optional[int] = typer.Option(None, min=1),
+    precision: Optional[str] = typer.Option(None, help="pick a graph variant the bundle carries (fp32, int8, int4, fp16)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming text"),
+):
+    """Ask a question about an image; the answer streams to stdout."""
+    from .runtime.pipeline import SkinVL
+
+    model = SkinVL.load(bundle, threads=threads, precision=precision)
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    if as_json:
+        typer.echo(json.dumps(model.ask(image, question, **kw).to_dict()))
+        return
+    try:
+        last = None
+        for r in model.stream(image, question, **kw):
+            sys.stdout.write(r.text)
+            sys.stdout.flush()
+            last = r
+        sys.stdout.write("\n")
+        t = last.timings
+        typer.echo(f"[{t.new_tokens} tokens, ttft {t.ttft_s:.2f}s, {t.decode_tokens_per_s:.1f} tok/s, "
+                   f"finish: {last.finish_reason}]", err=True)
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        typer.echo("[interrupted]", err=True)
+        raise typer.Exit(130)
+
+
+@app.command()
+@friendly
+def verify(bundle: Path = typer.Argument(..., help="bundle folder")):
+    """Check every bundle file against the sha256 in its manifest."""
+    from .runtime.bundle import verify_bundle
+
+    m = verify_bundle(bundle)
+    typer.echo(f"ok: {len(m.files)} files match their sha256 ({sum(e.size for e in m.files.values()) / 1e6:.1f} MB)")
+
+
+@app.command()
+@friendly
+def info(bundle: Path = typer.Argument(..., help="bundle folder"), as_json: bool = typer.Option(False, "--json")):
+    """Show a bundle's graphs, sizes, preprocessing, provenance and verification figures."""
+    from .manifest import Manifest
+
+    m = Manifest.read(bundle)
+    if as_json:
+        typer.echo(json.dumps(m.to_dict(), indent=2))
+        return
+    d = m.model
+    typer.echo(f"bundle {bundle} (schema {m.schema_version})")
+    typer.echo(f"  model: {d.num_layers} layers, hidden {d.hidden_size}, heads {d.num_heads}/{d.num_kv_heads} kv, "
+               f"vocab {d.vocab_size}, context {d.max_context}, {d.image_tokens} image tokens")
+    typer.echo(f"  preprocess: {m.preprocess.mode.value}, {m.preprocess.crop_size}px")
+    for g in m.graphs:
+        size = sum(m.files[f].size for f in (g.file, *g.data_files))
+        typer.echo(f"  {g.role:10s} {g.precision.value:5s} {g.flavor.value:8s} {g.file} ({size / 1e6:.1f} MB)")
+    typer.echo(f"  source: {m.source.get('layout')} {m.source.get('path')}")
+    if m.verification:
+        typer.echo("  verification: " + ", ".join(f"{k}={v:.2e}" for k, v in m.verification.items()))
+    if m.quality:
+        typer.echo("  quality: " + json.dumps(m.quality))
+
+
+@app.command("make-demo-checkpoint")
+@friendly
+def make_demo_checkpoint(out: Path = typer.Argument(...), layout: str = typer.Option("llava"),
+                         preset: str = typer.Option("tiny"), seed: int = typer.Option(0)):
+    """Write a random-weight checkpoint of the SkinVL architecture (tests, demo, benchmarks)."""
+    from .export.factory import LAYOUTS, PRESETS, make_checkpoint
+
+    if layout not in LAYOUTS or preset not in PRESETS:
+        _fail(f"layout must be one of {LAYOUTS} and preset one of {tuple(PRESETS)}", 2)
+    make_checkpoint(out, layout=layout, preset_name=preset, seed=seed)
+    typer.echo(f"random-weight {preset} checkpoint ({layout} layout) written to {out}", err=True)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""One small error hierarchy; the CLI maps each class to an exit code and a one-line message."""
+
+
+class SkinOfflineError(Exception):
+    """Base class: the message is a complete, one-line explanation with what to do next."""
+
+    exit_code = 1
+
+
+class UsageError(SkinOfflineError):
+    exit_code = 2
+
+
+class ImageError(SkinOfflineError):
+    """The image cannot be read or is not usable."""
+
+    exit_code = 3
+
+
+class PromptError(SkinOfflineError):
+    """The question (or conversation) cannot be turned into a prompt."""
+
+    exit_code = 3
+
+
+class ContextLengthError(PromptError):
+    """Prompt + requested new tokens exceed the model's context."""
+
+
+class BundleError(SkinOfflineError):
+    """The bundle is missing, incomplete, corrupt or from an unsupported schema."""
+
+    exit_code = 4
+
+
+class CheckpointError(SkinOfflineError):
+    """The source checkpoint cannot be recognised or read (export time)."""
+
+    exit_code = 4
+
+
+class DeviceError(SkinOfflineError):
+    """The requested execution device / provider is unavailable."""
+
+    exit_code = 5
+
+
+class Cancelled(SkinOfflineError):
+    exit_code = 130

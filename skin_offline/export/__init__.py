@@ -1,0 +1,1 @@
+"""Export time: checkpoint -> ONNX bundle (may import torch, transformers, sentencepiece)."""

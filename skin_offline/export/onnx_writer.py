@@ -1,0 +1,109 @@
+"""A small ONNX graph builder whose weights stream straight into an external-data file.
+
+Why hand-written: the torch exporters hold ~4x the fp32 model in RAM (29 GB at 7B -> >100 GB), and
+optimum cannot export LLaVA (FINDINGS.md). Writing nodes with onnx.helper and appending each weight to
+the `.data` file as soon as it is read keeps export memory at one tensor, and the graph stays small
+enough (a few hundred standard ops) to read and to hand to TensorRT.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+ALIGN = 4096  # page-aligned offsets let onnxruntime memory-map external data
+
+
+class ExternalData:
+    """Appends raw tensor bytes to one file and returns initializers that point into it."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fh = open(self.path, "wb")
+        self.offset = 0
+
+    def add(self, name: str, array: np.ndarray) -> TensorProto:
+        array = np.ascontiguousarray(array)
+        pad = (-self.offset) % ALIGN
+        if pad:
+            self._fh.write(b"\0" * pad)
+            self.offset += pad
+        data = array.tobytes()
+        self._fh.write(data)
+        t = TensorProto()
+        t.name = name
+        t.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        t.dims.extend(array.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(data)))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        self.offset += len(data)
+        return t
+
+    def close(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+
+
+class GraphBuilder:
+    """Collects nodes/initializers; `w()` streams big weights out, `c()` keeps small constants inline."""
+
+    def __init__(self, data: ExternalData | None, min_external_bytes: int = 1024):
+        self.data = data
+        self.min_external = min_external_bytes
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._n = 0
+
+    def fresh(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def w(self, name: str, array: np.ndarray) -> str:
+        if self.data is not None and array.nbytes >= self.min_external:
+            self.inits.append(self.data.add(name, array))
+        else:
+            self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def c(self, array, dtype=np.int64, hint: str = "const") -> str:
+        return self.w(self.fresh(hint), np.asarray(array, dtype=dtype))
+
+    def op(self, op_type: str, *inputs: str, hint: str | None = None, n_out: int = 1, domain: str = "", **attrs):
+        outs = [self.fresh(hint or op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self.fresh("n_" + op_type), domain=domain, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def op_named(self, op_type: str, inputs: list[str], output: str, domain: str = "", **attrs) -> str:
+        self.nodes.append(helper.make_node(op_type, inputs, [output], name=self.fresh("n_" + op_type), domain=domain, **attrs))
+        return output
+
+    def input(self, name: str, elem_type: int, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def output(self, name: str, elem_type: int, shape: list) -> None:
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+    def model(self, graph_name: str, opset: int, extra_opsets: dict[str, int] | None = None) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.inits)
+        opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in (extra_opsets or {}).items()]
+        m = helper.make_model(graph, opset_imports=opsets, producer_name="skin-offline")
+        m.ir_version = 8  # readable by onnxruntime >= 1.14 and TensorRT 8.6 (Jetson JetPack 5/6)
+        return m
+
+
+def save(model: onnx.ModelProto, path: Path) -> None:
+    """Serialise a model whose big initializers already live in external data (proto stays small)."""
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,61 @@
+"""transformers' own modules run one layer at a time: the export-time reference for verification.
+
+Building the whole LlavaForConditionalGeneration would hold the full fp32 model (29 GB at 7B); instead
+each MistralDecoderLayer / the CLIP tower is instantiated with the checkpoint's weights, applied, and
+dropped, so the check costs one layer of memory and runs on every export, the 7B one included.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint
+
+
+@torch.no_grad()
+def vision_features(ckpt: Checkpoint, pixel_values: np.ndarray) -> np.ndarray:
+    """[B,3,S,S] -> [B,N,H_text] with transformers' CLIPVisionModel + the projector."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    v = ckpt.vision
+    cfg = CLIPVisionConfig(hidden_size=v.hidden, intermediate_size=v.mlp, num_hidden_layers=v.kept_layers,
+                           num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
+                           layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act)
+    model = CLIPVisionModel(cfg).eval()
+    missing, unexpected = model.load_state_dict(ckpt.vision_state_dict(), strict=False)
+    missing = [k for k in missing if not k.startswith("post_layernorm") and "position_ids" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"reference CLIP load mismatch: missing={missing} unexpected={unexpected}")
+    hidden = model(torch.from_numpy(pixel_values)).last_hidden_state[:, 1:]
+    w1, b1 = ckpt.projector_tensor("linear_1.weight"), ckpt.projector_tensor("linear_1.bias")
+    w2, b2 = ckpt.projector_tensor("linear_2.weight"), ckpt.projector_tensor("linear_2.bias")
+    h = torch.nn.functional.gelu(hidden @ w1.T + b1)
+    return (h @ w2.T + b2).numpy()
+
+
+@torch.no_grad()
+def decoder_logits(ckpt: Checkpoint, embeds: np.ndarray) -> np.ndarray:
+    """[1,S,H] prompt embeddings -> [1,S,V] logits through transformers' Mistral layers, one at a time."""
+    from transformers import MistralConfig
+    from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralRMSNorm, MistralRotaryEmbedding
+
+    t = ckpt.text
+    cfg = MistralConfig(vocab_size=t.vocab, hidden_size=t.hidden, intermediate_size=t.mlp, num_hidden_layers=1,
+                        num_attention_heads=t.heads, num_key_value_heads=t.kv_heads, head_dim=t.head_dim,
+                        rope_theta=t.rope_theta, rms_norm_eps=t.rms_norm_eps, sliding_window=None)
+    cfg._attn_implementation = "eager"
+    x = torch.from_numpy(embeds)
+    seq = x.shape[1]
+    pos = torch.arange(seq)[None]
+    cos_sin = MistralRotaryEmbedding(cfg)(x, pos)
+    mask = torch.full((seq, seq), torch.finfo(torch.float32).min).triu(1)[None, None]
+    for i in range(t.layers):
+        layer = MistralDecoderLayer(cfg, 0).eval()
+        state = {k: ckpt.text_tensor(f"layers.{i}.{k}") for k in layer.state_dict()}
+        layer.load_state_dict(state)
+        x = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
+        del layer, state
+    norm = MistralRMSNorm(t.hidden, eps=t.rms_norm_eps)
+    norm.weight.copy_(ckpt.text_tensor("norm.weight"))
+    return (norm(x) @ ckpt.text_tensor("lm_head.weight").T).numpy()

@@ -1,0 +1,124 @@
+"""Checkpoint folder -> bundle folder (vision graph, decoder graph, embedding table, tokenizer, manifest).
+
+Every weight is read once from the (memory-mapped) checkpoint and appended to the graph's external
+data, so export memory is bounded by the largest tensor; the bundle is built in a hidden sibling and
+renamed into place only when complete and verified.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .. import __version__, names
+from ..manifest import (
+    Flavor, GraphVariant, Manifest, ModelDims, PadMode, Precision, PromptConfig, TokenConfig, file_entry,
+)
+from ..runtime.tokenizer import TextTokenizer
+from .atomic import atomic_folder
+from .checkpoint import Checkpoint, open_checkpoint
+from .decoder_graph import build_decoder
+from .tokenizer import write_tokenizer_json
+from .vision_graph import build_vision
+
+Log = Callable[[str], None]
+
+
+def _versions() -> dict:
+    out = {"skin_offline": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "transformers", "onnx", "onnxruntime", "numpy", "safetensors", "tokenizers", "sentencepiece"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _write_embeddings(ckpt: Checkpoint, folder: Path) -> str:
+    table = ckpt.text_tensor("embed_tokens.weight").numpy()  # [V, H]
+    np.save(folder / names.EMBEDDINGS, np.ascontiguousarray(table, dtype=np.float32))
+    return names.EMBEDDINGS
+
+
+def model_dims(ckpt: Checkpoint, max_context: int | None = None) -> ModelDims:
+    t = ckpt.text
+    return ModelDims(
+        vocab_size=t.vocab, hidden_size=t.hidden, num_layers=t.layers, num_heads=t.heads, num_kv_heads=t.kv_heads,
+        head_dim=t.head_dim, intermediate_size=t.mlp, rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta,
+        max_context=max_context or t.max_context, image_tokens=ckpt.vision.image_tokens,
+        vision_hidden_size=ckpt.vision.hidden,
+    )
+
+
+def export_bundle(src: Path, out: Path, *, vision_tower: Path | None = None, image_mode: PadMode | None = None,
+                  max_context: int | None = None, verify: bool = True, log: Log = print) -> Manifest:
+    t0 = time.perf_counter()
+    ckpt = open_checkpoint(Path(src), vision_tower=vision_tower, image_mode=image_mode)
+    log(f"checkpoint: {ckpt.layout} layout, {ckpt.text.layers} decoder layers, hidden {ckpt.text.hidden}, "
+        f"vision {ckpt.vision.hidden}x{ckpt.vision.kept_layers}/{ckpt.vision.layers} layers, "
+        f"{ckpt.vision.image_tokens} image tokens")
+    with atomic_folder(Path(out)) as tmp:
+        log("writing vision graph ...")
+        vfile, vdata = build_vision(ckpt.vision, lambda n: ckpt.vision_tensor(n).numpy(),
+                                    lambda n: ckpt.projector_tensor(n).numpy(), tmp)
+        log("writing decoder graph ...")
+        dfile, ddata = build_decoder(ckpt.text, lambda n: ckpt.text_tensor(n).numpy(), tmp,
+                                     progress=lambda i: log(f"  decoder layer {i}/{ckpt.text.layers}"))
+        efile = _write_embeddings(ckpt, tmp)
+        write_tokenizer_json(ckpt.folder, tmp / names.TOKENIZER)
+        tok_vocab = TextTokenizer.from_file(tmp / names.TOKENIZER).vocab_size
+        graphs = (
+            GraphVariant(names.ROLE_VISION, Precision.FP32, Flavor.STANDARD, vfile, vdata),
+            GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.STANDARD, dfile, (ddata,)),
+            GraphVariant(names.ROLE_EMBEDDINGS, Precision.FP32, Flavor.STANDARD, efile),
+        )
+        files = {p.name: file_entry(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest = Manifest(
+            model=model_dims(ckpt, max_context), preprocess=ckpt.preprocess, prompt=PromptConfig("mistral_instruct"),
+            tokens=TokenConfig(bos_id=1, eos_id=2, tokenizer_vocab_size=tok_vocab), graphs=graphs, files=files,
+            source={"path": str(Path(src).resolve()), "layout": ckpt.layout, "fingerprint": ckpt.store.fingerprint(),
+                    "vision_tower": str(ckpt.vision_store.folder), "projector": ckpt.notes.get("projector", ckpt.layout)},
+            exporter=_versions(),
+        )
+        manifest.write(tmp)
+        if verify:
+            log("verifying ONNX graphs against transformers (layer by layer) ...")
+            report = verify_bundle_against_reference(tmp, ckpt)
+            log("  " + ", ".join(f"{k} {v:.2e}" for k, v in report.items()))
+            manifest = Manifest(**{**manifest.__dict__, "verification": report})
+            manifest.write(tmp)
+    size = sum(e.size for e in manifest.files.values())
+    log(f"bundle written to {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
+    return manifest
+
+
+def verify_bundle_against_reference(folder: Path, ckpt: Checkpoint, seed: int = 0) -> dict:
+    """Max abs diffs of the ONNX graphs vs transformers on a probe: image features and prompt logits."""
+    from ..runtime.bundle import Bundle
+    from . import reference
+
+    rng = np.random.default_rng(seed)
+    bundle = Bundle.load(folder, check_hashes=False)
+    s = bundle.manifest.preprocess.crop_size
+    pixels = rng.standard_normal((1, 3, s, s), dtype=np.float32)
+    feats = bundle.vision.encode(pixels)  # [1,N,H]
+    ref_feats = reference.vision_features(ckpt, pixels)
+    ids = rng.integers(3, min(bundle.manifest.tokens.tokenizer_vocab_size, bundle.manifest.model.vocab_size), 8)
+    embeds = np.concatenate([bundle.embed(ids[:4]), feats[0], bundle.embed(ids[4:])])[None]  # [1,S,H]
+    logits = bundle.decoder.logits_all(embeds)  # [1,S,V]
+    ref_logits = reference.decoder_logits(ckpt, embeds)
+    return {
+        "image_features_max_abs_diff": float(np.abs(feats - ref_feats).max()),
+        "logits_max_abs_diff": float(np.abs(logits - ref_logits).max()),
+        "logits_scale": float(np.abs(ref_logits).max()),
+    }
+
+
+def describe(manifest: Manifest) -> dict:
+    return {"model": asdict(manifest.model), "files": {k: v.size for k, v in manifest.files.items()}}

@@ -1,0 +1,249 @@
+"""Typed bundle manifest: what the exporter writes and the runtime reads (schema in names.py).
+
+A bundle can carry several variants of each graph role (precision x flavor); the runtime picks one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from . import names
+from .errors import BundleError
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+class Flavor(str, enum.Enum):
+    STANDARD = "standard"  # standard ONNX ops only (portable, TensorRT-compatible)
+    CONTRIB = "contrib"  # onnxruntime contrib ops (MatMulNBits, GroupQueryAttention, ...)
+
+
+class PadMode(str, enum.Enum):
+    PAD = "pad"  # LLaVA's expand2square (what SkinVL was trained with)
+    CROP = "crop"  # resize + centre crop only (what MM-Skin's VQA evaluation used)
+
+
+def _from_dict(cls, d: dict[str, Any]):
+    """Keep known keys only (forward-compatible within a schema version)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    vocab_size: int  # rows of the embedding table / lm_head
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_context: int  # longest prompt + answer the runtime accepts
+    image_tokens: int  # features per image (576 for ViT-L/14-336)
+    vision_hidden_size: int
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise BundleError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+    def kv_bytes_per_token(self, itemsize: int = 4) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    mode: PadMode = PadMode.PAD
+    size: int = 336  # shortest edge after resize
+    crop_size: int = 336
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    rescale_factor: float = 1 / 255
+    resample: str = "bicubic"
+
+    def __post_init__(self):
+        object.__setattr__(self, "mode", PadMode(self.mode))
+        object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
+        object.__setattr__(self, "std", tuple(float(x) for x in self.std))
+        if self.resample != "bicubic":
+            raise BundleError(f"unsupported resample {self.resample!r}; only 'bicubic' (CLIP's) is implemented")
+
+    @property
+    def pad_color(self) -> tuple[int, int, int]:
+        # LLaVA fills the square canvas with the mean colour truncated to int: (122, 116, 104) for CLIP.
+        return tuple(int(m * 255) for m in self.mean)
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    template: str = "mistral_instruct"
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    bos_id: int = 1
+    eos_id: int = 2
+    tokenizer_vocab_size: int = 32000  # ids >= this are padding rows of the embedding / lm_head
+
+
+@dataclass(frozen=True)
+class GraphVariant:
+    role: str  # names.ROLE_*
+    precision: Precision
+    flavor: Flavor
+    file: str  # relative to the bundle root
+    data_files: tuple[str, ...] = ()
+    details: dict = field(default_factory=dict)  # e.g. quantization block size
+
+    def __post_init__(self):
+        object.__setattr__(self, "precision", Precision(self.precision))
+        object.__setattr__(self, "flavor", Flavor(self.flavor))
+        object.__setattr__(self, "data_files", tuple(self.data_files))
+        for f in (self.file, *self.data_files):
+            check_relative(f)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["precision"] = self.precision.value
+        d["flavor"] = self.flavor.value
+        d["data_files"] = list(self.data_files)
+        return d
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    sha256: str
+
+
+def check_relative(name: str) -> None:
+    """Refuse file names that could escape the bundle folder (absolute, '..', backslashes)."""
+    p = PurePosixPath(name)
+    if not name or p.is_absolute() or ".." in p.parts or "\\" in name or ":" in name:
+        raise BundleError(f"manifest names a file outside the bundle: {name!r}; re-export the bundle")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: ModelDims
+    preprocess: PreprocessConfig
+    prompt: PromptConfig
+    tokens: TokenConfig
+    graphs: tuple[GraphVariant, ...]
+    files: dict[str, FileEntry]
+    source: dict = field(default_factory=dict)
+    exporter: dict = field(default_factory=dict)
+    verification: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)
+    schema_version: int = names.SCHEMA_VERSION
+
+    def variants(self, role: str) -> list[GraphVariant]:
+        return [g for g in self.graphs if g.role == role]
+
+    def pick(self, role: str, precision: Precision | None = None, flavor: Flavor | None = None) -> GraphVariant:
+        """The variant for `role` at `precision` (default: the first listed, i.e. the bundle's default)."""
+        cands = self.variants(role)
+        if flavor is not None:
+            cands = [g for g in cands if g.flavor == flavor] or cands
+        if precision is not None:
+            exact = [g for g in cands if g.precision == Precision(precision)]
+            if not exact:
+                have = ", ".join(sorted({g.precision.value for g in self.variants(role)}))
+                raise BundleError(
+                    f"bundle has no {Precision(precision).value} {role} graph (it has: {have}); "
+                    f"make one with `skin-offline quantize`"
+                )
+            cands = exact
+        if not cands:
+            raise BundleError(f"bundle has no {role} graph; re-export it with `skin-offline export`")
+        return cands[0]
+
+    # --- (de)serialisation ---
+    def to_dict(self) -> dict:
+        pre = dataclasses.asdict(self.preprocess)
+        pre["mode"] = self.preprocess.mode.value
+        return {
+            names.K_SCHEMA: self.schema_version,
+            names.K_MODEL: dataclasses.asdict(self.model),
+            names.K_PREPROCESS: pre,
+            names.K_PROMPT: dataclasses.asdict(self.prompt),
+            names.K_TOKENS: dataclasses.asdict(self.tokens),
+            names.K_GRAPHS: [g.to_dict() for g in self.graphs],
+            names.K_FILES: {k: dataclasses.asdict(v) for k, v in sorted(self.files.items())},
+            names.K_SOURCE: self.source,
+            names.K_EXPORTER: self.exporter,
+            names.K_VERIFICATION: self.verification,
+            names.K_QUALITY: self.quality,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        version = d.get(names.K_SCHEMA)
+        if not isinstance(version, int):
+            raise BundleError("manifest has no schema_version; this is not a skin-offline bundle")
+        if version > names.SCHEMA_VERSION:
+            raise BundleError(
+                f"bundle schema {version} is newer than this skin-offline understands "
+                f"({names.SCHEMA_VERSION}); upgrade skin-offline"
+            )
+        try:
+            files = {}
+            for k, v in d[names.K_FILES].items():
+                check_relative(k)
+                files[k] = _from_dict(FileEntry, v)
+            return cls(
+                model=_from_dict(ModelDims, d[names.K_MODEL]),
+                preprocess=_from_dict(PreprocessConfig, d[names.K_PREPROCESS]),
+                prompt=_from_dict(PromptConfig, d.get(names.K_PROMPT, {})),
+                tokens=_from_dict(TokenConfig, d[names.K_TOKENS]),
+                graphs=tuple(_from_dict(GraphVariant, g) for g in d[names.K_GRAPHS]),
+                files=files,
+                source=d.get(names.K_SOURCE, {}),
+                exporter=d.get(names.K_EXPORTER, {}),
+                verification=d.get(names.K_VERIFICATION, {}),
+                quality=d.get(names.K_QUALITY, {}),
+                schema_version=version,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"manifest is malformed ({type(e).__name__}: {e}); re-export the bundle") from None
+
+    def write(self, folder: Path) -> None:
+        (Path(folder) / names.MANIFEST).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def read(cls, folder: Path) -> "Manifest":
+        path = Path(folder) / names.MANIFEST
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise BundleError(f"{path} not found; export a bundle with `skin-offline export CHECKPOINT {folder}`") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"{path} is not valid JSON ({e}); re-export the bundle") from None
+        if not isinstance(d, dict):
+            raise BundleError(f"{path} is not a manifest object; re-export the bundle")
+        return cls.from_dict(d)
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(path: Path) -> FileEntry:
+    return FileEntry(size=Path(path).stat().st_size, sha256=sha256_file(path))

@@ -1,0 +1,64 @@
+"""Every name shared by the exporter and the runtime: ONNX I/O names, bundle file names, manifest keys.
+
+Defined once here so neither side rewrites names by string replacement.
+"""
+
+SCHEMA_VERSION = 1
+
+# --- bundle files -----------------------------------------------------------------------------
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+VISION_GRAPH = "vision.onnx"
+DECODER_GRAPH = "decoder.onnx"
+EMBEDDINGS = "embed_tokens.npy"  # [vocab, hidden] table, memory-mapped by the runtime
+
+
+def external_data_name(graph_file: str) -> str:
+    return graph_file + ".data"
+
+
+# --- vision graph I/O -------------------------------------------------------------------------
+PIXEL_VALUES = "pixel_values"  # [B, 3, S, S] float32, normalised
+IMAGE_FEATURES = "image_features"  # [B, N_img, H_text] projected patch features
+
+# --- decoder graph I/O ------------------------------------------------------------------------
+INPUTS_EMBEDS = "inputs_embeds"  # [B, S, H]
+ATTENTION_MASK = "attention_mask"  # [B, P+S] int64, 1 = attend
+POSITION_IDS = "position_ids"  # [B, S] int64
+NUM_LOGITS_TO_KEEP = "num_logits_to_keep"  # [] int64: logits for the last k positions only
+LOGITS = "logits"  # [B, k, V]
+
+
+def past_key(i: int) -> str:
+    return f"past_key_values.{i}.key"  # [B, kvH, P, D]
+
+
+def past_value(i: int) -> str:
+    return f"past_key_values.{i}.value"
+
+
+def present_key(i: int) -> str:
+    return f"present.{i}.key"  # [B, kvH, P+S, D]
+
+
+def present_value(i: int) -> str:
+    return f"present.{i}.value"
+
+
+# --- manifest keys ----------------------------------------------------------------------------
+K_SCHEMA = "schema_version"
+K_MODEL = "model"
+K_PREPROCESS = "preprocess"
+K_PROMPT = "prompt"
+K_TOKENS = "tokens"
+K_GRAPHS = "graphs"
+K_FILES = "files"
+K_SOURCE = "source"
+K_EXPORTER = "exporter"
+K_VERIFICATION = "verification"
+K_QUALITY = "quality"
+
+# graph roles inside manifest["graphs"]
+ROLE_VISION = "vision"
+ROLE_DECODER = "decoder"
+ROLE_EMBEDDINGS = "embeddings"

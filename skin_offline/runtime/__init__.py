@@ -1,0 +1,1 @@
+"""Runtime: runs an exported bundle with NumPy, onnxruntime and tokenizers only."""

@@ -1,0 +1,78 @@
+"""Next-token selection: greedy, temperature, top-k, top-p, with an explicit seeded Generator.
+
+Order and rules follow transformers' logits warpers (temperature -> top-k -> top-p, top-p removing
+tokens whose ascending cumulative probability is <= 1 - p, keeping at least one), so a seeded run is
+reproducible and a greedy run is exactly argmax (first index on ties, as torch.argmax).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+Sampler = Callable[[np.ndarray], int]  # [V] float32 logits -> token id
+_CANDIDATES = 512  # top-p works on the top candidates when they already hold the probability mass
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def top_p_filter(ids: np.ndarray, probs: np.ndarray, top_p: float, outside_mass: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the HF top-p set among candidate (ids, probs); `outside_mass` = mass of non-candidates."""
+    order = np.argsort(probs, kind="stable")  # ascending, like HF's sort
+    cum = np.cumsum(probs[order]) + outside_mass
+    keep = cum > 1.0 - top_p
+    keep[-1] = True
+    sel = order[keep]
+    return ids[sel], probs[sel]
+
+
+def sample_from(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> int:
+    """[V] logits -> one token id."""
+    if cfg.temperature == 0.0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / cfg.temperature
+    if cfg.top_k and cfg.top_k < scaled.size:
+        ids = np.argpartition(-scaled, cfg.top_k - 1)[: cfg.top_k]
+        # HF keeps every token tied with the k-th value; so do we
+        kth = scaled[ids].min()
+        ids = np.flatnonzero(scaled >= kth)
+    else:
+        ids = np.arange(scaled.size)
+    probs = softmax(scaled[ids])
+    if cfg.top_p < 1.0:
+        outside = 0.0
+        if ids.size > _CANDIDATES:  # only sort the head when it already holds >= top_p of the mass
+            head = np.argpartition(-probs, _CANDIDATES - 1)[:_CANDIDATES]
+            mass = probs[head].sum()
+            if mass >= cfg.top_p:
+                outside = 1.0 - mass
+                ids, probs = ids[head], probs[head]
+        ids, probs = top_p_filter(ids, probs, cfg.top_p, outside)
+        probs = probs / probs.sum()
+    return int(ids[np.searchsorted(np.cumsum(probs), rng.random() * probs.sum(), side="right").clip(max=ids.size - 1)])
+
+
+def make_sampler(cfg: SamplingConfig) -> Sampler:
+    rng = np.random.default_rng(cfg.seed)
+    return lambda logits: sample_from(logits, cfg, rng)

@@ -1,0 +1,133 @@
+"""The Python API: load a bundle once, ask many questions about images.
+
+    model = SkinVL.load("bundles/skinvl")
+    answer = model.ask("lesion.jpg", "What is this lesion?")
+    for r in model.stream("lesion.jpg", "Describe it."): print(r.text, end="")
+
+Data path, top to bottom: image -> pixels (image.py) -> features (vision.py) -> prompt ids (prompt.py)
+-> embeddings with the features spliced in -> prefill + KV-cached decode (decoder.py, generate.py)
+-> sampling (kernels/sampling.py) -> streamed text (detokenize.py).
+
+Thread safety: one SkinVL may be shared by any number of threads; each call builds its own KV cache
+and sampler, and onnxruntime sessions are safe for concurrent Run calls. Image features are cached
+(small LRU keyed by pixel content) under a lock, so a second question about the same image skips the
+vision encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import ContextLengthError
+from ..manifest import Precision
+from .bundle import Bundle
+from .generate import GenerationState, Response, Timings, stream_generate
+from .image import load_image, preprocess
+from .kernels.sampling import SamplingConfig, make_sampler
+from .prompt import IMAGE_PLACEHOLDER, build_prompt_ids
+from .tokenizer import TextTokenizer
+
+
+@dataclass(frozen=True)
+class Answer:
+    answer: str
+    token_ids: list[int]
+    finish_reason: str
+    timings: Timings
+    prompt_tokens: int
+
+    def to_dict(self) -> dict:
+        return {"answer": self.answer, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+                "prompt_tokens": self.prompt_tokens, "timings": self.timings.to_dict()}
+
+
+class SkinVL:
+    def __init__(self, bundle: Bundle, tokenizer: TextTokenizer, feature_cache_size: int = 8):
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.tokenizer = tokenizer
+        self._features: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_size = feature_cache_size
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, bundle: str | Path | None = None, *, threads: int | None = None,
+             precision: Precision | str | None = None, check_hashes: bool = False) -> "SkinVL":
+        b = Bundle.load(bundle, threads=threads, precision=precision, check_hashes=check_hashes)
+        from .. import names
+
+        return cls(b, TextTokenizer.from_file(b.folder / names.TOKENIZER))
+
+    # --- stages ---
+    def pixels(self, image) -> np.ndarray:
+        """path / bytes / PIL image -> [1,3,S,S] float32."""
+        return preprocess(load_image(image), self.manifest.preprocess)
+
+    def image_features(self, pixels: np.ndarray) -> np.ndarray:
+        """[1,3,S,S] -> [N,H], memoised by pixel content."""
+        key = hashlib.sha256(pixels.tobytes()).hexdigest()
+        with self._lock:
+            if key in self._features:
+                self._features.move_to_end(key)
+                return self._features[key]
+        feats = self.bundle.vision.encode(pixels)[0]
+        with self._lock:
+            self._features[key] = feats
+            while len(self._features) > self._cache_size:
+                self._features.popitem(last=False)
+        return feats
+
+    def prompt_embeddings(self, ids: list[int], feats: np.ndarray) -> np.ndarray:
+        """prompt ids with one IMAGE_PLACEHOLDER + [N,H] features -> [1, len(ids)-1+N, H]."""
+        parts, start = [], 0
+        for i, t in enumerate(ids):
+            if t == IMAGE_PLACEHOLDER:
+                parts += [self.bundle.embed(ids[start:i]), feats]
+                start = i + 1
+        parts.append(self.bundle.embed(ids[start:]))
+        return np.concatenate(parts)[None]
+
+    # --- requests ---
+    def stream(self, image, question: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+               cancel: threading.Event | None = None, state: GenerationState | None = None) -> Iterator[Response]:
+        t0 = time.perf_counter()
+        timings = Timings()
+        sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        ids = build_prompt_ids(self.tokenizer, question)
+        pixels = self.pixels(image)
+        timings.preprocess_s = time.perf_counter() - t0
+        n_prompt = len(ids) - 1 + self.manifest.model.image_tokens
+        limit = self.manifest.model.max_context
+        if n_prompt >= limit:
+            raise ContextLengthError(
+                f"prompt is {n_prompt} tokens ({self.manifest.model.image_tokens} image + text) but the context is "
+                f"{limit}; shorten the question"
+            )
+        max_new = min(max_new_tokens, limit - n_prompt)
+        t1 = time.perf_counter()
+        feats = self.image_features(pixels)
+        timings.vision_s = time.perf_counter() - t1
+        embeds = self.prompt_embeddings(ids, feats)
+        timings.prompt_tokens = embeds.shape[1]
+        yield from stream_generate(
+            self.bundle.decoder, embeds, self.bundle.embed, make_sampler(sampling), self.tokenizer, max_new,
+            self.manifest.tokens.eos_id, timings, t0, cancel=cancel, state=state,
+        )
+
+    def ask(self, image, question: str, **kw) -> Answer:
+        state = GenerationState()
+        text, last = [], None
+        for r in self.stream(image, question, state=state, **kw):
+            text.append(r.text)
+            last = r
+        tokens = state.tokens
+        return Answer("".join(text), tokens, last.finish_reason, last.timings, last.timings.prompt_tokens)

@@ -1,0 +1,109 @@
+"""Question (+ history) -> prompt token ids with one image slot, as LLaVA builds them.
+
+Template: LLaVA's `mistral_instruct` conversation (SeparatorStyle.LLAMA_2, system "", sep "",
+sep2 "</s>"), as used by MM-Skin's evaluation:
+
+    [INST] <image>\\n{q1} [/INST] {a1} </s>[INST] {q2} [/INST]
+
+Tokenization: LLaVA's `tokenizer_image_token` splits that string on "<image>", encodes every chunk
+separately with the legacy slow Llama tokenizer (which also splits on the literal "</s>" and
+encodes each piece with its own sentencepiece dummy prefix), keeps only the first chunk's BOS and
+puts IMAGE_PLACEHOLDER between chunks. We build the same segments from the template's structure
+instead of splitting a string, so text the user typed ("<image>", "</s>", "<s>", "[INST]") stays
+literal text and never becomes an image slot or a control id.
+
+Input cleaning (documented behaviour): C0 control characters other than "\\n" and "\\t" (NUL, "\\r",
+ESC, ...) are removed, then surrounding whitespace is stripped (LLaVA-Med's evaluation strips
+questions; LLaVA's chat CLI strips answers). An answer that is empty after cleaning adds nothing,
+not even the "</s>" separator, exactly as LLaVA skips empty messages.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from ..errors import ContextLengthError, PromptError
+from .tokenizer import TextTokenizer
+
+IMAGE_PLACEHOLDER = -200  # LLaVA's IMAGE_TOKEN_INDEX: replaced by the image features at run time
+IMAGE_TOKENS = 576  # CLIP ViT-L/14-336 patches after dropping CLS: [1, 576, 4096] projected features
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f]")  # C0 controls except \t (09) and \n (0a)
+_IMAGE, _EOS = object(), object()  # structural markers; user text can never produce them
+
+
+def clean_text(text: str) -> str:
+    """Remove C0 control characters except newline and tab, then strip surrounding whitespace."""
+    if not isinstance(text, str):
+        raise PromptError(f"expected text, got {type(text).__name__}; pass the question as a string")
+    return _CONTROL.sub("", text).strip()
+
+
+def _clean_question(question: str, turn: int) -> str:
+    q = clean_text(question)
+    if not q:
+        where = "question" if turn == 0 else f"question of turn {turn + 1}"
+        raise PromptError(f"{where} is empty; ask a question about the image, e.g. 'What is this lesion?'")
+    return q
+
+
+def _segments(question: str, history: Sequence[tuple[str, str]]) -> list[object]:
+    """Text segments and markers in prompt order; adjacent text is one tokenizer call, as in LLaVA."""
+    turns = [*history, (question, "")]
+    parts: list[object] = []
+    text = ""
+    for n, (q, a) in enumerate(turns):
+        q = _clean_question(q, n)
+        if n == 0:  # wrap_inst("<image>\n" + q), split at the image
+            parts += ["[INST] ", _IMAGE]
+            text = "\n" + q + " [/INST]"
+        else:  # sep "" + wrap_inst(q)
+            text += "[INST] " + q + " [/INST]"
+        a = clean_text(a)
+        if a:  # " " + a + " " + sep2
+            parts += [text + " " + a + " ", _EOS]
+            text = ""
+    parts.append(text)
+    return [p for p in parts if p != ""]
+
+
+def build_prompt_ids(tokenizer: TextTokenizer, question: str,
+                     history: Sequence[tuple[str, str]] = ()) -> list[int]:
+    """BOS + prompt ids, with IMAGE_PLACEHOLDER once at the image slot (first user turn).
+
+    history: earlier (question, answer) turns, oldest first; the image belongs to the first.
+    """
+    ids = [tokenizer.bos_id]
+    for part in _segments(question, history):
+        if part is _IMAGE:
+            ids.append(IMAGE_PLACEHOLDER)
+        elif part is _EOS:
+            ids.append(tokenizer.eos_id)
+        else:
+            ids += tokenizer.encode(part)  # type: ignore[arg-type]
+    return ids
+
+
+def image_slot(ids: Sequence[int]) -> int:
+    """Index of the image placeholder; the image's IMAGE_TOKENS feature rows go there."""
+    slots = [i for i, t in enumerate(ids) if t == IMAGE_PLACEHOLDER]
+    if len(slots) != 1:
+        raise PromptError(f"prompt has {len(slots)} image slots, expected 1; build it with build_prompt_ids")
+    return slots[0]
+
+
+def count_prompt_tokens(tokenizer: TextTokenizer, question: str,
+                        history: Sequence[tuple[str, str]] = (), image_tokens: int = IMAGE_TOKENS) -> int:
+    """Sequence length the decoder prefills: text ids plus the image's feature rows."""
+    return len(build_prompt_ids(tokenizer, question, history)) - 1 + image_tokens
+
+
+def check_context(prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:
+    """Raise ContextLengthError unless the prompt plus max_new_tokens fits the model's context."""
+    if prompt_tokens + max_new_tokens > context_length:
+        room = context_length - prompt_tokens
+        hint = (f"lower max_new_tokens to {room} or less" if room > 0
+                else "shorten the question or drop earlier turns")
+        raise ContextLengthError(f"prompt ({prompt_tokens} tokens incl. image) + max_new_tokens ({max_new_tokens}) "
+                                 f"exceeds the context of {context_length} tokens; {hint}")
