@@ -149,6 +149,22 @@ def make_demo_checkpoint(out: Path = typer.Argument(...), layout: str = typer.Op
     typer.echo(f"random-weight {preset} checkpoint ({layout} layout) written to {out}", err=True)
 
 
+# Commands that live in their own modules (skin_offline/commands/*.py), each exposing `register(app, friendly)`.
+# Add one import per command module here.
+_COMMAND_MODULES: list[str] = [
+]
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        importlib.import_module(f"skin_offline.commands.{name}").register(app, friendly)
+
+
+_register_commands()
+
+
 def main() -> None:
     app()
 

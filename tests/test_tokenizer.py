@@ -134,6 +134,15 @@ def test_from_file_errors(tmp_path: Path) -> None:
         TextTokenizer.from_file(bad)
 
 
+def test_rejects_text_matching_added_tokens(tokenizer_json: Path, tmp_path: Path) -> None:
+    data = json.loads(tokenizer_json.read_text())
+    data["added_tokens"] = [{"id": 2, "content": "</s>", "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": True}]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="added tokens"):
+        TextTokenizer.from_file(tmp_path / "tokenizer.json")
+
+
 def test_write_from_checkpoint_folder(sp_model_path: Path, tokenizer_json: Path, tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()

@@ -137,15 +137,15 @@ def _self_check(tok: Tokenizer, model_path: Path) -> None:
 
 def _sanitize_tokenizer_json(path: Path) -> Tokenizer:
     # A transformers-made tokenizer.json registers <s>, </s>, <unk> (and llava-hf's <image>, <pad>)
-    # as added tokens that match typed text, and a post-processor that adds BOS: drop both.
+    # as added tokens that match typed text, and a post-processor that adds BOS: drop both (and any
+    # truncation/padding settings, which would silently cut prompts).
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {path}: {exc}; provide the checkpoint's tokenizer.model") from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} is not a tokenizer.json; provide the checkpoint's tokenizer.model")
-    data["added_tokens"] = []
-    data["post_processor"] = None
+    data.update(added_tokens=[], post_processor=None, truncation=None, padding=None)
     try:
         tok = Tokenizer.from_str(json.dumps(data))
     except Exception as exc:  # tokenizers raises bare Exception for any malformed file

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from enum import Enum
 
 from ..errors import ContextLengthError, PromptError
 from .tokenizer import TextTokenizer
@@ -30,13 +31,19 @@ IMAGE_PLACEHOLDER = -200  # LLaVA's IMAGE_TOKEN_INDEX: replaced by the image fea
 IMAGE_TOKENS = 576  # CLIP ViT-L/14-336 patches after dropping CLS: [1, 576, 4096] projected features
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f]")  # C0 controls except \t (09) and \n (0a)
-_IMAGE, _EOS = object(), object()  # structural markers; user text can never produce them
+
+
+class _Mark(Enum):
+    """Structural markers between text segments; user text can never produce them."""
+
+    IMAGE = "image"
+    EOS = "eos"
 
 
 def clean_text(text: str) -> str:
     """Remove C0 control characters except newline and tab, then strip surrounding whitespace."""
     if not isinstance(text, str):
-        raise PromptError(f"expected text, got {type(text).__name__}; pass the question as a string")
+        raise PromptError(f"expected a string, got {type(text).__name__}; pass questions and answers as str")
     return _CONTROL.sub("", text).strip()
 
 
@@ -48,21 +55,21 @@ def _clean_question(question: str, turn: int) -> str:
     return q
 
 
-def _segments(question: str, history: Sequence[tuple[str, str]]) -> list[object]:
+def _segments(question: str, history: Sequence[tuple[str, str]]) -> list[str | _Mark]:
     """Text segments and markers in prompt order; adjacent text is one tokenizer call, as in LLaVA."""
     turns = [*history, (question, "")]
-    parts: list[object] = []
+    parts: list[str | _Mark] = []
     text = ""
     for n, (q, a) in enumerate(turns):
         q = _clean_question(q, n)
         if n == 0:  # wrap_inst("<image>\n" + q), split at the image
-            parts += ["[INST] ", _IMAGE]
+            parts += ["[INST] ", _Mark.IMAGE]
             text = "\n" + q + " [/INST]"
         else:  # sep "" + wrap_inst(q)
             text += "[INST] " + q + " [/INST]"
         a = clean_text(a)
         if a:  # " " + a + " " + sep2
-            parts += [text + " " + a + " ", _EOS]
+            parts += [text + " " + a + " ", _Mark.EOS]
             text = ""
     parts.append(text)
     return [p for p in parts if p != ""]
@@ -76,12 +83,10 @@ def build_prompt_ids(tokenizer: TextTokenizer, question: str,
     """
     ids = [tokenizer.bos_id]
     for part in _segments(question, history):
-        if part is _IMAGE:
-            ids.append(IMAGE_PLACEHOLDER)
-        elif part is _EOS:
-            ids.append(tokenizer.eos_id)
+        if isinstance(part, str):
+            ids += tokenizer.encode(part)
         else:
-            ids += tokenizer.encode(part)  # type: ignore[arg-type]
+            ids.append(IMAGE_PLACEHOLDER if part is _Mark.IMAGE else tokenizer.eos_id)
     return ids
 
 

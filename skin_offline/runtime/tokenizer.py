@@ -25,6 +25,11 @@ _BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
 class TextTokenizer:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tok = tokenizer
+        tokenizer.no_truncation()  # a prompt is never cut silently; prompt.check_context reports it
+        tokenizer.no_padding()
+        if tokenizer.get_added_tokens_decoder():  # they would match typed "</s>" etc. as control ids
+            raise BundleError("tokenizer.json registers added tokens that match typed text; "
+                              "re-export the bundle with this version of skin-offline")
         # The model vocabulary only: ids at or above it (llava-hf's <image>/<pad> and padded
         # embedding rows) are not text.
         vocab = tokenizer.get_vocab(with_added_tokens=False)

@@ -1,0 +1,1 @@
+"""CLI command modules registered by skin_offline/cli.py (heavy imports inside the command bodies)."""
