@@ -28,6 +28,10 @@ $(DEMO_IMAGE): | $(STAMP)
 	$(BIN)/python scripts/demo_image.py $(DEMO_IMAGE)
 
 demo: $(DEMO_BUNDLE)/manifest.json $(DEMO_IMAGE)
+	@echo "== skin-offline demo: this bundle was exported from RANDOM weights (the exact SkinVL architecture,"
+	@echo "== tiny sizes), so its answer below is meaningless word salad. For real answers export SkinVL itself:"
+	@echo "==   skin-offline export path/to/SkinVL-PubMM bundles/skinvl --vision-tower path/to/clip-vit-large-patch14-336"
+	@echo "==   skin-offline ask lesion.jpg \"What is this lesion?\" --bundle bundles/skinvl"
 	$(BIN)/skin-offline ask $(DEMO_IMAGE) "What is this lesion? Describe its colour and border." \
 		--bundle $(DEMO_BUNDLE) --max-new-tokens 48
 

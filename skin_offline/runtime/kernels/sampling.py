@@ -47,16 +47,12 @@ def top_p_filter(ids: np.ndarray, probs: np.ndarray, top_p: float, outside_mass:
     return ids[sel], probs[sel]
 
 
-def sample_from(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> int:
-    """[V] logits -> one token id."""
-    if cfg.temperature == 0.0:
-        return int(np.argmax(logits))
+def filtered_distribution(logits: np.ndarray, cfg: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """[V] logits -> (ids, probs) of the tokens that survive temperature -> top-k -> top-p (probs sum to 1)."""
     scaled = logits.astype(np.float64) / cfg.temperature
     if cfg.top_k and cfg.top_k < scaled.size:
-        ids = np.argpartition(-scaled, cfg.top_k - 1)[: cfg.top_k]
-        # HF keeps every token tied with the k-th value; so do we
-        kth = scaled[ids].min()
-        ids = np.flatnonzero(scaled >= kth)
+        kth = scaled[np.argpartition(-scaled, cfg.top_k - 1)[cfg.top_k - 1]]
+        ids = np.flatnonzero(scaled >= kth)  # HF keeps every token tied with the k-th value
     else:
         ids = np.arange(scaled.size)
     probs = softmax(scaled[ids])
@@ -70,7 +66,16 @@ def sample_from(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generato
                 ids, probs = ids[head], probs[head]
         ids, probs = top_p_filter(ids, probs, cfg.top_p, outside)
         probs = probs / probs.sum()
-    return int(ids[np.searchsorted(np.cumsum(probs), rng.random() * probs.sum(), side="right").clip(max=ids.size - 1)])
+    return ids, probs
+
+
+def sample_from(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> int:
+    """[V] logits -> one token id."""
+    if cfg.temperature == 0.0:
+        return int(np.argmax(logits))
+    ids, probs = filtered_distribution(logits, cfg)
+    cdf = np.cumsum(probs)
+    return int(ids[min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), ids.size - 1)])
 
 
 def make_sampler(cfg: SamplingConfig) -> Sampler:
