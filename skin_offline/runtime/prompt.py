@@ -28,7 +28,6 @@ from ..errors import ContextLengthError, PromptError
 from .tokenizer import TextTokenizer
 
 IMAGE_PLACEHOLDER = -200  # LLaVA's IMAGE_TOKEN_INDEX: replaced by the image features at run time
-IMAGE_TOKENS = 576  # CLIP ViT-L/14-336 patches after dropping CLS: [1, 576, 4096] projected features
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f]")  # C0 controls except \t (09) and \n (0a)
 
@@ -91,15 +90,15 @@ def build_prompt_ids(tokenizer: TextTokenizer, question: str,
 
 
 def image_slot(ids: Sequence[int]) -> int:
-    """Index of the image placeholder; the image's IMAGE_TOKENS feature rows go there."""
+    """Index of the image placeholder; the image's feature rows (manifest image_tokens) go there."""
     slots = [i for i, t in enumerate(ids) if t == IMAGE_PLACEHOLDER]
     if len(slots) != 1:
         raise PromptError(f"prompt has {len(slots)} image slots, expected 1; build it with build_prompt_ids")
     return slots[0]
 
 
-def count_prompt_tokens(tokenizer: TextTokenizer, question: str,
-                        history: Sequence[tuple[str, str]] = (), image_tokens: int = IMAGE_TOKENS) -> int:
+def count_prompt_tokens(tokenizer: TextTokenizer, question: str, image_tokens: int,
+                        history: Sequence[tuple[str, str]] = ()) -> int:
     """Sequence length the decoder prefills: text ids plus the image's feature rows."""
     return len(build_prompt_ids(tokenizer, question, history)) - 1 + image_tokens
 
