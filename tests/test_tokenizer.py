@@ -204,10 +204,11 @@ def test_fetch_script_is_idempotent_and_offline_with_local_wheel(sp_model_path: 
     script = REPO / "scripts" / "fetch_tokenizer.py"
     done = subprocess.run([sys.executable, str(script), str(sp_model_path)], capture_output=True, text=True)
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
-    wheels = sorted(sp_model_path.parent.glob("mistral_common-1.13.1-*.whl"))
-    if not wheels:
-        pytest.skip("no local mistral_common wheel to test extraction without network")
-    shutil.copy(wheels[0], tmp_path)
+    # a wheel laid out like mistral-common's (a zip holding mistral_common/data/tokenizer.model.v1)
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "mistral_common-1.13.1-py3-none-any.whl", "w") as z:
+        z.writestr("mistral_common/data/tokenizer.model.v1", sp_model_path.read_bytes())
     dest = tmp_path / "tokenizer.model.v1"
     made = subprocess.run([sys.executable, str(script), str(dest)], capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
