@@ -40,23 +40,56 @@ _PROJECTOR = {
 }
 
 
-class TensorStore:
-    """name -> tensor over a folder's safetensors / .bin files (single file or sharded with index)."""
+_NOT_WEIGHTS = ("non_lora_trainables.bin", "training_args.bin", "adapter_model.bin", "adapter_model.safetensors")
 
-    def __init__(self, folder: Path):
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The shards to read: those an index names (safetensors preferred), else every weight file."""
+    for index in (folder / "model.safetensors.index.json", folder / "pytorch_model.bin.index.json"):
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map") or {}
+            files = [folder / n for n in sorted(set(weight_map.values()))]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{index.name} names shards that are missing from {folder}: "
+                                      f"{', '.join(missing[:3])}; the download is incomplete")
+            if files:
+                return files
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    return [f for f in files if f.name not in _NOT_WEIGHTS]
+
+
+class TensorStore:
+    """name -> tensor over a folder's safetensors / .bin files (single file or sharded with index).
+
+    With an index file (`*.index.json`) only the shards it names are read, and a missing shard is an error;
+    without one every weight file in the folder is. Memory-mapped pages of a file count towards the
+    process's RSS for as long as the file stays mapped, so a handle is dropped (unmapped) once
+    RELEASE_BYTES have been read through it or reading moves on to another shard: the resident part of the
+    checkpoint stays below RELEASE_BYTES + one tensor instead of growing to the whole 15 GB.
+    """
+
+    RELEASE_BYTES = 64 << 20
+
+    def __init__(self, folder: Path, files: list[Path] | None = None):
         self.folder = Path(folder)
         self._where: dict[str, Path] = {}
         self._open: dict[Path, object] = {}
-        files = sorted(self.folder.glob("*.safetensors")) or sorted(self.folder.glob("*.bin"))
-        files = [f for f in files if f.name not in ("non_lora_trainables.bin", "training_args.bin")]
+        self._read: dict[Path, int] = {}
+        self._last: Path | None = None
+        if files is None:
+            files = _weight_files(self.folder)
         if not files:
+            found = sorted(p.name for p in self.folder.iterdir())[:12] if self.folder.is_dir() else []
             raise CheckpointError(
-                f"no weights in {self.folder}: expected *.safetensors or pytorch_model*.bin shards"
+                f"no weights in {self.folder} (found: {', '.join(found) or 'nothing'}); expected *.safetensors "
+                f"or pytorch_model*.bin shards"
             )
         self.files = files
         for f in files:
             for k in self._keys_of(f):
                 self._where[k] = f
+            self._release(f)
 
     def _handle(self, f: Path):
         if f not in self._open:
@@ -75,8 +108,16 @@ class TensorStore:
         return self._open[f]
 
     def _keys_of(self, f: Path) -> list[str]:
-        h = self._handle(f)
-        return list(h.keys())
+        return list(self._handle(f).keys())
+
+    def _release(self, f: Path) -> None:
+        self._open.pop(f, None)  # dropping the last reference unmaps the file
+        self._read[f] = 0
+
+    def _account(self, f: Path, nbytes: int) -> None:
+        self._read[f] = self._read.get(f, 0) + nbytes
+        if self._read[f] >= self.RELEASE_BYTES:
+            self._release(f)
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -88,9 +129,25 @@ class TensorStore:
         """One tensor, upcast to fp32 (bf16/fp16 -> fp32 is exact)."""
         if name not in self._where:
             raise CheckpointError(f"tensor {name!r} missing from {self.folder}; the checkpoint is incomplete")
-        h = self._handle(self._where[name])
+        f = self._where[name]
+        if self._last is not None and self._last != f:
+            self._release(self._last)
+        self._last = f
+        h = self._handle(f)
         t = h.get_tensor(name) if hasattr(h, "get_tensor") else h[name]
-        return t.to(torch.float32)
+        out = t.to(torch.float32)
+        if out.data_ptr() == t.data_ptr():  # fp32 in the file: copy so the result does not pin the mapping
+            out = out.clone()
+        del t, h
+        self._account(f, out.numel() * out.element_size())
+        return out
+
+    def dtype(self, name: str) -> torch.dtype:
+        h = self._handle(self._where[name])
+        if hasattr(h, "get_slice"):
+            return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}.get(
+                h.get_slice(name).get_dtype(), torch.float32)
+        return h[name].dtype
 
     def shape(self, name: str) -> tuple[int, ...]:
         h = self._handle(self._where[name])
@@ -180,8 +237,11 @@ class Checkpoint:
 
     def vision_state_dict(self, kept_layers: int | None = None) -> dict[str, torch.Tensor]:
         """CLIPVisionModel-named tensors of the layers the features need (post_layernorm unused)."""
+        return {short: self.vision_store.get(self.vision_prefix + short) for short in self.vision_names(kept_layers)}
+
+    def vision_names(self, kept_layers: int | None = None) -> list[str]:
         keep = self.vision.kept_layers if kept_layers is None else kept_layers
-        out = {}
+        out = []
         for k in self.vision_store.keys():
             if not k.startswith(self.vision_prefix):
                 continue
@@ -190,8 +250,18 @@ class Checkpoint:
                 continue
             if short.startswith(("post_layernorm", "head.")) or "position_ids" in short:
                 continue
-            out[short] = self.vision_store.get(k)
+            out.append(short)
         return out
+
+    def text_names(self) -> list[str]:
+        """Canonical names of every decoder tensor (embed_tokens included)."""
+        prefix = _TEXT_PREFIXES[self.layout][0]
+        names = [k[len(prefix):] for k in self.store.keys() if k.startswith(prefix) and not k[len(prefix):].startswith(
+            ("mm_projector", "vision_tower", "multi_modal_projector")) and "rotary_emb" not in k]
+        return names + ["lm_head.weight"]
+
+    def text_shape(self, name: str) -> tuple[int, ...]:
+        return self.store.shape(_LM_HEAD[self.layout] if name == "lm_head.weight" else _TEXT_PREFIXES[self.layout][0] + name)
 
 
 def _read_json(path: Path) -> dict:
@@ -219,9 +289,15 @@ def detect_layout(folder: Path, cfg: dict) -> str:
         raise CheckpointError(f"{folder}: LlavaForConditionalGeneration config but no language_model.* weights")
     if (folder / "adapter_config.json").exists():
         raise CheckpointError(f"{folder} is a LoRA adapter; pass it with --lora and the base checkpoint with --base")
+    hint = ""
+    if mt in ("mistral", "llama") or "CausalLM" in arch:
+        hint = " (a text-only language model: the vision tower and projector are missing)"
+    elif mt in ("clip", "clip_vision_model"):
+        hint = " (a CLIP checkpoint: pass it with --vision-tower next to the LLaVA checkpoint)"
     raise CheckpointError(
-        f"{folder}: unrecognised checkpoint (model_type={mt!r}, architectures={arch!r}); expected a LLaVA "
-        f"checkpoint (model_type llava_mistral with mm_* fields) or a transformers LlavaForConditionalGeneration"
+        f"{folder}: unrecognised checkpoint, found model_type={mt!r} architectures={arch!r}{hint}; expected a LLaVA "
+        f"checkpoint (LlavaMistralForCausalLM, model_type llava_mistral with mm_* fields), a transformers "
+        f"LlavaForConditionalGeneration, or a LoRA adapter via --base/--lora"
     )
 
 
@@ -250,6 +326,17 @@ def _preprocess_from(folders: list[Path], image_size: int, mode: PadMode) -> Pre
     return PreprocessConfig(mode=mode, size=image_size, crop_size=image_size)
 
 
+def _hub_cache_snapshots(name: str) -> list[Path]:
+    """Snapshots of hub id `name` already in the local Hugging Face cache (LLaVA users often have CLIP there)."""
+    if not name or name.count("/") != 1 or Path(name).is_absolute():
+        return []
+    import os
+
+    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+    snaps = hub / ("models--" + name.replace("/", "--")) / "snapshots"
+    return sorted((p for p in snaps.glob("*") if (p / "config.json").exists()), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
 def _find_vision_tower(folder: Path, cfg: dict, override: Path | None, store: TensorStore):
     """The CLIP weights: --vision-tower, a local mm_vision_tower path, or a copy inside the checkpoint."""
     candidates = []
@@ -257,9 +344,10 @@ def _find_vision_tower(folder: Path, cfg: dict, override: Path | None, store: Te
         candidates.append(Path(override))
     else:
         name = cfg.get("mm_vision_tower") or cfg.get("vision_tower") or ""
-        for c in (Path(name), folder / name, folder / "vision_tower"):
+        for c in (Path(name), folder / name, folder / "vision_tower", *_hub_cache_snapshots(name)):
             if name and c.is_dir():
                 candidates.append(c)
+                break
     for c in candidates:
         if not (c / "config.json").exists():
             raise CheckpointError(f"vision tower folder {c} has no config.json (expected a CLIP checkpoint)")
@@ -286,6 +374,12 @@ def open_checkpoint(folder: Path, vision_tower: Path | None = None, image_mode: 
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    if not (folder / "config.json").is_file():
+        if (folder / "adapter_config.json").is_file():
+            raise CheckpointError(f"{folder} is a LoRA adapter; export it with --base BASE_CHECKPOINT --lora {folder}")
+        found = ", ".join(sorted(p.name for p in folder.iterdir())[:12]) or "nothing"
+        raise CheckpointError(f"{folder} has no config.json (found: {found}); expected a LLaVA or transformers "
+                              f"Llava checkpoint folder")
     cfg = _read_json(folder / "config.json")
     layout = detect_layout(folder, cfg)
     store = TensorStore(folder)

@@ -197,6 +197,23 @@ def _write_clip_tower(folder: Path, spec: ModelSpec, vision: dict[str, torch.Ten
     save_tensors({"vision_model." + k: v for k, v in vision.items()}, folder, dtype=dtype)
 
 
+def _llava_config(spec: ModelSpec, vocab: int, tower: str, dtype: torch.dtype | None) -> dict:
+    """config.json of the original LLaVA layout (LlavaMistralForCausalLM, as SkinVL ships it)."""
+    return {
+        "architectures": ["LlavaMistralForCausalLM"], "model_type": "llava_mistral",
+        "hidden_size": spec.hidden, "intermediate_size": spec.mlp, "num_attention_heads": spec.heads,
+        "num_hidden_layers": spec.layers, "num_key_value_heads": spec.kv_heads,
+        "rms_norm_eps": spec.rms_norm_eps, "rope_theta": spec.rope_theta, "vocab_size": vocab,
+        "max_position_embeddings": 32768, "sliding_window": None, "tie_word_embeddings": False,
+        "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
+        "mm_vision_tower": tower, "mm_projector_type": "mlp2x_gelu",
+        "mm_hidden_size": spec.vision_hidden, "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+        "image_aspect_ratio": "pad", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
+        "tokenizer_model_max_length": spec.max_context,
+        "torch_dtype": "float32" if dtype is None else str(dtype).split(".")[-1],
+    }
+
+
 def write_checkpoint(model, spec: ModelSpec, out: Path, layout: str, tokenizer_model: Path, *,
                      shards: int = 1, fmt: str = "safetensors", dtype: torch.dtype | None = None,
                      vision_tower: Path | None = None, vision_tower_name: str | None = None) -> Path:
@@ -219,18 +236,7 @@ def write_checkpoint(model, spec: ModelSpec, out: Path, layout: str, tokenizer_m
         tensors["model.mm_projector.0.bias"] = parts["projector"]["linear_1.bias"]
         tensors["model.mm_projector.2.weight"] = parts["projector"]["linear_2.weight"]
         tensors["model.mm_projector.2.bias"] = parts["projector"]["linear_2.bias"]
-        cfg = {
-            "architectures": ["LlavaMistralForCausalLM"], "model_type": "llava_mistral",
-            "hidden_size": spec.hidden, "intermediate_size": spec.mlp, "num_attention_heads": spec.heads,
-            "num_hidden_layers": spec.layers, "num_key_value_heads": spec.kv_heads,
-            "rms_norm_eps": spec.rms_norm_eps, "rope_theta": spec.rope_theta, "vocab_size": text_cfg.vocab_size,
-            "max_position_embeddings": 32768, "sliding_window": None, "tie_word_embeddings": False,
-            "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
-            "mm_vision_tower": vision_tower_name or str(tower), "mm_projector_type": "mlp2x_gelu",
-            "mm_hidden_size": spec.vision_hidden, "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
-            "image_aspect_ratio": "pad", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
-            "tokenizer_model_max_length": spec.max_context, "torch_dtype": "float32" if dtype is None else str(dtype).split(".")[-1],
-        }
+        cfg = _llava_config(spec, text_cfg.vocab_size, vision_tower_name or str(tower), dtype)
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
     else:
         if layout == "hf":
@@ -264,3 +270,219 @@ def make_checkpoint(out: Path, layout: str = "llava", preset_name: str = "tiny",
     model = build_reference(spec, seed=seed, padded_vocab=layout != "llava")
     write_checkpoint(model, spec, Path(out), layout, find_mistral_tokenizer_model(), **kw)
     return model, spec
+
+
+# --- LoRA training output (MM-Skin's finetune_lora.sh): PEFT adapter + non_lora_trainables.bin ---
+LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def write_lora_adapter(model, spec: ModelSpec, out: Path, *, r: int = 8, alpha: float = 16.0, seed: int = 1,
+                       fmt: str = "safetensors", with_non_lora: bool = True, std: float = 0.05):
+    """Write a PEFT LoRA adapter for a llava-layout base made from `model` (+ a retrained projector in
+    non_lora_trainables.bin, keyed as LLaVA saves it). Returns the merged reference model: a copy of
+    `model` with W + (alpha/r) * B @ A on every target and the new projector, computed with plain torch.
+    """
+    import copy
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    merged = copy.deepcopy(model)
+    lm = merged.model.language_model
+    scale = alpha / r
+    adapter = {}
+    with torch.no_grad():
+        for i, layer in enumerate(lm.layers):
+            for target in LORA_TARGETS:
+                lin = layer.get_submodule(target)
+                a = torch.randn(r, lin.in_features, generator=gen) * std  # [r,in]
+                b = torch.randn(lin.out_features, r, generator=gen) * std  # [out,r] (non-zero: a trained adapter)
+                key = f"base_model.model.model.layers.{i}.{target}"
+                adapter[f"{key}.lora_A.weight"], adapter[f"{key}.lora_B.weight"] = a, b
+                lin.weight.copy_(lin.weight + scale * (b @ a))
+        proj = merged.model.multi_modal_projector
+        non_lora = {}
+        for idx, lin in (("0", proj.linear_1), ("2", proj.linear_2)):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * 0.05)
+            lin.bias.copy_(torch.randn(lin.bias.shape, generator=gen) * 0.02)
+            non_lora[f"base_model.model.model.mm_projector.{idx}.weight"] = lin.weight.detach().clone()
+            non_lora[f"base_model.model.model.mm_projector.{idx}.bias"] = lin.bias.detach().clone()
+    if fmt == "safetensors":
+        save_file(adapter, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    else:
+        torch.save(adapter, out / "adapter_model.bin")
+    if with_non_lora:
+        torch.save(non_lora, out / "non_lora_trainables.bin")
+    cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.05,
+        "target_modules": sorted({t.split(".")[1] for t in LORA_TARGETS}), "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "base_model_name_or_path": "llava-med-v1.5-mistral-7b",
+    }
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    return merged
+
+
+# --- full-size random checkpoints, streamed straight to disk ---
+# Exact SkinVL shapes: CLIP ViT-L/14-336 + Mistral-7B (32 layers). Never built as a torch model (29 GB fp32).
+FULL_SPEC = replace(PRESETS["bench"], layers=32)
+_SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+def llava_tensor_shapes(spec: ModelSpec, vocab: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a llava-layout checkpoint's tensors (LlavaMistralForCausalLM order)."""
+    H, D, V = spec.hidden, spec.hidden // spec.heads, vocab or spec.vocab
+    shapes = {"model.embed_tokens.weight": (V, H)}
+    for i in range(spec.layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (spec.heads * D, H), p + "self_attn.k_proj.weight": (spec.kv_heads * D, H),
+            p + "self_attn.v_proj.weight": (spec.kv_heads * D, H), p + "self_attn.o_proj.weight": (H, spec.heads * D),
+            p + "mlp.gate_proj.weight": (spec.mlp, H), p + "mlp.up_proj.weight": (spec.mlp, H),
+            p + "mlp.down_proj.weight": (H, spec.mlp),
+            p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+        })
+    shapes.update({"model.norm.weight": (H,), "lm_head.weight": (V, H),
+                   "model.mm_projector.0.weight": (H, spec.vision_hidden), "model.mm_projector.0.bias": (H,),
+                   "model.mm_projector.2.weight": (H, H), "model.mm_projector.2.bias": (H,)})
+    return shapes
+
+
+def clip_tensor_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a CLIP checkpoint's vision half (`vision_model.*`)."""
+    Hv, M = spec.vision_hidden, spec.vision_mlp
+    n_pos = (spec.image_size // spec.patch_size) ** 2 + 1
+    p = "vision_model."
+    shapes = {p + "embeddings.class_embedding": (Hv,), p + "embeddings.patch_embedding.weight": (Hv, 3, spec.patch_size, spec.patch_size),
+              p + "embeddings.position_embedding.weight": (n_pos, Hv), p + "pre_layrnorm.weight": (Hv,), p + "pre_layrnorm.bias": (Hv,)}
+    for i in range(spec.vision_layers):
+        q = f"{p}encoder.layers.{i}."
+        for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            shapes[q + f"self_attn.{proj}.weight"], shapes[q + f"self_attn.{proj}.bias"] = (Hv, Hv), (Hv,)
+        for ln in ("layer_norm1", "layer_norm2"):
+            shapes[q + f"{ln}.weight"], shapes[q + f"{ln}.bias"] = (Hv,), (Hv,)
+        shapes.update({q + "mlp.fc1.weight": (M, Hv), q + "mlp.fc1.bias": (M,), q + "mlp.fc2.weight": (Hv, M), q + "mlp.fc2.bias": (Hv,)})
+    shapes.update({p + "post_layernorm.weight": (Hv,), p + "post_layernorm.bias": (Hv,)})
+    return shapes
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], std: float, gen: torch.Generator, dtype) -> torch.Tensor:
+    if name.endswith("bias"):
+        return torch.zeros(shape, dtype=dtype)
+    if "norm" in name:  # RMSNorm / LayerNorm scales near 1 keep activations in range
+        return torch.empty(shape).uniform_(0.8, 1.2, generator=gen).to(dtype)
+    return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen).to(dtype)
+
+
+def stream_safetensors(shapes: dict[str, tuple[int, ...]], folder: Path, make, *, dtype=torch.bfloat16,
+                       shard_bytes: int = 4 << 30, stem: str = "model", progress=None) -> list[Path]:
+    """Write tensors produced one at a time by `make(name, shape)` into safetensors shards (+ index).
+
+    Hand-written writer: safetensors' save_file wants every tensor of a shard in memory at once; the format
+    (8-byte header length, JSON header with offsets, raw little-endian bytes) lets us write the header first
+    and then each tensor as it is made, so memory stays at one tensor.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards, cur, size = [], [], 0
+    for name, shape in shapes.items():
+        n = itemsize * int(torch.Size(shape).numel())
+        if cur and size + n > shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(name)
+        size += n
+    shards.append(cur)
+    files, weight_map, total = [], {}, 0
+    for s, names_ in enumerate(shards):
+        fname = f"{stem}.safetensors" if len(shards) == 1 else f"{stem}-{s + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, off = {"__metadata__": {"format": "pt"}}, 0
+        for name in names_:
+            n = itemsize * int(torch.Size(shapes[name]).numel())
+            header[name] = {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": list(shapes[name]), "data_offsets": [off, off + n]}
+            off += n
+            weight_map[name] = fname
+        total += off
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(folder / fname, "wb") as fh:
+            fh.write(len(raw).to_bytes(8, "little") + raw)
+            for name in names_:
+                t = make(name, shapes[name]).to(dtype).contiguous()
+                fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
+                if progress:
+                    progress(t.numel() * itemsize)
+                del t
+        files.append(folder / fname)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return files
+
+
+def write_streaming_checkpoint(out: Path, spec: ModelSpec, tokenizer_model: Path, *, dtype=torch.bfloat16,
+                               seed: int = 0, shard_bytes: int = 4 << 30, tokenizer: str = "model",
+                               vision_tower: Path | None = None, progress=None) -> Path:
+    """A random-weight llava-layout checkpoint of any size, one tensor in memory at a time.
+
+    `tokenizer`: "model" (tokenizer.model, as SkinVL ships), "json" (only a tokenizer.json, as some
+    conversions ship) or "both".
+    """
+    from .tokenizer import sentencepiece_to_tokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tower = Path(vision_tower or out.parent / f"{out.name}-clip").resolve()
+    tower.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(name, shape):
+        return _random_tensor(name, shape, spec.init_std, gen, torch.float32)
+
+    # CLIP tower folder: config + preprocessor as openai/clip-vit-large-patch14-336, weights streamed
+    _write_clip_tower(tower, spec, {}, None)
+    (tower / "model.safetensors").unlink()
+    stream_safetensors(clip_tensor_shapes(spec), tower, make, dtype=dtype, shard_bytes=shard_bytes, progress=progress)
+    (out / "config.json").write_text(json.dumps(_llava_config(spec, spec.vocab, str(tower), dtype), indent=2))
+    stream_safetensors(llava_tensor_shapes(spec), out, make, dtype=dtype, shard_bytes=shard_bytes, progress=progress)
+    _write_tokenizer(out, tokenizer_model, hf_added=False)
+    if tokenizer in ("json", "both"):
+        sentencepiece_to_tokenizer(tokenizer_model).save(str(out / "tokenizer.json"))
+    if tokenizer == "json":
+        (out / "tokenizer.model").unlink()
+    return out
+
+
+def checkpoint_bytes(spec: ModelSpec, dtype=torch.bfloat16) -> int:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shapes = {**llava_tensor_shapes(spec), **clip_tensor_shapes(spec)}
+    return itemsize * sum(int(torch.Size(s).numel()) for s in shapes.values())
+
+
+def write_streaming_lora_adapter(out: Path, spec: ModelSpec, *, r: int = 128, alpha: float = 64.0,
+                                 dtype=torch.bfloat16, seed: int = 1, std: float = 0.01, progress=None) -> Path:
+    """An MM-Skin-shaped LoRA output (r=128, alpha=64 on every LLM linear + non_lora_trainables.bin with the
+    projector) for a llava-layout base of `spec`, written one tensor at a time (~0.75 GB at 7B)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = llava_tensor_shapes(spec)
+    shapes = {}
+    for i in range(spec.layers):
+        for target in LORA_TARGETS:
+            n_out, n_in = base[f"model.layers.{i}.{target}.weight"]
+            key = f"base_model.model.model.layers.{i}.{target}"
+            shapes[f"{key}.lora_A.weight"], shapes[f"{key}.lora_B.weight"] = (r, n_in), (n_out, r)
+    gen = torch.Generator().manual_seed(seed)
+    stream_safetensors(shapes, out, lambda name, shape: _random_tensor(name, shape, std, gen, torch.float32),
+                       dtype=dtype, shard_bytes=1 << 40, stem="adapter_model", progress=progress)
+    non_lora = {f"base_model.model.{k}": _random_tensor(k, s, spec.init_std, gen, torch.float32)
+                for k, s in base.items() if k.startswith("model.mm_projector.")}
+    torch.save(non_lora, out / "non_lora_trainables.bin")
+    cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.05,
+        "target_modules": sorted({t.split(".")[1] for t in LORA_TARGETS}), "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "base_model_name_or_path": "llava-med-v1.5-mistral-7b",
+    }
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    return out
