@@ -10,6 +10,7 @@ MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 VISION_GRAPH = "vision.onnx"
 DECODER_GRAPH = "decoder.onnx"
+DECODER_CONTRIB_GRAPH = "decoder_contrib.onnx"  # onnxruntime contrib-op decoder (Flavor.CONTRIB)
 EMBEDDINGS = "embed_tokens.npy"  # [vocab, hidden] table, memory-mapped by the runtime
 
 
@@ -62,3 +63,23 @@ K_QUALITY = "quality"
 ROLE_VISION = "vision"
 ROLE_DECODER = "decoder"
 ROLE_EMBEDDINGS = "embeddings"
+
+
+# --- precision variants (quantize) ------------------------------------------------------------
+def variant_file(base: str, precision: str) -> str:
+    """File name of a graph/table variant: ("decoder.onnx", "int4") -> "decoder.int4.onnx"; fp32 keeps `base`."""
+    if precision == "fp32":
+        return base
+    stem, dot, ext = base.rpartition(".")
+    return f"{stem}.{precision}.{ext}" if dot else f"{base}.{precision}"
+
+
+def embedding_scales_file(precision: str) -> str:
+    """Per-row scales [V] float32 next to an int8 embedding table."""
+    return variant_file(EMBEDDINGS, precision).removesuffix(".npy") + ".scales.npy"
+
+
+# MatMulNBits initializer suffixes (packed weights, block scales, zero points)
+Q_WEIGHT_SUFFIX = "_Q{bits}"
+Q_SCALES_SUFFIX = "_scales"
+Q_ZERO_POINTS_SUFFIX = "_zero_points"

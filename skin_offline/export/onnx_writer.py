@@ -54,8 +54,10 @@ class ExternalData:
 class GraphBuilder:
     """Collects nodes/initializers; `w()` streams big weights out, `c()` keeps small constants inline."""
 
-    def __init__(self, data: ExternalData | None, min_external_bytes: int = 1024):
+    def __init__(self, data: ExternalData | None, min_external_bytes: int = 1024,
+                 shared: dict[str, TensorProto] | None = None):
         self.data = data
+        self.shared = shared or {}  # initializers already written by a sibling graph (same bytes, same file)
         self.min_external = min_external_bytes
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
@@ -73,6 +75,15 @@ class GraphBuilder:
         else:
             self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
+
+    def w_shared(self, name: str, array_fn) -> str:
+        """Like w(), but reuse a sibling graph's external tensor of that name: no read, no extra bytes."""
+        if name in self.shared:
+            t = TensorProto()
+            t.CopyFrom(self.shared[name])
+            self.inits.append(t)
+            return name
+        return self.w(name, array_fn())
 
     def c(self, array, dtype=np.int64, hint: str = "const") -> str:
         return self.w(self.fresh(hint), np.asarray(array, dtype=dtype))
@@ -99,6 +110,12 @@ class GraphBuilder:
         m = helper.make_model(graph, opset_imports=opsets, producer_name="skin-offline")
         m.ir_version = 8  # readable by onnxruntime >= 1.14 and TensorRT 8.6 (Jetson JetPack 5/6)
         return m
+
+
+def external_initializers(path: Path) -> dict[str, TensorProto]:
+    """The external-data initializers of a saved graph (structure only; no weight bytes are read)."""
+    model = onnx.load(str(path), load_external_data=False)
+    return {t.name: t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL}
 
 
 def save(model: onnx.ModelProto, path: Path) -> None:

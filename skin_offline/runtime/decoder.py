@@ -1,64 +1,250 @@
-"""Decoder stage: embeddings + KV cache -> logits. The cache is plain NumPy, owned by the caller.
+"""Decoder stage: embeddings + KV cache -> logits, for both decoder graph flavors and any float dtype.
 
-A `KVCache` belongs to one generation; the session is shared and stateless, so many threads may run
-their own caches through one Decoder concurrently (onnxruntime's Run is thread-safe).
+A `KVCache` belongs to one generation; the session is shared and stateless, so many threads may run their own
+caches through one Decoder concurrently (onnxruntime's Run is thread-safe; each cache has its own IOBinding).
+
+- `Decoder` (standard-op graph, TensorRT-friendly): the graph concatenates past and new keys, so each step
+  returns fresh present arrays; the cache is plain NumPy.
+- `FastDecoder` (contrib graph with GroupQueryAttention): the cache lives in preallocated per-request buffers
+  [B,kvH,capacity,D] bound as both past input and present output (onnxruntime's past-present share-buffer mode),
+  so GQA writes each new key/value in place: no per-token allocation or copy of the cache. Buffers are
+  `np.empty`, so untouched capacity costs address space, not resident memory, and they return to a small pool
+  when the last cache using them is dropped.
+
+Caches stay values to callers: continuing a cache never changes what an older cache object means. A store
+remembers how far it was written (`frontier`); continuing a cache that is not at the frontier (two
+continuations of one prefix, beam rows) first copies its prefix to another store (copy-on-write).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+import weakref
 
 import numpy as np
 
 from .. import names
 from ..manifest import ModelDims
 
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+_POOL_SIZE = 2  # idle stores kept per decoder: one per concurrent request is the common case
 
-@dataclass
+
+def _np_dtype(ort_type: str):
+    try:
+        return np.dtype(_ORT_DTYPES[ort_type])
+    except KeyError:
+        from ..errors import BundleError
+
+        raise BundleError(f"decoder graph uses {ort_type}, which this runtime does not feed; re-export the bundle") from None
+
+
+def _mask_and_positions(cache_mask: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
+    """[B,P] cache mask + S new tokens -> ([B,P+S] mask, [B,S] positions counting real tokens only)."""
+    b = cache_mask.shape[0]
+    mask = np.concatenate([cache_mask, np.ones((b, s), np.int64)], axis=1)  # [B, P+S]
+    # positions count real tokens only (left padding keeps HF's cumsum(mask) - 1 convention)
+    start = cache_mask.sum(axis=1, keepdims=True)  # [B,1] real tokens before the new ones
+    return mask, start + np.arange(s, dtype=np.int64)[None, :]
+
+
+class _KVStore:
+    """Per-request KV buffers, per layer [B,kvH,capacity,D], with their OrtValues and IOBinding."""
+
+    def __init__(self, owner: "FastDecoder", keys: list[np.ndarray], values: list[np.ndarray]):
+        import onnxruntime as ort
+
+        self.owner = owner
+        self.keys, self.values = keys, values
+        self.batch, self.capacity = keys[0].shape[0], keys[0].shape[2]
+        self.frontier = 0  # positions [0, frontier) hold the keys of the latest cache built on this store
+        self.binding = owner.session.io_binding()
+        for i, (k, v) in enumerate(zip(keys, values)):
+            for arr, past, present in ((k, names.past_key(i), names.present_key(i)),
+                                       (v, names.past_value(i), names.present_value(i))):
+                ov = ort.OrtValue.ortvalue_from_numpy(arr)  # shares arr's memory
+                self.binding.bind_ortvalue_input(past, ov)
+                self.binding.bind_ortvalue_output(present, ov)  # same memory: GQA writes in place
+        self.logits: dict[tuple[int, int], tuple[np.ndarray, object]] = {}  # (batch, keep) -> (array, OrtValue)
+        # decode-step inputs, bound once and refilled in place (no per-token OrtValue for them)
+        b = self.batch
+        self.ones = np.ones(b * self.capacity, np.int64)  # flat, so [:B*T].reshape(B,T) is a contiguous mask
+        self.step_embeds = np.empty((b, 1, owner.dims.hidden_size), owner.embeds_dtype)  # [B,1,H]
+        self.step_positions = np.empty((b, 1), np.int64)  # [B,1]
+        self._step = [(names.INPUTS_EMBEDS, ort.OrtValue.ortvalue_from_numpy(self.step_embeds)),
+                      (names.POSITION_IDS, ort.OrtValue.ortvalue_from_numpy(self.step_positions)),
+                      (names.NUM_LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(np.array(1, np.int64)))]
+        self.step_bound = False
+
+    def bind_step(self) -> None:
+        if not self.step_bound:
+            for name, ov in self._step:
+                self.binding.bind_ortvalue_input(name, ov)
+            self.step_bound = True
+
+
 class KVCache:
-    keys: list[np.ndarray]  # per layer [B, kvH, T, D]
-    values: list[np.ndarray]
-    mask: np.ndarray  # [B, T] int64, 1 = real token
+    """Keys/values of the tokens seen so far plus their mask; a value: forward() returns a new one."""
+
+    def __init__(self, keys: list[np.ndarray] | None, values: list[np.ndarray] | None, mask: np.ndarray,
+                 store: _KVStore | None = None, full: bool | None = None):
+        self._keys, self._values = keys, values
+        self.mask = mask  # [B, T] int64, 1 = real token
+        self.store = store  # share-buffer backing (FastDecoder), else None
+        self._full = full  # no padding: every slot is a real token (None = not known yet)
+
+    @property
+    def full(self) -> bool:
+        if self._full is None:
+            self._full = bool(self.mask.all())
+        return self._full
 
     @property
     def length(self) -> int:
         return self.mask.shape[1]
 
+    @property
+    def keys(self) -> list[np.ndarray]:  # per layer [B, kvH, T, D] (views into the store when there is one)
+        if self._keys is None:
+            self._keys = [k[:, :, :self.length] for k in self.store.keys]
+        return self._keys
+
+    @property
+    def values(self) -> list[np.ndarray]:
+        if self._values is None:
+            self._values = [v[:, :, :self.length] for v in self.store.values]
+        return self._values
+
     def select(self, rows: np.ndarray) -> "KVCache":
-        """Reorder / repeat batch rows (beam search, one prefix shared by several continuations)."""
-        return KVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.mask[rows])
+        """Reorder / repeat batch rows (beam search, one prefix shared by several continuations); copies."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.store is None:
+            return KVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.mask[rows])
+        t = self.length
+        new = self.store.owner._store(len(rows), self.store.capacity)
+        for dst, src in zip(new.keys + new.values, self.store.keys + self.store.values):
+            for j, r in enumerate(rows):  # prefix rows only: one copy, the tails stay untouched
+                dst[j, :, :t] = src[r, :, :t]
+        new.frontier = t
+        return KVCache(None, None, self.mask[rows], new, self._full)
 
 
 class Decoder:
+    """Runs either graph flavor through plain session.run (the standard graph's presents are new arrays)."""
+
     def __init__(self, session, dims: ModelDims):
         self.session = session
         self.dims = dims
+        types = {i.name: i.type for i in session.get_inputs()}
+        self.embeds_dtype = _np_dtype(types[names.INPUTS_EMBEDS])
+        self.kv_dtype = _np_dtype(types[names.past_key(0)])
         self._outputs = [names.LOGITS] + [n for i in range(dims.num_layers) for n in (names.present_key(i), names.present_value(i))]
 
     def empty_cache(self, batch: int = 1) -> KVCache:
         d = self.dims
-        z = np.zeros((batch, d.num_kv_heads, 0, d.head_dim), np.float32)
+        z = np.zeros((batch, d.num_kv_heads, 0, d.head_dim), self.kv_dtype)
         return KVCache([z] * d.num_layers, [z] * d.num_layers, np.zeros((batch, 0), np.int64))
 
     def forward(self, embeds: np.ndarray, cache: KVCache, keep: int = 1) -> tuple[np.ndarray, KVCache]:
         """[B,S,H] embeddings after `cache` -> ([B,keep,V] logits of the last `keep` positions, new cache)."""
-        b, s, _ = embeds.shape
-        mask = np.concatenate([cache.mask, np.ones((b, s), np.int64)], axis=1)  # [B, T+S]
-        # positions count real tokens only (left padding keeps HF's cumsum(mask) - 1 convention)
-        positions = (np.cumsum(mask, axis=1) - 1)[:, -s:].clip(min=0)
+        mask, positions = _mask_and_positions(cache.mask, embeds.shape[1])
         feed = {
-            names.INPUTS_EMBEDS: np.ascontiguousarray(embeds, np.float32),
+            names.INPUTS_EMBEDS: np.ascontiguousarray(embeds, self.embeds_dtype),
             names.ATTENTION_MASK: mask,
-            names.POSITION_IDS: positions.astype(np.int64),
+            names.POSITION_IDS: positions,
             names.NUM_LOGITS_TO_KEEP: np.array(keep, np.int64),
         }
         for i in range(self.dims.num_layers):
-            feed[names.past_key(i)] = cache.keys[i]
-            feed[names.past_value(i)] = cache.values[i]
+            feed[names.past_key(i)] = np.ascontiguousarray(cache.keys[i], self.kv_dtype)
+            feed[names.past_value(i)] = np.ascontiguousarray(cache.values[i], self.kv_dtype)
         out = self.session.run(self._outputs, feed)
-        return out[0], KVCache(out[1::2], out[2::2], mask)
+        return out[0].astype(np.float32, copy=False), KVCache(out[1::2], out[2::2], mask)
 
     def logits_all(self, embeds: np.ndarray) -> np.ndarray:
         """[B,S,H] -> [B,S,V]: every position's logits from an empty cache (teacher forcing, checks)."""
         logits, _ = self.forward(embeds, self.empty_cache(embeds.shape[0]), keep=embeds.shape[1])
         return logits
+
+
+class FastDecoder(Decoder):
+    """Contrib graph (GroupQueryAttention) with the cache in preallocated share-buffer stores and IO binding."""
+
+    def __init__(self, session, dims: ModelDims, capacity: int | None = None):
+        super().__init__(session, dims)
+        self.capacity = capacity or dims.max_context  # per-request buffer length (lazily committed pages)
+        self.logits_dtype = _np_dtype(next(o.type for o in session.get_outputs() if o.name == names.LOGITS))
+        self._pool: list[tuple[list[np.ndarray], list[np.ndarray]]] = []
+        self._lock = threading.Lock()
+
+    # --- stores ---
+    def _store(self, batch: int, capacity: int) -> _KVStore:
+        with self._lock:
+            for j, (ks, vs) in enumerate(self._pool):
+                if ks[0].shape[0] == batch and ks[0].shape[2] >= capacity:
+                    keys, values = self._pool.pop(j)
+                    break
+            else:
+                shape = (batch, self.dims.num_kv_heads, capacity, self.dims.head_dim)  # [B,kvH,C,D]
+                keys = [np.empty(shape, self.kv_dtype) for _ in range(self.dims.num_layers)]
+                values = [np.empty(shape, self.kv_dtype) for _ in range(self.dims.num_layers)]
+        store = _KVStore(self, keys, values)
+        weakref.finalize(store, self._recycle, keys, values)  # buffers outlive the store, back to the pool
+        return store
+
+    def _recycle(self, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
+        with self._lock:
+            if len(self._pool) < _POOL_SIZE:
+                self._pool.append((keys, values))
+
+    def _writable_store(self, cache: KVCache, needed: int) -> _KVStore:
+        """The store to extend `cache` in: its own when it is at the frontier and has room, else a copy."""
+        store = cache.store
+        if store is not None and store.owner is self and store.frontier == cache.length and needed <= store.capacity:
+            return store
+        b, t = cache.mask.shape
+        capacity = max(self.capacity, -(-needed // 256) * 256)
+        fresh = self._store(b, capacity)
+        for dst, src in zip(fresh.keys + fresh.values, cache.keys + cache.values):
+            dst[:, :, :t] = src  # copy-on-write of the prefix only (the tail of the buffer is never read)
+        fresh.frontier = t
+        return fresh
+
+    def empty_cache(self, batch: int = 1) -> KVCache:
+        return KVCache(None, None, np.zeros((batch, 0), np.int64), self._store(batch, self.capacity), True)
+
+    # --- step ---
+    def forward(self, embeds: np.ndarray, cache: KVCache, keep: int = 1) -> tuple[np.ndarray, KVCache]:
+        """[B,S,H] embeddings after `cache` -> ([B,keep,V] logits of the last `keep` positions, new cache)."""
+        b, s, _ = embeds.shape
+        keep = max(1, min(keep, s))
+        t = cache.length + s
+        store = self._writable_store(cache, t)
+        bind = store.binding
+        if s == 1 and keep == 1 and b == store.batch and cache.full:  # decode step: refill pre-bound inputs
+            mask = store.ones[:b * t].reshape(b, t)  # [B,T] all ones, a view (never written)
+            np.copyto(store.step_embeds, embeds)
+            store.step_positions.fill(t - 1)
+            store.bind_step()
+        else:  # prefill, chunks, padded rows
+            mask, positions = _mask_and_positions(cache.mask, s)
+            bind.bind_cpu_input(names.INPUTS_EMBEDS, np.ascontiguousarray(embeds, self.embeds_dtype))
+            bind.bind_cpu_input(names.POSITION_IDS, positions)
+            bind.bind_cpu_input(names.NUM_LOGITS_TO_KEEP, np.array(keep, np.int64))
+            store.step_bound = False
+        bind.bind_cpu_input(names.ATTENTION_MASK, mask)
+        out = store.logits.get((b, keep))
+        if out is None:  # one logits buffer per shape, reused every step
+            import onnxruntime as ort
+
+            arr = np.empty((b, keep, self.dims.vocab_size), self.logits_dtype)  # [B,keep,V]
+            out = store.logits[(b, keep)] = (arr, ort.OrtValue.ortvalue_from_numpy(arr))
+        bind.bind_ortvalue_output(names.LOGITS, out[1])
+        self.session.run_with_iobinding(bind)
+        store.frontier = t
+        # the buffer is rewritten next step: hand out a copy (V floats, ~10 us) so callers may keep it
+        return out[0].astype(np.float32, copy=True), KVCache(None, None, mask, store, cache._full)
+
+
+def make_decoder(session, dims: ModelDims, share_buffer: bool) -> Decoder:
+    """FastDecoder for graphs whose attention is GroupQueryAttention (Flavor.CONTRIB), Decoder otherwise."""
+    return FastDecoder(session, dims) if share_buffer else Decoder(session, dims)
