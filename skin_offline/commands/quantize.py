@@ -1,0 +1,47 @@
+"""`skin-offline quantize BUNDLE OUT --precision int4|int8|fp16`: write a bundle at a lower precision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _choice(value: str, allowed: tuple[str, ...], flag: str) -> str:
+    if value not in allowed:
+        from ..errors import UsageError
+
+        raise UsageError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}")
+    return value
+
+
+def register(app, friendly) -> None:
+    @app.command("quantize")
+    @friendly
+    def quantize(
+        bundle: Path = typer.Argument(..., help="fp32 bundle folder (what `export` wrote)"),
+        out: Path = typer.Argument(..., help="new bundle folder to write (replaced atomically)"),
+        precision: str = typer.Option(..., help="decoder precision: int4, int8 (MatMulNBits) or fp16 (GPU providers)"),
+        block_size: int = typer.Option(32, help="int4/int8: weights per scale along K (16, 32, 64, 128, 256)"),
+        symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="int4/int8: zero points or not"),
+        accuracy_level: int = typer.Option(4, min=0, max=4, help="MatMulNBits compute: 4 = int8 activations (fast), 0 = fp32"),
+        lm_head: str = typer.Option("fp32", help="lm_head precision for int4/int8 decoders: fp32, int8 or int4"),
+        vision: str = typer.Option("fp32", help="vision encoder: fp32 (kept), int8 or fp16"),
+        embeddings: Optional[str] = typer.Option(None, help="token table: fp32, fp16 or int8 (default int8; fp16 for fp16)"),
+        keep_source: bool = typer.Option(False, "--keep-source", help="also carry BUNDLE's variants (ask --precision picks)"),
+        quality: bool = typer.Option(True, "--quality/--no-quality", help="measure agreement with the fp32 graphs"),
+        threads: Optional[int] = typer.Option(None, min=1, help="threads for the quality measurement"),
+    ):
+        """Quantize a bundle's decoder (and optionally vision encoder) in bounded memory, with a quality report."""
+        from ..export.quantize import QuantConfig, quantize_bundle
+
+        cfg = QuantConfig(
+            precision=_choice(precision, ("int4", "int8", "fp16"), "--precision"), block_size=block_size,
+            symmetric=symmetric, accuracy_level=accuracy_level,
+            lm_head=_choice(lm_head, ("fp32", "int8", "int4"), "--lm-head"),
+            vision=_choice(vision, ("fp32", "int8", "fp16"), "--vision"),
+            embeddings=None if embeddings is None else _choice(embeddings, ("fp32", "fp16", "int8"), "--embeddings"),
+        )
+        quantize_bundle(bundle, out, cfg, quality=quality, log=lambda m: typer.echo(m, err=True),
+                        probe_kw={"threads": threads}, keep_source=keep_source)
