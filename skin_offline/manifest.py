@@ -215,7 +215,7 @@ class Manifest:
                 quality=d.get(names.K_QUALITY, {}),
                 schema_version=version,
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # e.g. a null section
             raise BundleError(f"manifest is malformed ({type(e).__name__}: {e}); re-export the bundle") from None
 
     def write(self, folder: Path) -> None:

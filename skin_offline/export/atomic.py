@@ -1,12 +1,15 @@
 """Write a bundle folder atomically: build it in a hidden sibling, then rename into place.
 
-A reader (or an export killed at any point) sees either no bundle, the complete previous one, or the
-complete new one. Leftovers of killed runs (`.NAME.partial-PID-*`) are removed by the next run once
-their process is gone; a run killed between its two renames gets the previous bundle restored.
+A reader (or an export killed at any point) sees the complete previous bundle or the complete new one
+(or none, if there was none before). On Linux the swap is one `renameat2(RENAME_EXCHANGE)`, so `dest`
+never disappears even for a moment; elsewhere it is two renames and a run killed between them gets the
+previous bundle restored by the next run. Leftovers of killed runs (`.NAME.partial-PID-*`, which after
+an exchange holds the previous bundle) are removed by the next run once their process is gone.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import shutil
@@ -57,6 +60,25 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2); False where the OS or file system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 @contextmanager
 def atomic_folder(dest: Path):
     """Yield a temporary folder; on success it replaces `dest`, on any failure it is removed."""
@@ -69,6 +91,9 @@ def atomic_folder(dest: Path):
     try:
         yield tmp
         _fsync_tree(tmp)
+        if dest.exists() and _exchange(tmp, dest):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous bundle
+            return
         old = None
         if dest.exists():
             old = dest.parent / f".{dest.name}.old-{tag}"
@@ -77,8 +102,10 @@ def atomic_folder(dest: Path):
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
+        # some writers (numpy's tofile) report a short write without errno: ask the disk itself
+        full = isinstance(e, OSError) and (e.errno == errno.ENOSPC or shutil.disk_usage(tmp).free < (1 << 20))
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        if full:
             raise SkinOfflineError(
                 f"disk full while writing {dest.name} in {dest.parent}; nothing was written, free space and retry"
             ) from None

@@ -30,6 +30,7 @@ from .tokenizer import TextTokenizer
 IMAGE_PLACEHOLDER = -200  # LLaVA's IMAGE_TOKEN_INDEX: replaced by the image features at run time
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f]")  # C0 controls except \t (09) and \n (0a)
+_SURROGATE = re.compile("[\ud800-\udfff]")  # not encodable as UTF-8; the tokenizer would raise TypeError
 
 
 class _Mark(Enum):
@@ -43,6 +44,9 @@ def clean_text(text: str) -> str:
     """Remove C0 control characters except newline and tab, then strip surrounding whitespace."""
     if not isinstance(text, str):
         raise PromptError(f"expected a string, got {type(text).__name__}; pass questions and answers as str")
+    if bad := _SURROGATE.search(text):  # undecodable argv bytes arrive as lone surrogates (PEP 383)
+        raise PromptError(f"text is not valid UTF-8 at character {bad.start()} ({ascii(bad.group())}); "
+                          f"check the terminal's encoding (LANG / LC_ALL) and pass UTF-8 text")
     return _CONTROL.sub("", text).strip()
 
 
