@@ -1,0 +1,159 @@
+"""`skin-offline eval`, `classify`, `classify-eval`: the paper's VQA benchmark and zero-shot diagnosis."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _labels(labels: Optional[str], label_set: Optional[str], labels_file: Optional[Path]) -> list[str]:
+    from ..errors import UsageError
+    from ..eval.classify_eval import LABEL_SETS, label_set as load_set
+
+    if (labels is None) == (label_set is None):
+        raise UsageError("pass exactly one of --labels 'a,b,c' or --label-set NAME")
+    if label_set is not None:
+        return load_set(label_set, labels_file or LABEL_SETS)
+    return [x.strip() for x in labels.split(",") if x.strip()]
+
+
+def _protocol(value: str):
+    from ..eval.vqa import Protocol
+
+    try:
+        return Protocol(value)
+    except ValueError:
+        raise typer.BadParameter(f"--protocol must be one of {', '.join(p.value for p in Protocol)}") from None
+
+
+def _generate_predictor(model, labels: list[str], protocol, seed: int, max_new_tokens: int):
+    """The paper's generate-then-match: ask the question (labels in set order), take the first label named."""
+    from ..eval.classify_eval import match_label
+    from ..eval.vqa import make_answer_fn
+    from ..runtime.classify import question_for
+
+    answer = make_answer_fn(model, protocol, seed, max_new_tokens)
+    question = question_for(labels)
+
+    def predict(image):
+        text, _, _ = answer(image, question, 0)
+        return match_label(text, labels), float("nan"), text
+
+    return predict
+
+
+def register(app, friendly) -> None:
+    @app.command("eval")
+    @friendly
+    def eval_cmd(
+        bundle: Path = typer.Argument(..., help="bundle folder"),
+        csv: Path = typer.Option(..., "--csv", help="image,question,answer[,modality] CSV (MM-Skin_test.csv)"),
+        images: Path = typer.Option(..., "--images", help="folder the CSV's image paths are relative to"),
+        modality_csv: Optional[Path] = typer.Option(None, help="image,modality CSV (clinical/dermoscopy/pathology)"),
+        protocol: str = typer.Option("paper", help="paper (sampling in 5 beams, as VQA_test.py) or greedy"),
+        limit: Optional[int] = typer.Option(None, min=1, help="first N questions only"),
+        out: Path = typer.Option(Path("results"), help="output folder (rerun to resume)"),
+        max_new_tokens: int = typer.Option(256, min=1),
+        seed: int = typer.Option(0, help="base seed of the paper protocol (row i uses seed + i)"),
+        threads: Optional[int] = typer.Option(None, min=1),
+        precision: Optional[str] = typer.Option(None, help="graph variant to run (fp32, int8, int4, fp16)"),
+    ):
+        """Answer the MM-Skin test questions and score them (BLEU, ROUGE, METEOR, token recall) per modality."""
+        from ..eval.vqa import make_answer_fn, read_questions, run_vqa
+        from ..runtime.pipeline import SkinVL
+
+        proto = _protocol(protocol)
+        rows = read_questions(csv, modality_csv, limit)
+        model = SkinVL.load(bundle, threads=threads, precision=precision)
+        from .. import names as _names
+
+        meta = {"bundle": str(bundle), "precision": model.manifest.pick(_names.ROLE_DECODER, precision).precision.value,
+                "protocol": proto.value, "seed": seed, "max_new_tokens": max_new_tokens}
+        s = run_vqa(make_answer_fn(model, proto, seed, max_new_tokens), rows, images, out, meta)
+        typer.echo((out / "summary.md").read_text())
+        if s["this_run"]["questions_per_minute"]:
+            typer.echo(f"[{s['this_run']['answered']} answered this run, {s['this_run']['questions_per_minute']:.1f} "
+                       f"questions/minute; results in {out}]", err=True)
+
+    @app.command("classify")
+    @friendly
+    def classify_cmd(
+        image: Path = typer.Argument(..., help="image file"),
+        bundle: Optional[Path] = typer.Option(None, help="bundle folder"),
+        labels: Optional[str] = typer.Option(None, help="comma-separated candidate diagnoses"),
+        label_set: Optional[str] = typer.Option(None, help="a label set of the paper (HAM10000, ISIC, PAD, ...)"),
+        labels_file: Optional[Path] = typer.Option(None, help="label-set JSON (default: the paper's sets)"),
+        method: str = typer.Option("likelihood", help="likelihood (rank every label) or generate (paper: answer, then match)"),
+        normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="mean (not sum) of the label tokens' log-probs"),
+        protocol: str = typer.Option("greedy", help="decoding for --method generate: greedy or paper"),
+        seed: int = typer.Option(0),
+        threads: Optional[int] = typer.Option(None, min=1),
+        precision: Optional[str] = typer.Option(None),
+        as_json: bool = typer.Option(False, "--json"),
+    ):
+        """Zero-shot diagnosis: a ranked list of labels with probabilities (or the paper's generate-then-match)."""
+        from ..runtime.pipeline import SkinVL
+
+        names = _labels(labels, label_set, labels_file)
+        model = SkinVL.load(bundle, threads=threads, precision=precision)
+        if method == "likelihood":
+            r = model.classify(image, names, normalize=normalize)
+            if as_json:
+                typer.echo(json.dumps(r.to_dict()))
+                return
+            for i, s in enumerate(r.scores, 1):
+                typer.echo(f"{i:2d}. {s.label:40s} {100 * s.probability:6.2f}%  (score {s.score:.4f}, {s.n_tokens} tokens)")
+        elif method == "generate":
+            label, _, text = _generate_predictor(model, names, _protocol(protocol), seed, 256)(image)
+            if as_json:
+                typer.echo(json.dumps({"prediction": label, "answer": text}))
+                return
+            typer.echo(f"{label}\n[answer: {text}]")
+        else:
+            raise typer.BadParameter("--method must be likelihood or generate")
+
+    @app.command("classify-eval")
+    @friendly
+    def classify_eval_cmd(
+        bundle: Path = typer.Argument(..., help="bundle folder"),
+        csv: Path = typer.Option(..., "--csv", help="CSV with image and label columns (+ optional age/sex/skin_type)"),
+        images: Path = typer.Option(..., "--images", help="folder the CSV's image paths are relative to"),
+        label_set: Optional[str] = typer.Option(None, help="a label set of the paper (HAM10000, ISIC, PAD, ...)"),
+        labels: Optional[str] = typer.Option(None, help="comma-separated labels instead of --label-set"),
+        labels_file: Optional[Path] = typer.Option(None, help="label-set JSON (default: the paper's sets)"),
+        image_col: str = typer.Option("image"),
+        label_col: str = typer.Option("label"),
+        method: str = typer.Option("likelihood", help="likelihood or generate"),
+        normalize: bool = typer.Option(True, "--normalize/--no-normalize"),
+        protocol: str = typer.Option("greedy", help="decoding for --method generate"),
+        limit: Optional[int] = typer.Option(None, min=1),
+        out: Path = typer.Option(Path("results-classify"), help="output folder (rerun to resume)"),
+        seed: int = typer.Option(0),
+        threads: Optional[int] = typer.Option(None, min=1),
+        precision: Optional[str] = typer.Option(None),
+    ):
+        """Zero-shot classification metrics: accuracy, balanced accuracy, macro-F1, confusion matrix, slices."""
+        from ..eval.classify_eval import read_label_rows, run_classify_eval
+        from ..runtime.pipeline import SkinVL
+
+        names = _labels(labels, label_set, labels_file)
+        rows = read_label_rows(csv, names, image_col, label_col, limit)
+        model = SkinVL.load(bundle, threads=threads, precision=precision)
+        if method == "likelihood":
+            def predict(path):
+                r = model.classify(path, names, normalize=normalize)
+                return r.top, r.scores[0].probability
+        elif method == "generate":
+            gen = _generate_predictor(model, names, _protocol(protocol), seed, 256)
+
+            def predict(path):
+                return gen(path)[:2]
+        else:
+            raise typer.BadParameter("--method must be likelihood or generate")
+        meta = {"bundle": str(bundle), "method": method, "normalized": normalize, "label_set": label_set}
+        s = run_classify_eval(predict, rows, names, images, out, meta)
+        typer.echo((out / "summary.md").read_text())
+        typer.echo(f"[{s['classified']} classified; confusion matrix in {out}/confusion.csv and .png]", err=True)

@@ -1,0 +1,208 @@
+"""Zero-shot classification evaluation: predictions row by row (resumable), then accuracy, balanced
+accuracy, macro-F1, per-class precision/recall, confusion matrix (CSV + PNG) and demographic slices.
+
+Definitions (as scikit-learn's defaults, written out to avoid a heavy dependency for a few sums):
+balanced accuracy = mean recall over the classes present in the ground truth; macro-F1 = mean F1 over
+the classes present in the ground truth or the predictions; a class never predicted has precision 0.
+A `generate` answer that names no label counts as wrong and appears as the column NO_LABEL.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..errors import ImageError, UsageError
+from .runlog import ResultLog, progress, read_csv, require_columns, resolve_image
+
+NO_LABEL = "(no label)"
+LABEL_SETS = Path(__file__).with_name("data") / "zero_shot_labels.json"
+SLICE_COLUMNS = {"age": ("age", "age_approx"), "sex": ("sex", "gender"),
+                 "skin_type": ("skin_type", "fitzpatrick", "fitzpatrick_scale", "skin_tone")}
+FIELDS = ["image", "label", "prediction", "probability", "age", "sex", "skin_type", "seconds"]
+
+
+def label_set(name: str, path: Path = LABEL_SETS) -> list[str]:
+    sets = json.loads(Path(path).read_text())["datasets"]
+    if name not in sets:
+        raise UsageError(f"unknown label set {name!r}; choose one of {', '.join(sets)}")
+    return list(sets[name])
+
+
+def match_label(answer: str, labels: list[str]) -> str:
+    """Paper's generate-then-match: the first label (label-set order) contained in the answer, case-insensitive."""
+    low = answer.lower()
+    return next((lab for lab in labels if lab.lower() in low), NO_LABEL)
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    index: int
+    image: str
+    label: str
+    slices: dict  # "age" / "sex" / "skin_type" -> value ("" when absent)
+
+
+def read_label_rows(path: Path, labels: list[str], image_col: str = "image", label_col: str = "label",
+                    limit: int | None = None) -> list[LabelRow]:
+    raw = read_csv(path)
+    require_columns(raw, path, image_col, label_col)
+    canon = {lab.casefold(): lab for lab in labels}
+    rows = []
+    for i, r in enumerate(raw[:limit] if limit else raw):
+        truth = canon.get(r[label_col].strip().casefold())
+        if truth is None:
+            raise UsageError(f"{path} row {i + 2}: label {r[label_col]!r} is not in the label set; fix the CSV or the set")
+        found = {k: next((r[c].strip() for c in cols if r.get(c, "").strip()), "") for k, cols in SLICE_COLUMNS.items()}
+        rows.append(LabelRow(i, r[image_col], truth, found))
+    return rows
+
+
+def age_bin(value: str) -> str:
+    try:
+        age = float(value)
+    except ValueError:
+        return ""
+    return "<30" if age < 30 else "30-49" if age < 50 else "50-69" if age < 70 else "70+"
+
+
+def classification_metrics(truth: list[str], pred: list[str], classes: list[str]) -> dict:
+    """Accuracy, balanced accuracy, macro-F1, per-class precision/recall/F1/support."""
+    n = len(truth)
+    per_class = {}
+    for c in classes:
+        tp = sum(t == c and p == c for t, p in zip(truth, pred))
+        n_true, n_pred = truth.count(c), pred.count(c)
+        prec = tp / n_pred if n_pred else 0.0
+        rec = tp / n_true if n_true else 0.0
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        per_class[c] = {"precision": prec, "recall": rec, "f1": f1, "support": n_true, "predicted": n_pred}
+    present_true = [c for c in classes if per_class[c]["support"]]
+    present_any = [c for c in classes if per_class[c]["support"] or per_class[c]["predicted"]]
+    return {
+        "n": n,
+        "accuracy": sum(t == p for t, p in zip(truth, pred)) / n if n else 0.0,
+        "balanced_accuracy": sum(per_class[c]["recall"] for c in present_true) / len(present_true) if present_true else 0.0,
+        "macro_f1": sum(per_class[c]["f1"] for c in present_any) / len(present_any) if present_any else 0.0,
+        "no_label": pred.count(NO_LABEL),
+        "per_class": per_class,
+    }
+
+
+def confusion(truth: list[str], pred: list[str], classes: list[str]) -> tuple[list[str], list[list[int]]]:
+    """Rows = truth, columns = prediction (+ NO_LABEL when it occurs)."""
+    cols = classes + ([NO_LABEL] if NO_LABEL in pred else [])
+    at = {c: i for i, c in enumerate(cols)}
+    m = [[0] * len(cols) for _ in classes]
+    for t, p in zip(truth, pred):
+        m[at[t]][at[p]] += 1
+    return cols, m
+
+
+def write_confusion(out: Path, classes: list[str], cols: list[str], m: list[list[int]]) -> None:
+    with open(out / "confusion.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["truth \\ prediction", *cols])
+        for c, row in zip(classes, m):
+            w.writerow([c, *row])
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    size = 2 + 0.45 * max(len(cols), 4)
+    fig, ax = plt.subplots(figsize=(size, size * len(classes) / len(cols) + 1))
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("truth")
+    top = max(max(r) for r in m) or 1
+    for i, row in enumerate(m):
+        for j, v in enumerate(row):
+            if v:
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > top / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(out / "confusion.png", dpi=120)
+    plt.close(fig)
+
+
+PredictFn = Callable[[Path], tuple[str, float]]  # image -> (predicted label, its probability or nan)
+
+
+def run_classify_eval(predict: PredictFn, rows: list[LabelRow], classes: list[str], images: Path, out: Path,
+                      meta: dict | None = None, show_progress: bool = True) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = ResultLog(out / "predictions.csv", FIELDS, ("image", "label"))
+    missing, pending = [], []
+    for r in rows:
+        log.check(r.index, {"image": r.image, "label": r.label})
+        path = resolve_image(images, r.image)
+        if path is None:
+            missing.append(r.image)
+        elif r.index not in log.done:
+            pending.append((r, path))
+    answered, t_run = 0, 0.0
+    try:
+        with progress(show_progress) as bar:
+            task = bar.add_task("images", total=len(pending))
+            for r, path in pending:
+                t0 = time.perf_counter()
+                try:
+                    label, prob = predict(path)
+                except ImageError:
+                    missing.append(r.image)
+                    bar.advance(task)
+                    continue
+                dt = time.perf_counter() - t0
+                log.write(r.index, {"image": r.image, "label": r.label, "prediction": label, "probability": f"{prob:.6f}",
+                                    **r.slices, "seconds": f"{dt:.3f}"})
+                answered, t_run = answered + 1, t_run + dt
+                bar.advance(task)
+    finally:
+        log.close()
+    wanted = {r.index for r in rows}
+    recs = [rec for i, rec in sorted(log.done.items()) if i in wanted]
+    if not recs:
+        raise UsageError(f"no image could be classified: {len(missing)} missing under {images}; check --images")
+    truth, pred = [r["label"] for r in recs], [r["prediction"] for r in recs]
+    result = classification_metrics(truth, pred, classes)
+    cols, m = confusion(truth, pred, classes)
+    write_confusion(out, classes, cols, m)
+    slices = {}
+    for key in SLICE_COLUMNS:
+        values = [age_bin(r[key]) if key == "age" else r[key] for r in recs]
+        if not any(values):
+            continue
+        slices[key] = {}
+        for v in sorted(set(values) - {""}):
+            idx = [i for i, x in enumerate(values) if x == v]
+            s = classification_metrics([truth[i] for i in idx], [pred[i] for i in idx], classes)
+            slices[key][v] = {k: s[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1")}
+    summary = {**(meta or {}), "images": len(rows), "classified": len(recs), "missing_images": sorted(set(missing)),
+               "classes": classes, "metrics": result, "confusion": {"columns": cols, "matrix": m}, "slices": slices,
+               "this_run": {"classified": answered, "seconds": round(t_run, 3),
+                            "images_per_minute": round(60 * answered / t_run, 3) if t_run > 0 else None}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(_markdown(summary))
+    return summary
+
+
+def _markdown(s: dict) -> str:
+    m = s["metrics"]
+    lines = ["# Zero-shot classification", "", f"{s['classified']} of {s['images']} images classified, "
+             f"{len(s['missing_images'])} missing.", "", "| n | accuracy | balanced accuracy | macro-F1 |", "|---|---|---|---|",
+             f"| {m['n']} | {100 * m['accuracy']:.2f} | {100 * m['balanced_accuracy']:.2f} | {100 * m['macro_f1']:.2f} |",
+             "", "| class | support | precision | recall | F1 |", "|---|---|---|---|---|"]
+    lines += [f"| {c} | {v['support']} | {100 * v['precision']:.2f} | {100 * v['recall']:.2f} | {100 * v['f1']:.2f} |"
+              for c, v in m["per_class"].items()]
+    for key, groups in s["slices"].items():
+        lines += ["", f"## by {key}", "", "| value | n | accuracy | balanced accuracy | macro-F1 |", "|---|---|---|---|---|"]
+        lines += [f"| {v} | {g['n']} | {100 * g['accuracy']:.2f} | {100 * g['balanced_accuracy']:.2f} | {100 * g['macro_f1']:.2f} |"
+                  for v, g in groups.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,97 @@
+"""Resumable per-row results: a CSV written one flushed row at a time, plus the input-CSV readers.
+
+A rerun reads back the rows already written and skips them, so an interrupted evaluation resumes
+where it stopped (a line cut short by a kill is dropped and redone). The file is keyed by the input
+row index and checked against the input's image + question, so a different input is refused rather
+than silently mixed in.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from ..errors import UsageError
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    if not Path(path).is_file():
+        raise UsageError(f"CSV file {path} not found; pass an existing file")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return list(csv.DictReader(f))
+
+
+def require_columns(rows: list[dict[str, str]], path: Path, *names: str) -> None:
+    have = set(rows[0]) if rows else set()
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise UsageError(f"{path} lacks column(s) {', '.join(missing)} (has: {', '.join(sorted(have)) or 'none'}); "
+                         f"rename the header or pass the column name option")
+
+
+class ResultLog:
+    """Append-only CSV of results keyed by `row`; `done` holds what earlier runs wrote."""
+
+    def __init__(self, path: Path, fields: list[str], key_fields: tuple[str, ...]):
+        self.path = Path(path)
+        self.fields = ["row", *fields]
+        self.key_fields = key_fields
+        self.done: dict[int, dict[str, str]] = {}
+        self._file = None
+        if self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        raw = self.path.read_bytes()
+        if raw and not raw.endswith(b"\n"):  # a kill mid-write left half a line: drop it, it is redone
+            raw = raw[: raw.rfind(b"\n") + 1]
+            self.path.write_bytes(raw)
+        with open(self.path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames and list(reader.fieldnames) != self.fields:
+                raise UsageError(f"{self.path} was written with other columns; use another --out folder")
+            for rec in reader:
+                self.done[int(rec["row"])] = rec
+
+    def check(self, index: int, expected: dict[str, str]) -> None:
+        rec = self.done.get(index)
+        if rec is not None and any(rec[k] != str(expected[k]) for k in self.key_fields):
+            raise UsageError(f"{self.path} row {index} belongs to another input CSV; use another --out folder")
+
+    def write(self, index: int, record: dict) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            new = not self.path.exists() or self.path.stat().st_size == 0
+            self._file = open(self.path, "a", newline="", encoding="utf-8")
+            self._writer = csv.DictWriter(self._file, fieldnames=self.fields)
+            if new:
+                self._writer.writeheader()
+        rec = {"row": index, **{k: record.get(k, "") for k in self.fields[1:]}}
+        self._writer.writerow(rec)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.done[index] = {k: str(v) for k, v in rec.items()}
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def resolve_image(images: Path, name: str) -> Path | None:
+    """The image file for a CSV entry: DIR/name, else DIR/basename(name); None when neither exists."""
+    for p in (Path(images) / name, Path(images) / Path(name).name):
+        if p.is_file():
+            return p
+    return None
+
+
+def progress(enabled: bool):
+    """A rich progress bar with count, rate and ETA on stderr (a no-op context when disabled)."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
