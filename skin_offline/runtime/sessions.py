@@ -7,6 +7,12 @@ from pathlib import Path
 
 from ..errors import BundleError
 
+# onnxruntime >= 1.2x writes a device-ID file and a small database under
+# $XDG_CACHE_HOME/Microsoft/DeveloperTools/.onnxruntime/ when its library loads, unless this variable is
+# set (checked with 1.32: any value but "0" disables it). Set here, before any `import onnxruntime` of
+# ours; a user who sets it to "0" keeps the file, and one who imported onnxruntime earlier already has it.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 
 def default_threads() -> int:
     """Physical-ish cores: decode is bandwidth bound, so more threads than cores only adds contention."""
@@ -14,9 +20,13 @@ def default_threads() -> int:
 
 
 class SessionFactory:
-    def __init__(self, threads: int | None = None, providers: list | None = None):
+    def __init__(self, threads: int | None = None, providers: list | None = None, device=None):
+        from .devices import DeviceChoice, resolve
+
         self.threads = threads or default_threads()
-        self.providers = providers or ["CPUExecutionProvider"]
+        # `device` (auto|cpu|cuda|tensorrt or a DeviceChoice) -> providers via devices.py; explicit `providers` win
+        self.device = device if isinstance(device, DeviceChoice) else resolve(device) if device is not None else None
+        self.providers = providers or (list(self.device.providers) if self.device else ["CPUExecutionProvider"])
 
     def options(self):
         import onnxruntime as ort
@@ -29,11 +39,16 @@ class SessionFactory:
         so.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
         return so
 
-    def create(self, path: Path):
+    def create(self, path: Path, providers: list | None = None):
         import onnxruntime as ort
 
         try:
-            return ort.InferenceSession(str(path), sess_options=self.options(), providers=self.providers)
+            session = ort.InferenceSession(str(path), sess_options=self.options(), providers=providers or self.providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BundleError(f"cannot load graph {path.name}: {first}; run `skin-offline verify` or re-export") from None
+        if self.device is not None:  # never a silent CPU fallback
+            from .devices import check_session
+
+            check_session(session, self.device, path.name)
+        return session
