@@ -19,8 +19,12 @@ from .errors import SkinOfflineError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run the SkinVL dermatology VLM offline.")
 
 
+DEBUG_ENV = "SKIN_OFFLINE_DEBUG"  # set to see the traceback of an unexpected error
+
+
 def _fail(msg: str, code: int) -> None:
-    typer.echo(f"error: {msg}", err=True)
+    one_line = " ".join(line.strip() for line in str(msg).splitlines() if line.strip())
+    typer.echo(f"error: {one_line}", err=True)
     raise typer.Exit(code)
 
 
@@ -29,12 +33,34 @@ def friendly(fn):
 
     @wraps(fn)
     def wrapper(*a, **kw):
+        import errno
+        import os
+
+        import click
+
         try:
             return fn(*a, **kw)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException, click.Abort):  # not errors
+            raise
         except SkinOfflineError as e:
             _fail(str(e), e.exit_code)
         except MemoryError:
             _fail("out of memory; try a smaller precision (int4) or close other programs", 1)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except BrokenPipeError:  # `skin-offline ask ... | head`: the reader left; stay quiet like other tools
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                _fail(f"disk full ({e.filename or 'output'}); free space and retry", 1)
+            if os.environ.get(DEBUG_ENV):
+                raise
+            _fail(f"{e.strerror or e} ({e.filename}); check the path and permissions", 1)
+        except Exception as e:  # last resort: still one line, never a traceback (unless debugging)
+            if os.environ.get(DEBUG_ENV):
+                raise
+            _fail(f"unexpected {type(e).__name__}: {e}; rerun with {DEBUG_ENV}=1 for the traceback and report it", 1)
 
     return wrapper
 
@@ -42,12 +68,16 @@ def friendly(fn):
 @app.command()
 @friendly
 def export(
-    src: Path = typer.Argument(..., help="checkpoint folder (LLaVA or transformers Llava layout)"),
-    out: Path = typer.Argument(..., help="bundle folder to write (replaced atomically)"),
+    src: Optional[Path] = typer.Argument(None, help="checkpoint folder (LLaVA or transformers Llava layout); omit with --base/--lora"),
+    out: Optional[Path] = typer.Argument(None, help="bundle folder to write (replaced atomically)"),
+    base: Optional[Path] = typer.Option(None, help="base checkpoint a --lora adapter was trained on"),
+    lora: Optional[Path] = typer.Option(None, help="PEFT LoRA output folder (adapter + non_lora_trainables.bin), merged onto --base"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print what would be written, sizes and peak memory; write nothing"),
     vision_tower: Optional[Path] = typer.Option(None, help="local CLIP checkpoint folder when config.json names a hub id"),
     image_mode: Optional[str] = typer.Option(None, help="pad (model default) or crop (MM-Skin's evaluation)"),
     max_context: Optional[int] = typer.Option(None, help="context limit (default: the checkpoint's, 2048 for LLaVA)"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="check the graphs against transformers"),
+    precision: str = typer.Option("fp32", help="fp32, or int4/int8/fp16 (quantized with `quantize`'s defaults)"),
 ):
     """Export a SkinVL / LLaVA checkpoint folder to an ONNX bundle."""
     from .export.to_onnx import export_bundle
@@ -58,8 +88,23 @@ def export(
         if image_mode not in ("pad", "crop"):
             _fail(f"--image-mode must be pad or crop, not {image_mode!r}", 2)
         mode = PadMode(image_mode)
+    if (base is None) != (lora is None):
+        _fail("--base and --lora go together: --base BASE_CHECKPOINT --lora ADAPTER_FOLDER OUT", 2)
+    if lora is not None:
+        if out is not None and src is not None:
+            _fail("with --base/--lora give only the output folder: export --base BASE --lora ADAPTER OUT", 2)
+        src, out = base, out or src
+    if src is None or out is None:
+        _fail("usage: export SRC OUT, or export --base BASE --lora ADAPTER OUT", 2)
+    if dry_run:
+        from .export.to_onnx import plan_export
+
+        plan_export(src, out, lora=lora, vision_tower=vision_tower, image_mode=mode, log=lambda m: typer.echo(m))
+        return
+    if precision not in ("fp32", "int4", "int8", "fp16"):
+        _fail(f"--precision must be fp32, int4, int8 or fp16, not {precision!r}", 2)
     export_bundle(src, out, vision_tower=vision_tower, image_mode=mode, max_context=max_context, verify=verify,
-                  log=lambda m: typer.echo(m, err=True))
+                  log=lambda m: typer.echo(m, err=True), lora=lora, precision=precision)
 
 
 @app.command()
@@ -76,11 +121,15 @@ def ask(
     threads: Optional[int] = typer.Option(None, min=1),
     precision: Optional[str] = typer.Option(None, help="pick a graph variant the bundle carries (fp32, int8, int4, fp16)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming text"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | tensorrt (an unavailable device is an error, exit 5)"),
 ):
     """Ask a question about an image; the answer streams to stdout."""
+    from .manifest import Precision
     from .runtime.pipeline import SkinVL
 
-    model = SkinVL.load(bundle, threads=threads, precision=precision)
+    if precision is not None and precision not in {p.value for p in Precision}:
+        _fail(f"--precision must be one of {', '.join(p.value for p in Precision)}, not {precision!r}", 2)
+    model = SkinVL.load(bundle, threads=threads, precision=precision, device=device)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     if as_json:
         typer.echo(json.dumps(model.ask(image, question, **kw).to_dict()))
@@ -115,6 +164,7 @@ def verify(bundle: Path = typer.Argument(..., help="bundle folder")):
 @friendly
 def info(bundle: Path = typer.Argument(..., help="bundle folder"), as_json: bool = typer.Option(False, "--json")):
     """Show a bundle's graphs, sizes, preprocessing, provenance and verification figures."""
+    from .export.quality import format_details, format_report
     from .manifest import Manifest
 
     m = Manifest.read(bundle)
@@ -128,12 +178,14 @@ def info(bundle: Path = typer.Argument(..., help="bundle folder"), as_json: bool
     typer.echo(f"  preprocess: {m.preprocess.mode.value}, {m.preprocess.crop_size}px")
     for g in m.graphs:
         size = sum(m.files[f].size for f in (g.file, *g.data_files))
-        typer.echo(f"  {g.role:10s} {g.precision.value:5s} {g.flavor.value:8s} {g.file} ({size / 1e6:.1f} MB)")
+        typer.echo(f"  {g.role:10s} {g.precision.value:5s} {g.flavor.value:8s} {g.file} ({size / 1e6:.1f} MB) "
+                   f"{format_details(g.details)}".rstrip())
     typer.echo(f"  source: {m.source.get('layout')} {m.source.get('path')}")
     if m.verification:
         typer.echo("  verification: " + ", ".join(f"{k}={v:.2e}" for k, v in m.verification.items()))
     if m.quality:
-        typer.echo("  quality: " + json.dumps(m.quality))
+        for line in format_report(m.quality):
+            typer.echo("  " + line)
 
 
 @app.command("make-demo-checkpoint")
@@ -152,6 +204,10 @@ def make_demo_checkpoint(out: Path = typer.Argument(...), layout: str = typer.Op
 # Commands that live in their own modules (skin_offline/commands/*.py), each exposing `register(app, friendly)`.
 # Add one import per command module here.
 _COMMAND_MODULES: list[str] = [
+    "eval",
+    "bench",
+    "engines",
+    "quantize",
 ]
 
 

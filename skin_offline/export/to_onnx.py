@@ -22,8 +22,10 @@ from ..manifest import (
 )
 from ..runtime.tokenizer import TextTokenizer
 from .atomic import atomic_folder
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, TensorStore, open_checkpoint
 from .decoder_graph import build_decoder
+from .decoder_graph_fast import build_decoder_fast
+from .onnx_writer import external_initializers
 from .tokenizer import write_tokenizer_json
 from .vision_graph import build_vision
 
@@ -56,10 +58,28 @@ def model_dims(ckpt: Checkpoint, max_context: int | None = None) -> ModelDims:
     )
 
 
+def open_source(src: Path, lora: Path | None = None, **kw) -> Checkpoint:
+    if lora is None:
+        return open_checkpoint(Path(src), **kw)
+    from .lora import open_lora_checkpoint
+
+    return open_lora_checkpoint(Path(src), Path(lora), **kw)
+
+
 def export_bundle(src: Path, out: Path, *, vision_tower: Path | None = None, image_mode: PadMode | None = None,
-                  max_context: int | None = None, verify: bool = True, log: Log = print) -> Manifest:
+                  max_context: int | None = None, verify: bool = True, log: Log = print,
+                  lora: Path | None = None, fast_decoder: bool = True, precision: Precision | str | None = None) -> Manifest:
+    """`src` is the checkpoint, or with `lora` the base checkpoint the PEFT adapter folder is merged onto.
+    `precision` int4/int8/fp16: the fp32 export is quantized (export/quantize.py) into the final bundle."""
+    if precision is not None and Precision(precision) != Precision.FP32:
+        from .quantize import QuantConfig, export_quantized
+
+        cfg = QuantConfig(Precision(precision))  # validated before any work
+        return export_quantized(lambda dst: export_bundle(src, dst, vision_tower=vision_tower, image_mode=image_mode,
+                                                          max_context=max_context, verify=verify, log=log, lora=lora,
+                                                          fast_decoder=fast_decoder), out, cfg, log=log)
     t0 = time.perf_counter()
-    ckpt = open_checkpoint(Path(src), vision_tower=vision_tower, image_mode=image_mode)
+    ckpt = open_source(src, lora, vision_tower=vision_tower, image_mode=image_mode)
     log(f"checkpoint: {ckpt.layout} layout, {ckpt.text.layers} decoder layers, hidden {ckpt.text.hidden}, "
         f"vision {ckpt.vision.hidden}x{ckpt.vision.kept_layers}/{ckpt.vision.layers} layers, "
         f"{ckpt.vision.image_tokens} image tokens")
@@ -70,12 +90,20 @@ def export_bundle(src: Path, out: Path, *, vision_tower: Path | None = None, ima
         log("writing decoder graph ...")
         dfile, ddata = build_decoder(ckpt.text, lambda n: ckpt.text_tensor(n).numpy(), tmp,
                                      progress=lambda i: log(f"  decoder layer {i}/{ckpt.text.layers}"))
+        contrib = ()
+        if fast_decoder:  # onnxruntime contrib-op variant: the runtime's default on CPU (GQA, in-place KV cache)
+            log("writing contrib decoder graph ...")
+            ffile, fdata = build_decoder_fast(ckpt.text, lambda n: ckpt.text_tensor(n).numpy(), tmp,
+                                              max_positions=max_context or ckpt.text.max_context,
+                                              shared=external_initializers(tmp / dfile))
+            contrib = (GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.CONTRIB, ffile, (ddata, fdata)),)
         efile = _write_embeddings(ckpt, tmp)
         write_tokenizer_json(ckpt.folder, tmp / names.TOKENIZER)
         tok_vocab = TextTokenizer.from_file(tmp / names.TOKENIZER).vocab_size
         graphs = (
             GraphVariant(names.ROLE_VISION, Precision.FP32, Flavor.STANDARD, vfile, vdata),
             GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.STANDARD, dfile, (ddata,)),
+            *contrib,
             GraphVariant(names.ROLE_EMBEDDINGS, Precision.FP32, Flavor.STANDARD, efile),
         )
         files = {p.name: file_entry(p) for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -83,7 +111,7 @@ def export_bundle(src: Path, out: Path, *, vision_tower: Path | None = None, ima
             model=model_dims(ckpt, max_context), preprocess=ckpt.preprocess, prompt=PromptConfig("mistral_instruct"),
             tokens=TokenConfig(bos_id=1, eos_id=2, tokenizer_vocab_size=tok_vocab), graphs=graphs, files=files,
             source={"path": str(Path(src).resolve()), "layout": ckpt.layout, "fingerprint": ckpt.store.fingerprint(),
-                    "vision_tower": str(ckpt.vision_store.folder), "projector": ckpt.notes.get("projector", ckpt.layout)},
+                    "vision_tower": str(ckpt.vision_store.folder), "projector": ckpt.layout, **ckpt.notes},
             exporter=_versions(),
         )
         manifest.write(tmp)
@@ -104,7 +132,7 @@ def verify_bundle_against_reference(folder: Path, ckpt: Checkpoint, seed: int = 
     from . import reference
 
     rng = np.random.default_rng(seed)
-    bundle = Bundle.load(folder, check_hashes=False)
+    bundle = Bundle.load(folder, check_hashes=False, flavor=Flavor.STANDARD)
     s = bundle.manifest.preprocess.crop_size
     pixels = rng.standard_normal((1, 3, s, s), dtype=np.float32)
     feats = bundle.vision.encode(pixels)  # [1,N,H]
@@ -113,12 +141,60 @@ def verify_bundle_against_reference(folder: Path, ckpt: Checkpoint, seed: int = 
     embeds = np.concatenate([bundle.embed(ids[:4]), feats[0], bundle.embed(ids[4:])])[None]  # [1,S,H]
     logits = bundle.decoder.logits_all(embeds)  # [1,S,V]
     ref_logits = reference.decoder_logits(ckpt, embeds)
-    return {
+    report = {
         "image_features_max_abs_diff": float(np.abs(feats - ref_feats).max()),
         "logits_max_abs_diff": float(np.abs(logits - ref_logits).max()),
         "logits_scale": float(np.abs(ref_logits).max()),
     }
+    for g in bundle.manifest.variants(names.ROLE_DECODER):
+        if g.flavor == Flavor.CONTRIB and g.precision == Precision.FP32:
+            from ..runtime.decoder import make_decoder
+            from ..runtime.sessions import SessionFactory
+
+            fast = make_decoder(SessionFactory().create(folder / g.file), bundle.manifest.model, share_buffer=True)
+            report["contrib_logits_max_abs_diff"] = float(np.abs(fast.logits_all(embeds) - ref_logits).max())
+    return report
 
 
 def describe(manifest: Manifest) -> dict:
     return {"model": asdict(manifest.model), "files": {k: v.size for k, v in manifest.files.items()}}
+
+
+def plan_export(src: Path, out: Path, *, lora: Path | None = None, vision_tower: Path | None = None,
+                image_mode: PadMode | None = None, fast_decoder: bool = True, log: Log = print) -> dict:
+    """--dry-run: open the checkpoint (headers only), print what would be written and the expected peak memory."""
+    import resource
+
+    ckpt = open_source(src, lora, vision_tower=vision_tower, image_mode=image_mode)
+    numel = lambda shape: int(np.prod(shape, dtype=np.int64))  # noqa: E731
+    vis = [numel(ckpt.vision_store.shape(ckpt.vision_prefix + n)) for n in ckpt.vision_names()]
+    vis += [numel(ckpt.store.shape(f"{p}.{k}")) for p in ckpt.projector_names.values() for k in ("weight", "bias")]
+    text = {n: numel(ckpt.text_shape(n)) for n in ckpt.text_names()}
+    emb = text.pop("embed_tokens.weight")
+    files = {  # fp32 bytes; graph protos and alignment padding are a few MB at most
+        names.VISION_GRAPH: 4 * sum(vis), names.DECODER_GRAPH: 4 * sum(text.values()),
+        names.EMBEDDINGS: 4 * emb, names.TOKENIZER: 2 << 20,
+    }
+    if fast_decoder:  # the contrib-op decoder shares the standard graph's weights; its own data is the RoPE table
+        files[names.DECODER_CONTRIB_GRAPH] = 2 * 4 * (ckpt.text.head_dim // 2) * ckpt.text.max_context
+    largest = 4 * max([*vis, *text.values(), emb])
+    # Streaming design: one tensor upcast to fp32, its transposed copy and its serialised bytes (+ B@A for
+    # LoRA), plus at most RELEASE_BYTES of memory-mapped checkpoint per open shard, on top of the imports.
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = baseline + (4 if lora else 3) * largest + 2 * TensorStore.RELEASE_BYTES
+    total = sum(files.values())
+    log(f"dry run: {ckpt.layout} layout{' + LoRA ' + str(lora) if lora else ''}, projector: "
+        f"{ckpt.notes.get('projector', ckpt.layout)}; nothing written")
+    for name, size in files.items():
+        log(f"  would write {Path(out) / name}  ~{size / 1e9:.2f} GB (+ external data)" if name.endswith(".onnx")
+            else f"  would write {Path(out) / name}  ~{size / 1e9:.2f} GB")
+    import shutil
+
+    parent = next(p for p in (Path(out).absolute(), *Path(out).absolute().parents) if p.exists())
+    free = shutil.disk_usage(parent).free
+    log(f"  bundle total ~{total / 1e9:.2f} GB fp32; free disk needed ~{total / 1e9:.2f} GB next to {out}, "
+        f"{free / 1e9:.1f} GB free" + ("" if free > total else ": NOT ENOUGH, free space or pick another folder"))
+    log(f"  expected peak memory ~{peak / 1e9:.2f} GB (imports {baseline / 1e9:.2f} GB + largest tensor "
+        f"{largest / 1e9:.2f} GB x {4 if lora else 3}); --verify loads the fp32 graphs: ~{(baseline + total) / 1e9:.1f} GB")
+    return {"files": files, "total_bytes": total, "free_bytes": free, "largest_tensor_bytes": largest, "baseline_rss_bytes": baseline,
+            "peak_bytes": peak, "verify_peak_bytes": baseline + total}

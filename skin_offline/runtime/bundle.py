@@ -1,8 +1,10 @@
 """Open a bundle folder: manifest, file checks, onnxruntime sessions, the memory-mapped embedding table.
 
-Load checks every file the manifest lists exists with its recorded size (cheap, catches truncation and
-missing files); the sha256 of every byte is checked by `skin-offline verify` or `check_hashes=True`
-(hashing 4-15 GB on every start would cost seconds to minutes in a desktop tool that opens it daily).
+Load checks every file the manifest lists exists inside the folder with its recorded size (cheap, catches
+truncation and missing files), hashes the small ones (graphs, tokenizer) and refuses graphs whose external
+data points anywhere but their listed files; the sha256 of the big weight files is checked by
+`skin-offline verify` or `check_hashes=True` (hashing 4-15 GB on every start would cost seconds to
+minutes in a desktop tool that opens it daily).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import numpy as np
 from .. import names
 from ..errors import BundleError
 from ..manifest import Flavor, Manifest, Precision, sha256_file
-from .decoder import Decoder
+from .decoder import Decoder, make_decoder
+from .external_data import external_locations
 from .sessions import SessionFactory
+from .trt_engines import device_for_bundle, graph_providers
 from .vision import VisionEncoder
 
 ENV_BUNDLE = "SKIN_OFFLINE_BUNDLE"
@@ -31,20 +35,54 @@ def default_bundle_path() -> Path:
     return base / "skin-offline" / "bundle"
 
 
+# Files up to this size (graph protobufs, tokenizer, small tables) are hashed at every load: a few ms,
+# and a bit flip in a graph's structure is caught before onnxruntime parses it. Bigger files (weights,
+# 0.5-15 GB) only have their size checked at load; `skin-offline verify` / check_hashes=True hash them.
+HASH_AT_LOAD_MAX_BYTES = 64 << 20
+
+
 def check_files(folder: Path, manifest: Manifest, hashes: bool) -> None:
+    root = folder.resolve()
     for name, entry in manifest.files.items():
         path = folder / name
         if not path.is_file():
             raise BundleError(f"bundle file {path} is missing; re-export the bundle")
+        if not path.resolve().is_relative_to(root):  # a symlink pointing out of the bundle
+            raise BundleError(f"bundle file {path} links outside the bundle folder; refusing it, re-export the bundle")
         size = path.stat().st_size
         if size != entry.size:
             raise BundleError(f"bundle file {path} is {size} bytes, manifest says {entry.size} (truncated?); re-export it")
-        if hashes and sha256_file(path) != entry.sha256:
+        if (hashes or size <= HASH_AT_LOAD_MAX_BYTES) and sha256_file(path) != entry.sha256:
             raise BundleError(f"bundle file {path} does not match its sha256 (corrupted); re-export the bundle")
     for g in manifest.graphs:
         for f in (g.file, *g.data_files):
             if f not in manifest.files:
                 raise BundleError(f"graph file {f} is not listed in the manifest's files; re-export the bundle")
+        if g.file.endswith(".onnx"):
+            check_external_data(folder, g.file, set(g.data_files))
+
+
+def check_external_data(folder: Path, graph_file: str, allowed: set[str]) -> None:
+    """Refuse a graph whose external weights are not files this bundle lists for it (path traversal,
+    absolute paths, files the manifest does not hash): onnxruntime would otherwise open them."""
+    for loc in external_locations(folder / graph_file):
+        if loc not in allowed:
+            raise BundleError(f"graph {graph_file} reads weights from {loc!r}, which is not one of its bundle files "
+                              f"{sorted(allowed)}; refusing it, re-export the bundle")
+
+
+
+def _decoder_flavor(manifest: Manifest, prec: Precision | None, flavor: Flavor | str | None,
+                    sessions: SessionFactory) -> Flavor:
+    """The asked flavor, else CONTRIB on the CPU provider when the bundle has it at that precision (faster
+    there: GroupQueryAttention + in-place KV cache), else STANDARD (portable, TensorRT)."""
+    if flavor is not None:
+        return Flavor(flavor)
+    want = prec or manifest.pick(names.ROLE_DECODER).precision
+    has = any(g.flavor == Flavor.CONTRIB and g.precision == want for g in manifest.variants(names.ROLE_DECODER))
+    first = sessions.providers[0]
+    cpu = (first[0] if isinstance(first, tuple) else first) == "CPUExecutionProvider"
+    return Flavor.CONTRIB if has and cpu else Flavor.STANDARD
 
 
 @dataclass
@@ -53,11 +91,13 @@ class Bundle:
     manifest: Manifest
     vision: VisionEncoder
     decoder: Decoder
-    embeddings: np.ndarray  # [V, H] memory-mapped
+    embeddings: np.ndarray  # [V, H] memory-mapped (float32, float16, or int8 with row scales)
+    embedding_scales: np.ndarray | None = None  # [V] float32 per-row scales of an int8 table
 
     @classmethod
     def load(cls, folder: Path | str | None = None, *, threads: int | None = None, precision: Precision | str | None = None,
-             check_hashes: bool = False, sessions: SessionFactory | None = None) -> "Bundle":
+             check_hashes: bool = False, sessions: SessionFactory | None = None,
+             flavor: Flavor | str | None = None, device=None, allow_cpu_fp16: bool = False) -> "Bundle":
         folder = Path(folder) if folder is not None else default_bundle_path()
         if not folder.exists():
             raise BundleError(
@@ -68,22 +108,42 @@ class Bundle:
             raise BundleError(f"bundle path {folder} is not a folder")
         manifest = Manifest.read(folder)
         check_files(folder, manifest, check_hashes)
-        sessions = sessions or SessionFactory(threads=threads)
+        # device (auto|cpu|cuda|tensorrt) -> providers (devices.py); TensorRT gets the bundle's engines per graph
+        choice = sessions.device if sessions is not None else device_for_bundle(device, folder)
+        sessions = sessions or SessionFactory(threads=threads, device=choice)
         prec = Precision(precision) if precision is not None else None
-        vis = manifest.pick(names.ROLE_VISION, None if prec in (Precision.INT4,) else prec, Flavor.STANDARD)
-        dec = manifest.pick(names.ROLE_DECODER, prec)
-        emb = manifest.pick(names.ROLE_EMBEDDINGS)
+        # vision: the requested precision when the bundle has it, else its default (there is no int4 vision)
+        vis = manifest.pick(names.ROLE_VISION, prec if prec in {g.precision for g in manifest.variants(names.ROLE_VISION)} else None)
+        dec = manifest.pick(names.ROLE_DECODER, prec, _decoder_flavor(manifest, prec, flavor, sessions))
+        first = sessions.providers[0]
+        if dec.precision == Precision.FP16 and not allow_cpu_fp16 and \
+                (first[0] if isinstance(first, tuple) else first) == "CPUExecutionProvider":
+            # measured (export/quantize.py): onnxruntime's CPU provider runs fp16 through inserted casts, slower than fp32
+            from ..errors import DeviceError
+
+            raise DeviceError("fp16 graphs are for GPU providers (on the CPU provider they decode slower than fp32); "
+                              "use --device cuda, or --precision fp32/int8/int4 (`skin-offline quantize`) on CPU")
+        emb = manifest.pick(names.ROLE_EMBEDDINGS, prec if prec in {g.precision for g in manifest.variants(names.ROLE_EMBEDDINGS)} else None)
         try:
             table = np.load(folder / emb.file, mmap_mode="r")
         except (ValueError, OSError) as e:
             raise BundleError(f"cannot read embedding table {folder / emb.file}: {e}; re-export the bundle") from None
         if table.shape != (manifest.model.vocab_size, manifest.model.hidden_size):
             raise BundleError(f"embedding table shape {table.shape} does not match the manifest; re-export the bundle")
+        scales = None
+        if table.dtype == np.int8:
+            if not emb.data_files:
+                raise BundleError(f"int8 embedding table {emb.file} has no scales file; re-quantize the bundle")
+            scales = np.load(folder / emb.data_files[0])  # [V] float32
+            if scales.shape != (table.shape[0],):
+                raise BundleError(f"embedding scales {emb.data_files[0]} shape {scales.shape} does not match; re-quantize")
         return cls(
             folder=folder, manifest=manifest,
-            vision=VisionEncoder(sessions.create(folder / vis.file)),
-            decoder=Decoder(sessions.create(folder / dec.file), manifest.model),
-            embeddings=table,
+            vision=VisionEncoder(sessions.create(folder / vis.file, graph_providers(choice, folder, names.ROLE_VISION, vis))),
+            decoder=make_decoder(sessions.create(folder / dec.file, graph_providers(choice, folder, names.ROLE_DECODER, dec)),
+                                 manifest.model, share_buffer=dec.flavor == Flavor.CONTRIB
+                                 and dec.details.get("attention") != "standard"),  # MatMulNBits on Concat attention
+            embeddings=table, embedding_scales=scales,
         )
 
     def embed(self, ids) -> np.ndarray:
@@ -91,7 +151,10 @@ class Bundle:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.embeddings.shape[0]):
             raise BundleError(f"token id out of range for a vocabulary of {self.embeddings.shape[0]}")
-        return np.asarray(self.embeddings[ids], dtype=np.float32)
+        rows = np.asarray(self.embeddings[ids], dtype=np.float32)  # [n,H]; fp16 / int8 rows dequantized here
+        if self.embedding_scales is not None:
+            rows *= self.embedding_scales[ids][:, None]
+        return rows
 
 
 def verify_bundle(folder: Path) -> Manifest:

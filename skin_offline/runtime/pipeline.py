@@ -60,8 +60,9 @@ class SkinVL:
 
     @classmethod
     def load(cls, bundle: str | Path | None = None, *, threads: int | None = None,
-             precision: Precision | str | None = None, check_hashes: bool = False) -> "SkinVL":
-        b = Bundle.load(bundle, threads=threads, precision=precision, check_hashes=check_hashes)
+             precision: Precision | str | None = None, check_hashes: bool = False, device=None) -> "SkinVL":
+        # device: auto (default) | cpu | cuda | tensorrt (runtime/devices.py); unavailable -> DeviceError, no fallback
+        b = Bundle.load(bundle, threads=threads, precision=precision, check_hashes=check_hashes, device=device)
         from .. import names
 
         return cls(b, TextTokenizer.from_file(b.folder / names.TOKENIZER))
@@ -131,3 +132,43 @@ class SkinVL:
             last = r
         tokens = state.tokens
         return Answer("".join(text), tokens, last.finish_reason, last.timings, last.timings.prompt_tokens)
+
+    def generate_beam(self, image, question: str, config=None, **kw) -> Answer:
+        """Beam search answer (runtime/beam.py); `config` a BeamConfig, or its fields as keywords."""
+        from .beam import BeamConfig, beam_search
+
+        cfg = config if config is not None else BeamConfig(**kw)
+        t0 = time.perf_counter()
+        ids = build_prompt_ids(self.tokenizer, question)
+        feats = self.image_features(self.pixels(image))
+        embeds = self.prompt_embeddings(ids, feats)  # [1,S,H]
+        room = self.manifest.model.max_context - embeds.shape[1]
+        if room <= 0:
+            raise ContextLengthError(f"prompt is {embeds.shape[1]} tokens but the context is "
+                                     f"{self.manifest.model.max_context}; shorten the question")
+        if cfg.max_new_tokens > room:
+            from dataclasses import replace
+
+            cfg = replace(cfg, max_new_tokens=room, min_new_tokens=min(cfg.min_new_tokens, room))
+        res = beam_search(self.bundle.decoder, embeds, self.bundle.embed, cfg, self.manifest.tokens.eos_id)
+        eos = self.manifest.tokens.eos_id
+        timings = Timings(prompt_tokens=embeds.shape[1], new_tokens=len(res.tokens), decode_s=time.perf_counter() - t0)
+        text = self.tokenizer.decode([t for t in res.tokens if t != eos])
+        return Answer(text, res.tokens, res.finish_reason, timings, embeds.shape[1])
+
+    def classify(self, image, labels, *, normalize: bool = True, batch_size: int = 8):
+        """Rank `labels` by the likelihood of each as the answer to the paper's question (runtime/classify.py)."""
+        from . import classify as zs
+
+        names = zs.canonical_labels(labels)
+        question = zs.question_for(names)
+        ids = build_prompt_ids(self.tokenizer, question)
+        embeds = self.prompt_embeddings(ids, self.image_features(self.pixels(image)))  # [1,S,H]
+        labels_ids = [zs.label_token_ids(self.tokenizer, n) for n in names]
+        need = embeds.shape[1] + max(len(x) for x in labels_ids)
+        if need > self.manifest.model.max_context:
+            raise ContextLengthError(f"question + longest label need {need} tokens but the context is "
+                                     f"{self.manifest.model.max_context}; pass fewer or shorter labels")
+        logits, cache = self.bundle.decoder.forward(embeds, self.bundle.decoder.empty_cache())  # one prefill
+        lps = zs.label_logprobs(self.bundle.decoder, logits[0, -1], cache, self.bundle.embed, labels_ids, batch_size)
+        return zs.rank(names, lps, question, normalize)
