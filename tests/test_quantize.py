@@ -75,7 +75,7 @@ def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
 def test_packed_weights_dequantize_to_the_fp32_weights(llava_model, tmp_path, bits, symmetric):
     src = llava_model.bundle_dir
     out = tmp_path / "q"
-    m = _quantize(src, out, precision=f"int{bits}", symmetric=symmetric, block_size=32)
+    m = _quantize(src, out, precision=f"int{bits}", symmetric=symmetric, block_size=32, lm_head="fp32")
     dec = m.pick(names.ROLE_DECODER)
     g = onnx.load(str(out / dec.file), load_external_data=False)
     src_g = onnx.load(str(src / dec.details["source_file"]), load_external_data=False)
@@ -83,7 +83,7 @@ def test_packed_weights_dequantize_to_the_fp32_weights(llava_model, tmp_path, bi
     src_inits = {t.name: t for t in src_g.graph.initializer}
     nodes = [n for n in g.graph.node if n.op_type == "MatMulNBits"]
     weight_matmuls = [n for n in src_g.graph.node if n.op_type == "MatMul" and n.input[1] in src_inits]
-    assert len(nodes) == len(weight_matmuls) - 1 >= 4 * m.model.num_layers  # all but lm_head (fp32 by default)
+    assert len(nodes) == len(weight_matmuls) - 1 >= 4 * m.model.num_layers  # all but lm_head (kept fp32 here)
     assert all(n.output[0] != names.LOGITS for n in nodes)
     for node in nodes:
         attrs = {a.name: a.i for a in node.attribute}
@@ -135,7 +135,7 @@ def test_cli_quantize_then_info_and_ask_precision(llava_model, tmp_path):
                                  "--block-size", "64", "--asymmetric", "--no-quality"])
     assert r.exit_code == 0, r.output
     info = CliRunner().invoke(app, ["info", str(out)])
-    assert "decoder    int8" in info.output and "block 64, asym, acc 4, lm_head fp32" in info.output
+    assert "decoder    int8" in info.output and "block 64, asym, acc 4, lm_head int8" in info.output
     bad = CliRunner().invoke(app, ["quantize", str(llava_model.bundle_dir), str(tmp_path / "x"), "--precision", "int3"])
     assert bad.exit_code == 2 and "--precision must be one of" in bad.output
     ask = CliRunner().invoke(app, ["ask", str(_png(tmp_path)), "hi", "--bundle", str(out), "--precision", "int4",
