@@ -316,13 +316,18 @@ def write_lora_adapter(model, spec: ModelSpec, out: Path, *, r: int = 8, alpha: 
         torch.save(adapter, out / "adapter_model.bin")
     if with_non_lora:
         torch.save(non_lora, out / "non_lora_trainables.bin")
+    _write_adapter_config(out, r, alpha)
+    return merged
+
+
+def _write_adapter_config(out: Path, r: int, alpha: float) -> None:
+    """PEFT's adapter_config.json as MM-Skin's finetune_lora.sh leaves it."""
     cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.05,
         "target_modules": sorted({t.split(".")[1] for t in LORA_TARGETS}), "bias": "none",
         "fan_in_fan_out": False, "use_rslora": False, "base_model_name_or_path": "llava-med-v1.5-mistral-7b",
     }
     (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-    return merged
 
 
 # --- full-size random checkpoints, streamed straight to disk ---
@@ -479,10 +484,5 @@ def write_streaming_lora_adapter(out: Path, spec: ModelSpec, *, r: int = 128, al
     non_lora = {f"base_model.model.{k}": _random_tensor(k, s, spec.init_std, gen, torch.float32)
                 for k, s in base.items() if k.startswith("model.mm_projector.")}
     torch.save(non_lora, out / "non_lora_trainables.bin")
-    cfg = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.05,
-        "target_modules": sorted({t.split(".")[1] for t in LORA_TARGETS}), "bias": "none",
-        "fan_in_fan_out": False, "use_rslora": False, "base_model_name_or_path": "llava-med-v1.5-mistral-7b",
-    }
-    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    _write_adapter_config(out, r, alpha)
     return out

@@ -32,17 +32,16 @@ class ExternalData:
         if pad:
             self._fh.write(b"\0" * pad)
             self.offset += pad
-        data = array.tobytes()
-        self._fh.write(data)
+        self._fh.write(memoryview(array.reshape(-1)).cast("B"))  # the array's own buffer: no tobytes() copy
         t = TensorProto()
         t.name = name
         t.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
         t.dims.extend(array.shape)
         t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(data)))):
+        for k, v in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(array.nbytes))):
             e = t.external_data.add()
             e.key, e.value = k, v
-        self.offset += len(data)
+        self.offset += array.nbytes
         return t
 
     def close(self) -> None:

@@ -30,7 +30,7 @@ from .. import names
 from ..errors import BundleError, UsageError
 from ..manifest import Flavor, GraphVariant, Manifest, Precision, file_entry
 from .atomic import atomic_folder
-from .onnx_writer import ALIGN, ExternalData, save
+from .onnx_writer import ExternalData, save
 
 Log = Callable[[str], None]
 MS_DOMAIN = "com.microsoft"
@@ -90,27 +90,6 @@ def bytes_per_weight(bits: int, block_size: int, symmetric: bool) -> float:
     """Theoretical MatMulNBits storage: packed bits + one fp32 scale (+ a packed zero point) per block."""
     zp = 0.0 if symmetric else (bits / 8) / block_size
     return bits / 8 + 4 / block_size + zp
-
-
-class _StreamingData(ExternalData):
-    """ExternalData that writes an array's buffer directly (its `add` copies via tobytes(): one extra tensor)."""
-
-    def add(self, name: str, array: np.ndarray) -> TensorProto:
-        array = np.ascontiguousarray(array)
-        pad = (-self.offset) % ALIGN
-        if pad:
-            self._fh.write(b"\0" * pad)
-            self.offset += pad
-        self._fh.write(memoryview(array.reshape(-1)).cast("B"))
-        t = TensorProto()
-        t.name, t.data_type = name, helper.np_dtype_to_tensor_dtype(array.dtype)
-        t.dims.extend(array.shape)
-        t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(array.nbytes))):
-            e = t.external_data.add()
-            e.key, e.value = k, v
-        self.offset += array.nbytes
-        return t
 
 
 # --- reading one initializer ------------------------------------------------------------------------------
@@ -202,7 +181,7 @@ def quantize_graph(plan: GraphPlan, out_dir: Path, cfg: QuantConfig) -> tuple[st
     """Write plan.dst_name (+ .data) into out_dir, streaming each initializer. Returns (graph, data) names."""
     model = onnx.load(str(plan.src), load_external_data=False)
     data_name = names.external_data_name(plan.dst_name)
-    data = _StreamingData(Path(out_dir) / data_name)
+    data = ExternalData(Path(out_dir) / data_name)
     matmuls = _weight_matmuls(model)
     new_inits: list[TensorProto] = []
     replaced: dict[str, onnx.NodeProto] = {}  # MatMul node name -> MatMulNBits node

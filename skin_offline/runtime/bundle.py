@@ -85,6 +85,24 @@ def _decoder_flavor(manifest: Manifest, prec: Precision | None, flavor: Flavor |
     return Flavor.CONTRIB if has and cpu else Flavor.STANDARD
 
 
+def _load_table(folder: Path, manifest: Manifest, emb) -> tuple[np.ndarray, np.ndarray | None]:
+    """The memory-mapped embedding table [V,H] (fp32/fp16/int8) and, for int8, its per-row scales [V]."""
+    try:
+        table = np.load(folder / emb.file, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise BundleError(f"cannot read embedding table {folder / emb.file}: {e}; re-export the bundle") from None
+    if table.shape != (manifest.model.vocab_size, manifest.model.hidden_size):
+        raise BundleError(f"embedding table shape {table.shape} does not match the manifest; re-export the bundle")
+    if table.dtype != np.int8:
+        return table, None
+    if not emb.data_files:
+        raise BundleError(f"int8 embedding table {emb.file} has no scales file; re-quantize the bundle")
+    scales = np.load(folder / emb.data_files[0])  # [V] float32
+    if scales.shape != (table.shape[0],):
+        raise BundleError(f"embedding scales {emb.data_files[0]} shape {scales.shape} does not match; re-quantize")
+    return table, scales
+
+
 @dataclass
 class Bundle:
     folder: Path
@@ -124,19 +142,7 @@ class Bundle:
             raise DeviceError("fp16 graphs are for GPU providers (on the CPU provider they decode slower than fp32); "
                               "use --device cuda, or --precision fp32/int8/int4 (`skin-offline quantize`) on CPU")
         emb = manifest.pick(names.ROLE_EMBEDDINGS, prec if prec in {g.precision for g in manifest.variants(names.ROLE_EMBEDDINGS)} else None)
-        try:
-            table = np.load(folder / emb.file, mmap_mode="r")
-        except (ValueError, OSError) as e:
-            raise BundleError(f"cannot read embedding table {folder / emb.file}: {e}; re-export the bundle") from None
-        if table.shape != (manifest.model.vocab_size, manifest.model.hidden_size):
-            raise BundleError(f"embedding table shape {table.shape} does not match the manifest; re-export the bundle")
-        scales = None
-        if table.dtype == np.int8:
-            if not emb.data_files:
-                raise BundleError(f"int8 embedding table {emb.file} has no scales file; re-quantize the bundle")
-            scales = np.load(folder / emb.data_files[0])  # [V] float32
-            if scales.shape != (table.shape[0],):
-                raise BundleError(f"embedding scales {emb.data_files[0]} shape {scales.shape} does not match; re-quantize")
+        table, scales = _load_table(folder, manifest, emb)
         return cls(
             folder=folder, manifest=manifest,
             vision=VisionEncoder(sessions.create(folder / vis.file, graph_providers(choice, folder, names.ROLE_VISION, vis))),
