@@ -416,7 +416,8 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
                                                                           "files": {k: v.sha256 for k, v in m.files.items()}}}})
         manifest.write(tmp)
         # the report runs the fp32 graphs next to the new ones: skip it (and say so) when they cannot fit in RAM
-        fp32_bytes = sum(m.files[f].size for g in m.graphs if g.precision == Precision.FP32 for f in (g.file, *g.data_files))
+        fp32_bytes = sum(m.files[f].size for f in {f for g in m.graphs if g.precision == Precision.FP32
+                                                    for f in (g.file, *g.data_files)})  # shared data counted once
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         if quality and fp32_bytes > 0.6 * ram:
             quality = False
