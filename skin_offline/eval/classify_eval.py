@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ImageError, UsageError
-from .runlog import ResultLog, progress, read_csv, require_columns, resolve_image
+from ..errors import UsageError
+from .runlog import ResultLog, read_csv, require_columns, run_rows
 
 NO_LABEL = "(no label)"
 LABEL_SETS = Path(__file__).with_name("data") / "zero_shot_labels.json"
@@ -139,35 +138,13 @@ def run_classify_eval(predict: PredictFn, rows: list[LabelRow], classes: list[st
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log = ResultLog(out / "predictions.csv", FIELDS, ("image", "label"))
-    missing, pending = [], []
-    for r in rows:
-        log.check(r.index, {"image": r.image, "label": r.label})
-        path = resolve_image(images, r.image)
-        if path is None:
-            missing.append(r.image)
-        elif r.index not in log.done:
-            pending.append((r, path))
-    answered, t_run = 0, 0.0
-    try:
-        with progress(show_progress) as bar:
-            task = bar.add_task("images", total=len(pending))
-            for r, path in pending:
-                t0 = time.perf_counter()
-                try:
-                    label, prob = predict(path)
-                except ImageError:
-                    missing.append(r.image)
-                    bar.advance(task)
-                    continue
-                dt = time.perf_counter() - t0
-                log.write(r.index, {"image": r.image, "label": r.label, "prediction": label, "probability": f"{prob:.6f}",
-                                    **r.slices, "seconds": f"{dt:.3f}"})
-                answered, t_run = answered + 1, t_run + dt
-                bar.advance(task)
-    finally:
-        log.close()
-    wanted = {r.index for r in rows}
-    recs = [rec for i, rec in sorted(log.done.items()) if i in wanted]
+
+    def work(r: LabelRow, path: Path) -> dict:
+        label, prob = predict(path)
+        return {"image": r.image, "label": r.label, "prediction": label, "probability": f"{prob:.6f}", **r.slices}
+
+    run = run_rows(rows, images, log, lambda r: {"image": r.image, "label": r.label}, work, "images", show_progress)
+    recs, missing, answered, t_run = run.records, run.missing, run.answered, run.seconds
     if not recs:
         raise UsageError(f"no image could be classified: {len(missing)} missing under {images}; check --images")
     truth, pred = [r["label"] for r in recs], [r["prediction"] for r in recs]

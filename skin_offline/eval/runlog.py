@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import csv
 import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from ..errors import UsageError
+from ..errors import ImageError, UsageError
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -95,3 +98,47 @@ def progress(enabled: bool):
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
+
+
+@dataclass
+class RunResult:
+    records: list[dict[str, str]]  # every wanted row's record, this run's and earlier runs', in input order
+    missing: list[str] = field(default_factory=list)  # images not found or unreadable (listed, not fatal)
+    answered: int = 0  # rows done by this run
+    seconds: float = 0.0  # time spent in `work` by this run
+
+
+def run_rows(rows: list, images: Path, log: ResultLog, key: Callable[[object], dict], work: Callable,
+             what: str, show_progress: bool = True) -> RunResult:
+    """The resumable loop shared by `eval` and `classify-eval`: skip rows already in `log`, list missing
+    images, call `work(row, path) -> record` for the rest (ImageError = unreadable image, listed and skipped),
+    write each record as soon as it exists. Rows carry `.index` and `.image`; `key(row)` is checked against
+    what an earlier run wrote for that index."""
+    result = RunResult(records=[])
+    pending = []
+    for r in rows:
+        log.check(r.index, key(r))
+        path = resolve_image(images, r.image)
+        if path is None:
+            result.missing.append(r.image)
+        elif r.index not in log.done:
+            pending.append((r, path))
+    try:
+        with progress(show_progress) as bar:
+            task = bar.add_task(what, total=len(pending))
+            for r, path in pending:
+                t0 = time.perf_counter()
+                try:
+                    record = work(r, path)
+                except ImageError:  # unreadable file: listed with the missing ones, not fatal
+                    result.missing.append(r.image)
+                else:
+                    dt = time.perf_counter() - t0
+                    log.write(r.index, {**record, "seconds": f"{dt:.3f}"})
+                    result.answered, result.seconds = result.answered + 1, result.seconds + dt
+                bar.advance(task)
+    finally:
+        log.close()
+    wanted = {r.index for r in rows}
+    result.records = [rec for i, rec in sorted(log.done.items()) if i in wanted]
+    return result

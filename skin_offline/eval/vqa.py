@@ -11,16 +11,15 @@ index) so a resumed run draws what an uninterrupted one would; `greedy` is plain
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ImageError, UsageError
+from ..errors import UsageError
 from ..runtime.beam import BeamConfig
 from . import metrics
-from .runlog import ResultLog, progress, read_csv, require_columns, resolve_image
+from .runlog import ResultLog, read_csv, require_columns, run_rows
 
 PAPER_BEAMS = BeamConfig(num_beams=5, max_new_tokens=256, min_new_tokens=20, do_sample=True, temperature=0.2,
                          top_p=0.9, top_k=50)
@@ -100,36 +99,15 @@ def run_vqa(answer: AnswerFn, rows: list[VQARow], images: Path, out: Path, meta:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log = ResultLog(out / "predictions.csv", FIELDS, ("image", "question"))
-    missing: list[str] = []
-    pending = []
-    for r in rows:
-        log.check(r.index, {"image": r.image, "question": r.question})
-        path = resolve_image(images, r.image)
-        if path is None:
-            missing.append(r.image)
-        elif r.index not in log.done:
-            pending.append((r, path))
-    answered, t_run = 0, 0.0
-    try:
-        with progress(show_progress) as bar:
-            task = bar.add_task("questions", total=len(pending))
-            for r, path in pending:
-                t0 = time.perf_counter()
-                try:
-                    text, finish, n = answer(path, r.question, r.index)
-                except ImageError:  # unreadable file: listed with the missing ones, not fatal
-                    missing.append(r.image)
-                    bar.advance(task)
-                    continue
-                dt = time.perf_counter() - t0
-                log.write(r.index, {"image": r.image, "question": r.question, "answer": r.answer, "modality": r.modality,
-                                    "prediction": text, "finish_reason": finish, "new_tokens": n, "seconds": f"{dt:.3f}"})
-                answered, t_run = answered + 1, t_run + dt
-                bar.advance(task)
-    finally:
-        log.close()
-    wanted = {r.index for r in rows}
-    records = [rec for i, rec in sorted(log.done.items()) if i in wanted]
+
+    def work(r: VQARow, path: Path) -> dict:
+        text, finish, n = answer(path, r.question, r.index)
+        return {"image": r.image, "question": r.question, "answer": r.answer, "modality": r.modality,
+                "prediction": text, "finish_reason": finish, "new_tokens": n}
+
+    run = run_rows(rows, images, log, lambda r: {"image": r.image, "question": r.question}, work, "questions",
+                   show_progress)
+    records, missing, answered, t_run = run.records, run.missing, run.answered, run.seconds
     if not records:
         raise UsageError(f"no question could be answered: {len(missing)} image(s) missing under {images}; check --images")
     scores = score(records)
