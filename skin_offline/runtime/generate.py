@@ -29,6 +29,7 @@ class Timings:
     decode_s: float = 0.0  # after the first token
     prompt_tokens: int = 0
     new_tokens: int = 0
+    prefix_cached: bool = False  # "[INST] " + image came from the prefix cache (only the question was prefilled)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -83,16 +84,18 @@ def generate_step(decoder: Decoder, embeds: np.ndarray, embed: EmbedFn, sampler:
 
 def stream_generate(decoder: Decoder, embeds: np.ndarray, embed: EmbedFn, sampler: Sampler, tokenizer,
                     max_new_tokens: int, eos_id: int, timings: Timings, t_start: float,
-                    cancel: threading.Event | None = None, state: GenerationState | None = None) -> Iterator[Response]:
+                    cancel: threading.Event | None = None, state: GenerationState | None = None,
+                    cache: KVCache | None = None) -> Iterator[Response]:
     state = state if state is not None else GenerationState()
     detok = StreamingDetokenizer(tokenizer)
     t_prefill = time.perf_counter()
     t_first = None
-    for token in generate_step(decoder, embeds, embed, sampler, max_new_tokens, eos_id, state=state, cancel=cancel):
+    for token in generate_step(decoder, embeds, embed, sampler, max_new_tokens, eos_id, cache=cache, state=state,
+                               cancel=cancel):
         now = time.perf_counter()
         if t_first is None:
             t_first = now
-            timings.prefill_s = now - t_prefill
+            timings.prefill_s += now - t_prefill  # after any cached-prefix prefill the caller timed
             timings.ttft_s = now - t_start
         timings.new_tokens += 1
         timings.decode_s = now - t_first
