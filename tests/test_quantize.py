@@ -118,6 +118,11 @@ def test_int8_embedding_table_dequantizes_per_row(llava_model, tmp_path):
     assert (np.abs(b.embed(ids) - ref) <= step / 2 + 1e-7).all()
 
 
+def test_default_block_size_divides_every_input(llava_model, tmp_path):
+    m = _quantize(llava_model.bundle_dir, tmp_path / "q", precision="int4")  # tiny: hidden 64, MLP 128
+    assert m.pick(names.ROLE_DECODER).details["block_size"] == 64
+
+
 def test_block_size_not_dividing_hidden_fails_before_any_work(llava_model, tmp_path):
     out = tmp_path / "q"
     with pytest.raises(UsageError, match="block-size 128 does not divide the input size 64"):
@@ -164,10 +169,10 @@ def mid_bundle(tmp_path_factory) -> Path:
     return root / "b32"
 
 
-def _data_theory(plan, cfg: QuantConfig) -> float:
+def _data_theory(plan, block_size: int, symmetric: bool) -> float:
     bits = set(plan.weight_bits.values())
     assert len(bits) == 1
-    return plan.quantized_params * bytes_per_weight(bits.pop(), cfg.block_size, cfg.symmetric) + plan.float_params * 4
+    return plan.quantized_params * bytes_per_weight(bits.pop(), block_size, symmetric) + plan.float_params * 4
 
 
 @pytest.mark.parametrize("precision,lm_head,symmetric", [("int4", "int4", True), ("int4", "fp32", False), ("int8", "int8", True)])
@@ -176,7 +181,8 @@ def test_sizes_within_10_percent_of_theory(mid_bundle, tmp_path, precision, lm_h
     r = quantize_bundle(mid_bundle, tmp_path / "q", cfg, quality=False, log=lambda m: None)
     dec = r.manifest.pick(names.ROLE_DECODER)
     size = sum(r.manifest.files[f].size for f in (dec.file, *dec.data_files))
-    theory = _data_theory(r.plans[0], cfg)
+    assert dec.details["block_size"] == 128  # the default: largest of 128/64/32/16 dividing 512 and 2048
+    theory = _data_theory(r.plans[0], dec.details["block_size"], cfg.symmetric)
     assert abs(size - theory) / theory < 0.10, (size, theory)
     emb = r.manifest.pick(names.ROLE_EMBEDDINGS)
     v, h = r.manifest.model.vocab_size, r.manifest.model.hidden_size

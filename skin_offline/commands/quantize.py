@@ -23,7 +23,7 @@ def register(app, friendly) -> None:
         bundle: Path = typer.Argument(..., help="fp32 bundle folder (what `export` wrote)"),
         out: Path = typer.Argument(..., help="new bundle folder to write (replaced atomically)"),
         precision: str = typer.Option(..., help="decoder precision: int4, int8 (MatMulNBits) or fp16 (GPU providers)"),
-        block_size: int = typer.Option(32, help="int4/int8: weights per scale along K (16, 32, 64, 128, 256)"),
+        block_size: Optional[int] = typer.Option(None, help="int4/int8: weights per scale along K (16, 32, 64, 128, 256); default: the largest <= 128 dividing every input size"),
         symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="int4/int8: zero points or not"),
         accuracy_level: int = typer.Option(4, min=0, max=4, help="MatMulNBits compute: 4 = int8 activations (fast), 0 = fp32"),
         lm_head: Optional[str] = typer.Option(None, help="lm_head precision for int4/int8 decoders: fp32, int8 (default) or int4"),
