@@ -301,15 +301,20 @@ def worker_llama(a) -> dict:
             llm.eval([tok])
             tok = int(np.argmax(last_logits()))
         t_end = time.perf_counter()
-        return {"preprocess_s": 0.0, "vision_s": None, "prefill_s": t_first - t, "prefill_tokens_per_s": len(ids) / (t_first - t),
-                "ttft_s": None, "decode_tokens_per_s": (n - 1) / (t_end - t_first) if n > 1 else 0.0, "end_to_end_s": None,
-                "prompt_tokens": len(ids), "new_tokens": n}
+        return _text_only_timings(t, t_first, t_end, len(ids), n)
 
     for _ in range(a.warmup):
         once(min(a.new_tokens, WARMUP_TOKENS))
     r = once()
     return {**r, "load_s": load, "peak_rss_bytes": _rss(), "weight_bytes": os.path.getsize(a.model),
             "detail": "text only: no mmproj (vision not measured)"}
+
+
+def _text_only_timings(t: float, t_first: float, t_end: float, prompt: int, n: int) -> dict:
+    """Stage figures of a text-only peer: prefill = prompt -> first token, decode = the n - 1 tokens after it."""
+    return {"preprocess_s": 0.0, "vision_s": None, "prefill_s": t_first - t, "prefill_tokens_per_s": prompt / (t_first - t),
+            "ttft_s": None, "decode_tokens_per_s": (n - 1) / (t_end - t_first) if n > 1 else 0.0, "end_to_end_s": None,
+            "prompt_tokens": prompt, "new_tokens": n}
 
 
 def worker_genai(a) -> dict:
@@ -334,9 +339,7 @@ def worker_genai(a) -> dict:
         for _ in range(n - 1):
             gen.generate_next_token()  # runs the model on the last token, samples the next
         t_end = time.perf_counter()
-        return {"preprocess_s": 0.0, "vision_s": None, "prefill_s": t_first - t, "prefill_tokens_per_s": len(ids) / (t_first - t),
-                "ttft_s": None, "decode_tokens_per_s": (n - 1) / (t_end - t_first) if n > 1 else 0.0, "end_to_end_s": None,
-                "prompt_tokens": len(ids), "new_tokens": n}
+        return _text_only_timings(t, t_first, t_end, len(ids), n)
 
     for _ in range(a.warmup):
         once(min(a.new_tokens, WARMUP_TOKENS))
