@@ -82,10 +82,13 @@ report, ok = {"reference": "fp32 CPU", "tokens": ref_tokens, "logit_scale": scal
 for name, folder, dev, prec, opts, tol, n_same in cases:
     m = model(folder, dev, prec, **opts)
     providers = m.bundle.decoder.session.get_providers()
+    kind = type(m.bundle.decoder).__name__  # DeviceDecoder on a GPU: the KV cache never leaves the device
+    if dev != "cpu" and kind != "DeviceDecoder":
+        print(f"{name}: decoder is {kind}, expected DeviceDecoder"); ok = False
     tokens = m.ask(image, Q, max_new_tokens=N).token_ids
     diff = float(np.abs(teacher_forced(m, ref_tokens) - ref_logits).max())
     same = tokens[:n_same] == ref_tokens[:n_same]
-    report[name] = {"providers": providers, "max_abs_logit_diff": diff, "tolerance": tol, "tokens": tokens,
+    report[name] = {"providers": providers, "decoder": kind, "max_abs_logit_diff": diff, "tolerance": tol, "tokens": tokens,
                     "first_tokens_identical": same, "n_compared": n_same, "pass": bool(diff <= tol and same)}
     ok &= report[name]["pass"]
     print(f"{name}: {providers[0]}, max |logit diff| {diff:.2e} (tol {tol:.1e}), first {n_same} tokens identical: {same}")

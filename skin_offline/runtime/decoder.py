@@ -10,6 +10,10 @@ caches through one Decoder concurrently (onnxruntime's Run is thread-safe; each 
   so GQA writes each new key/value in place: no per-token allocation or copy of the cache. Buffers are
   `np.empty`, so untouched capacity costs address space, not resident memory, and they return to a small pool
   when the last cache using them is dropped.
+- `DeviceDecoder` (standard graph on a GPU provider): presents are IO-bound outputs left on the device and
+  bound as the next step's pasts, so the cache never crosses to the host per token; only the last position's
+  logits are copied back. (The standard graph's Concat still allocates each step's presents on the device;
+  the GQA share-buffer graph would avoid that, but onnxruntime's CUDA GQA is unverified here: no GPU.)
 
 Caches stay values to callers: continuing a cache never changes what an older cache object means. A store
 remembers how far it was written (`frontier`); continuing a cache that is not at the frontier (two
@@ -87,11 +91,12 @@ class KVCache:
     """Keys/values of the tokens seen so far plus their mask; a value: forward() returns a new one."""
 
     def __init__(self, keys: list[np.ndarray] | None, values: list[np.ndarray] | None, mask: np.ndarray,
-                 store: _KVStore | None = None, full: bool | None = None):
+                 store: _KVStore | None = None, full: bool | None = None, device_kv: list | None = None):
         self._keys, self._values = keys, values
         self.mask = mask  # [B, T] int64, 1 = real token
         self.store = store  # share-buffer backing (FastDecoder), else None
         self._full = full  # no padding: every slot is a real token (None = not known yet)
+        self.device_kv = device_kv  # DeviceDecoder: OrtValues [k0, v0, k1, v1, ...] left where the session ran
 
     @property
     def full(self) -> bool:
@@ -106,19 +111,23 @@ class KVCache:
     @property
     def keys(self) -> list[np.ndarray]:  # per layer [B, kvH, T, D] (views into the store when there is one)
         if self._keys is None:
-            self._keys = [k[:, :, :self.length] for k in self.store.keys]
+            self._keys = ([ov.numpy() for ov in self.device_kv[0::2]] if self.device_kv is not None  # device -> host
+                          else [k[:, :, :self.length] for k in self.store.keys])
         return self._keys
 
     @property
     def values(self) -> list[np.ndarray]:
         if self._values is None:
-            self._values = [v[:, :, :self.length] for v in self.store.values]
+            self._values = ([ov.numpy() for ov in self.device_kv[1::2]] if self.device_kv is not None
+                            else [v[:, :, :self.length] for v in self.store.values])
         return self._values
 
     def select(self, rows: np.ndarray) -> "KVCache":
         """Reorder / repeat batch rows (beam search, one prefix shared by several continuations); copies."""
         rows = np.asarray(rows, dtype=np.int64)
-        if self.store is None:
+        if self.device_kv is not None and np.array_equal(rows, np.arange(self.mask.shape[0])):
+            return self  # device caches are never written in place: the identity selection can share them
+        if self.store is None:  # (a device cache is gathered on the host and uploaded by the next forward)
             return KVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.mask[rows])
         t = self.length
         new = self.store.owner._store(len(rows), self.store.capacity)
@@ -245,6 +254,53 @@ class FastDecoder(Decoder):
         return out[0].astype(np.float32, copy=True), KVCache(None, None, mask, store, cache._full)
 
 
+class DeviceDecoder(Decoder):
+    """Standard graph with the cache resident where the session runs (CUDA / TensorRT): IO-bound outputs.
+
+    Per step only the new token's embedding, mask and positions go host -> device and [B,keep,V] logits come
+    back. Works on any provider: with `device_type="cpu"` the tests run this exact binding logic on the CPU."""
+
+    def __init__(self, session, dims: ModelDims, device_type: str = "cuda", device_id: int = 0):
+        super().__init__(session, dims)
+        self.device_type, self.device_id = device_type, device_id
+
+    def forward(self, embeds: np.ndarray, cache: KVCache, keep: int = 1) -> tuple[np.ndarray, KVCache]:
+        """[B,S,H] embeddings after `cache` -> ([B,keep,V] logits of the last `keep` positions, new cache)."""
+        mask, positions = _mask_and_positions(cache.mask, embeds.shape[1])
+        bind = self.session.io_binding()  # per call: cheap, and keeps concurrent requests independent
+        bind.bind_cpu_input(names.INPUTS_EMBEDS, np.ascontiguousarray(embeds, self.embeds_dtype))
+        bind.bind_cpu_input(names.ATTENTION_MASK, mask)
+        bind.bind_cpu_input(names.POSITION_IDS, positions)
+        bind.bind_cpu_input(names.NUM_LOGITS_TO_KEEP, np.array(keep, np.int64))
+        past = [n for i in range(self.dims.num_layers) for n in (names.past_key(i), names.past_value(i))]
+        if cache.device_kv is not None:  # last step's presents, still on the device
+            for name, ov in zip(past, cache.device_kv):
+                bind.bind_ortvalue_input(name, ov)
+        else:  # empty, or a host cache (select() gathered rows): uploaded once here
+            host = [a for i in range(self.dims.num_layers) for a in (cache.keys[i], cache.values[i])]
+            for name, arr in zip(past, host):
+                bind.bind_cpu_input(name, np.ascontiguousarray(arr, self.kv_dtype))
+        bind.bind_output(names.LOGITS, "cpu")  # the only output copied back: [B,keep,V]
+        for name in self._outputs[1:]:
+            bind.bind_output(name, self.device_type, self.device_id)
+        self.session.run_with_iobinding(bind)
+        out = bind.get_outputs()
+        return out[0].numpy().astype(np.float32, copy=False), KVCache(None, None, mask, device_kv=list(out[1:]))
+
+
+def _session_device(session) -> tuple[str, int] | None:
+    """('cuda', id) when the session's first provider keeps tensors on an NVIDIA GPU, else None (CPU)."""
+    first = session.get_providers()[0]
+    if first in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+        opts = session.get_provider_options().get(first, {})
+        return "cuda", int(opts.get("device_id", 0) or 0)
+    return None
+
+
 def make_decoder(session, dims: ModelDims, share_buffer: bool) -> Decoder:
-    """FastDecoder for graphs whose attention is GroupQueryAttention (Flavor.CONTRIB), Decoder otherwise."""
-    return FastDecoder(session, dims) if share_buffer else Decoder(session, dims)
+    """FastDecoder for graphs whose attention is GroupQueryAttention (Flavor.CONTRIB); for the standard graph
+    DeviceDecoder on a GPU provider (cache stays on the device), plain Decoder on the CPU."""
+    if share_buffer:
+        return FastDecoder(session, dims)
+    dev = _session_device(session)
+    return DeviceDecoder(session, dims, *dev) if dev else Decoder(session, dims)
