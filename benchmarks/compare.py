@@ -7,7 +7,7 @@ Peers (each optional; a missing one is reported as skipped with the reason):
   skin-offline  every bundle under CACHE/models/bundle-*, at each decoder precision it carries
   transformers  LlavaForConditionalGeneration fp32 on the hf-layout checkpoint (the researcher's reference)
   llama.cpp     llama-cpp-python built from its PyPI sdist; GGUF from the sdist's convert_hf_to_gguf.py,
-                quantized to Q4_0 / Q8_0 (text model only: its LLaVA-1.5 projector path is wrong upstream)
+                quantized to Q4_0 / Q4_K_M / Q8_0 (text model only: its LLaVA-1.5 projector path is wrong upstream)
   ort-genai     onnxruntime-genai's own runtime on its model builder's graph (int4 / fp32)
 
 Fairness: one checkpoint (random weights, exact SkinVL widths) written in every layout; the same prompt
@@ -35,7 +35,7 @@ DEFAULT_CACHE = Path(os.environ.get("SKIN_OFFLINE_BENCH_CACHE", Path.home() / ".
 LLAMA_CPP_PYTHON = "0.3.36"
 ORT_GENAI = "0.18.0"
 ONNX_IR = "1.1.0"
-GGUF_TYPES = {"q4_0": 2, "q8_0": 7}  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q4_0 / _Q8_0
+GGUF_TYPES = {"q4_0": 2, "q4_k_m": 15, "q8_0": 7}  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q4_0 / _Q4_K_M / _Q8_0
 GENAI_PRECISIONS = ("int4", "fp32")
 WARMUP_TOKENS = 4  # warmup requests run the full prompt but only this many new tokens
 
@@ -443,7 +443,8 @@ def markdown(rows: list[dict], skipped, meta: dict) -> str:
     f = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"
     out = [f"prompt {meta['prompt_tokens']} tokens, {meta['new_tokens']} new tokens, {meta['threads']} threads, "
            f"{meta['runs']} interleaved rounds, medians (min-max); ratios vs {meta['baseline']}; "
-           f"bandwidth probe {f(meta['bandwidth_gb_per_s'])} GB/s", "",
+           f"bandwidth probe {f(meta['bandwidth_gb_per_s'])} GB/s (median of {len(meta.get('bandwidth_probes_gb_per_s', [])) or 1} "
+           f"probes, {f(min(meta.get('bandwidth_probes_gb_per_s') or [0]))}-{f(max(meta.get('bandwidth_probes_gb_per_s') or [0]))})", "",
            "| peer | prefill tok/s | decode tok/s | decode ratio | % of roofline | vision s | TTFT s | peak RSS GB | weights GB | notes |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -469,8 +470,13 @@ def cmd_run(a) -> None:
         skipped += [(p["name"], "not selected (--peers)") for p in peers if p not in keep]
         peers = keep
     bundle = cache / "models" / "bundle-bench"
+    from skin_offline.bench.machine import probe_bandwidth
+
     results = {p["name"]: [] for p in peers}
+    probes = []  # this machine's bandwidth moves with its neighbours (34-58 GB/s seen): probe every round
     for rnd in range(a.runs):
+        probes.append(probe_bandwidth(a.threads).gb_per_s)
+        print(f"round {rnd + 1}/{a.runs} bandwidth probe {probes[-1]:.1f} GB/s", flush=True)
         order = peers if rnd % 2 == 0 else peers[::-1]  # alternate the order: no peer always runs first
         for p in order:
             t0 = time.time()
@@ -483,11 +489,12 @@ def cmd_run(a) -> None:
                   + (r["error"] if "error" in r else f"prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.2f} tok/s")
                   + f" ({time.time() - t0:.0f}s)", flush=True)
     info = machine_info(bandwidth=True, threads=a.threads)
-    bw = info.bandwidth.gb_per_s
+    probes.append(info.bandwidth.gb_per_s)
+    bw = statistics.median(probes)  # the roofline uses the median of the probes taken between the rounds
     baseline = a.baseline or next((p["name"] for p in peers if p["name"].startswith("llama.cpp Q4_0")), peers[0]["name"] if peers else "")
     rows = summarize(results, baseline, bw)
     meta = {"prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "threads": a.threads, "runs": a.runs,
-            "baseline": baseline, "bandwidth_gb_per_s": bw, "machine": info.to_dict()}
+            "baseline": baseline, "bandwidth_gb_per_s": bw, "bandwidth_probes_gb_per_s": probes, "machine": info.to_dict()}
     table = markdown(rows, skipped, meta)
     print(table)
     if a.out:
