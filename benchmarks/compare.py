@@ -157,6 +157,54 @@ def setup_gguf(cache: Path, mistral: Path) -> None:
             sh([peers_python(cache), "-c", code, f16, out, ftype], log)
 
 
+MMPROJ = "mmproj/mmproj-model-f16.gguf"
+
+# llama.cpp's legacy LLaVA-1.5 image-encoder converter, run under transformers 5: CLIPVisionModel lost its
+# `vision_model.` nesting, which the converter's tensor names and its layer pop expect, so it is put back
+_MMPROJ_SHIM = """
+import runpy, sys, torch, transformers
+class Nested(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.vision_model = inner
+orig = transformers.CLIPVisionModel.from_pretrained
+transformers.CLIPVisionModel.from_pretrained = classmethod(lambda cls, *a, **k: Nested(orig(*a, **k)))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def setup_mtmd(cache: Path) -> None:
+    """llama.cpp's multimodal path for the vision + prompt timing: libmtmd built from the same sdist (same
+    flags; its libllama/libggml sonames resolve to the ones llama-cpp-python already loaded) and the
+    LLaVA-1.5 mmproj GGUF made by the sdist's legacy converter from the same CLIP + projector weights."""
+    src = cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
+    log, build, models = cache / "setup.log", cache / "build-mtmd", cache / "models"
+    if not (build / "bin" / "libmtmd.so").exists():  # ~6 min on 2 idle cores
+        sh(["cmake", "-S", src, "-B", build, "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+            "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+            "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_CURL=OFF"], log)
+        sh(["ninja", "-C", build, f"-j{os.cpu_count() or 1}", "mtmd"], log)
+    out = models / MMPROJ
+    if out.exists():
+        return
+    tmp = out.parent
+    (tmp / "clip").mkdir(parents=True, exist_ok=True)
+    clip = models / "ckpt-llava-clip"
+    config = json.loads((clip / "config.json").read_text())  # the converter wants a vision config (+ projection_dim)
+    (tmp / "clip" / "config.json").write_text(json.dumps({**config["vision_config"], "architectures": ["CLIPVisionModel"],
+                                                          "projection_dim": config.get("projection_dim", 768)}))
+    for f in ("model.safetensors", "preprocessor_config.json"):
+        if not (tmp / "clip" / f).exists():
+            (tmp / "clip" / f).symlink_to(clip / f)
+    code = ("import sys, torch; from safetensors.torch import load_file; sd = load_file(sys.argv[1]);"
+            "torch.save({k: v.float() for k, v in sd.items() if k.startswith('model.mm_projector')}, sys.argv[2])")
+    sh([sys.executable, "-c", code, models / "ckpt-llava" / "model.safetensors", tmp / "llava.projector"], log)
+    sh([sys.executable, "-c", _MMPROJ_SHIM, src / "tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py",
+        "-m", tmp / "clip", "--clip-model-is-vision", "--llava-projector", tmp / "llava.projector", "--output-dir", tmp],
+       log, env={"PYTHONPATH": str(src / "gguf-py")})
+
+
 def setup_genai(cache: Path, mistral: Path) -> None:
     for p in GENAI_PRECISIONS:
         out = cache / "models" / f"genai-{p}"
@@ -175,6 +223,7 @@ def cmd_setup(a) -> None:
         setup_peers_venv(cache)
         mistral = setup_mistral_split(cache)
         setup_gguf(cache, mistral)
+        setup_mtmd(cache)
         setup_genai(cache, mistral)
     print(f"setup done in {time.time() - t0:.0f}s; cache {cache}")
 
@@ -310,6 +359,87 @@ def worker_llama(a) -> dict:
             "detail": "text only: no mmproj (vision not measured)"}
 
 
+def worker_llama_mtmd(a) -> dict:
+    """llama.cpp with its own CLIP (mtmd + the LLaVA-1.5 mmproj): image + question -> first token, then decode.
+    Its image features are known to be wrong upstream (FINDINGS.md), so only its speed is compared."""
+    import ctypes
+    import io
+
+    import numpy as np
+    from llama_cpp import Llama, llama_cpp as lc
+    import llama_cpp.mtmd_cpp as mt
+
+    from skin_offline.bench.run import demo_image
+
+    q, _, _ = _prompt(Path(a.bundle), a.prompt_tokens)
+    buf = io.BytesIO()
+    demo_image().save(buf, format="PNG")
+    png = bytearray(buf.getvalue())
+    t0 = time.perf_counter()
+    llm = Llama(model_path=a.model, n_ctx=a.prompt_tokens + a.new_tokens + 64, n_threads=a.threads,
+                n_threads_batch=a.threads, n_batch=512, verbose=False)
+    params = mt.mtmd_context_params_default()
+    params.use_gpu, params.print_timings, params.n_threads = False, False, a.threads
+    ctx = mt.mtmd_init_from_file(a.mmproj.encode(), llm.model, params)
+    if not ctx:
+        raise RuntimeError(f"mtmd could not load {a.mmproj}")
+    load = time.perf_counter() - t0
+    n_vocab = llm.n_vocab()
+    text = f"[INST] {mt.mtmd_default_marker().decode()}\n{q} [/INST]".encode()
+
+    def once(n: int) -> dict:
+        llm.reset()
+        llm._ctx.kv_cache_clear()
+        t = time.perf_counter()  # TTFT: image decode + CLIP + projector + prompt prefill -> first token
+        bitmap = mt.mtmd_helper_bitmap_init_from_buf(ctx, (ctypes.c_uint8 * len(png)).from_buffer(png), len(png), False)
+        chunks = mt.mtmd_input_chunks_init()
+        inp = mt.mtmd_input_text()
+        inp.text, inp.text_len, inp.add_special, inp.parse_special = text, len(text), True, True
+        if mt.mtmd_tokenize(ctx, chunks, ctypes.byref(inp), (mt.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) != 0:
+            raise RuntimeError("mtmd_tokenize failed")
+        prompt, vision = 0, 0.0
+        for i in range(mt.mtmd_input_chunks_size(chunks)):
+            chunk = mt.mtmd_input_chunks_get(chunks, i)
+            prompt += mt.mtmd_input_chunk_get_n_tokens(chunk)
+            if mt.mtmd_input_chunk_get_type(chunk) == mt.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                k = ctypes.c_size_t()
+                ptr = mt.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(k))
+                llm.eval([ptr[j] for j in range(k.value)])
+            else:
+                tv = time.perf_counter()  # the CLIP encode alone, then the embeddings' prefill (helper)
+                if mt.mtmd_encode_chunk(ctx, chunk) != 0:
+                    raise RuntimeError("mtmd_encode_chunk failed")
+                vision = time.perf_counter() - tv
+                new_past = lc.llama_pos(0)
+                if mt.mtmd_helper_eval_chunk_single(ctx, llm._ctx.ctx, chunk, lc.llama_pos(llm.n_tokens), lc.llama_seq_id(0),
+                                                    llm.n_batch, False, ctypes.byref(new_past)) != 0:
+                    raise RuntimeError("mtmd_helper_eval_chunk_single failed")
+                llm.n_tokens = new_past.value
+        tok = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+        t_first = time.perf_counter()
+        for _ in range(n - 1):
+            llm.eval([tok])
+            tok = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+        t_end = time.perf_counter()
+        mt.mtmd_input_chunks_free(chunks)
+        mt.mtmd_bitmap_free(bitmap)
+        # the helper encodes the image again inside its prefill, so the CLIP time is counted once and removed
+        # from the TTFT: ttft = (first token - start) - vision, the double encode would otherwise penalise it
+        ttft = (t_first - t) - vision
+        return {"preprocess_s": 0.0, "vision_s": vision, "prefill_s": ttft - vision,
+                "prefill_tokens_per_s": prompt / (ttft - vision), "ttft_s": ttft,
+                "decode_tokens_per_s": (n - 1) / (t_end - t_first) if n > 1 else 0.0,
+                "end_to_end_s": ttft + (t_end - t_first), "prompt_tokens": prompt, "new_tokens": n}
+
+    for _ in range(a.warmup):
+        once(min(a.new_tokens, WARMUP_TOKENS))
+    r = once(a.new_tokens)
+    mt.mtmd_free(ctx)
+    return {**r, "load_s": load, "peak_rss_bytes": _rss(),
+            "weight_bytes": os.path.getsize(a.model), "vision_weight_bytes": os.path.getsize(a.mmproj),
+            "detail": "image + question through mtmd (mmproj f16); prefill tok/s excludes the CLIP encode"}
+
+
 def _text_only_timings(t: float, t_first: float, t_end: float, prompt: int, n: int) -> dict:
     """Stage figures of a text-only peer: prefill = prompt -> first token, decode = the n - 1 tokens after it."""
     return {"preprocess_s": 0.0, "vision_s": None, "prefill_s": t_first - t, "prefill_tokens_per_s": prompt / (t_first - t),
@@ -348,7 +478,8 @@ def worker_genai(a) -> dict:
     return {**r, "load_s": load, "peak_rss_bytes": _rss(), "weight_bytes": size, "detail": "text only (its builder graph)"}
 
 
-WORKERS = {"skin": worker_skin, "transformers": worker_transformers, "llama": worker_llama, "genai": worker_genai}
+WORKERS = {"skin": worker_skin, "transformers": worker_transformers, "llama": worker_llama, "llama-mtmd": worker_llama_mtmd,
+           "genai": worker_genai}
 
 
 def cmd_worker(a) -> None:
@@ -387,6 +518,12 @@ def discover(cache: Path) -> tuple[list[dict], list[tuple[str, str]]]:
             skipped.append((f"llama.cpp {name}", f"{g.name} missing (setup's GGUF step failed? see setup.log)"))
         else:
             peers.append({"name": f"llama.cpp {name.upper()}", "kind": "llama", "python": str(py), "model": str(g)})
+    g, mmproj, lib = models / "mistral-q4_0.gguf", models / MMPROJ, cache / "build-mtmd" / "bin"
+    if not (mmproj.exists() and (lib / "libmtmd.so").exists() and g.exists()):
+        skipped.append(("llama.cpp Q4_0 + mmproj", "mtmd library or mmproj missing (setup's mtmd step failed? see setup.log)"))
+    else:  # mtmd_cpp loads libmtmd from MTMD_CPP_LIB; its libllama/libggml sonames resolve to the ones already loaded
+        peers.append({"name": "llama.cpp Q4_0 + mmproj", "kind": "llama-mtmd", "python": str(py), "model": str(g),
+                      "mmproj": str(mmproj), "env": {"MTMD_CPP_LIB": str(lib)}})
     for p in GENAI_PRECISIONS:
         g = models / f"genai-{p}"
         if not has("onnxruntime_genai"):
@@ -404,7 +541,9 @@ def run_one(peer: dict, a, bundle: Path) -> dict:
            "--warmup", str(a.warmup)]
     if peer.get("precision"):
         cmd += ["--precision", peer["precision"]]
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONPATH": str(REPO)}
+    if peer.get("mmproj"):
+        cmd += ["--mmproj", peer["mmproj"]]
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONPATH": str(REPO), **peer.get("env", {})}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout)
     for line in r.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -524,7 +663,7 @@ def main() -> None:
     r.add_argument("--out", help="folder for compare.json + compare.md")
     w = sub.add_parser("worker")
     w.add_argument("kind", choices=sorted(WORKERS))
-    for flag in ("--model", "--bundle", "--precision"):
+    for flag in ("--model", "--bundle", "--precision", "--mmproj"):
         w.add_argument(flag)
     for flag, d in (("--threads", 2), ("--prompt-tokens", 600), ("--new-tokens", 128), ("--warmup", 1)):
         w.add_argument(flag, type=int, default=d)
