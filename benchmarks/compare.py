@@ -273,7 +273,9 @@ def worker_skin(a) -> dict:
         one_run(model, img, q, min(a.new_tokens, WARMUP_TOKENS))
     r = one_run(model, img, q, a.new_tokens)
     f = model_facts(model, a.threads)
+    resident = sum(e.size for n, e in b.manifest.files.items() if n.endswith((".data", ".npy", ".onnx")))
     return {**r, "load_s": load, "peak_rss_bytes": _rss(), "weight_bytes": f["decoder_weight_bytes"],
+            "resident_weight_bytes": resident, "kv_bytes": f["kv_bytes_per_token"] * (r["prompt_tokens"] + r["new_tokens"]),
             "kv_bytes_per_token": f["kv_bytes_per_token"], "detail": f"{f['precision']} {f['flavor']}"}
 
 
@@ -436,7 +438,7 @@ def worker_llama_mtmd(a) -> dict:
     r = once(a.new_tokens)
     mt.mtmd_free(ctx)
     return {**r, "load_s": load, "peak_rss_bytes": _rss(),
-            "weight_bytes": os.path.getsize(a.model), "vision_weight_bytes": os.path.getsize(a.mmproj),
+            "weight_bytes": os.path.getsize(a.model), "resident_weight_bytes": os.path.getsize(a.model) + os.path.getsize(a.mmproj),
             "detail": "image + question through mtmd (mmproj f16); prefill tok/s excludes the CLIP encode"}
 
 
@@ -565,14 +567,18 @@ def summarize(results: dict[str, list[dict]], baseline: str, bandwidth: float | 
         if ok:
             row["detail"], row["prompt_tokens"], row["new_tokens"] = ok[0]["detail"], ok[0]["prompt_tokens"], ok[0]["new_tokens"]
             row["weight_bytes"] = ok[0]["weight_bytes"]
+            if ok[0].get("resident_weight_bytes"):  # peak RSS / (every weight file it maps + its KV cache)
+                row["rss_ratio"] = row["peak_rss_bytes"] / (ok[0]["resident_weight_bytes"] + ok[0].get("kv_bytes", 0))
             if bandwidth:  # decode roofline for this peer's own bytes per token (weights + fp32/fp16 KV ignored: small)
                 row["roofline_tokens_per_s"] = bandwidth * 1e9 / ok[0]["weight_bytes"]
         rows.append(row)
     base = next((r for r in rows if r["peer"] == baseline), None)
+    # TTFT needs an image: the baseline's multimodal run (llama.cpp + mmproj) when there is one
+    tbase = next((r for r in rows if r["peer"].startswith(baseline) and r.get("ttft_s")), base)
     for r in rows:
         for k in ("prefill_tokens_per_s", "decode_tokens_per_s"):
             r[k + "_ratio"] = r[k] / base[k] if base and base.get(k) and r.get(k) else None
-        r["ttft_ratio"] = r["ttft_s"] / base["ttft_s"] if base and base.get("ttft_s") and r.get("ttft_s") else None
+        r["ttft_ratio"] = r["ttft_s"] / tbase["ttft_s"] if tbase and tbase.get("ttft_s") and r.get("ttft_s") else None
         if r.get("roofline_tokens_per_s") and r.get("decode_tokens_per_s"):
             r["fraction_of_roofline"] = r["decode_tokens_per_s"] / r["roofline_tokens_per_s"]
     return rows
@@ -582,20 +588,22 @@ def markdown(rows: list[dict], skipped, meta: dict) -> str:
     f = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"
     out = [f"prompt {meta['prompt_tokens']} tokens, {meta['new_tokens']} new tokens, {meta['threads']} threads, "
            f"{meta['runs']} interleaved rounds, medians (min-max); ratios vs {meta['baseline']}; "
-           f"bandwidth probe {f(meta['bandwidth_gb_per_s'])} GB/s (median of {len(meta.get('bandwidth_probes_gb_per_s', [])) or 1} "
-           f"probes, {f(min(meta.get('bandwidth_probes_gb_per_s') or [0]))}-{f(max(meta.get('bandwidth_probes_gb_per_s') or [0]))})", "",
-           "| peer | prefill tok/s | decode tok/s | decode ratio | % of roofline | vision s | TTFT s | peak RSS GB | weights GB | notes |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           f"roofline from the best of {len(meta.get('bandwidth_probes_gb_per_s', [])) or 1} bandwidth probes: "
+           f"{f(meta['bandwidth_gb_per_s'])} GB/s (probes {f(min(meta.get('bandwidth_probes_gb_per_s') or [0]))}-"
+           f"{f(max(meta.get('bandwidth_probes_gb_per_s') or [0]))})", "",
+           "| peer | prefill tok/s | decode tok/s | decode ratio | % of roofline | vision s | TTFT s | TTFT ratio | peak RSS GB | RSS / (weights+KV) | decoder weights GB | notes |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         rng = lambda k: "" if not r.get(k + "_range") else f" ({r[k + '_range'][0]:.1f}-{r[k + '_range'][1]:.1f})"
         pct = "-" if r.get("fraction_of_roofline") is None else f"{100 * r['fraction_of_roofline']:.0f}%"
         note = "; ".join([r.get("detail") or ""] + r["errors"][:1])
         out.append(f"| {r['peer']} | {f(r['prefill_tokens_per_s'])}{rng('prefill_tokens_per_s')} | "
                    f"{f(r['decode_tokens_per_s'])}{rng('decode_tokens_per_s')} | {f(r['decode_tokens_per_s_ratio'], 2)} | {pct} | "
-                   f"{f(r['vision_s'], 2)} | {f(r['ttft_s'], 2)} | {f((r['peak_rss_bytes'] or 0) / 1e9, 2)} | "
+                   f"{f(r['vision_s'], 2)} | {f(r['ttft_s'], 2)} | {f(r.get('ttft_ratio'), 2)} | {f((r['peak_rss_bytes'] or 0) / 1e9, 2)} | "
+                   f"{f(r.get('rss_ratio'), 2)} | "
                    f"{f((r.get('weight_bytes') or 0) / 1e9, 2)} | {note} |")
     for name, why in skipped:
-        out.append(f"| {name} | skipped | | | | | | | | {why} |")
+        out.append(f"| {name} | skipped | | | | | | | | | | {why} |")
     return "\n".join(out)
 
 
@@ -612,7 +620,7 @@ def cmd_run(a) -> None:
     from skin_offline.bench.machine import probe_bandwidth
 
     results = {p["name"]: [] for p in peers}
-    probes = []  # this machine's bandwidth moves with its neighbours (34-58 GB/s seen): probe every round
+    probes = []  # this machine's bandwidth moves with its neighbours (34-65 GB/s seen): probe every round
     for rnd in range(a.runs):
         probes.append(probe_bandwidth(a.threads).gb_per_s)
         print(f"round {rnd + 1}/{a.runs} bandwidth probe {probes[-1]:.1f} GB/s", flush=True)
@@ -629,7 +637,9 @@ def cmd_run(a) -> None:
                   + f" ({time.time() - t0:.0f}s)", flush=True)
     info = machine_info(bandwidth=True, threads=a.threads)
     probes.append(info.bandwidth.gb_per_s)
-    bw = statistics.median(probes)  # the roofline uses the median of the probes taken between the rounds
+    # the roofline uses the best probe: what the memory system can deliver to these threads (a median would
+    # credit a peer for rounds where the probe happened to run while a neighbour loaded the machine)
+    bw = max(probes)
     baseline = a.baseline or next((p["name"] for p in peers if p["name"].startswith("llama.cpp Q4_0")), peers[0]["name"] if peers else "")
     rows = summarize(results, baseline, bw)
     meta = {"prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "threads": a.threads, "runs": a.runs,
@@ -640,6 +650,15 @@ def cmd_run(a) -> None:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         Path(a.out, "compare.json").write_text(json.dumps({"meta": meta, "rows": rows, "skipped": skipped, "raw": results}, indent=2))
         Path(a.out, "compare.md").write_text(table + "\n")
+
+
+def cmd_report(a) -> None:
+    """Re-render a saved run (compare.json) with this version's summary and table."""
+    d = json.loads(Path(a.folder, "compare.json").read_text())
+    meta = d["meta"]
+    meta["bandwidth_gb_per_s"] = max(meta.get("bandwidth_probes_gb_per_s") or [meta["bandwidth_gb_per_s"]])
+    rows = summarize(d["raw"], meta["baseline"], meta["bandwidth_gb_per_s"])
+    print(markdown(rows, [tuple(x) for x in d["skipped"]], meta))
 
 
 def main() -> None:
@@ -661,6 +680,8 @@ def main() -> None:
     r.add_argument("--baseline", help="peer name the ratios divide by (default: llama.cpp Q4_0)")
     r.add_argument("--timeout", type=int, default=900, help="seconds per measured process")
     r.add_argument("--out", help="folder for compare.json + compare.md")
+    rp = sub.add_parser("report", help="print the table of a saved run (FOLDER/compare.json)")
+    rp.add_argument("folder")
     w = sub.add_parser("worker")
     w.add_argument("kind", choices=sorted(WORKERS))
     for flag in ("--model", "--bundle", "--precision", "--mmproj"):
@@ -668,7 +689,7 @@ def main() -> None:
     for flag, d in (("--threads", 2), ("--prompt-tokens", 600), ("--new-tokens", 128), ("--warmup", 1)):
         w.add_argument(flag, type=int, default=d)
     a = ap.parse_args()
-    {"setup": cmd_setup, "run": cmd_run, "worker": cmd_worker}[a.cmd](a)
+    {"setup": cmd_setup, "run": cmd_run, "report": cmd_report, "worker": cmd_worker}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ profile's node events inside each decode `model_run` are summed per op type. Rep
 - per op type: microseconds, share, bytes of weights it reads, GB/s reached;
 - the roofline (probe bandwidth / bytes per token) and the fraction of it reached.
 A MatMul kernel that reaches well under the probe's GB/s on the same threads is compute (unpack/dot) bound,
-not memory bound: that is what limits decode on a small CPU.
+not memory bound. `--kernel` adds the test that tells the two apart: one int4 MatMulNBits (the bundle's
+block size and accuracy level 4) whose weights fit in the L2/L3 cache, run hot, against 16 copies of the
+4096x14336 MLP weight (490 MB) run cold from DRAM. If the hot kernel moves far more bytes per second than
+the cold one, decode is bound by DRAM bandwidth, not by the kernel.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+_MATMULS = {"MatMulNBits", "MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul", "FusedMatMul"}
 _BYTES = {1: 4, 10: 2, 2: 1, 3: 1, 7: 8, 6: 4, 16: 2}  # onnx TensorProto dtype -> bytes (float, fp16, u8, i8, i64, i32, bf16)
 
 
@@ -94,7 +98,8 @@ def profile(bundle: Path, precision: str | None, past: int, steps: int, threads:
     run_us = statistics.median(r["dur"] for r in decode_runs)
     wall_ms = statistics.median(walls[2:]) * 1e3
     bw = probe_bandwidth(threads)
-    bytes_token = sum(per_op_bytes.values()) / n + 2 * b.manifest.model.num_layers * b.manifest.model.num_kv_heads \
+    # weights read per token: the MatMuls' (RoPE's cos/sin tables are initializers too, but one row is read)
+    bytes_token = sum(v for o, v in per_op_bytes.items() if o in _MATMULS) / n + 2 * b.manifest.model.num_layers * b.manifest.model.num_kv_heads \
         * b.manifest.model.head_dim * 4 * (past + steps / 2)  # weights + the K and V read by attention
     ops = sorted(per_op_us, key=lambda o: -per_op_us[o])
     return {
@@ -110,6 +115,46 @@ def profile(bundle: Path, precision: str | None, past: int, steps: int, threads:
     }
 
 
+def _matmul_nbits_model(k: int, n: int, copies: int, block: int):
+    """One input [1,K] feeding `copies` int4 MatMulNBits of [K,N] (random packed weights: speed only)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits = [], []
+    for c in range(copies):
+        packed = np.random.default_rng(c).integers(0, 255, (n, k // block, block // 2), dtype=np.uint8)  # [N, K/b, b/2]
+        scales = np.full(n * (k // block), 0.01, np.float32)
+        inits += [numpy_helper.from_array(packed, f"B{c}"), numpy_helper.from_array(scales, f"S{c}")]
+        nodes.append(helper.make_node("MatMulNBits", ["x", f"B{c}", f"S{c}"], [f"y{c}"], domain="com.microsoft",
+                                      K=k, N=n, bits=4, block_size=block, accuracy_level=4))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info(f"y{c}", TensorProto.FLOAT, [1, n]) for c in range(copies)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    return model.SerializeToString(), (packed.nbytes + scales.nbytes) * copies
+
+
+def kernel_ceiling(threads: int, block: int = 128, reps: int = 30) -> dict:
+    """GB/s of the int4 MatMulNBits kernel with its weights hot in cache vs cold from DRAM (see the docstring)."""
+    import onnxruntime as ort
+
+    from skin_offline.runtime.sessions import SessionFactory
+
+    out = {}
+    for label, k, n, copies in (("hot 4096x4096 (9 MB, cache)", 4096, 4096, 1),
+                                ("cold 16 x 4096x14336 (490 MB, DRAM)", 4096, 14336, 16)):
+        model, nbytes = _matmul_nbits_model(k, n, copies, block)
+        s = ort.InferenceSession(model, SessionFactory(threads=threads).options(), providers=["CPUExecutionProvider"])
+        x = {"x": np.random.default_rng(0).random((1, k), np.float32)}
+        for _ in range(3):
+            s.run(None, x)
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            s.run(None, x)
+            times.append(time.perf_counter() - t)
+        out[label] = nbytes / statistics.median(times) / 1e9
+    return out
+
+
 def report(r: dict) -> str:
     lines = [f"{r['graph']}: past {r['past']}, {r['steps']} decode steps, {r['threads']} threads",
              f"per token: wall {r['wall_ms_per_token']:.2f} ms ({r['measured_tok_s']:.1f} tok/s) = onnxruntime "
@@ -120,6 +165,9 @@ def report(r: dict) -> str:
     for o in r["ops"]:
         gbs = f"{o['gb_s']:.1f}" if o["gb_s"] else "-"
         lines.append(f"| {o['op']} | {o['us_per_token']:.0f} | {o['share']:.1%} | {o['weight_mb_per_token']:.1f} | {gbs} |")
+    if r.get("kernel_ceiling"):
+        lines += ["", "int4 MatMulNBits kernel alone (accuracy level 4):"]
+        lines += [f"  {k}: {v:.1f} GB/s" for k, v in r["kernel_ceiling"].items()]
     return "\n".join(lines)
 
 
@@ -131,8 +179,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
+    p.add_argument("--kernel", action="store_true", help="also time the int4 kernel hot (cache) vs cold (DRAM)")
     a = p.parse_args()
     r = profile(a.bundle, a.precision, a.past, a.steps, a.threads)
+    if a.kernel:
+        r["kernel_ceiling"] = kernel_ceiling(a.threads)
     print(report(r))
     if a.json:
         a.json.write_text(json.dumps(r, indent=2))

@@ -134,3 +134,29 @@ def test_cli_bench_json(llava_model):
     bad = CliRunner().invoke(app, ["bench", str(llava_model.bundle_dir), "--device", "cuda"])
     if "CUDAExecutionProvider" not in d["machine"]["providers"]:
         assert bad.exit_code == 5
+
+
+def test_profile_decode_accounts_for_the_decoder_graph(llava_model, monkeypatch):
+    """benchmarks/profile_decode.py: the profile's node time covers the decode run, the MatMul weights it
+    counts are the decoder's MatMul initializers, and the Python time around Run is reported separately."""
+    import importlib.util
+
+    import onnx
+
+    spec = importlib.util.spec_from_file_location("profile_decode", os.path.join(os.path.dirname(__file__), "..",
+                                                                                    "benchmarks", "profile_decode.py"))
+    pd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pd)
+    monkeypatch.setattr(machine, "probe_bandwidth", lambda threads=None: machine.Bandwidth(10.0, {}, 0))
+    r = pd.profile(llava_model.bundle_dir, None, past=20, steps=8, threads=1)
+    assert r["steps"] == 8 - 2  # two warm-up steps left out
+    assert abs(sum(o["share"] for o in r["ops"]) - 1) < 1e-6
+    assert 0 < r["nodes_ms_per_token"] <= r["onnxruntime_ms_per_token"] * 1.05
+    assert r["python_ms_per_token"] >= 0
+    # MatMul weight bytes per token = every MatMul-type node's initializers in the graph, read once per step
+    graph = llava_model.bundle_dir / r["graph"]
+    model = onnx.load(str(graph), load_external_data=False)
+    sizes = {t.name: int(__import__("numpy").prod(t.dims)) * 4 for t in model.graph.initializer}
+    want = sum(sizes.get(i, 0) for n in model.graph.node if n.op_type in pd._MATMULS for i in n.input)
+    got = sum(o["weight_mb_per_token"] for o in r["ops"] if o["op"] in pd._MATMULS) * 1e6
+    assert want > 0 and abs(got - want) / want < 1e-6
