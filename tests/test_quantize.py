@@ -273,3 +273,55 @@ def test_fp16_halves_the_decoder_and_keeps_rope_and_rmsnorm_in_fp32(mid_bundle, 
                or "const" in n for n in f32)  # only RMSNorm weights and RoPE/eps constants stay fp32
     pos_cast = [n for n in g.node if n.op_type == "Cast" and n.input[0] == names.POSITION_IDS]
     assert [a.i for a in pos_cast[0].attribute if a.name == "to"] == [onnx.TensorProto.FLOAT]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_scale_search_with_absmax_only_reproduces_onnxruntime_packing(bits):
+    """_pack_search(factors=(1.0,)) is onnxruntime's symmetric packer: same scales, same codes except where
+    x/scale sits within float rounding of a .5 tie (the two round those differently, both are valid)."""
+    from skin_offline.export.quantize import _pack, _pack_search
+
+    rng = np.random.default_rng(bits)
+    w = rng.standard_normal((1024, 96)).astype(np.float32)  # [K,N]
+    p, s, _ = _pack(w, bits, 64, True)
+    p2, s2 = _pack_search(w, bits, 64, factors=(1.0,))
+    assert np.array_equal(s, s2)
+    codes, codes2 = _unpack(p, bits), _unpack(p2, bits)  # [N,K]
+    diff = codes != codes2
+    assert diff.mean() < 1e-4 and (np.abs(codes - codes2)[diff] == 1).all()
+    ratio = np.abs(w.T / np.repeat(s.reshape(96, -1), 64, axis=1))  # |x| / scale per weight
+    assert (np.abs(ratio[diff] % 1 - 0.5) < 1e-4).all()
+
+
+def test_scale_search_never_increases_a_blocks_error(llava_model, tmp_path):
+    """Every block's squared error with the searched scale <= with absmax (absmax is a candidate), and the
+    bundle it writes answers through onnxruntime like the dequantized weights say."""
+    from skin_offline.export.quantize import _pack, _pack_search
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_t(4, (512, 64)).astype(np.float32)  # heavy tails: where absmax wastes levels
+    for bits in (4, 8):
+        p, s, _ = _pack(w, bits, 32, True)
+        p2, s2 = _pack_search(w, bits, 32)
+        zp = 1 << (bits - 1)
+        deq = lambda pk, sc: ((_unpack(pk, bits).reshape(64, -1, 32) - zp) * sc.reshape(64, -1, 1))  # [N,K/bs,bs]
+        x = w.T.reshape(64, -1, 32)
+        e_abs = np.square(deq(p, s) - x).sum(-1)
+        e_srch = np.square(deq(p2, s2) - x).sum(-1)
+        assert (e_srch <= e_abs + 1e-6).all()
+        if bits == 4:  # 16 levels: a smaller scale often pays; int8's 256 levels leave absmax near optimal
+            assert e_srch.sum() < 0.95 * e_abs.sum()
+    m = _quantize(llava_model.bundle_dir, tmp_path / "q", precision="int4", block_size=32, scale_search=True)
+    assert m.pick(names.ROLE_DECODER).details["scales"] == "mse-search"
+    from skin_offline.runtime.pipeline import SkinVL
+
+    ans = SkinVL.load(tmp_path / "q", threads=1, device="cpu").ask(random_image(3), "Describe the lesion.", max_new_tokens=4)
+    assert len(ans.token_ids) >= 1
+
+
+def test_scale_search_needs_symmetric():
+    from skin_offline.errors import UsageError
+    from skin_offline.export.quantize import QuantConfig
+
+    with pytest.raises(UsageError, match="symmetric"):
+        QuantConfig("int4", symmetric=False, scale_search=True)

@@ -26,6 +26,7 @@ def register(app, friendly) -> None:
         block_size: Optional[int] = typer.Option(None, help="int4/int8: weights per scale along K (16, 32, 64, 128, 256); default: the largest <= 128 dividing every input size"),
         symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="int4/int8: zero points or not"),
         accuracy_level: int = typer.Option(4, min=0, max=4, help="MatMulNBits compute: 4 = int8 activations (fast), 0 = fp32"),
+        scale_search: bool = typer.Option(False, "--scale-search", help="int4/int8: pick each block's scale by least squared error (less error, same speed; slower quantize)"),
         lm_head: Optional[str] = typer.Option(None, help="lm_head precision for int4/int8 decoders: fp32, int8 (default) or int4"),
         vision: str = typer.Option("fp32", help="vision encoder: fp32 (kept), int8 or fp16"),
         embeddings: Optional[str] = typer.Option(None, help="token table: fp32, fp16 or int8 (default int8; fp16 for fp16)"),
@@ -38,7 +39,7 @@ def register(app, friendly) -> None:
 
         cfg = QuantConfig(
             precision=_choice(precision, ("int4", "int8", "fp16"), "--precision"), block_size=block_size,
-            symmetric=symmetric, accuracy_level=accuracy_level,
+            symmetric=symmetric, accuracy_level=accuracy_level, scale_search=scale_search,
             lm_head=None if lm_head is None else _choice(lm_head, ("fp32", "int8", "int4"), "--lm-head"),
             vision=_choice(vision, ("fp32", "int8", "fp16"), "--vision"),
             embeddings=None if embeddings is None else _choice(embeddings, ("fp32", "fp16", "int8"), "--embeddings"),

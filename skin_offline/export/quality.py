@@ -199,6 +199,8 @@ def format_details(details: dict) -> str:
              f"acc {details.get('accuracy_level')}"]
     if "lm_head" in details:
         parts.append(f"lm_head {details['lm_head']}")
+    if details.get("scales") == "mse-search":
+        parts.append("searched scales")
     return "[" + ", ".join(parts) + "]"
 
 

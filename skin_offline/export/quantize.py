@@ -60,6 +60,11 @@ class QuantConfig:
     lm_head: Precision | None = None
     vision: Precision = Precision.FP32
     embeddings: EmbeddingPrecision | None = None  # None: int8 for int4/int8 decoders, fp16 for fp16
+    # Per-block scale chosen to minimise the block's squared error (instead of absmax): 7% less weight
+    # error at block 128 on Gaussian weights (0.103 -> 0.096, about block 64's), same bytes and speed;
+    # costs quantize time (17 candidate scales per block), so it is opt-in. Symmetric only; for int8 (256
+    # levels) absmax is already near optimal and the search rarely changes a scale.
+    scale_search: bool = False
 
     def __post_init__(self):
         if self.lm_head is None:
@@ -80,10 +85,12 @@ class QuantConfig:
             raise UsageError("--lm-head must be fp32, int8 or int4 (an fp16 decoder keeps its lm_head in fp16)")
         if self.vision == Precision.INT4:
             raise UsageError("--vision must be fp32, int8 or fp16")
+        if self.scale_search and not self.symmetric:
+            raise UsageError("--scale-search works with --symmetric only (zero points have their own range fit)")
 
     def details(self, bits_precision: Precision) -> dict:
         d = {"block_size": self.block_size, "symmetric": self.symmetric, "accuracy_level": self.accuracy_level,
-             "op": "MatMulNBits", "bits": _BITS[bits_precision]}
+             "op": "MatMulNBits", "bits": _BITS[bits_precision], "scales": "mse-search" if self.scale_search else "absmax"}
         return d
 
 
@@ -188,6 +195,42 @@ def _pack(w: np.ndarray, bits: int, block_size: int, symmetric: bool) -> tuple[n
     return packed, scales.reshape(-1), zp.reshape(-1)
 
 
+SEARCH_FACTORS = tuple(np.round(np.linspace(1.0, 0.6, 17), 3))  # absmax first: ties keep onnxruntime's choice
+_SEARCH_ROWS = 64  # output rows per chunk: ~4 MB of blocks at K=14336, cache-sized
+
+
+def _pack_search(w: np.ndarray, bits: int, block_size: int, factors=SEARCH_FACTORS) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric MatMulNBits packing with each block's scale picked among `factors` x onnxruntime's absmax scale
+    (signed max / -2^(bits-1)) by least squared error. onnxruntime has no such option, hence NumPy here; with
+    factors=(1.0,) this reproduces `quantize_matmul_4bits/8bits` bit for bit (tested).
+    W [K,N] fp32 -> packed [N, K/bs, bs*bits/8] uint8, scales [N*K/bs] fp32."""
+    k, n = w.shape
+    kb, qmin, qmax = k // block_size, -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    packed = np.empty((n, kb, block_size * bits // 8), np.uint8)
+    scales = np.empty((n, kb), np.float32)
+    for r in range(0, n, _SEARCH_ROWS):
+        x = np.ascontiguousarray(w[:, r:r + _SEARCH_ROWS].T).reshape(-1, kb, block_size)  # [rows, K/bs, bs]
+        peak = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)  # signed max-abs [rows, K/bs, 1]
+        base = peak / np.float32(qmin)
+        best_d, best_err = base, None
+        for f in factors:
+            d = base * np.float32(f)
+            safe = np.where(d == 0, np.float32(1), d)
+            err = np.square(np.clip(np.round(x / safe), qmin, qmax) * d - x).sum(-1, keepdims=True)
+            if best_err is None:
+                best_err = err
+            else:
+                better = err < best_err
+                best_d, best_err = np.where(better, d, best_d), np.where(better, err, best_err)
+        safe = np.where(best_d == 0, np.float32(1), best_d)
+        codes = (np.clip(np.round(x / safe), qmin, qmax) - qmin).astype(np.uint8)  # stored with the implied zero point
+        if bits == 4:
+            codes = codes[..., 0::2] | (codes[..., 1::2] << 4)  # two per byte, low nibble first
+        packed[r:r + _SEARCH_ROWS] = codes
+        scales[r:r + _SEARCH_ROWS] = best_d[..., 0]
+    return packed, scales.reshape(-1)
+
+
 def quantize_graph(plan: GraphPlan, out_dir: Path, cfg: QuantConfig) -> tuple[str, str]:
     """Write plan.dst_name (+ .data) into out_dir, streaming each initializer. Returns (graph, data) names."""
     model = onnx.load(str(plan.src), load_external_data=False)
@@ -209,7 +252,10 @@ def quantize_graph(plan: GraphPlan, out_dir: Path, cfg: QuantConfig) -> tuple[st
             new_inits.append(data.add(t.name, arr) if arr.nbytes >= 1024 else numpy_helper.from_array(np.ascontiguousarray(arr), t.name))
             continue
         w = read_tensor(t, plan.src.parent)  # [K, N] fp32
-        packed, scales, zp = _pack(w, bits, cfg.block_size, cfg.symmetric)
+        if cfg.scale_search:
+            (packed, scales), zp = _pack_search(w, bits, cfg.block_size), None
+        else:
+            packed, scales, zp = _pack(w, bits, cfg.block_size, cfg.symmetric)
         del w
         k, n = t.dims
         qname = t.name + names.Q_WEIGHT_SUFFIX.format(bits=bits)
