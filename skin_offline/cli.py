@@ -152,6 +152,54 @@ def ask(
 
 @app.command()
 @friendly
+def chat(
+    image: Path = typer.Argument(..., help="image file the conversation is about"),
+    question: Optional[list[str]] = typer.Option(None, "--question", "-q", help="ask these in order (default: read questions from stdin, one per line)"),
+    bundle: Optional[Path] = typer.Option(None, help="bundle folder (default: $SKIN_OFFLINE_BUNDLE or the user data dir)"),
+    max_new_tokens: int = typer.Option(256, min=1),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy"),
+    seed: Optional[int] = typer.Option(None),
+    threads: Optional[int] = typer.Option(None, min=1),
+    precision: Optional[str] = typer.Option(None, help="pick a graph variant the bundle carries (fp32, int8, int4, fp16)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | tensorrt"),
+):
+    """Multi-turn conversation about one image: each follow-up reuses the KV cache and prefills only its own tokens."""
+    from .manifest import Precision
+    from .runtime.pipeline import SkinVL
+
+    if precision is not None and precision not in {p.value for p in Precision}:
+        _fail(f"--precision must be one of {', '.join(p.value for p in Precision)}, not {precision!r}", 2)
+    model = SkinVL.load(bundle, threads=threads, precision=precision, device=device)
+    conv = model.conversation(image)
+    interactive = not question and sys.stdin.isatty()
+    questions = iter(question) if question else (line.rstrip("\n") for line in sys.stdin)
+    try:
+        while True:
+            if interactive:
+                sys.stderr.write("> ")
+                sys.stderr.flush()
+            q = next(questions, None)
+            if q is None or q.strip() in ("exit", "quit"):
+                break
+            if not q.strip():
+                continue
+            last = None
+            for r in conv.stream(q, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed):
+                sys.stdout.write(r.text)
+                sys.stdout.flush()
+                last = r
+            sys.stdout.write("\n")
+            t = last.timings
+            typer.echo(f"[{t.new_tokens} tokens, prefilled {t.prefilled_tokens} of {t.prompt_tokens}, ttft {t.ttft_s:.2f}s, "
+                       f"{t.decode_tokens_per_s:.1f} tok/s, finish: {last.finish_reason}]", err=True)
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        typer.echo("[interrupted]", err=True)
+        raise typer.Exit(130)
+
+
+@app.command()
+@friendly
 def verify(bundle: Path = typer.Argument(..., help="bundle folder")):
     """Check every bundle file against the sha256 in its manifest."""
     from .runtime.bundle import verify_bundle

@@ -122,6 +122,18 @@ class KVCache:
                             else [v[:, :, :self.length] for v in self.store.values])
         return self._values
 
+    def truncate(self, length: int) -> "KVCache":
+        """The cache of the first `length` positions (a follow-up turn reusing a shared prefix); no copy for
+        store-backed caches: continuing it copies the prefix first (copy-on-write, the store's frontier is past)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        if length == self.length:
+            return self
+        if self.store is not None:
+            return KVCache(None, None, self.mask[:, :length], self.store, self._full)
+        return KVCache([k[:, :, :length] for k in self.keys], [v[:, :, :length] for v in self.values],
+                       self.mask[:, :length])  # (a device cache comes through the host here: once per turn)
+
     def select(self, rows: np.ndarray) -> "KVCache":
         """Reorder / repeat batch rows (beam search, one prefix shared by several continuations); copies."""
         rows = np.asarray(rows, dtype=np.int64)

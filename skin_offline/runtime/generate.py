@@ -30,6 +30,7 @@ class Timings:
     prompt_tokens: int = 0
     new_tokens: int = 0
     prefix_cached: bool = False  # "[INST] " + image came from the prefix cache (only the question was prefilled)
+    prefilled_tokens: int = 0  # positions this request ran through prefill (the rest came from a cache)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -55,6 +56,7 @@ class GenerationState:
     tokens: list[int] = field(default_factory=list)
     cache: KVCache | None = None
     finish_reason: str | None = None
+    positions: list = field(default_factory=list)  # the prompt, one entry per decoder position (pipeline.py)
 
 
 def generate_step(decoder: Decoder, embeds: np.ndarray, embed: EmbedFn, sampler: Sampler, max_new_tokens: int,

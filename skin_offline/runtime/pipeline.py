@@ -3,6 +3,8 @@
     model = SkinVL.load("bundles/skinvl")
     answer = model.ask("lesion.jpg", "What is this lesion?")
     for r in model.stream("lesion.jpg", "Describe it."): print(r.text, end="")
+    chat = model.conversation("lesion.jpg")          # multi-turn: each follow-up prefills only its own tokens
+    chat.ask("What is this lesion?"); chat.ask("Is it benign?")
 
 Data path, top to bottom: image -> pixels (image.py) -> features (vision.py) -> prompt ids (prompt.py)
 -> embeddings with the features spliced in -> prefill + KV-cached decode (decoder.py, generate.py)
@@ -22,7 +24,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -124,41 +126,61 @@ class SkinVL:
         return cached.select(np.zeros(1, np.int64)), hit
 
     # --- requests ---
-    def stream(self, image, question: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
-               top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-               cancel: threading.Event | None = None, state: GenerationState | None = None) -> Iterator[Response]:
+    def stream(self, image, question: str, *, history: Sequence[tuple[str, str]] = (), max_new_tokens: int = 256,
+               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+               cancel: threading.Event | None = None, state: GenerationState | None = None,
+               reuse: "Turn | None" = None) -> Iterator[Response]:
+        """Answer `question` about `image` after earlier (question, answer) turns in `history`, streaming.
+
+        `reuse`: the previous turn of the same conversation (Conversation passes it): its KV cache is kept up
+        to the longest prefix its positions share with this prompt, and only the rest is prefilled."""
         t0 = time.perf_counter()
         timings = Timings()
         sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        ids = build_prompt_ids(self.tokenizer, question)
+        ids = build_prompt_ids(self.tokenizer, question, history)
         pixels = self.pixels(image)
         timings.preprocess_s = time.perf_counter() - t0
-        n_prompt = len(ids) - 1 + self.manifest.model.image_tokens
+        n_img = self.manifest.model.image_tokens
+        n_prompt = len(ids) - 1 + n_img
         limit = self.manifest.model.max_context
         if n_prompt >= limit:
             raise ContextLengthError(
-                f"prompt is {n_prompt} tokens ({self.manifest.model.image_tokens} image + text) but the context is "
-                f"{limit}; shorten the question"
+                f"prompt is {n_prompt} tokens ({n_img} image + text) but the context is {limit}; "
+                f"shorten the question{' or start a new conversation' if history else ''}"
             )
         max_new = min(max_new_tokens, limit - n_prompt)
         t1 = time.perf_counter()
         key = hashlib.sha256(pixels.tobytes()).hexdigest()
         feats = self.image_features(pixels, key)  # [N,H]
         timings.vision_s = time.perf_counter() - t1
-        # prefill in two parts: "[INST] " + image (cached per image), then "\n{question} [/INST]"
         t2 = time.perf_counter()
         slot = ids.index(IMAGE_PLACEHOLDER)
-        cache, timings.prefix_cached = self.prefix_cache((key, tuple(ids[:slot])), ids[:slot], feats)
+        positions = positional_ids(ids, n_img, key)  # one entry per decoder position (image rows by content)
+        keep = reuse.shared_prefix(positions) if reuse is not None else 0
+        if keep > slot + n_img:  # a follow-up: the earlier turns' cache, then only what is new
+            cache = reuse.cache.truncate(keep)
+            timings.prefix_cached = True
+            suffix = self.bundle.embed(ids[keep - n_img + 1:])[None]  # positions after the image are ids shifted
+        else:  # prefill in two parts: "[INST] " + image (cached per image), then the text after it
+            cache, timings.prefix_cached = self.prefix_cache((key, tuple(ids[:slot])), ids[:slot], feats)
+            suffix = self.bundle.embed(ids[slot + 1:])[None]  # [1, S, H]
         timings.prefill_s = time.perf_counter() - t2
         timings.prompt_tokens = n_prompt
-        suffix = self.bundle.embed(ids[slot + 1:])[None]  # [1, S, H]
+        # positions run through prefill by this request (a prefix computed just now counts; a cached one not)
+        timings.prefilled_tokens = n_prompt - cache.length if timings.prefix_cached else n_prompt
+        state = state if state is not None else GenerationState()
+        state.positions = positions
         yield from stream_generate(
             self.bundle.decoder, suffix, self.bundle.embed, make_sampler(sampling), self.tokenizer, max_new,
             self.manifest.tokens.eos_id, timings, t0, cancel=cancel, state=state, cache=cache,
         )
 
-    def ask(self, image, question: str, **kw) -> Answer:
-        state = GenerationState()
+    def conversation(self, image) -> "Conversation":
+        """A multi-turn chat about one image; each follow-up reuses the previous turns' KV cache."""
+        return Conversation(self, image)
+
+    def ask(self, image, question: str, *, state: GenerationState | None = None, **kw) -> Answer:
+        state = state if state is not None else GenerationState()
         text, last = [], None
         for r in self.stream(image, question, state=state, **kw):
             text.append(r.text)
@@ -205,3 +227,63 @@ class SkinVL:
         logits, cache = self.bundle.decoder.forward(embeds, self.bundle.decoder.empty_cache())  # one prefill
         lps = zs.label_logprobs(self.bundle.decoder, logits[0, -1], cache, self.bundle.embed, labels_ids, batch_size)
         return zs.rank(names, lps, question, normalize)
+
+
+def positional_ids(ids: list[int], image_tokens: int, image_key: str) -> list:
+    """Prompt ids with the image slot expanded to one entry per feature row (tagged with the image's hash),
+    so two prompts can be compared position by position."""
+    slot = ids.index(IMAGE_PLACEHOLDER)
+    return [*ids[:slot], *((image_key, i) for i in range(image_tokens)), *ids[slot + 1:]]
+
+
+@dataclass
+class Turn:
+    """What the decoder has seen after a turn: its KV cache and the id at each of its positions."""
+    cache: KVCache
+    positions: list
+
+    def shared_prefix(self, positions: list) -> int:
+        """Positions this cache can keep for a prompt: the common prefix, leaving at least one to prefill."""
+        n = min(self.cache.length, len(positions) - 1)
+        i = 0
+        while i < n and self.positions[i] == positions[i]:
+            i += 1
+        return i
+
+
+class Conversation:
+    """Multi-turn chat about one image (LLaVA's template: `[INST] <image>\\n{q1} [/INST] {a1} </s>[INST] {q2} [/INST]`).
+
+    The prompt of every turn is the full template with the earlier answers as text, exactly what a fresh
+    request with that history would prefill; the previous turn's cache is kept for the positions the two
+    share (the image, the earlier questions, the answer tokens as generated), so a follow-up prefills only
+    its own question and the few tokens where the re-tokenized answer differs from the generated ids (the
+    template's " </s>" after the answer)."""
+
+    def __init__(self, model: SkinVL, image):
+        self.model = model
+        self.image = image
+        self.history: list[tuple[str, str]] = []
+        self._turn: Turn | None = None
+        self._lock = threading.Lock()  # one turn at a time: each extends the previous one's cache
+
+    def stream(self, question: str, *, state: GenerationState | None = None, **kw) -> Iterator[Response]:
+        state = state if state is not None else GenerationState()
+        with self._lock:
+            text = []
+            for r in self.model.stream(self.image, question, history=tuple(self.history), state=state,
+                                       reuse=self._turn, **kw):
+                text.append(r.text)
+                yield r
+            if state.cache is not None:  # positions the cache holds: prompt + the answer tokens fed back
+                self._turn = Turn(state.cache, (state.positions + state.tokens)[: state.cache.length])
+            eos = self.model.manifest.tokens.eos_id
+            self.history.append((question, self.model.tokenizer.decode([t for t in state.tokens if t != eos])))
+
+    def ask(self, question: str, **kw) -> Answer:
+        state = GenerationState()
+        text, last = [], None
+        for r in self.stream(question, state=state, **kw):
+            text.append(r.text)
+            last = r
+        return Answer("".join(text), state.tokens, last.finish_reason, last.timings, last.timings.prompt_tokens)
