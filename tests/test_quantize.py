@@ -325,3 +325,28 @@ def test_scale_search_needs_symmetric():
 
     with pytest.raises(UsageError, match="symmetric"):
         QuantConfig("int4", symmetric=False, scale_search=True)
+
+
+def test_int8_vision_is_dynamic_quantization_close_to_fp32(llava_model, tmp_path):
+    """--vision int8: MatMulInteger graph (onnxruntime's quantizer), features within cosine 0.999 of fp32,
+    every bundle file readable by others (the quantizer writes its data file 0600)."""
+    from skin_offline.runtime.pipeline import SkinVL
+
+    out = tmp_path / "v8"
+    m = _quantize(llava_model.bundle_dir, out, precision="int4", vision="int8", quality=True)
+    vis = m.pick(names.ROLE_VISION)
+    assert vis.precision == Precision.INT8 and vis.details["op"] == "MatMulInteger"
+    assert [g.precision for g in m.variants(names.ROLE_VISION)] == [Precision.INT8]  # no dead fp32 tower (1.2 GB at CLIP-L)
+    assert not (out / names.VISION_GRAPH).exists()
+    g = onnx.load(str(out / vis.file), load_external_data=False).graph
+    weights = {t.name for t in g.initializer}
+    assert any(n.op_type == "MatMulInteger" for n in g.node) and not any(n.op_type == "MatMulNBits" for n in g.node)
+    assert not [n.name for n in g.node if n.op_type == "MatMul" and n.input[1] in weights]  # every weight MatMul is int8
+    assert all((out / f).stat().st_mode & 0o044 == 0o044 for f in m.files)
+    pixels = llava_model.runtime.pixels(random_image(9))
+    f32 = llava_model.runtime.bundle.vision.encode(pixels)[0]
+    f8 = SkinVL.load(out, threads=1, device="cpu").bundle.vision.encode(pixels)[0]
+    cos = (f32 * f8).sum(-1) / np.linalg.norm(f32, axis=-1) / np.linalg.norm(f8, axis=-1)
+    assert cos.min() > 0.999
+    reports = [r for r in (m.quality.get("graphs") or m.quality).values() if isinstance(r, dict) and "feature_cosine_min" in r]
+    assert reports and all(r["feature_cosine_min"] > 0.999 for r in reports)  # the manifest's quality report

@@ -28,7 +28,7 @@ def register(app, friendly) -> None:
         accuracy_level: int = typer.Option(4, min=0, max=4, help="MatMulNBits compute: 4 = int8 activations (fast), 0 = fp32"),
         scale_search: bool = typer.Option(False, "--scale-search", help="int4/int8: pick each block's scale by least squared error (less error, same speed; slower quantize)"),
         lm_head: Optional[str] = typer.Option(None, help="lm_head precision for int4/int8 decoders: fp32, int8 (default) or int4"),
-        vision: str = typer.Option("fp32", help="vision encoder: fp32 (kept), int8 or fp16"),
+        vision: str = typer.Option("fp32", help="vision encoder: fp32 (kept), int8 (dynamic quantization: ~3x faster encode on CPU) or fp16"),
         embeddings: Optional[str] = typer.Option(None, help="token table: fp32, fp16 or int8 (default int8; fp16 for fp16)"),
         keep_source: bool = typer.Option(False, "--keep-source", help="also carry BUNDLE's variants (ask --precision picks)"),
         quality: bool = typer.Option(True, "--quality/--no-quality", help="measure agreement with the fp32 graphs"),
