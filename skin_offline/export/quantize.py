@@ -480,7 +480,9 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
         if cfg.vision == Precision.INT8:
             log("writing vision.int8.onnx (dynamic int8: per-channel weights, per-call activations) ...")
             vfile, vdata = quantize_vision_int8(src / vis32.file, tmp, names.variant_file(names.VISION_GRAPH, "int8"))
-            graphs.append(GraphVariant(names.ROLE_VISION, Precision.INT8, Flavor.STANDARD, vfile, (vdata,),
+            # ONNX-standard ops, but an onnxruntime CPU graph (fused to DynamicQuantizeMatMul at load; TensorRT's
+            # parser has no MatMulInteger): CONTRIB keeps build-engines on the fp32/fp16 tower
+            graphs.append(GraphVariant(names.ROLE_VISION, Precision.INT8, Flavor.CONTRIB, vfile, (vdata,),
                                        {"source_file": vis32.file, "op": "MatMulInteger", "weights": "int8 per-channel",
                                         "activations": "uint8 dynamic per-tensor"}))
         if keep_vis32:
