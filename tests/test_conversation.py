@@ -91,3 +91,17 @@ def test_cli_chat_answers_each_question_and_reports_the_prefill(llava_model):
                            capture_output=True, text=True, timeout=300)
     assert stdin.returncode == 0, stdin.stderr
     assert sum(l.startswith("[") for l in stdin.stderr.splitlines()) == 2
+
+
+def test_follow_up_skips_the_vision_encoder_even_without_a_feature_cache(llava_model, model, monkeypatch):
+    from skin_offline.runtime.pipeline import SkinVL
+    from skin_offline.runtime.vision import VisionEncoder
+
+    calls = []
+    orig = VisionEncoder.encode
+    monkeypatch.setattr(VisionEncoder, "encode", lambda self, px: calls.append(1) or orig(self, px))
+    cold = SkinVL(model.bundle, model.tokenizer, feature_cache_size=0, prefix_cache_size=0)
+    conv = cold.conversation(random_image(25))
+    conv.ask(QUESTIONS[0], max_new_tokens=4)
+    second = conv.ask(QUESTIONS[1], max_new_tokens=4)
+    assert len(calls) == 1 and second.timings.vision_s == 0.0 and second.timings.prefix_cached

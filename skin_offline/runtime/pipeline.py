@@ -149,19 +149,20 @@ class SkinVL:
                 f"shorten the question{' or start a new conversation' if history else ''}"
             )
         max_new = min(max_new_tokens, limit - n_prompt)
-        t1 = time.perf_counter()
         key = hashlib.sha256(pixels.tobytes()).hexdigest()
-        feats = self.image_features(pixels, key)  # [N,H]
-        timings.vision_s = time.perf_counter() - t1
-        t2 = time.perf_counter()
         slot = ids.index(IMAGE_PLACEHOLDER)
         positions = positional_ids(ids, n_img, key)  # one entry per decoder position (image rows by content)
         keep = reuse.shared_prefix(positions) if reuse is not None else 0
-        if keep > slot + n_img:  # a follow-up: the earlier turns' cache, then only what is new
+        if keep > slot + n_img:  # a follow-up: the earlier turns' cache (image included), then only what is new
+            t2 = time.perf_counter()
             cache = reuse.cache.truncate(keep)
             timings.prefix_cached = True
             suffix = self.bundle.embed(ids[keep - n_img + 1:])[None]  # positions after the image are ids shifted
-        else:  # prefill in two parts: "[INST] " + image (cached per image), then the text after it
+        else:  # vision, then prefill in two parts: "[INST] " + image (cached per image), then the text after it
+            t1 = time.perf_counter()
+            feats = self.image_features(pixels, key)  # [N,H]
+            timings.vision_s = time.perf_counter() - t1
+            t2 = time.perf_counter()
             cache, timings.prefix_cached = self.prefix_cache((key, tuple(ids[:slot])), ids[:slot], feats)
             suffix = self.bundle.embed(ids[slot + 1:])[None]  # [1, S, H]
         timings.prefill_s = time.perf_counter() - t2
