@@ -151,7 +151,8 @@ def test_profile_decode_accounts_for_the_decoder_graph(llava_model, monkeypatch)
     r = pd.profile(llava_model.bundle_dir, None, past=20, steps=8, threads=1)
     assert r["steps"] == 8 - 2  # two warm-up steps left out
     assert abs(sum(o["share"] for o in r["ops"]) - 1) < 1e-6
-    assert 0 < r["nodes_ms_per_token"] <= r["onnxruntime_ms_per_token"] * 1.05
+    # sequential execution: each step's node times add up to at most its Run (a single slow step cannot skew it)
+    assert r["nodes_ms_per_token"] > 0 and all(0 < nodes <= run * 1.01 + 5 for run, nodes in r["runs_us"])
     assert r["python_ms_per_token"] >= 0
     # MatMul weight bytes per token = every MatMul-type node's initializers in the graph, read once per step
     graph = llava_model.bundle_dir / r["graph"]
