@@ -124,30 +124,41 @@ def ask(
     device: str = typer.Option("auto", help="auto | cpu | cuda | tensorrt (an unavailable device is an error, exit 5)"),
 ):
     """Ask a question about an image; the answer streams to stdout."""
-    from .manifest import Precision
     from .runtime.pipeline import SkinVL
 
-    if precision is not None and precision not in {p.value for p in Precision}:
-        _fail(f"--precision must be one of {', '.join(p.value for p in Precision)}, not {precision!r}", 2)
+    _check_precision(precision)
     model = SkinVL.load(bundle, threads=threads, precision=precision, device=device)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     if as_json:
         typer.echo(json.dumps(model.ask(image, question, **kw).to_dict()))
         return
     try:
-        last = None
-        for r in model.stream(image, question, **kw):
-            sys.stdout.write(r.text)
-            sys.stdout.flush()
-            last = r
-        sys.stdout.write("\n")
-        t = last.timings
-        typer.echo(f"[{t.new_tokens} tokens, ttft {t.ttft_s:.2f}s, {t.decode_tokens_per_s:.1f} tok/s, "
-                   f"finish: {last.finish_reason}]", err=True)
+        _print_stream(model.stream(image, question, **kw))
     except KeyboardInterrupt:
         sys.stdout.write("\n")
         typer.echo("[interrupted]", err=True)
         raise typer.Exit(130)
+
+
+def _check_precision(precision: Optional[str]) -> None:
+    from .manifest import Precision
+
+    if precision is not None and precision not in {p.value for p in Precision}:
+        _fail(f"--precision must be one of {', '.join(p.value for p in Precision)}, not {precision!r}", 2)
+
+
+def _print_stream(responses, prefill: bool = False) -> None:
+    """Answer text to stdout as it streams, then one stats line to stderr."""
+    last = None
+    for r in responses:
+        sys.stdout.write(r.text)
+        sys.stdout.flush()
+        last = r
+    sys.stdout.write("\n")
+    t = last.timings
+    done = f"prefilled {t.prefilled_tokens} of {t.prompt_tokens}, " if prefill else ""
+    typer.echo(f"[{t.new_tokens} tokens, {done}ttft {t.ttft_s:.2f}s, {t.decode_tokens_per_s:.1f} tok/s, "
+               f"finish: {last.finish_reason}]", err=True)
 
 
 @app.command()
@@ -164,11 +175,9 @@ def chat(
     device: str = typer.Option("auto", help="auto | cpu | cuda | tensorrt"),
 ):
     """Multi-turn conversation about one image: each follow-up reuses the KV cache and prefills only its own tokens."""
-    from .manifest import Precision
     from .runtime.pipeline import SkinVL
 
-    if precision is not None and precision not in {p.value for p in Precision}:
-        _fail(f"--precision must be one of {', '.join(p.value for p in Precision)}, not {precision!r}", 2)
+    _check_precision(precision)
     model = SkinVL.load(bundle, threads=threads, precision=precision, device=device)
     conv = model.conversation(image)
     interactive = not question and sys.stdin.isatty()
@@ -183,15 +192,7 @@ def chat(
                 break
             if not q.strip():
                 continue
-            last = None
-            for r in conv.stream(q, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed):
-                sys.stdout.write(r.text)
-                sys.stdout.flush()
-                last = r
-            sys.stdout.write("\n")
-            t = last.timings
-            typer.echo(f"[{t.new_tokens} tokens, prefilled {t.prefilled_tokens} of {t.prompt_tokens}, ttft {t.ttft_s:.2f}s, "
-                       f"{t.decode_tokens_per_s:.1f} tok/s, finish: {last.finish_reason}]", err=True)
+            _print_stream(conv.stream(q, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed), prefill=True)
     except KeyboardInterrupt:
         sys.stdout.write("\n")
         typer.echo("[interrupted]", err=True)

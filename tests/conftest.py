@@ -124,3 +124,25 @@ def reference_generate(ref, ids: list[int], pixels: np.ndarray, max_new_tokens: 
             tokens = out.sequences[0].tolist()
             tokens = tokens[-len(out.logits):]
     return tokens, np.stack([lg[0].numpy() for lg in out.logits])
+
+
+def decoder_greedy_vs_reference(decoder, model, question: str, image_seed: int, n: int):
+    """Greedy-decode `question` about random_image(image_seed) through `decoder` (the runtime's generate_step)
+    and through transformers: (tokens, reference tokens, max |step logits - reference logits|)."""
+    from skin_offline.runtime.generate import generate_step
+    from skin_offline.runtime.kernels.sampling import SamplingConfig, make_sampler
+    from skin_offline.runtime.prompt import build_prompt_ids
+
+    rt = model.runtime
+    ids = build_prompt_ids(rt.tokenizer, question)
+    pixels = reference_pixels(random_image(image_seed), model.spec.image_size)
+    embeds = rt.prompt_embeddings(ids, rt.bundle.vision.encode(pixels)[0])
+    seen, base = [], make_sampler(SamplingConfig())
+
+    def recording(logits):
+        seen.append(logits.copy())
+        return base(logits)
+
+    tokens = list(generate_step(decoder, embeds, rt.bundle.embed, recording, n, eos_id=2))
+    ref_tokens, ref_logits = reference_generate(model.ref, ids, pixels, n)
+    return tokens, ref_tokens, float(np.abs(np.stack(seen) - ref_logits[: len(seen)]).max())

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_image, reference_generate, reference_pixels
+from conftest import decoder_greedy_vs_reference, random_image
 
 ATOL = 1e-4  # fp32, same budget as test_parity.py
 QUESTION = "Is the border of this lesion regular?"
@@ -31,25 +31,9 @@ def decoders(llava_model):
 
 
 def test_greedy_tokens_and_step_logits_match_transformers(llava_model, decoders):
-    from skin_offline.runtime.generate import generate_step
-    from skin_offline.runtime.kernels.sampling import SamplingConfig, make_sampler
-    from skin_offline.runtime.prompt import build_prompt_ids
-
-    _, dev = decoders
-    m, rt = llava_model, llava_model.runtime
-    ids = build_prompt_ids(rt.tokenizer, QUESTION)
-    pixels = reference_pixels(random_image(11), m.spec.image_size)
-    embeds = rt.prompt_embeddings(ids, rt.bundle.vision.encode(pixels)[0])
-    seen, base = [], make_sampler(SamplingConfig())
-
-    def recording(logits):
-        seen.append(logits.copy())
-        return base(logits)
-
-    tokens = list(generate_step(dev, embeds, rt.bundle.embed, recording, 24, eos_id=2))
-    ref_tokens, ref_logits = reference_generate(m.ref, ids, pixels, 24)
+    tokens, ref_tokens, diff = decoder_greedy_vs_reference(decoders[1], llava_model, QUESTION, 11, 24)
     assert tokens == ref_tokens
-    assert np.abs(np.stack(seen) - ref_logits[: len(seen)]).max() < ATOL
+    assert diff < ATOL
 
 
 def test_cache_stays_ortvalues_between_steps_and_equals_host_decoder(llava_model, decoders):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_image, reference_generate, reference_pixels
+from conftest import decoder_greedy_vs_reference
 
 ATOL = 1e-4  # same budget as test_parity.py (fp32, different summation order than torch)
 QUESTION = "Describe the morphology, colour and border of the lesion in this dermoscopy image."
@@ -61,24 +61,9 @@ def test_export_writes_contrib_variant_and_runtime_prefers_it_on_cpu(llava_model
 
 
 def test_fast_greedy_tokens_and_step_logits_match_transformers(llava_model, fast):
-    from skin_offline.runtime.generate import generate_step
-    from skin_offline.runtime.kernels.sampling import SamplingConfig, make_sampler
-    from skin_offline.runtime.prompt import build_prompt_ids
-
-    m, rt = llava_model, llava_model.runtime
-    ids = build_prompt_ids(rt.tokenizer, QUESTION)
-    pixels = reference_pixels(random_image(7), m.spec.image_size)
-    embeds = rt.prompt_embeddings(ids, rt.bundle.vision.encode(pixels)[0])
-    seen, base = [], make_sampler(SamplingConfig())
-
-    def recording(logits):
-        seen.append(logits.copy())
-        return base(logits)
-
-    tokens = list(generate_step(fast, embeds, rt.bundle.embed, recording, 32, eos_id=2))
-    ref_tokens, ref_logits = reference_generate(m.ref, ids, pixels, 32)
+    tokens, ref_tokens, diff = decoder_greedy_vs_reference(fast, llava_model, QUESTION, 7, 32)
     assert tokens == ref_tokens
-    assert np.abs(np.stack(seen) - ref_logits[: len(seen)]).max() < ATOL
+    assert diff < ATOL
 
 
 def test_fast_all_positions_match_transformers_and_standard_graph(llava_model):

@@ -275,6 +275,7 @@ class DeviceDecoder(Decoder):
     def __init__(self, session, dims: ModelDims, device_type: str = "cuda", device_id: int = 0):
         super().__init__(session, dims)
         self.device_type, self.device_id = device_type, device_id
+        self._pasts = [n for i in range(dims.num_layers) for n in (names.past_key(i), names.past_value(i))]
 
     def forward(self, embeds: np.ndarray, cache: KVCache, keep: int = 1) -> tuple[np.ndarray, KVCache]:
         """[B,S,H] embeddings after `cache` -> ([B,keep,V] logits of the last `keep` positions, new cache)."""
@@ -284,13 +285,12 @@ class DeviceDecoder(Decoder):
         bind.bind_cpu_input(names.ATTENTION_MASK, mask)
         bind.bind_cpu_input(names.POSITION_IDS, positions)
         bind.bind_cpu_input(names.NUM_LOGITS_TO_KEEP, np.array(keep, np.int64))
-        past = [n for i in range(self.dims.num_layers) for n in (names.past_key(i), names.past_value(i))]
         if cache.device_kv is not None:  # last step's presents, still on the device
-            for name, ov in zip(past, cache.device_kv):
+            for name, ov in zip(self._pasts, cache.device_kv):
                 bind.bind_ortvalue_input(name, ov)
         else:  # empty, or a host cache (select() gathered rows): uploaded once here
             host = [a for i in range(self.dims.num_layers) for a in (cache.keys[i], cache.values[i])]
-            for name, arr in zip(past, host):
+            for name, arr in zip(self._pasts, host):
                 bind.bind_cpu_input(name, np.ascontiguousarray(arr, self.kv_dtype))
         bind.bind_output(names.LOGITS, "cpu")  # the only output copied back: [B,keep,V]
         for name in self._outputs[1:]:

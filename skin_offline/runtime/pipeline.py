@@ -180,14 +180,9 @@ class SkinVL:
         """A multi-turn chat about one image; each follow-up reuses the previous turns' KV cache."""
         return Conversation(self, image)
 
-    def ask(self, image, question: str, *, state: GenerationState | None = None, **kw) -> Answer:
-        state = state if state is not None else GenerationState()
-        text, last = [], None
-        for r in self.stream(image, question, state=state, **kw):
-            text.append(r.text)
-            last = r
-        tokens = state.tokens
-        return Answer("".join(text), tokens, last.finish_reason, last.timings, last.timings.prompt_tokens)
+    def ask(self, image, question: str, **kw) -> Answer:
+        state = GenerationState()
+        return collect(self.stream(image, question, state=state, **kw), state)
 
     def generate_beam(self, image, question: str, config=None, **kw) -> Answer:
         """Beam search answer (runtime/beam.py); `config` a BeamConfig, or its fields as keywords."""
@@ -228,6 +223,15 @@ class SkinVL:
         logits, cache = self.bundle.decoder.forward(embeds, self.bundle.decoder.empty_cache())  # one prefill
         lps = zs.label_logprobs(self.bundle.decoder, logits[0, -1], cache, self.bundle.embed, labels_ids, batch_size)
         return zs.rank(names, lps, question, normalize)
+
+
+def collect(responses: Iterator[Response], state: GenerationState) -> Answer:
+    """Drain a stream into one Answer (text deltas joined; tokens from the generation state)."""
+    text, last = [], None
+    for r in responses:
+        text.append(r.text)
+        last = r
+    return Answer("".join(text), state.tokens, last.finish_reason, last.timings, last.timings.prompt_tokens)
 
 
 def positional_ids(ids: list[int], image_tokens: int, image_key: str) -> list:
@@ -271,11 +275,8 @@ class Conversation:
     def stream(self, question: str, *, state: GenerationState | None = None, **kw) -> Iterator[Response]:
         state = state if state is not None else GenerationState()
         with self._lock:
-            text = []
-            for r in self.model.stream(self.image, question, history=tuple(self.history), state=state,
-                                       reuse=self._turn, **kw):
-                text.append(r.text)
-                yield r
+            yield from self.model.stream(self.image, question, history=tuple(self.history), state=state,
+                                         reuse=self._turn, **kw)
             if state.cache is not None:  # positions the cache holds: prompt + the answer tokens fed back
                 self._turn = Turn(state.cache, (state.positions + state.tokens)[: state.cache.length])
             eos = self.model.manifest.tokens.eos_id
@@ -283,8 +284,4 @@ class Conversation:
 
     def ask(self, question: str, **kw) -> Answer:
         state = GenerationState()
-        text, last = [], None
-        for r in self.stream(question, state=state, **kw):
-            text.append(r.text)
-            last = r
-        return Answer("".join(text), state.tokens, last.finish_reason, last.timings, last.timings.prompt_tokens)
+        return collect(self.stream(question, state=state, **kw), state)
