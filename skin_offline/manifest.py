@@ -28,6 +28,21 @@ class Flavor(str, enum.Enum):
     CONTRIB = "contrib"  # onnxruntime contrib ops (MatMulNBits, GroupQueryAttention, ...)
 
 
+class Attention(str, enum.Enum):
+    """How a decoder graph keeps its KV cache (decides the runtime's cache strategy)."""
+
+    CONCAT = "concat"  # standard ops: each step concatenates past and new keys into fresh presents
+    GQA = "gqa"  # onnxruntime GroupQueryAttention: past and present share one preallocated buffer, written in place
+
+
+class Kernel(str, enum.Enum):
+    """The op a graph's weight MatMuls run through; it decides how a call's cost grows with its rows."""
+
+    FLOAT = "float"  # MatMul in the graph's float type (fp32 / fp16)
+    NBITS = "nbits"  # MatMulNBits block-quantized weights: fastest for one row (decode), linear in rows
+    QGEMM = "qgemm"  # int8 per-channel weights through onnxruntime's int8 GEMM: nearly flat in rows (prefill, batches)
+
+
 class PadMode(str, enum.Enum):
     PAD = "pad"  # LLaVA's expand2square (what SkinVL was trained with)
     CROP = "crop"  # resize + centre crop only (what MM-Skin's VQA evaluation used)
@@ -105,6 +120,10 @@ class GraphVariant:
     file: str  # relative to the bundle root
     data_files: tuple[str, ...] = ()
     details: dict = field(default_factory=dict)  # e.g. quantization block size
+    # decoders only (None elsewhere). Bundles written before these fields existed get them derived from the
+    # flavor and the details they did record (details["attention"], details["op"]).
+    attention: Attention | None = None
+    kernel: Kernel | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "precision", Precision(self.precision))
@@ -112,12 +131,25 @@ class GraphVariant:
         object.__setattr__(self, "data_files", tuple(self.data_files))
         for f in (self.file, *self.data_files):
             check_relative(f)
+        attention, kernel = self.attention, self.kernel
+        if attention is None and self.role == names.ROLE_DECODER:
+            legacy = self.details.get("attention")
+            attention = Attention.CONCAT if legacy == "standard" or (legacy is None and self.flavor == Flavor.STANDARD) \
+                else Attention.GQA
+        if kernel is None:
+            op = self.details.get("op")
+            kernel = Kernel.NBITS if op == "MatMulNBits" else Kernel.QGEMM if op in ("MatMulInteger", "DynamicQuantizeMatMul") \
+                else Kernel.FLOAT
+        object.__setattr__(self, "attention", None if attention is None else Attention(attention))
+        object.__setattr__(self, "kernel", Kernel(kernel))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["precision"] = self.precision.value
         d["flavor"] = self.flavor.value
         d["data_files"] = list(self.data_files)
+        d["attention"] = None if self.attention is None else self.attention.value
+        d["kernel"] = self.kernel.value
         return d
 
 
@@ -147,6 +179,12 @@ class Manifest:
     verification: dict = field(default_factory=dict)
     quality: dict = field(default_factory=dict)
     schema_version: int = names.SCHEMA_VERSION
+
+    @property
+    def random_weights(self) -> bool:
+        """Exported from a random-weight checkpoint (`make-demo-checkpoint`, the test factory): its answers mean
+        nothing, and a ranked diagnosis from it would look real, so every front end says so."""
+        return bool(self.source.get(names.SOURCE_RANDOM_WEIGHTS, False))
 
     def variants(self, role: str) -> list[GraphVariant]:
         return [g for g in self.graphs if g.role == role]

@@ -59,6 +59,11 @@ K_EXPORTER = "exporter"
 K_VERIFICATION = "verification"
 K_QUALITY = "quality"
 
+# random-weight checkpoints (export/factory.py) mark themselves in config.json; export copies the mark to
+# manifest["source"], and every front end warns that such a bundle's answers mean nothing
+CKPT_RANDOM_WEIGHTS = "skin_offline_random_weights"
+SOURCE_RANDOM_WEIGHTS = "random_weights"
+
 # graph roles inside manifest["graphs"]
 ROLE_VISION = "vision"
 ROLE_DECODER = "decoder"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .. import names
 from ..errors import CheckpointError
 from ..manifest import PadMode, PreprocessConfig
 
@@ -221,6 +222,7 @@ class Checkpoint:
     vision_prefix: str
     projector_names: dict[str, str]
     notes: dict = field(default_factory=dict)
+    random_weights: bool = False  # config.json carries the factory's mark (names.CKPT_RANDOM_WEIGHTS)
 
     # --- canonical tensor access (fp32 torch tensors) ---
     def text_tensor(self, name: str) -> torch.Tensor:
@@ -427,4 +429,5 @@ def open_checkpoint(folder: Path, vision_tower: Path | None = None, image_mode: 
     return Checkpoint(
         folder=folder, layout=layout, text=text, vision=vision, preprocess=pre, store=store,
         vision_store=vstore, vision_prefix=vprefix, projector_names=_PROJECTOR[layout],
+        random_weights=bool(cfg.get(names.CKPT_RANDOM_WEIGHTS, False)),
     )

@@ -23,9 +23,13 @@ from pathlib import Path
 
 import torch
 
+from .. import names
+
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 LAYOUTS = ("llava", "hf", "hf-old")
+# Every checkpoint this factory writes says so in its config.json (names.CKPT_RANDOM_WEIGHTS)
+RANDOM_WEIGHTS_KEY = names.CKPT_RANDOM_WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -211,6 +215,7 @@ def _llava_config(spec: ModelSpec, vocab: int, tower: str, dtype: torch.dtype | 
         "image_aspect_ratio": "pad", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
         "tokenizer_model_max_length": spec.max_context,
         "torch_dtype": "float32" if dtype is None else str(dtype).split(".")[-1],
+        RANDOM_WEIGHTS_KEY: True,
     }
 
 
@@ -250,6 +255,7 @@ def write_checkpoint(model, spec: ModelSpec, out: Path, layout: str, tokenizer_m
             tensors.update({"language_model." + k: v for k, v in parts["text"].items()})
         cfg = model.config.to_dict()
         cfg["architectures"] = ["LlavaForConditionalGeneration"]
+        cfg[RANDOM_WEIGHTS_KEY] = True
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
         pre = {
             "crop_size": {"height": spec.image_size, "width": spec.image_size}, "do_center_crop": True,

@@ -28,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .. import names
 from ..errors import BundleError, UsageError
-from ..manifest import Flavor, GraphVariant, Manifest, Precision, file_entry
+from ..manifest import Flavor, GraphVariant, Kernel, Manifest, Precision, file_entry
 from .atomic import atomic_folder
 from .onnx_writer import ExternalData, save
 
@@ -474,9 +474,10 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
                     details["lm_head"] = cfg.lm_head.value
             # MatMulNBits makes the graph contrib-flavored; `attention` keeps what the source used, since the
             # runtime picks its KV-cache strategy (share-buffer GroupQueryAttention or plain Concat) from it
-            details["attention"] = "standard" if src_flavor[plan.src.name] == Flavor.STANDARD else "contrib"
+            src_g = dec32 if role == names.ROLE_DECODER else vis32
             graphs.append(GraphVariant(role, prec, Flavor.CONTRIB if plan.weight_bits else src_flavor[plan.src.name],
-                                       gfile, (dfile,), details))
+                                       gfile, (dfile,), details, attention=src_g.attention,
+                                       kernel=Kernel.NBITS if plan.weight_bits else Kernel.FLOAT))
         if cfg.vision == Precision.INT8:
             log("writing vision.int8.onnx (dynamic int8: per-channel weights, per-call activations) ...")
             vfile, vdata = quantize_vision_int8(src / vis32.file, tmp, names.variant_file(names.VISION_GRAPH, "int8"))
@@ -484,7 +485,7 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
             # parser has no MatMulInteger): CONTRIB keeps build-engines on the fp32/fp16 tower
             graphs.append(GraphVariant(names.ROLE_VISION, Precision.INT8, Flavor.CONTRIB, vfile, (vdata,),
                                        {"source_file": vis32.file, "op": "MatMulInteger", "weights": "int8 per-channel",
-                                        "activations": "uint8 dynamic per-tensor"}))
+                                        "activations": "uint8 dynamic per-tensor"}, kernel=Kernel.QGEMM))
         if keep_vis32:
             graphs.append(vis32)  # after a quantized vision variant, which is then the default
         if keep_source:  # the source's variants ride along after the new ones (emb32 is copied below if fp32)

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import __version__, names
 from ..manifest import (
-    Flavor, GraphVariant, Manifest, ModelDims, PadMode, Precision, PromptConfig, TokenConfig, file_entry,
+    Attention, Flavor, GraphVariant, Manifest, ModelDims, PadMode, Precision, PromptConfig, TokenConfig, file_entry,
 )
 from ..runtime.tokenizer import TextTokenizer
 from .atomic import atomic_folder
@@ -96,13 +96,14 @@ def export_bundle(src: Path, out: Path, *, vision_tower: Path | None = None, ima
             ffile, fdata = build_decoder_fast(ckpt.text, lambda n: ckpt.text_tensor(n).numpy(), tmp,
                                               max_positions=max_context or ckpt.text.max_context,
                                               shared=external_initializers(tmp / dfile))
-            contrib = (GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.CONTRIB, ffile, (ddata, fdata)),)
+            contrib = (GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.CONTRIB, ffile, (ddata, fdata),
+                                    attention=Attention.GQA),)
         efile = _write_embeddings(ckpt, tmp)
         write_tokenizer_json(ckpt.folder, tmp / names.TOKENIZER)
         tok_vocab = TextTokenizer.from_file(tmp / names.TOKENIZER).vocab_size
         graphs = (
             GraphVariant(names.ROLE_VISION, Precision.FP32, Flavor.STANDARD, vfile, vdata),
-            GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.STANDARD, dfile, (ddata,)),
+            GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.STANDARD, dfile, (ddata,), attention=Attention.CONCAT),
             *contrib,
             GraphVariant(names.ROLE_EMBEDDINGS, Precision.FP32, Flavor.STANDARD, efile),
         )
@@ -111,7 +112,8 @@ def export_bundle(src: Path, out: Path, *, vision_tower: Path | None = None, ima
             model=model_dims(ckpt, max_context), preprocess=ckpt.preprocess, prompt=PromptConfig("mistral_instruct"),
             tokens=TokenConfig(bos_id=1, eos_id=2, tokenizer_vocab_size=tok_vocab), graphs=graphs, files=files,
             source={"path": str(Path(src).resolve()), "layout": ckpt.layout, "fingerprint": ckpt.store.fingerprint(),
-                    "vision_tower": str(ckpt.vision_store.folder), "projector": ckpt.layout, **ckpt.notes},
+                    "vision_tower": str(ckpt.vision_store.folder), "projector": ckpt.layout, **ckpt.notes,
+                    names.SOURCE_RANDOM_WEIGHTS: ckpt.random_weights},
             exporter=_versions(),
         )
         manifest.write(tmp)

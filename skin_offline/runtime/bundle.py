@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import names
 from ..errors import BundleError
-from ..manifest import Flavor, Manifest, Precision, sha256_file
+from ..manifest import Attention, Flavor, Manifest, Precision, sha256_file
 from .decoder import Decoder, make_decoder
 from .external_data import external_locations
 from .sessions import SessionFactory
@@ -147,8 +147,7 @@ class Bundle:
             folder=folder, manifest=manifest,
             vision=VisionEncoder(sessions.create(folder / vis.file, graph_providers(choice, folder, names.ROLE_VISION, vis))),
             decoder=make_decoder(sessions.create(folder / dec.file, graph_providers(choice, folder, names.ROLE_DECODER, dec)),
-                                 manifest.model, share_buffer=dec.flavor == Flavor.CONTRIB
-                                 and dec.details.get("attention") != "standard"),  # MatMulNBits on Concat attention
+                                 manifest.model, share_buffer=dec.attention == Attention.GQA),
             embeddings=table, embedding_scales=scales,
         )
 
