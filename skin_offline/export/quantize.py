@@ -27,7 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .. import names
-from ..errors import BundleError, UsageError
+from ..errors import BundleError, ConfigError, UsageError
 from ..manifest import Attention, Flavor, GraphVariant, Kernel, Manifest, Precision, Prefill, file_entry
 from .atomic import atomic_folder
 from .codecs import MS_DOMAIN, Codec, NBits, QGemm
@@ -42,6 +42,15 @@ class EmbeddingPrecision(str, enum.Enum):
     FP32 = "fp32"
     FP16 = "fp16"
     INT8 = "int8"  # symmetric, one float32 scale per row
+
+
+def _choice(cls: type[enum.Enum], value, flag: str):
+    """`value` (an enum member of any str enum, or its string) as a member of `cls`, else a ConfigError naming the flag."""
+    value = getattr(value, "value", value)
+    try:
+        return cls(value)
+    except ValueError:
+        raise ConfigError(f"{flag} must be one of {', '.join(str(m.value) for m in cls)}, not {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -72,30 +81,32 @@ class QuantConfig:
     prefill: Prefill | None = None
 
     def __post_init__(self):
+        flags = {"precision": "--precision", "lm_head": "--lm-head", "vision": "--vision", "embeddings": "--embeddings"}
         if self.lm_head is None:
-            object.__setattr__(self, "lm_head", Precision.FP32 if Precision(self.precision) == Precision.FP16 else Precision.INT8)
+            object.__setattr__(self, "lm_head", Precision.FP32 if _choice(Precision, self.precision, "--precision")
+                               == Precision.FP16 else Precision.INT8)
         for k in ("precision", "lm_head", "vision"):
-            object.__setattr__(self, k, Precision(getattr(self, k)))
+            object.__setattr__(self, k, _choice(Precision, getattr(self, k), flags[k]))
         emb = self.embeddings
         if emb is None:
             emb = EmbeddingPrecision.FP16 if self.precision == Precision.FP16 else EmbeddingPrecision.INT8
-        object.__setattr__(self, "embeddings", EmbeddingPrecision(emb))
+        object.__setattr__(self, "embeddings", _choice(EmbeddingPrecision, emb, flags["embeddings"]))
         if self.prefill is not None:  # None: decided by quantize_bundle from the source graph (default_prefill)
-            object.__setattr__(self, "prefill", Prefill(self.prefill))
+            object.__setattr__(self, "prefill", _choice(Prefill, self.prefill, "--prefill"))
         if self.precision == Precision.FP32:
-            raise UsageError("--precision must be int4, int8 or fp16 (the source bundle already is fp32)")
+            raise ConfigError("--precision must be int4, int8 or fp16 (the source bundle already is fp32)")
         if self.block_size is not None and self.block_size not in BLOCK_SIZES:
-            raise UsageError(f"--block-size {self.block_size} unsupported; use one of {BLOCK_SIZES}")
+            raise ConfigError(f"--block-size {self.block_size} unsupported; use one of {BLOCK_SIZES}")
         if not 0 <= self.accuracy_level <= 4:
-            raise UsageError(f"--accuracy-level {self.accuracy_level} must be 0..4 (onnxruntime MatMulNBits)")
+            raise ConfigError(f"--accuracy-level {self.accuracy_level} must be 0..4 (onnxruntime MatMulNBits)")
         if self.lm_head == Precision.FP16 or (self.precision == Precision.FP16 and self.lm_head != Precision.FP32):
-            raise UsageError("--lm-head must be fp32, int8 or int4 (an fp16 decoder keeps its lm_head in fp16)")
+            raise ConfigError("--lm-head must be fp32, int8 or int4 (an fp16 decoder keeps its lm_head in fp16)")
         if self.vision == Precision.INT4:
-            raise UsageError("--vision must be fp32, int8 or fp16")
+            raise ConfigError("--vision must be fp32, int8 or fp16")
         if self.prefill == Prefill.INT8 and self.precision == Precision.FP16:
-            raise UsageError("--prefill int8 is for CPU bundles (int4/int8); an fp16 decoder prefills through itself")
+            raise ConfigError("--prefill int8 is for CPU bundles (int4/int8); an fp16 decoder prefills through itself")
         if self.scale_search and not self.symmetric:
-            raise UsageError("--scale-search works with --symmetric only (zero points have their own range fit)")
+            raise ConfigError("--scale-search works with --symmetric only (zero points have their own range fit)")
 
     def default_prefill(self, source: GraphVariant) -> Prefill:
         """INT8 for an int4 decoder built from a GroupQueryAttention graph (the multi-row graph shares its KV
