@@ -145,6 +145,11 @@ class Bundle:
     embeddings: np.ndarray  # [V, H] memory-mapped (float32, float16, or int8 with row scales)
     embedding_scales: np.ndarray | None = None  # [V] float32 per-row scales of an int8 table
     notices: tuple[str, ...] = ()  # one-line facts a front end should show (e.g. a graph left unloaded)
+    picked: dict = None  # role -> the GraphVariant loaded for it (+ "multi_row" when the int8 GEMM graph is loaded)
+
+    def loaded_files(self) -> set[str]:
+        """The bundle files this Bundle's sessions and table read."""
+        return {f for g in self.picked.values() for f in (g.file, *g.data_files)}
 
     @classmethod
     def load(cls, folder: Path | str | None = None, *, threads: int | None = None, precision: Precision | str | None = None,
@@ -189,6 +194,8 @@ class Bundle:
             folder=folder, manifest=manifest, vision=vision,
             decoder=make_decoder(dec_session, manifest.model, share_buffer=dec.attention == Attention.GQA, gemm_session=gemm),
             embeddings=table, embedding_scales=scales, notices=notices,
+            picked={names.ROLE_VISION: vis, names.ROLE_DECODER: dec, names.ROLE_EMBEDDINGS: emb,
+                    **({"multi_row": partner} if partner is not None else {})},
         )
 
     def embed(self, ids) -> np.ndarray:

@@ -26,7 +26,7 @@ def cpu_flags() -> set[str]:
     """The kernel-relevant CPU features of this machine (x86 /proc/cpuinfo flags; empty elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
+            if line.startswith(("flags", "Features")):  # x86 / ARM
                 return set(line.split(":", 1)[1].split())
     except OSError:
         pass
