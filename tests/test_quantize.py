@@ -351,3 +351,23 @@ def test_int8_vision_is_dynamic_quantization_close_to_fp32(llava_model, tmp_path
     assert cos.min() > 0.999
     reports = [r for r in (m.quality.get("graphs") or m.quality).values() if isinstance(r, dict) and "feature_cosine_min" in r]
     assert reports and all(r["feature_cosine_min"] > 0.999 for r in reports)  # the manifest's quality report
+
+
+def test_default_int8_vision_is_gated_by_its_feature_cosine(llava_model, tmp_path, monkeypatch):
+    """int4/int8 bundles get the int8 tower by default only when its features match fp32 (cosine gate);
+    asked for explicitly, it is kept whatever the gate says."""
+    import skin_offline.export.quantize as q
+
+    m = quantize_bundle(llava_model.bundle_dir, tmp_path / "a", QuantConfig("int4"), quality=False, log=lambda m: None).manifest
+    vis = m.pick(names.ROLE_VISION)
+    assert vis.precision == Precision.INT8 and vis.details["feature_cosine_min"] >= q.VISION_INT8_MIN_COSINE
+    monkeypatch.setattr(q, "VISION_INT8_MIN_COSINE", 1.01)  # unreachable: the gate must reject
+    said = []
+    m = quantize_bundle(llava_model.bundle_dir, tmp_path / "b", QuantConfig("int4"), quality=False, log=said.append).manifest
+    assert [g.precision for g in m.variants(names.ROLE_VISION)] == [Precision.FP32]
+    assert not (tmp_path / "b" / names.variant_file(names.VISION_GRAPH, "int8")).exists()
+    assert any("vision int8 rejected" in line for line in said)
+    m = quantize_bundle(llava_model.bundle_dir, tmp_path / "c", QuantConfig("int4", vision="int8"), quality=False,
+                        log=lambda m: None).manifest
+    assert m.pick(names.ROLE_VISION).precision == Precision.INT8
+    assert QuantConfig("fp16").resolved_vision() == Precision.FP32

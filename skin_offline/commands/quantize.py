@@ -22,7 +22,7 @@ def register(app, friendly) -> None:
         accuracy_level: int = typer.Option(4, help="MatMulNBits compute: 4 = int8 activations (fast), 0 = fp32"),
         scale_search: bool = typer.Option(False, "--scale-search", help="int4/int8: pick each block's scale by least squared error (less error, same speed; slower quantize)"),
         lm_head: Optional[Precision] = typer.Option(None, help="lm_head precision for int4/int8 decoders: fp32, int8 (default) or int4"),
-        vision: Precision = typer.Option(Precision.FP32, help="vision encoder: fp32 (kept), int8 (dynamic quantization: ~3x faster encode on CPU) or fp16"),
+        vision: Optional[Precision] = typer.Option(None, help="vision encoder: int8 (dynamic quantization, ~3x faster encode on CPU; the default for int4/int8, kept when its features match fp32 within cosine 0.999), fp32 or fp16"),
         embeddings: Optional[Precision] = typer.Option(None, help="token table: fp32, fp16 or int8 (default int8; fp16 for fp16)"),
         prefill: Optional[Prefill] = typer.Option(None, help="what many-row calls (prefill, batched decode) run through: "
                                                   "int8 (an int8 GEMM graph beside the decoder; default for int4: faster "
