@@ -78,6 +78,7 @@ _PLUGINS: dict[str, tuple[str, ...]] = {
     uid.HTJ2K: ("pylibjpeg",),
     uid.RLELossless: ("pydicom",),
 }
+_J2K_FAMILY = {uid.JPEG2000Lossless, uid.JPEG2000, uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL, uid.HTJ2K}
 _NATIVE = {uid.ImplicitVRLittleEndian, uid.ExplicitVRLittleEndian, uid.ExplicitVRBigEndian,
            uid.DeflatedExplicitVRLittleEndian}
 _VIDEO = set(uid.MPEGTransferSyntaxes)
@@ -85,7 +86,12 @@ _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 class _DropWhileReading(logging.Filter):
-    """Drops pydicom's log records made by a thread while it reads an image (some quote element values)."""
+    """Drops the records pydicom and the codecs log while this thread reads an image (some quote element values).
+
+    A logger's filters do not see records propagated from its children, so the filter sits on every logger of
+    these packages (`_hush`, before each read, also catches loggers created since)."""
+
+    PACKAGES = ("pydicom", "openjpeg", "pylibjpeg", "jpeg_ls", "gdcm")
 
     def __init__(self) -> None:
         super().__init__()
@@ -96,7 +102,18 @@ class _DropWhileReading(logging.Filter):
 
 
 _quiet = _DropWhileReading()
-config.logger.addFilter(_quiet)
+
+
+def _hush() -> None:
+    names = set(_quiet.PACKAGES) | {n for n in list(logging.Logger.manager.loggerDict)
+                                     if n.split(".")[0] in _quiet.PACKAGES}
+    for n in names:
+        logger = logging.getLogger(n)
+        if _quiet not in logger.filters:
+            logger.addFilter(_quiet)
+
+
+_hush()
 
 
 @dataclass(frozen=True)
@@ -148,44 +165,65 @@ def _int(ds: Dataset, keyword: str, default: int | None = None) -> int | None:
         return None
 
 
+_FAILED = object()
+
+
+def _attempt(fn, *args, **kwargs):
+    """fn(*args, **kwargs), or _FAILED if it raised anything but our own error or MemoryError.
+
+    pydicom and the codecs raise a dozen exception types, and some messages quote element values; the caller raises
+    its own ImageError *after* this returns, so the original is not even kept as a suppressed __context__."""
+    try:
+        return fn(*args, **kwargs)
+    except (ImageError, MemoryError):
+        raise
+    except Exception:  # noqa: BLE001  see above: dropped on purpose, never shown
+        return _FAILED
+
+
+def _parse_header(fp: BinaryIO) -> tuple[_Header, Dataset, bool | None]:
+    fp.seek(0)
+    ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+    ts = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+    has_pixels: bool | None = None
+    if ts and ts != uid.DeflatedExplicitVRLittleEndian:
+        tag = fp.read(4)  # dcmread stopped at the pixel data tag, or at the end of the data set
+        has_pixels = len(tag) == 4 and struct.unpack(">HH" if ts == uid.ExplicitVRBigEndian else "<HH", tag) in (
+            (0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009))
+        if len(tag) == 4 and not has_pixels:
+            raise ValueError("stopped before the end, not at pixel data")
+        fp.seek(-len(tag), io.SEEK_CUR)
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    bits_allocated = _int(ds, "BitsAllocated")
+    frames = _int(ds, "NumberOfFrames", 1)
+    header = _Header(
+        ts=ts,
+        photometric=photometric if photometric in _PHOTOMETRICS else "",
+        rows=_int(ds, "Rows") or 0, columns=_int(ds, "Columns") or 0, samples=_int(ds, "SamplesPerPixel", 1) or 0,
+        bits_allocated=bits_allocated or 0, bits_stored=_int(ds, "BitsStored", bits_allocated) or 0,
+        signed=_int(ds, "PixelRepresentation", 0) == 1,
+        frames=max(frames, 1) if frames is not None else 0,
+        burned_in=str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES",
+    )
+    return header, ds, has_pixels
+
+
 def _read_header(fp: BinaryIO, name: str) -> tuple[_Header, Dataset, bool | None]:
     """Header pass: file meta + the Image Pixel tags, stopping before the pixel data.
 
     Returns the header, the tags read (for the palette) and whether pixel data follows (None: not known yet,
     for a deflated data set whose position we cannot see)."""
-    fp.seek(0)
-    try:  # reading and converting values: any failure's text may quote them, so it is dropped
-        ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=HEADER_TAGS)
-        ts = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
-        has_pixels: bool | None = None
-        if ts and ts != uid.DeflatedExplicitVRLittleEndian:
-            tag = fp.read(4)  # dcmread stopped at the pixel data tag, or at the end of the data set
-            has_pixels = len(tag) == 4 and struct.unpack(">HH" if ts == uid.ExplicitVRBigEndian else "<HH", tag) in (
-                (0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009))
-            if len(tag) == 4 and not has_pixels:
-                raise ValueError("stopped elsewhere")
-            fp.seek(-len(tag), io.SEEK_CUR)
-        photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
-        rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
-        samples, bits_allocated = _int(ds, "SamplesPerPixel", 1), _int(ds, "BitsAllocated")
-        bits_stored = _int(ds, "BitsStored", bits_allocated)
-        frames = _int(ds, "NumberOfFrames", 1)
-        header = _Header(
-            ts=ts,
-            photometric=photometric if photometric in _PHOTOMETRICS else "",
-            rows=rows or 0, columns=cols or 0, samples=samples or 0,
-            bits_allocated=bits_allocated or 0, bits_stored=bits_stored or 0,
-            signed=_int(ds, "PixelRepresentation", 0) == 1,
-            frames=max(frames, 1) if frames is not None else 0,
-            burned_in=str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES",
-        )
-    except MemoryError:
-        raise
-    except Exception:  # noqa: BLE001  any parse failure (pydicom raises a dozen types, some quoting values)
-        raise ImageError(f"{name}: corrupt or truncated DICOM header; export or copy the file again") from None
-    if not ts:
+    got = _attempt(_parse_header, fp)
+    if got is _FAILED:
+        raise ImageError(f"{name}: corrupt or truncated DICOM header; export or copy the file again")
+    if not got[0].ts:
         raise ImageError(f"{name}: DICOM file without a transfer syntax (corrupt file meta); export it again")
-    return header, ds, has_pixels
+    return got
+
+
+def _no_pixels(name: str) -> str:
+    return (f"{name}: DICOM file has no pixel data (a report, a DICOMDIR, a header only or a truncated file); "
+            "export the image itself, or copy the file again")
 
 
 def _check(h: _Header, name: str, frame: int, max_pixels: int, has_pixels: bool | None) -> None:
@@ -196,8 +234,7 @@ def _check(h: _Header, name: str, frame: int, max_pixels: int, has_pixels: bool 
         raise ImageError(f"{name}: DICOM pixel data in {h.ts_name} is not supported; "
                          "export the image uncompressed, as JPEG or as JPEG 2000")
     if has_pixels is False:
-        raise ImageError(f"{name}: DICOM file has no pixel data (a report, a DICOMDIR or a header only); "
-                         "export the image itself")
+        raise ImageError(_no_pixels(name))
     if not h.photometric:
         raise ImageError(f"{name}: DICOM image with an unsupported photometric interpretation ({h.ts_name}); "
                          "supported: RGB, YBR_FULL(_422), YBR_ICT/RCT, PALETTE COLOR, MONOCHROME1/2")
@@ -245,15 +282,17 @@ def _silence_gdcm() -> None:
     gdcm.Trace.DebugOff()
 
 
-def _codestream_size(frame: bytes) -> tuple[int, int] | None:
+def _codestream_size(frame: bytes, j2k: bool) -> tuple[int, int] | None:
     """(width, height) declared by a JPEG / JPEG-LS / JPEG 2000 codestream, read from its SOF / SIZ marker.
 
     pydicom hands the codestream to the codec without comparing its size with Rows/Columns, and the optional
     codecs allocate whatever the stream declares, so a hostile file could claim 10x10 and decode 60000x60000.
     Hand-written: a few bytes of two well-specified markers, and no library exposes just this."""
-    j2k = frame.find(b"\xff\x4f\xff\x51", 0, 4096)  # SOC + SIZ (raw codestream, or inside a JP2 box)
-    if j2k >= 0 and len(frame) >= j2k + 24:
-        xsiz, ysiz, xo, yo = struct.unpack(">IIII", frame[j2k + 8 : j2k + 24])
+    if j2k:
+        at = frame.find(b"\xff\x4f\xff\x51", 0, 4096)  # SOC + SIZ (raw codestream, or inside a JP2 box)
+        if at < 0 or len(frame) < at + 24:
+            return None
+        xsiz, ysiz, xo, yo = struct.unpack(">IIII", frame[at + 8 : at + 24])
         return xsiz - xo, ysiz - yo
     if not frame.startswith(b"\xff\xd8"):
         return None
@@ -278,21 +317,26 @@ def _codestream_size(frame: bytes) -> tuple[int, int] | None:
 
 
 def _check_codestream(fp: BinaryIO, h: _Header, name: str, frame: int) -> None:
-    """The encapsulated frame must declare the size the header does (see _codestream_size)."""
+    """The encapsulated frame must be complete and declare the size the header does (see _codestream_size)."""
     if h.ts not in _PLUGINS or h.ts == uid.RLELossless:
         return  # native and RLE: pydicom decodes into the size the header gives
     start = fp.tell()
-    try:
+
+    def encoded_frame() -> bytes:
         fp.read(12)  # tag, VR, reserved, undefined length: encapsulated data is always explicit VR little endian
-        data = pydicom.encaps.get_frame(fp, frame, number_of_frames=h.frames)
-    except MemoryError:
-        raise
-    except Exception:  # noqa: BLE001  a broken fragment table; the text is pydicom's, dropped
+        return pydicom.encaps.get_frame(fp, frame, number_of_frames=h.frames)
+
+    data = _attempt(encoded_frame)
+    fp.seek(start)
+    if data is _FAILED:
         raise ImageError(f"{name}: DICOM pixel data is truncated or corrupt ({h.describe()}); "
-                         "export or copy the file again") from None
-    finally:
-        fp.seek(start)
-    size = _codestream_size(data)
+                         "export or copy the file again")
+    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        # JPEG's EOI and JPEG 2000's EOC are both FFD9 (fragments may add one padding byte). Checked here because
+        # CharLS spends ~10 s on a truncated JPEG-LS stream before failing (measured: 48x32 to 128x128 alike)
+        raise ImageError(f"{name}: DICOM pixel data is truncated ({h.describe()}): its compressed frame has no end "
+                         "marker; export or copy the file again")
+    size = _codestream_size(data, j2k=h.ts in _J2K_FAMILY)
     if size != (h.columns, h.rows):
         got = f"{size[0]}x{size[1]}" if size else "no readable size"
         raise ImageError(f"{name}: corrupt DICOM image: its compressed frame declares {got} but the header says "
@@ -325,8 +369,25 @@ def _scale(v: np.ndarray, bits: int) -> np.ndarray:
     return ((v * 510 + top) // (2 * top)).astype(np.uint8)
 
 
+def _decode(fp: BinaryIO, h: _Header, tags: Dataset, name: str, frame: int, plugin: str) -> np.ndarray:
+    if h.ts == uid.DeflatedExplicitVRLittleEndian:
+        # pydicom reads a deflated data set only as a whole (it inflates it first)
+        fp.seek(0)
+        ds = pydicom.dcmread(fp, specific_tags=[*HEADER_TAGS, "PixelData"])
+        if "PixelData" not in ds:
+            raise ImageError(_no_pixels(name))
+        a = pixel_array(ds, index=frame)
+    else:
+        a = pixel_array(fp, index=frame, decoding_plugin=plugin)  # reads this frame only
+    want = (h.rows, h.columns, 3) if h.samples == 3 else (h.rows, h.columns)
+    if a.shape != want:
+        raise ImageError(f"{name}: DICOM pixel data does not match its header ({h.describe()}); export the file again")
+    return _to_8bit(a, h, tags)
+
+
 def read_dicom(fp: BinaryIO, name: str, *, frame: int, max_pixels: int) -> DicomImage:
     """Decode frame `frame` of a Part 10 file (seekable binary stream) to 8-bit pixels."""
+    _hush()
     _quiet.local.reading = True
     try:
         with warnings.catch_warnings():
@@ -334,28 +395,11 @@ def read_dicom(fp: BinaryIO, name: str, *, frame: int, max_pixels: int) -> Dicom
             header, tags, has_pixels = _read_header(fp, name)
             _check(header, name, frame, max_pixels, has_pixels)
             plugin = _plugin(header, name)
-            if header.ts != uid.DeflatedExplicitVRLittleEndian:
-                _check_codestream(fp, header, name, frame)
-            try:
-                if header.ts == uid.DeflatedExplicitVRLittleEndian:
-                    # pydicom reads a deflated data set only as a whole (it inflates it first)
-                    fp.seek(0)
-                    ds = pydicom.dcmread(fp, specific_tags=[*HEADER_TAGS, "PixelData"])
-                    if "PixelData" not in ds:
-                        _check(header, name, frame, max_pixels, has_pixels=False)
-                    a = pixel_array(ds, index=frame)
-                else:
-                    a = pixel_array(fp, index=frame, decoding_plugin=plugin)  # reads this frame only
-                want = (header.rows, header.columns, 3) if header.samples == 3 else (header.rows, header.columns)
-                if a.shape != want:
-                    raise ImageError(f"{name}: DICOM pixel data does not match its header ({header.describe()}); "
-                                     "export the file again")
-                pixels = _to_8bit(a, header, tags)
-            except (ImageError, MemoryError):
-                raise
-            except Exception:  # noqa: BLE001  codec/pydicom failure on this frame; their text is dropped
+            _check_codestream(fp, header, name, frame)
+            pixels = _attempt(_decode, fp, header, tags, name, frame, plugin)
+            if pixels is _FAILED:
                 raise ImageError(f"{name}: DICOM pixel data is truncated or corrupt ({header.describe()}); "
-                                 "export or copy the file again") from None
+                                 "export or copy the file again")
             return DicomImage(pixels, header.burned_in)
     finally:
         _quiet.local.reading = False
