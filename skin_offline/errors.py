@@ -11,6 +11,11 @@ class UsageError(SkinOfflineError):
     exit_code = 2
 
 
+class ConfigError(UsageError, ValueError):
+    """A configuration value out of range (sampling, beam search, quantization, ...): a usage error for the CLI
+    (exit 2, one line), and still a ValueError for library callers that catch that."""
+
+
 class ImageError(SkinOfflineError):
     """The image cannot be read or is not usable."""
 
