@@ -128,9 +128,7 @@ def native(arr: np.ndarray, *, photometric: str = "RGB", bits_stored: int | None
     ds.PixelData = a.tobytes()
     if ds.BitsAllocated == 16:
         ds["PixelData"].VR = "OW"
-    for k, v in extra.items():
-        setattr(ds, k, v)
-    return ds
+    return with_attrs(ds, **extra)
 
 
 def compressed(ds: Dataset, ts: str, **kw) -> Dataset:
@@ -250,3 +248,12 @@ def ybr_422_bytes(ybr: np.ndarray) -> tuple[bytes, np.ndarray]:
     packed = np.stack([y[:, 0::2], y[:, 1::2], cb, cr], -1)  # [h, w/2, 4]
     full = np.stack([y, np.repeat(cb, 2, 1), np.repeat(cr, 2, 1)], -1)
     return packed.tobytes(), full
+
+
+def with_attrs(ds: Dataset, **attrs) -> Dataset:
+    """Set header values, including invalid ones, without pydicom's validation warning (it would quote them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k, v in attrs.items():
+            setattr(ds, k, v)
+    return ds

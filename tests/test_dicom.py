@@ -260,11 +260,8 @@ def _encapsulated(ts, streams=(b"\x00" * 64,), **kw):
     return S.write(S.encapsulated(S.native(RGB, **kw), list(streams), ts))
 
 
-def _header_claims(**attrs):
-    ds = S.native(RGB)
-    for k, v in attrs.items():
-        setattr(ds, k, v)
-    return S.write(ds)
+def _header_claims(**attrs) -> bytes:
+    return S.write(S.with_attrs(S.native(RGB), **attrs))
 
 
 def _jpeg_size_mismatch():
