@@ -64,3 +64,9 @@ class EngineClosed(SkinOfflineError):
 
 class Cancelled(SkinOfflineError):
     exit_code = 130
+
+
+class PatientDataWarning(UserWarning):
+    """The image may show patient data in its pixels (DICOM BurnedInAnnotation = YES): a notice, never a refusal.
+
+    The message never quotes any header value; the CLI prints it as one `warning: ...` line on stderr."""

@@ -9,8 +9,8 @@ from typing import Optional
 
 import typer
 
-from .options import (Device, Precision, bundle_option, device_option, precision_option, threads_option,
-                      warn_if_random)
+from .options import (Device, Precision, bundle_option, device_option, frame_option, image_source, precision_option,
+                      threads_option, warn_if_random)
 
 
 def print_stream(responses, prefill: bool = False) -> None:
@@ -37,8 +37,9 @@ def register(app, friendly) -> None:
     @app.command()
     @friendly
     def ask(
-        image: Path = typer.Argument(..., help="image file (jpg, png, webp, ...)"),
+        image: Path = typer.Argument(..., help="image file (jpg, png, heic, DICOM, ...)"),
         question: str = typer.Argument(..., help="question about the image"),
+        frame: int = frame_option(),
         bundle: Optional[Path] = bundle_option(),
         max_new_tokens: int = typer.Option(256, min=1),
         temperature: float = typer.Option(0.0, help="0 = greedy"),
@@ -59,10 +60,10 @@ def register(app, friendly) -> None:
         model = SkinVL.load(bundle, threads=threads, precision=precision, device=device)
         warn_if_random(model.manifest)
         if as_json:
-            typer.echo(json.dumps(model.ask(image, question, **kw).to_dict()))
+            typer.echo(json.dumps(model.ask(image_source(image, frame), question, **kw).to_dict()))
             return
         try:
-            print_stream(model.stream(image, question, **kw))
+            print_stream(model.stream(image_source(image, frame), question, **kw))
         except KeyboardInterrupt:
             _interrupted()
 
@@ -70,6 +71,7 @@ def register(app, friendly) -> None:
     @friendly
     def chat(
         image: Path = typer.Argument(..., help="image file the conversation is about"),
+        frame: int = frame_option(),
         question: Optional[list[str]] = typer.Option(None, "--question", "-q", help="ask these in order (default: read questions from stdin, one per line)"),
         bundle: Optional[Path] = bundle_option(),
         max_new_tokens: int = typer.Option(256, min=1),
@@ -86,7 +88,7 @@ def register(app, friendly) -> None:
         SamplingConfig(temperature=temperature, seed=seed)
         model = SkinVL.load(bundle, threads=threads, precision=precision, device=device)
         warn_if_random(model.manifest)
-        conv = model.conversation(image)
+        conv = model.conversation(image_source(image, frame))
         interactive = not question and sys.stdin.isatty()
         questions = iter(question) if question else (line.rstrip("\n") for line in sys.stdin)
         try:

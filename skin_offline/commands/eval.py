@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..eval.choices import ClassifyMethod, Protocol
-from .options import Precision, threads_option, warn_if_random
+from .options import Precision, frame_option, image_source, threads_option, warn_if_random
 
 
 def _labels(labels: Optional[str], label_set: Optional[str], labels_file: Optional[Path]) -> list[str]:
@@ -76,6 +76,7 @@ def register(app, friendly) -> None:
     @friendly
     def classify_cmd(
         image: Path = typer.Argument(..., help="image file"),
+        frame: int = frame_option(),
         bundle: Optional[Path] = typer.Option(None, help="bundle folder"),
         labels: Optional[str] = typer.Option(None, help="comma-separated candidate diagnoses"),
         label_set: Optional[str] = typer.Option(None, help="a label set of the paper (HAM10000, ISIC, PAD, ...)"),
@@ -92,6 +93,7 @@ def register(app, friendly) -> None:
         from ..runtime.pipeline import SkinVL
 
         names = _labels(labels, label_set, labels_file)
+        image = image_source(image, frame)
         model = SkinVL.load(bundle, threads=threads, precision=precision)
         warn_if_random(model.manifest)
         if method is ClassifyMethod.LIKELIHOOD:

@@ -26,6 +26,17 @@ def threads_option():
     return typer.Option(None, min=1, help="onnxruntime intra-op threads (default: onnxruntime's)")
 
 
+def frame_option():
+    return typer.Option(0, min=0, help="frame of a multi-frame image (DICOM, TIFF pages, animations): 0 = the first")
+
+
+def image_source(image, frame: int):
+    """The image argument with its --frame, in the form SkinVL takes wherever it takes an image."""
+    from ..runtime.image import ImageSource
+
+    return ImageSource(image, frame)
+
+
 RANDOM_WEIGHTS_WARNING = ("warning: this bundle was exported from random weights (a demo/test checkpoint); "
                           "its answers mean nothing")
 
