@@ -77,6 +77,12 @@ class ModelDims:
     vision_hidden_size: int
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            want_int = f.type in ("int", int)
+            if isinstance(v, bool) or not isinstance(v, int if want_int else (int, float)) or v <= 0:
+                raise BundleError(f"manifest model.{f.name} is {v!r}, expected a positive "
+                                  f"{'integer' if want_int else 'number'}; re-export the bundle")
         if self.num_heads % self.num_kv_heads:
             raise BundleError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
