@@ -32,7 +32,13 @@ class Attention(str, enum.Enum):
     """How a decoder graph keeps its KV cache (decides the runtime's cache strategy)."""
 
     CONCAT = "concat"  # standard ops: each step concatenates past and new keys into fresh presents
-    GQA = "gqa"  # onnxruntime GroupQueryAttention: past and present share one preallocated buffer, written in place
+    GQA = "gqa"  # onnxruntime GroupQueryAttention: past and present share one preallocated buffer, written in place;
+    # each row's length comes from its mask, so one decode run serves rows of different lengths (batching)
+    GQA_UNIFORM = "gqa-uniform"  # the same, exported before per-row lengths: every row of a run has the mask's width
+
+    @property
+    def in_place(self) -> bool:
+        return self in (Attention.GQA, Attention.GQA_UNIFORM)
 
 
 class Kernel(str, enum.Enum):
@@ -147,8 +153,9 @@ class GraphVariant:
         attention, kernel = self.attention, self.kernel
         if attention is None and self.role == names.ROLE_DECODER:
             legacy = self.details.get("attention")
+            # a bundle written before these fields: its GroupQueryAttention graphs take one length for every row
             attention = Attention.CONCAT if legacy == "standard" or (legacy is None and self.flavor == Flavor.STANDARD) \
-                else Attention.GQA
+                else Attention.GQA_UNIFORM
         if kernel is None:
             op = self.details.get("op")
             kernel = Kernel.NBITS if op == "MatMulNBits" else Kernel.QGEMM if op in ("MatMulInteger", "DynamicQuantizeMatMul") \
@@ -202,10 +209,10 @@ class Manifest:
     def multi_row_partner(self, decoder: GraphVariant) -> GraphVariant | None:
         """The int8 QGEMM decoder that many-row calls of `decoder` run through (Prefill.INT8), if the bundle has
         one: same I/O and GroupQueryAttention KV layout, so either graph continues the other's cache."""
-        if decoder.attention != Attention.GQA or decoder.kernel == Kernel.QGEMM:
+        if decoder.attention is None or not decoder.attention.in_place or decoder.kernel == Kernel.QGEMM:
             return None
         return next((g for g in self.variants(names.ROLE_DECODER)
-                     if g.kernel == Kernel.QGEMM and g.attention == Attention.GQA), None)
+                     if g.kernel == Kernel.QGEMM and g.attention == decoder.attention), None)
 
     def variants(self, role: str) -> list[GraphVariant]:
         return [g for g in self.graphs if g.role == role]

@@ -123,7 +123,7 @@ class QuantConfig:
     def default_prefill(self, source: GraphVariant) -> Prefill:
         """INT8 for an int4 decoder built from a GroupQueryAttention graph (the multi-row graph shares its KV
         cache in place); the decoder itself otherwise."""
-        return Prefill.INT8 if self.precision == Precision.INT4 and source.attention == Attention.GQA else Prefill.DECODER
+        return Prefill.INT8 if self.precision == Precision.INT4 and source.attention is not None and source.attention.in_place else Prefill.DECODER
 
     def details(self, bits_precision: Precision) -> dict:
         d = {"block_size": self.block_size, "symmetric": self.symmetric, "accuracy_level": self.accuracy_level,
@@ -472,7 +472,7 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
         cfg = replace(cfg, block_size=auto_block_size([src / dec32.file]))
     if cfg.prefill is None:
         cfg = replace(cfg, prefill=cfg.default_prefill(dec32))
-    elif cfg.prefill == Prefill.INT8 and dec32.attention != Attention.GQA:
+    elif cfg.prefill == Prefill.INT8 and not (dec32.attention and dec32.attention.in_place):
         raise UsageError(f"--prefill int8 needs the contrib (GroupQueryAttention) fp32 decoder, which {src} lacks; "
                          f"re-export it (the default) or use --prefill decoder")
     vision_gated = cfg.vision_defaulted  # a default int8 tower must earn its place (cosine gate below)

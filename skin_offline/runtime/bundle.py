@@ -192,7 +192,7 @@ class Bundle:
             if partner is not None else None
         return cls(
             folder=folder, manifest=manifest, vision=vision,
-            decoder=make_decoder(dec_session, manifest.model, share_buffer=dec.attention == Attention.GQA, gemm_session=gemm),
+            decoder=make_decoder(dec_session, manifest.model, share_buffer=dec.attention is not None and dec.attention.in_place, gemm_session=gemm),
             embeddings=table, embedding_scales=scales, notices=notices,
             picked={names.ROLE_VISION: vis, names.ROLE_DECODER: dec, names.ROLE_EMBEDDINGS: emb,
                     **({"multi_row": partner} if partner is not None else {})},
