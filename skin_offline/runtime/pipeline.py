@@ -31,7 +31,7 @@ import numpy as np
 from ..errors import ContextLengthError
 from ..manifest import Precision, Prefill
 from .bundle import Bundle
-from .decoder import KVCache
+from .kv import KVCache
 from .generate import FinishReason, GenerationState, Response, Timings, stream_generate
 from .image import load_image, preprocess
 from .kernels.sampling import make_sampler
