@@ -28,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .. import names
 from ..errors import BundleError, ConfigError, UsageError
-from ..manifest import Attention, Flavor, GraphVariant, Kernel, Manifest, Precision, Prefill, file_entry
+from ..manifest import Flavor, GraphVariant, Kernel, Manifest, Precision, Prefill, file_entry
 from .atomic import atomic_folder
 from .codecs import MS_DOMAIN, Codec, NBits, QGemm
 from .onnx_writer import ExternalData, save

@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import names
 from ..errors import BundleError
-from ..manifest import Attention, Flavor, GraphVariant, Manifest, Precision, Prefill, sha256_file
+from ..manifest import Flavor, GraphVariant, Manifest, Precision, Prefill, sha256_file
 from .decoder import Decoder, make_decoder
 from .external_data import external_locations
 from .sessions import SessionFactory
