@@ -323,7 +323,7 @@ def worker_skin(a) -> dict:
     bundle = Path(a.model)
     t0 = time.perf_counter()
     b = Bundle.load(bundle, threads=a.threads, precision=a.precision, device="cpu", prefill=a.prefill)
-    model = SkinVL(b, TextTokenizer.from_file(bundle / "tokenizer.json"), feature_cache_size=0)
+    model = SkinVL(b, TextTokenizer.from_file(bundle / "tokenizer.json"), feature_cache_size=0, prompt_cache_size=0)
     load = time.perf_counter() - t0
     q, _, _ = _prompt(bundle, a.prompt_tokens)
     img = demo_image()
