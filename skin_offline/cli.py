@@ -257,6 +257,7 @@ _COMMAND_MODULES: list[str] = [
     "bench",
     "engines",
     "quantize",
+    "serve",
 ]
 
 
