@@ -7,11 +7,12 @@ import base64
 import os
 import re
 import secrets
+import time
 
 import pytest
 
 from conftest import random_image
-from serve_helpers import Server, data_url, image_url, png_bytes, request, user
+from serve_helpers import Server, data_url, image_url, png_bytes, user, wait_for
 from test_reliability import assert_one_line_error, cli
 from test_serve_errors import check_error
 
@@ -106,6 +107,9 @@ def test_openai_client_with_and_without_key(lan):
     before = lan.log().count("GET /v1/models 401")
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
+    time.sleep(0.5)  # a retry would come within the client's backoff (0.5 s, then 1 s)
+    assert wait_for(lambda: lan.log().count("GET /v1/models 401") > before)
+    time.sleep(1.5)
     assert lan.log().count("GET /v1/models 401") == before + 1  # a 401 is not retried by the client
 
 
