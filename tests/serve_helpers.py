@@ -83,7 +83,8 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def request(self, method: str, path: str, body=None, headers: dict | None = None, timeout: float = 60):

@@ -268,7 +268,7 @@ def create_app(state: ServerState, on_startup=None):
     return RequestLog(app, state.metrics)
 
 
-def start_loader(state: ServerState, load, on_error) -> "callable":
+def start_loader(state: ServerState, load, on_error, on_ready=None) -> "callable":
     """on_startup hook: load the model in a daemon thread (so /health answers 503 meanwhile and Ctrl-C
     during a long load exits), then hand it to the loop."""
 
@@ -277,10 +277,24 @@ def start_loader(state: ServerState, load, on_error) -> "callable":
             try:
                 model, engine = load()
             except BaseException as e:  # noqa: BLE001 (reported by the command after the server stops)
-                loop.call_soon_threadsafe(on_error, e)
+                deliver(on_error, e)
                 return
-            loop.call_soon_threadsafe(state.set_ready, model, engine)
+            on_startup.result = (model, engine)
 
-        threading.Thread(target=work, name="skin-offline-load", daemon=True).start()
+            def ready():
+                state.set_ready(model, engine)
+                if on_ready is not None:
+                    on_ready()
+            deliver(ready)
 
+        def deliver(fn, *args):
+            try:
+                loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:  # the server stopped while loading: the caller finds .result / the error here
+                on_startup.late.append((fn, args))
+
+        on_startup.thread = threading.Thread(target=work, name="skin-offline-load", daemon=True)
+        on_startup.thread.start()
+
+    on_startup.thread, on_startup.result, on_startup.late = None, None, []
     return on_startup

@@ -93,34 +93,55 @@ def serve(config: ServeConfig, bundle: Path, *, threads=None, precision=None, de
     failure: list[BaseException] = []
     server = None
 
+    t0 = time.perf_counter()
+
     def load():
-        t0 = time.perf_counter()
         model = SkinVL.load(bundle, threads=threads, precision=precision, device=device)
-        engine = Engine(model, parallel=cfg.parallel, max_queue=cfg.max_queue)
+        return model, Engine(model, parallel=cfg.parallel, max_queue=cfg.max_queue)
+
+    def on_ready():
         out(f"ready in {time.perf_counter() - t0:.1f}s: {cfg.parallel} slot(s), {cfg.capacity} requests admitted at most")
-        return model, engine
 
     def on_error(e):
         failure.append(e)
         server.should_exit = True
 
-    app = create_app(state, on_startup=start_loader(state, load, on_error))
+    url = _url(cfg.host if cfg.host not in ("0.0.0.0", "::") else socket.gethostname(), port)
+    warn = "RANDOM WEIGHTS (demo): answers are meaningless" if info.random_weights else info.provenance
+    access = ("API key required (Authorization: Bearer)" if cfg.api_key else "no API key (loopback only)")
+    banner = [
+        f"skin-offline serve: model {info.id!r} ({info.precision}; {warn})",
+        f"  {url}/            web page",
+        f"  {url}/v1          OpenAI-compatible API: POST /v1/chat/completions, GET /v1/models",
+        f"  {url}/health      {url}/metrics",
+        f"  listening on {cfg.host}:{port}, {access}; files: {cfg.allow_files or 'refused'}; "
+        f"CORS: {', '.join(cfg.cors_origins) or 'off'}; loading the model...",
+    ]
+    loader = start_loader(state, load, on_error, on_ready)
+
+    def on_startup(loop):  # signal handlers are in place by now: Ctrl-C from here on is a clean stop (exit 0)
+        for line in banner:
+            out(line)
+        loader(loop)
+
+    app = create_app(state, on_startup=on_startup)
     uv = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", http="h11", ws="none", loop="asyncio",
                         server_header=False, timeout_keep_alive=5, timeout_graceful_shutdown=cfg.shutdown_grace_s + 15)
     server = _Server(uv, state)
-    url = _url(cfg.host if cfg.host not in ("0.0.0.0", "::") else socket.gethostname(), port)
-    warn = "RANDOM WEIGHTS (demo): answers are meaningless" if info.random_weights else info.provenance
-    out(f"skin-offline serve: model {info.id!r} ({info.precision}; {warn})")
-    out(f"  {url}/            web page")
-    out(f"  {url}/v1          OpenAI-compatible API: POST /v1/chat/completions, GET /v1/models")
-    out(f"  {url}/health      {url}/metrics")
-    access = ("API key required (Authorization: Bearer)" if cfg.api_key else "no API key (loopback only)")
-    out(f"  listening on {cfg.host}:{port}, {access}; files: {cfg.allow_files or 'refused'}; "
-        f"CORS: {', '.join(cfg.cors_origins) or 'off'}; loading the model...")
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
+    if loader.thread is not None and loader.thread.is_alive():
+        # stopped while loading: let the load finish (it cannot be interrupted) rather than exit under a thread
+        # that is inside onnxruntime (which aborts the process at interpreter exit)
+        out("stopping: waiting for the model load to finish")
+        loader.thread.join()
+        if loader.result is not None:
+            loader.result[1].close(cancel=True, timeout=10)
+        for fn, args in loader.late:
+            if fn is on_error:
+                fn(*args)
     if failure:
         raise failure[0]
 
