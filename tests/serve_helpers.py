@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import base64
 import http.client
 import io
@@ -19,6 +20,13 @@ from pathlib import Path
 from conftest import random_image
 
 START_TIMEOUT_S = 120  # a bound for a hung start on a loaded 2-core machine, not a performance figure
+_STARTED: list = []  # every server a test started: killed at exit if a failed test left one running
+
+
+@atexit.register
+def _kill_leftovers():
+    for s in _STARTED:
+        s.kill()
 
 
 def png_bytes(img) -> bytes:
@@ -52,6 +60,7 @@ class Server:
         e.update(env or {})
         self._log = open(log, "wb")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, env=e)
+        _STARTED.append(self)
         self.lines: list[str] = []
         self._ready = threading.Event()
         self._url = threading.Event()
@@ -99,13 +108,14 @@ class Server:
         try:
             return self.proc.wait(timeout)
         finally:
-            self._log.close()
+            self.kill()  # a server that did not stop in time is killed, never left running
 
     def kill(self):
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
 
 
 class Reply:
