@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -105,6 +106,14 @@ def test_ask_follow_up_and_stop(page, server, llava_model, tmp_path):
     page.wait_for_selector("#error:not([hidden])")
     assert page.get_attribute("#status", "data-state") == "error"
     assert page.locator(".turn").count() == 0
+
+    # the README's JavaScript `fetch` example, run in the page on the image chosen there
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = readme.split("```js\n", 1)[1].split("```", 1)[0]
+    page.set_input_files("#file", str(img))
+    got = page.evaluate(f"async () => {{ {code}; return await ask(document.getElementById('file').files[0], "
+                        f"'What is this lesion?', {{ url: location.origin }}); }}")
+    assert got == rt.ask(img, "What is this lesion?", max_new_tokens=256).answer
 
     assert all(u.startswith(server.url) or u.startswith("data:") for u in page.requests), page.requests
     assert not [e for e in page.console_errors if "400" not in e], page.console_errors
