@@ -100,13 +100,70 @@ def setup_peers_venv(cache: Path) -> None:
     # onnxruntime-genai's builder also imports onnx-ir (undeclared); both pinned, no deps (onnxruntime comes from the project)
     sh([py, "-m", "pip", "install", "-q", "--no-deps", f"onnxruntime-genai=={ORT_GENAI}", f"onnx-ir=={ONNX_IR}", "diskcache==5.6.3"], log)
     ok = subprocess.run([str(py), "-c", "import llama_cpp"], capture_output=True).returncode == 0
-    if not ok:  # 4.5-6.5 min on 2 idle cores; GGML_NATIVE uses this CPU's AVX-512/VNNI; LLAVA_BUILD=OFF skips
-        # the mtmd (multimodal) library, a third of the build, which the text-only peer never loads
-        sh([py, "-m", "pip", "install", "--no-deps", dl / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"], log,
-           env={"CMAKE_ARGS": "-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF", "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)})
+    if not ok:
+        build_llama_cpp_python(cache, llama_flags(cache))
     src = cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
     if not src.exists():
         shutil.unpack_archive(dl / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz", cache)
+
+
+# llama.cpp's CMake flags for every peer build (llama-cpp-python, libmtmd, llama-server), recorded in the cache
+# and in each run's report. GGML_NATIVE uses this CPU's own instruction set (AVX-512 / VNNI); on Intel CPUs with
+# AMX that also turns on ggml's AMX backend, which crashed here on the first decode (SIGSEGV in
+# ggml_backend_amx_mul_mat, llama-cpp-python 0.3.36): setup then rebuilds with the AMX paths off (smoke test).
+NATIVE_FLAGS = "-DGGML_NATIVE=ON"
+NO_AMX_FLAGS = "-DGGML_NATIVE=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF"
+FLAGS_FILE = "llama-cmake-flags.txt"
+
+
+def llama_flags(cache: Path) -> str:
+    f = cache / FLAGS_FILE
+    return f.read_text().strip() if f.exists() else NATIVE_FLAGS
+
+
+def build_llama_cpp_python(cache: Path, flags: str) -> None:
+    """4.5-6.5 min on 2 idle cores; LLAVA_BUILD=OFF skips the mtmd library (built separately, see setup_mtmd)."""
+    (cache / FLAGS_FILE).write_text(flags + "\n")
+    sdist = cache / "dl" / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+    sh([peers_python(cache), "-m", "pip", "install", "--force-reinstall", "--no-deps", sdist], cache / "setup.log",
+       env={"CMAKE_ARGS": f"{flags} -DLLAVA_BUILD=OFF", "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)})
+
+
+def describe_exit(code: int) -> str:
+    """'exit 3', or the signal a crashed process died of ('killed by SIGSEGV')."""
+    import signal
+
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit {code}"
+
+
+def smoke_llama(cache: Path) -> str | None:
+    """Decode 2 tokens with the Q4_0 GGUF in a fresh process: None when it works, else why it failed."""
+    g = cache / "models" / "mistral-q4_0.gguf"
+    if not g.exists():
+        return f"{g.name} missing"
+    r = subprocess.run([str(peers_python(cache)), str(Path(__file__).resolve()), "worker", "llama", "--model", str(g),
+                        "--bundle", str(cache / "models" / "bundle-bench"), "--prompt-tokens", "32", "--new-tokens", "2",
+                        "--warmup", "0"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return None if r.returncode == 0 and "RESULT " in r.stdout else describe_exit(r.returncode)
+
+
+def check_llama_build(cache: Path) -> None:
+    """The peers must run on this machine: a crashing native build is rebuilt without AMX, then must pass."""
+    why = smoke_llama(cache)
+    if why and why.startswith("killed") and llama_flags(cache) != NO_AMX_FLAGS:
+        print(f"llama.cpp smoke test {why} with {llama_flags(cache)}; rebuilding with {NO_AMX_FLAGS}", flush=True)
+        build_llama_cpp_python(cache, NO_AMX_FLAGS)
+        for d in ("build-mtmd", "build-server"):
+            shutil.rmtree(cache / d, ignore_errors=True)
+        why = smoke_llama(cache)
+    if why:
+        raise SystemExit(f"llama.cpp peer does not run on this machine ({why}, flags {llama_flags(cache)}); see {cache}/setup.log")
+    print(f"llama.cpp smoke test ok (flags {llama_flags(cache)})", flush=True)
 
 
 def setup_mistral_split(cache: Path) -> Path:
@@ -181,7 +238,7 @@ def setup_mtmd(cache: Path) -> None:
     src = cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
     log, build, models = cache / "setup.log", cache / "build-mtmd", cache / "models"
     if not (build / "bin" / "libmtmd.so").exists():  # ~6 min on 2 idle cores
-        sh(["cmake", "-S", src, "-B", build, "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+        sh(["cmake", "-S", src, "-B", build, "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", *llama_flags(cache).split(),
             "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
             "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_CURL=OFF"], log)
         sh(["ninja", "-C", build, f"-j{os.cpu_count() or 1}", "mtmd"], log)
@@ -223,6 +280,7 @@ def cmd_setup(a) -> None:
         setup_peers_venv(cache)
         mistral = setup_mistral_split(cache)
         setup_gguf(cache, mistral)
+        check_llama_build(cache)
         setup_mtmd(cache)
         setup_genai(cache, mistral)
     print(f"setup done in {time.time() - t0:.0f}s; cache {cache}")
@@ -264,7 +322,7 @@ def worker_skin(a) -> dict:
 
     bundle = Path(a.model)
     t0 = time.perf_counter()
-    b = Bundle.load(bundle, threads=a.threads, precision=a.precision, device="cpu")
+    b = Bundle.load(bundle, threads=a.threads, precision=a.precision, device="cpu", prefill=a.prefill)
     model = SkinVL(b, TextTokenizer.from_file(bundle / "tokenizer.json"), feature_cache_size=0)
     load = time.perf_counter() - t0
     q, _, _ = _prompt(bundle, a.prompt_tokens)
@@ -273,10 +331,11 @@ def worker_skin(a) -> dict:
         one_run(model, img, q, min(a.new_tokens, WARMUP_TOKENS))
     r = one_run(model, img, q, a.new_tokens)
     f = model_facts(model, a.threads)
-    resident = sum(e.size for n, e in b.manifest.files.items() if n.endswith((".data", ".npy", ".onnx")))
+    resident = sum(b.manifest.files[f].size for f in b.loaded_files())
     return {**r, "load_s": load, "peak_rss_bytes": _rss(), "weight_bytes": f["decoder_weight_bytes"],
             "resident_weight_bytes": resident, "kv_bytes": f["kv_bytes_per_token"] * (r["prompt_tokens"] + r["new_tokens"]),
-            "kv_bytes_per_token": f["kv_bytes_per_token"], "detail": f"{f['precision']} {f['flavor']}"}
+            "kv_bytes_per_token": f["kv_bytes_per_token"],
+            "detail": f"{f['precision']} {f['flavor']}, prefill {f['prefill']}"}
 
 
 def worker_transformers(a) -> dict:
@@ -502,9 +561,14 @@ def discover(cache: Path) -> tuple[list[dict], list[tuple[str, str]]]:
 
     for b in sorted(models.glob("bundle-bench*")):
         if (b / "manifest.json").exists():
-            for prec in sorted({g.precision.value for g in Manifest.read(b).variants(names.ROLE_DECODER)}):
-                peers.append({"name": f"skin-offline {prec}" + ("" if b == base else f" ({b.name})"), "kind": "skin",
-                              "python": sys.executable, "model": str(b), "precision": prec})
+            m = Manifest.read(b)
+            suffix = "" if b == base else f" ({b.name})"
+            for prec in sorted({g.precision.value for g in m.variants(names.ROLE_DECODER)}):
+                peer = {"name": f"skin-offline {prec}{suffix}", "kind": "skin", "python": sys.executable, "model": str(b),
+                        "precision": prec, "prefill": "decoder"}
+                if m.multi_row_partner(m.pick(names.ROLE_DECODER, prec)) is not None:  # hybrid: with and without
+                    peers.append({**peer, "name": f"skin-offline {prec} + int8 prefill{suffix}", "prefill": "int8"})
+                peers.append(peer)
     hf = models / "ckpt-hf"
     if (hf / "config.json").exists():
         peers.append({"name": "transformers fp32", "kind": "transformers", "python": sys.executable, "model": str(hf)})
@@ -541,8 +605,9 @@ def run_one(peer: dict, a, bundle: Path) -> dict:
     cmd = [peer["python"], str(Path(__file__).resolve()), "worker", peer["kind"], "--model", peer["model"], "--bundle", str(bundle),
            "--threads", str(a.threads), "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens),
            "--warmup", str(a.warmup)]
-    if peer.get("precision"):
-        cmd += ["--precision", peer["precision"]]
+    for key in ("precision", "prefill"):
+        if peer.get(key):
+            cmd += [f"--{key}", peer[key]]
     if peer.get("mmproj"):
         cmd += ["--mmproj", peer["mmproj"]]
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONPATH": str(REPO), **peer.get("env", {})}
@@ -551,7 +616,7 @@ def run_one(peer: dict, a, bundle: Path) -> dict:
         if line.startswith("RESULT "):
             return json.loads(line[7:])
     tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
-    return {"error": f"exit {r.returncode}: {tail[0][:300]}"}
+    return {"error": f"{describe_exit(r.returncode)}: {tail[0][:300]}"}
 
 
 def summarize(results: dict[str, list[dict]], baseline: str, bandwidth: float | None) -> list[dict]:
@@ -590,7 +655,7 @@ def markdown(rows: list[dict], skipped, meta: dict) -> str:
            f"{meta['runs']} interleaved rounds, medians (min-max); ratios vs {meta['baseline']}; "
            f"roofline from the best of {len(meta.get('bandwidth_probes_gb_per_s', [])) or 1} bandwidth probes: "
            f"{f(meta['bandwidth_gb_per_s'])} GB/s (probes {f(min(meta.get('bandwidth_probes_gb_per_s') or [0]))}-"
-           f"{f(max(meta.get('bandwidth_probes_gb_per_s') or [0]))})", "",
+           f"{f(max(meta.get('bandwidth_probes_gb_per_s') or [0]))}); llama.cpp built with {meta.get('llama_cmake_flags', '?')}", "",
            "| peer | prefill tok/s | decode tok/s | decode ratio | % of roofline | vision s | TTFT s | TTFT ratio | peak RSS GB | RSS / (weights+KV) | decoder weights GB | notes |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -643,13 +708,19 @@ def cmd_run(a) -> None:
     baseline = a.baseline or next((p["name"] for p in peers if p["name"].startswith("llama.cpp Q4_0")), peers[0]["name"] if peers else "")
     rows = summarize(results, baseline, bw)
     meta = {"prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "threads": a.threads, "runs": a.runs,
-            "baseline": baseline, "bandwidth_gb_per_s": bw, "bandwidth_probes_gb_per_s": probes, "machine": info.to_dict()}
+            "baseline": baseline, "bandwidth_gb_per_s": bw, "bandwidth_probes_gb_per_s": probes, "machine": info.to_dict(),
+            "llama_cmake_flags": llama_flags(cache)}
     table = markdown(rows, skipped, meta)
     print(table)
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         Path(a.out, "compare.json").write_text(json.dumps({"meta": meta, "rows": rows, "skipped": skipped, "raw": results}, indent=2))
         Path(a.out, "compare.md").write_text(table + "\n")
+    failed = [r for r in rows if r["errors"]]
+    if failed:  # a crashed or failing peer fails the run, loudly, instead of leaving an empty row
+        for r in failed:
+            print(f"FAILED {r['peer']}: {len(r['errors'])} of {a.runs} rounds: {r['errors'][0]}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def cmd_report(a) -> None:
@@ -684,7 +755,7 @@ def main() -> None:
     rp.add_argument("folder")
     w = sub.add_parser("worker")
     w.add_argument("kind", choices=sorted(WORKERS))
-    for flag in ("--model", "--bundle", "--precision", "--mmproj"):
+    for flag in ("--model", "--bundle", "--precision", "--mmproj", "--prefill"):
         w.add_argument(flag)
     for flag, d in (("--threads", 2), ("--prompt-tokens", 600), ("--new-tokens", 128), ("--warmup", 1)):
         w.add_argument(flag, type=int, default=d)

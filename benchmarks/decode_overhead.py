@@ -110,7 +110,8 @@ def quantized(folder: Path, graph: str, precision: str) -> Path:
 
 def filled_cache(dec, past: int, rng):
     """A cache of `past` random keys/values (decode cost does not depend on their values; skips a prefill)."""
-    from skin_offline.runtime.decoder import FastDecoder, KVCache
+    from skin_offline.runtime.decoder import FastDecoder
+    from skin_offline.runtime.kv import HostCache, StoreCache
 
     d = dec.dims
     shape = (1, d.num_kv_heads, past, d.head_dim)
@@ -120,9 +121,9 @@ def filled_cache(dec, past: int, rng):
         for buf in cache.store.keys + cache.store.values:
             buf[:, :, :past] = rng.standard_normal(shape, dtype=np.float32).astype(dec.kv_dtype)
         cache.store.frontier = past
-        return KVCache(None, None, mask, cache.store)
+        return StoreCache(cache.store, mask, True)
     kv = [rng.standard_normal(shape, dtype=np.float32).astype(dec.kv_dtype) for _ in range(2 * d.num_layers)]
-    return KVCache(kv[0::2], kv[1::2], mask)
+    return HostCache(kv[0::2], kv[1::2], mask)
 
 
 def decode_round(dec, table: np.ndarray, past: int, steps: int, rng) -> dict:

@@ -11,6 +11,11 @@ class UsageError(SkinOfflineError):
     exit_code = 2
 
 
+class ConfigError(UsageError, ValueError):
+    """A configuration value out of range (sampling, beam search, quantization, ...): a usage error for the CLI
+    (exit 2, one line), and still a ValueError for library callers that catch that."""
+
+
 class ImageError(SkinOfflineError):
     """The image cannot be read or is not usable."""
 
@@ -59,3 +64,9 @@ class EngineClosed(SkinOfflineError):
 
 class Cancelled(SkinOfflineError):
     exit_code = 130
+
+
+class PatientDataWarning(UserWarning):
+    """The image may show patient data in its pixels (DICOM BurnedInAnnotation = YES): a notice, never a refusal.
+
+    The message never quotes any header value; the CLI prints it as one `warning: ...` line on stderr."""

@@ -32,7 +32,13 @@ class Attention(str, enum.Enum):
     """How a decoder graph keeps its KV cache (decides the runtime's cache strategy)."""
 
     CONCAT = "concat"  # standard ops: each step concatenates past and new keys into fresh presents
-    GQA = "gqa"  # onnxruntime GroupQueryAttention: past and present share one preallocated buffer, written in place
+    GQA = "gqa"  # onnxruntime GroupQueryAttention: past and present share one preallocated buffer, written in place;
+    # each row's length comes from its mask, so one decode run serves rows of different lengths (batching)
+    GQA_UNIFORM = "gqa-uniform"  # the same, exported before per-row lengths: every row of a run has the mask's width
+
+    @property
+    def in_place(self) -> bool:
+        return self in (Attention.GQA, Attention.GQA_UNIFORM)
 
 
 class Kernel(str, enum.Enum):
@@ -41,6 +47,13 @@ class Kernel(str, enum.Enum):
     FLOAT = "float"  # MatMul in the graph's float type (fp32 / fp16)
     NBITS = "nbits"  # MatMulNBits block-quantized weights: fastest for one row (decode), linear in rows
     QGEMM = "qgemm"  # int8 per-channel weights through onnxruntime's int8 GEMM: nearly flat in rows (prefill, batches)
+
+
+class Prefill(str, enum.Enum):
+    """Which weights multi-row decoder calls (prefill chunks, batched decode steps) run through."""
+
+    INT8 = "int8"  # an int8 QGEMM graph (Kernel.QGEMM) beside the decode graph, sharing its KV cache layout
+    DECODER = "decoder"  # the decode graph itself
 
 
 class PadMode(str, enum.Enum):
@@ -70,6 +83,12 @@ class ModelDims:
     vision_hidden_size: int
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            want_int = f.type in ("int", int)
+            if isinstance(v, bool) or not isinstance(v, int if want_int else (int, float)) or v <= 0:
+                raise BundleError(f"manifest model.{f.name} is {v!r}, expected a positive "
+                                  f"{'integer' if want_int else 'number'}; re-export the bundle")
         if self.num_heads % self.num_kv_heads:
             raise BundleError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
@@ -134,8 +153,9 @@ class GraphVariant:
         attention, kernel = self.attention, self.kernel
         if attention is None and self.role == names.ROLE_DECODER:
             legacy = self.details.get("attention")
+            # a bundle written before these fields: its GroupQueryAttention graphs take one length for every row
             attention = Attention.CONCAT if legacy == "standard" or (legacy is None and self.flavor == Flavor.STANDARD) \
-                else Attention.GQA
+                else Attention.GQA_UNIFORM
         if kernel is None:
             op = self.details.get("op")
             kernel = Kernel.NBITS if op == "MatMulNBits" else Kernel.QGEMM if op in ("MatMulInteger", "DynamicQuantizeMatMul") \
@@ -185,6 +205,14 @@ class Manifest:
         """Exported from a random-weight checkpoint (`make-demo-checkpoint`, the test factory): its answers mean
         nothing, and a ranked diagnosis from it would look real, so every front end says so."""
         return bool(self.source.get(names.SOURCE_RANDOM_WEIGHTS, False))
+
+    def multi_row_partner(self, decoder: GraphVariant) -> GraphVariant | None:
+        """The int8 QGEMM decoder that many-row calls of `decoder` run through (Prefill.INT8), if the bundle has
+        one: same I/O and GroupQueryAttention KV layout, so either graph continues the other's cache."""
+        if decoder.attention is None or not decoder.attention.in_place or decoder.kernel == Kernel.QGEMM:
+            return None
+        return next((g for g in self.variants(names.ROLE_DECODER)
+                     if g.kernel == Kernel.QGEMM and g.attention == decoder.attention), None)
 
     def variants(self, role: str) -> list[GraphVariant]:
         return [g for g in self.graphs if g.role == role]

@@ -101,6 +101,13 @@ def test_bandwidth_probe_and_machine_info():
     assert bw.gb_per_s == max(bw.kernels.values()) > 0
     info = machine.machine_info(bandwidth=False)
     assert info.logical_cores >= 1 and info.memory_bytes > 0 and "CPUExecutionProvider" in info.providers
+    assert info.gemm_min_rows >= 1 and set(info.cpu_features) <= set(machine.KERNEL_FEATURES)
+
+
+def test_cpu_features_are_read_from_the_flags():
+    flags = {"fpu", "avx2", "avx512_vnni", "amx_int8", "amx_tile", "sse4_2"}
+    assert machine.cpu_features(flags) == ["amx_int8", "amx_tile", "avx512_vnni", "avx2"]
+    assert machine.cpu_features({"asimddp", "i8mm", "fp"}) == ["asimddp", "i8mm"]  # a Jetson's Cortex-A78AE
 
 
 @pytest.mark.parametrize("model,gbs", [

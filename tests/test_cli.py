@@ -72,3 +72,67 @@ def test_export_hub_named_vision_tower_needs_local_path(tmp_path, tokenizer_mode
     out = cli("export", ckpt, tmp_path / "b")
     assert out.returncode == 4 and "--vision-tower" in out.stderr and not (tmp_path / "b").exists()
     assert cli("export", ckpt, tmp_path / "b", "--vision-tower", tmp_path / "clip", "--no-verify").returncode == 0
+
+
+def test_config_error_is_a_one_line_usage_error(llava_model, image):
+    """A value the sampling config refuses (top_p 0) is exit 2 with one line, not 'unexpected ValueError'."""
+    out = cli("ask", image, "Hi?", "--bundle", llava_model.bundle_dir, "--top-p", 0, "--temperature", 1)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: top_p must be in (0, 1]") and "unexpected" not in lines[0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["quantize", "B", "O", "--precision", "int3"], "'int3' is not one of"),
+    (["quantize", "B", "O", "--precision", "int4", "--embeddings", "int4"], "--embeddings must be one of"),
+    (["export", "C", "O", "--image-mode", "squash"], "'squash' is not one of"),
+    (["export", "C", "O", "--precision", "int2"], "'int2' is not one of"),
+    (["ask", "x.png", "q", "--device", "gpu"], "'gpu' is not one of"),
+    (["ask", "x.png", "q", "--precision", "fp8"], "'fp8' is not one of"),
+    (["eval", "B", "--csv", "c", "--images", "i", "--protocol", "beam"], "'beam' is not one of"),
+    (["classify", "x.png", "--labels", "a,b", "--method", "vote"], "'vote' is not one of"),
+    (["make-demo-checkpoint", "O", "--layout", "gguf"], "'gguf' is not one of"),
+    (["bench", "B", "--precision", "int3"], "'int3' is not one of"),
+    (["ask", "x.png"], "Missing argument"),
+])
+def test_bad_choices_are_one_line_usage_errors(args, needle, tmp_path):
+    """Every choice is an enum-typed option (or a config that checks it): exit 2, one line, before any work."""
+    from typer.testing import CliRunner
+
+    from skin_offline.cli import app
+
+    r = CliRunner().invoke(app, [str(tmp_path / a) if a in ("B", "O", "C") else a for a in args])
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+    assert not [p for p in tmp_path.iterdir()], "a usage error must not write anything"
+
+
+def test_random_weight_bundles_warn_and_real_ones_do_not(llava_model, image, tmp_path):
+    import shutil
+
+    from skin_offline.commands.options import RANDOM_WEIGHTS_WARNING
+
+    out = cli("ask", image, "Hi?", "--bundle", llava_model.bundle_dir, "--max-new-tokens", 2, "--json")
+    assert out.returncode == 0 and RANDOM_WEIGHTS_WARNING in out.stderr.splitlines()
+    json.loads(out.stdout)  # the warning stays on stderr
+    chat = cli("chat", image, "-q", "Hi?", "--bundle", llava_model.bundle_dir, "--max-new-tokens", 2)
+    assert chat.returncode == 0 and RANDOM_WEIGHTS_WARNING in chat.stderr.splitlines()
+    ranked = cli("classify", image, "--labels", "nevus,melanoma", "--bundle", llava_model.bundle_dir, "--json")
+    assert ranked.returncode == 0 and RANDOM_WEIGHTS_WARNING in ranked.stderr.splitlines()
+    # the same bundle without the mark (as a real checkpoint's export): no warning
+    real = tmp_path / "real"
+    shutil.copytree(llava_model.bundle_dir, real)
+    m = json.loads((real / "manifest.json").read_text())
+    assert m["source"]["random_weights"] is True
+    m["source"]["random_weights"] = False
+    (real / "manifest.json").write_text(json.dumps(m))
+    quiet = cli("ask", image, "Hi?", "--bundle", real, "--max-new-tokens", 2)
+    assert quiet.returncode == 0 and "random weights" not in quiet.stderr
+
+
+def test_every_command_module_registers_its_commands():
+    out = cli("--help")
+    for name in ("ask", "chat", "export", "make-demo-checkpoint", "quantize", "info", "verify", "eval", "classify",
+                 "classify-eval", "bench", "build-engines"):
+        assert f" {name} " in out.stdout, name

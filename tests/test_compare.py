@@ -69,6 +69,31 @@ def test_skin_worker_on_the_tiny_bundle(llava_model):
     res = json.loads(next(l for l in r.stdout.splitlines() if l.startswith("RESULT "))[7:])
     m = llava_model.manifest
     assert res["prompt_tokens"] == 60 and 1 <= res["new_tokens"] <= 4
-    assert res["resident_weight_bytes"] == sum(e.size for n, e in m.files.items() if n.endswith((".data", ".npy", ".onnx")))
+    # the files the worker's sessions map: vision, the CPU's contrib decoder (+ the data it shares), embeddings
+    from skin_offline import names
+    from skin_offline.manifest import Flavor
+
+    loaded = [m.pick(names.ROLE_VISION), m.pick(names.ROLE_DECODER, flavor=Flavor.CONTRIB), m.pick(names.ROLE_EMBEDDINGS)]
+    assert res["resident_weight_bytes"] == sum(m.files[f].size for f in {f for g in loaded for f in (g.file, *g.data_files)})
     assert res["kv_bytes"] == res["kv_bytes_per_token"] * (res["prompt_tokens"] + res["new_tokens"])
     assert res["peak_rss_bytes"] > 0 and res["decode_tokens_per_s"] >= 0
+
+
+def test_a_crashed_peer_fails_the_run_loudly(compare, tmp_path, monkeypatch, capsys):
+    """A peer that dies (the AMX SIGSEGV seen with GGML_NATIVE builds) is named with its signal and fails the run."""
+    assert compare.describe_exit(-11) == "killed by SIGSEGV" and compare.describe_exit(3) == "exit 3"
+    peers = [{"name": "llama.cpp Q4_0", "kind": "llama"}, {"name": "skin-offline int4", "kind": "skin"}]
+    monkeypatch.setattr(compare, "discover", lambda cache: (peers, []))
+    monkeypatch.setattr(compare, "run_one", lambda p, a, b: {"error": "killed by SIGSEGV: (no output)"}
+                        if p["kind"] == "llama" else _run(50, 200, 3.0))
+    import skin_offline.bench.machine as machine
+
+    monkeypatch.setattr(machine, "probe_bandwidth", lambda threads=None: machine.Bandwidth(50.0, {}, 0))
+    args = type("A", (), dict(cache=str(tmp_path), peers=None, runs=1, threads=1, prompt_tokens=600, new_tokens=8,
+                              warmup=0, timeout=10, baseline=None, out=str(tmp_path / "out")))()
+    with pytest.raises(SystemExit) as e:
+        compare.cmd_run(args)
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "FAILED llama.cpp Q4_0" in err and "SIGSEGV" in err
+    assert (tmp_path / "out" / "compare.json").exists()  # the results are still written

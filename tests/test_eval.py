@@ -158,7 +158,7 @@ def test_cli_eval_classify_and_classify_eval(llava_model, vqa_set, tmp_path):
     img = vqa_set / "images" / "dataset" / "a.png"
     r = runner.invoke(app, ["classify", str(img), "--bundle", bundle, "--labels", "melanoma, nevus,basal cell carcinoma", "--json"])
     assert r.exit_code == 0, r.output
-    ranking = json.loads(r.output)
+    ranking = json.loads(r.stdout)
     assert sorted(x["label"] for x in ranking["ranking"]) == ["basal cell carcinoma", "melanoma", "nevus"]
     assert sum(x["probability"] for x in ranking["ranking"]) == pytest.approx(1.0, abs=1e-5)
     assert ranking["prediction"] == llava_model.runtime.classify(img, ["nevus", "melanoma", "basal cell carcinoma"]).top

@@ -175,7 +175,7 @@ def test_fast_decoder_feeds_float16_graphs(llava_model, tmp_path):
 def test_left_padded_cache_rows_decode_like_each_row_alone(llava_model, fast):
     """A batch cache with a left-padded row (mask zeros, garbage keys there) decodes each row as if alone:
     positions count real tokens and padded slots are masked (the general, non-step input path)."""
-    from skin_offline.runtime.decoder import KVCache
+    from skin_offline.runtime.kv import HostCache
 
     a, b = _embeds(llava_model, 10, 9), _embeds(llava_model, 7, 10)
     _, ca = fast.forward(a[:, :9], fast.empty_cache())
@@ -185,7 +185,7 @@ def test_left_padded_cache_rows_decode_like_each_row_alone(llava_model, fast):
     values = [np.concatenate([v1, np.concatenate([junk, v2], axis=2)]) for v1, v2 in zip(ca.values, cb.values)]
     mask = np.ones((2, 9), np.int64)
     mask[1, :3] = 0
-    logits, cache = fast.forward(np.concatenate([a[:, 9:], b[:, 6:]]), KVCache(keys, values, mask))
+    logits, cache = fast.forward(np.concatenate([a[:, 9:], b[:, 6:]]), HostCache(keys, values, mask))
     assert np.abs(logits[0, -1] - _ref_logits(llava_model, a)[0, -1]).max() < ATOL
     assert np.abs(logits[1, -1] - _ref_logits(llava_model, b)[0, -1]).max() < ATOL
     assert not cache.full and cache.length == 10

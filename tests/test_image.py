@@ -193,6 +193,46 @@ def _png_header(w, h):
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
 
 
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+_DICOM_PX = np.random.default_rng(3).integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
+
+
+def _dicom(pixels: bool = True) -> bytes:
+    import dicom_samples
+
+    ds = dicom_samples.native(_DICOM_PX)
+    if not pixels:
+        del ds.PixelData
+    return dicom_samples.write(ds)
+
+
+def _bare_dicom() -> bytes:
+    import dicom_samples
+    from pydicom import uid
+
+    return dicom_samples.write_bare(dicom_samples.native(_DICOM_PX, ts=uid.ImplicitVRLittleEndian))
+
+
+def _heic() -> bytes:
+    import pillow_heif  # the heif extra (installed by make)
+
+    buf = io.BytesIO()
+    pillow_heif.from_pillow(Image.new("RGB", (16, 12), (255, 0, 0))).save(buf, quality=-1)
+    return buf.getvalue()
+
+
+def _tiff16(path):
+    import tifffile
+
+    a = np.array([[0, 257, 32896], [65535, 1000, 65280]], dtype=np.uint16)
+    tifffile.imwrite(path, np.stack([a, a, a], -1), photometric="rgb", compression="zlib")
+    return path
+
+
 def _mkdir(path):
     path.mkdir()
     return path
@@ -254,6 +294,13 @@ CASES = {
     "apng_first_frame": (_animated("PNG"), "a.png", {}, _red),
     "exif_orientation_6": (_exif_jpeg(6), "a.jpg", {}, _check_rotated(top_red=True)),
     "exif_orientation_8": (_exif_jpeg(8), "a.jpg", {}, _check_rotated(top_red=False)),
+    "dicom_no_extension": (lambda p: _write(p, _dicom()), "IM000001", {}, _check_pixel(tuple(_DICOM_PX[0, 0]))),
+    "dicom_no_pixel_data": (lambda p: _write(p, _dicom(pixels=False)), "IM000002", {}, "has no pixel data"),
+    "dicom_without_file_header": (lambda p: _write(p, _bare_dicom()), "IM000003", {}, "without its file header"),
+    "dicom_over_max_pixels": (lambda p: _write(p, _dicom()), "a.dcm", {"max_pixels": 100}, "too large"),
+    "heic_photo": (lambda p: _write(p, _heic()), "IMG_0001.HEIC", {}, _red),
+    "avif_photo": (lambda p: save(Image.new("RGB", (16, 12), (255, 0, 0)), p, "AVIF"), "a.avif", {}, _red),
+    "tiff_16bit_rgb": (_tiff16, "a.tif", {}, _check_16bit),
     "directory": (_mkdir, "folder.jpg", {}, "is a directory"),
     "missing": (lambda p: p, "missing.jpg", {}, "no such file"),
 }

@@ -14,7 +14,7 @@ def test_legacy_variants_get_typed_fields_derived():
                             details={"op": "MatMulNBits", "attention": "standard"})
     assert old_int4.attention == Attention.CONCAT and old_int4.kernel == Kernel.NBITS
     gqa = GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.CONTRIB, "c.onnx")
-    assert gqa.attention == Attention.GQA and gqa.kernel == Kernel.FLOAT
+    assert gqa.attention == Attention.GQA_UNIFORM and gqa.kernel == Kernel.FLOAT  # exported before per-row lengths
     std = GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.STANDARD, "s.onnx")
     assert std.attention == Attention.CONCAT
     vis = GraphVariant(names.ROLE_VISION, Precision.INT8, Flavor.CONTRIB, "v.onnx", details={"op": "MatMulInteger"})

@@ -47,6 +47,10 @@ class MachineInfo:
     gpu: dict | None = None  # name, compute capability, memory (CUDA driver) when an NVIDIA GPU is present
     jetson: dict | None = None  # board model, L4T release, power mode, board bandwidth
     bandwidth: Bandwidth | None = None
+    # the int8 / int4 kernel features onnxruntime's MLAS dispatches on (x86 AMX, AVX-512 VNNI, AVX-VNNI, AVX2;
+    # ARM dot-product / i8mm / SVE): results from another machine are read against these
+    cpu_features: list = field(default_factory=list)
+    gemm_min_rows: int | None = None  # the kernel rule's crossover on this machine (runtime/kernels/policy.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,6 +64,18 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+KERNEL_FEATURES = ("amx_int8", "amx_bf16", "amx_tile", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512bw", "avx512f",
+                   "avx2", "fma", "asimddp", "i8mm", "sve", "sve2", "bf16")
+
+
+def cpu_features(flags: set[str] | None = None) -> list[str]:
+    """The subset of this CPU's flags that decides which int8 / int4 kernels run (in KERNEL_FEATURES order)."""
+    from ..runtime.kernels.policy import cpu_flags
+
+    flags = cpu_flags() if flags is None else flags
+    return [f for f in KERNEL_FEATURES if f in flags]
 
 
 def _read(path: str) -> str | None:
@@ -152,6 +168,8 @@ def probe_bandwidth(threads: int | None = None, buffer_mb: int = 128, repeats: i
 def machine_info(bandwidth: bool = True, threads: int | None = None) -> MachineInfo:
     import onnxruntime as ort
 
+    from ..runtime.kernels.policy import default_gemm_min_rows
+
     try:
         import psutil
 
@@ -162,4 +180,5 @@ def machine_info(bandwidth: bool = True, threads: int | None = None) -> MachineI
         cpu_model=cpu_model(), logical_cores=os.cpu_count() or 1, physical_cores=phys, memory_bytes=int(mem),
         python=platform.python_version(), onnxruntime=ort.__version__, providers=list(ort.get_available_providers()),
         gpu=gpu_summary(), jetson=jetson_info(), bandwidth=probe_bandwidth(threads) if bandwidth else None,
+        cpu_features=cpu_features(), gemm_min_rows=default_gemm_min_rows(),
     )

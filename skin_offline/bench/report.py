@@ -49,6 +49,9 @@ def render(result: BenchResult, console=None) -> None:
     bw = mach.get("bandwidth") or {}
     cores = f"{mach['logical_cores']} logical / {mach.get('physical_cores')} physical cores"
     console.print(f"machine: {mach['cpu_model']}, {cores}, {mach['memory_bytes'] / 2**30:.1f} GiB, onnxruntime {mach['onnxruntime']}")
+    if mach.get("cpu_features") is not None:
+        console.print(f"cpu kernels: {', '.join(mach['cpu_features']) or 'none of the int8 features'}; "
+                      f"calls of >= {mach.get('gemm_min_rows')} rows run the int8 GEMM graph when the bundle has one")
     if mach.get("gpu"):
         g = mach["gpu"]
         console.print(f"gpu: {g['name']} (compute {g['compute_capability']}, {g['memory_bytes'] / 2**30:.1f} GiB)")

@@ -93,22 +93,18 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _session_file(session) -> str | None:
-    path = getattr(session, "_model_path", None)  # onnxruntime's wrapper keeps the path it was given
-    return Path(path).name if path else None
-
-
 def model_facts(model, threads: int) -> dict:
     """What was measured: graph variant, provider, threads, bytes read per token."""
     m = model.manifest
-    dec_file = _session_file(model.bundle.decoder.session)
-    variants = [g for g in m.variants(names.ROLE_DECODER) if g.file == dec_file] or [m.pick(names.ROLE_DECODER)]
-    dec = variants[0]
+    dec = model.bundle.picked[names.ROLE_DECODER]
+    multi = model.bundle.picked.get("multi_row")
     weight_bytes = sum(m.files[f].size for f in (dec.file, *dec.data_files) if f in m.files)
     past = next((i for i in model.bundle.decoder.session.get_inputs() if i.name == names.past_key(0)), None)
     kv_item = 2 if past is not None and "float16" in past.type else 4
     return {
         "precision": dec.precision.value, "flavor": dec.flavor.value, "decoder_file": dec.file,
+        # many-row calls (prefill) ran through: the int8 GEMM graph of a hybrid bundle, or the decoder itself
+        "prefill": f"{multi.precision.value} {multi.kernel.value}" if multi else dec.precision.value,
         "decoder_weight_bytes": weight_bytes,
         "kv_bytes_per_token": m.model.kv_bytes_per_token(kv_item),
         "provider": model.bundle.decoder.session.get_providers()[0],

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from .options import Device, Precision, device_option, threads_option
+
 
 def register(app, friendly) -> None:
     @app.command("bench")
@@ -19,9 +21,9 @@ def register(app, friendly) -> None:
         warmup: int = typer.Option(1, min=0, help="discarded runs before measuring"),
         prompt_tokens: Optional[int] = typer.Option(None, min=1, help="pad the question until image + text tokens reach N"),
         new_tokens: int = typer.Option(128, min=1, help="tokens to generate per run"),
-        threads: Optional[int] = typer.Option(None, min=1),
-        precision: Optional[str] = typer.Option(None, help="decoder precision the bundle carries (fp32, fp16, int8, int4)"),
-        device: str = typer.Option("auto", help="auto | cpu | cuda | tensorrt"),
+        threads: Optional[int] = threads_option(),
+        precision: Optional[Precision] = typer.Option(None, help="decoder precision the bundle carries"),
+        device: Device = device_option(),
         as_json: bool = typer.Option(False, "--json", help="print the full result as JSON"),
         chart: Optional[Path] = typer.Option(None, help="write a PNG chart of the stage breakdown"),
         probe: bool = typer.Option(True, "--probe/--no-probe", help="measure memory bandwidth for the roofline"),
@@ -29,13 +31,10 @@ def register(app, friendly) -> None:
         """Time every stage of a request on BUNDLE; report medians next to the bandwidth roofline."""
         from ..bench.report import render, to_json, write_chart
         from ..bench.run import DEFAULT_QUESTION, BenchConfig, run_bench
-        from ..manifest import Precision
 
-        if precision is not None and precision not in {p.value for p in Precision}:
-            raise typer.BadParameter(f"--precision must be one of {', '.join(p.value for p in Precision)}")
         cfg = BenchConfig(bundle=bundle, image=image, question=question or DEFAULT_QUESTION, runs=runs, warmup=warmup,
-                          prompt_tokens=prompt_tokens, new_tokens=new_tokens, threads=threads, precision=precision,
-                          device=device, probe_bandwidth=probe)
+                          prompt_tokens=prompt_tokens, new_tokens=new_tokens, threads=threads,
+                          precision=precision.value if precision else None, device=device.value, probe_bandwidth=probe)
         result = run_bench(cfg, log=(lambda m: None) if as_json else (lambda m: typer.echo(m, err=True)))
         if chart is not None:
             write_chart(result, chart)

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from ..manifest import Precision
+
 
 def register(app, friendly) -> None:
     @app.command("build-engines")
@@ -18,14 +20,10 @@ def register(app, friendly) -> None:
         max_context: Optional[int] = typer.Option(None, min=2, help="longest prompt + answer the engines accept "
                                                   "(default: the bundle's context)"),
         workspace: float = typer.Option(4.0, min=0.25, help="TensorRT builder workspace, GB"),
-        precision: Optional[str] = typer.Option(None, help="standard-op graph precision to build from (default: the bundle's first)"),
+        precision: Optional[Precision] = typer.Option(None, help="standard-op graph precision to build from (default: the bundle's first)"),
     ):
         """Build TensorRT engines (once per GPU and TensorRT version) for `--device tensorrt`."""
         from ..export.tensorrt import build_engines
-        from ..manifest import Precision
-
-        if precision is not None and precision not in {p.value for p in Precision}:
-            raise typer.BadParameter(f"--precision must be one of {', '.join(p.value for p in Precision)}")
         rec = build_engines(bundle, fp16=fp16, int8=int8, max_context=max_context, workspace_gb=workspace,
                             precision=precision, log=lambda m: typer.echo(m, err=True))
         typer.echo(f"engines for {', '.join(rec.graphs)} built with TensorRT {rec.tensorrt_version} on {rec.gpu_name} "

@@ -8,6 +8,9 @@ from typing import Optional
 
 import typer
 
+from ..eval.choices import ClassifyMethod, Protocol
+from .options import Precision, frame_option, image_source, threads_option, warn_if_random
+
 
 def _labels(labels: Optional[str], label_set: Optional[str], labels_file: Optional[Path]) -> list[str]:
     from ..errors import UsageError
@@ -18,15 +21,6 @@ def _labels(labels: Optional[str], label_set: Optional[str], labels_file: Option
     if label_set is not None:
         return load_set(label_set, labels_file or LABEL_SETS)
     return [x.strip() for x in labels.split(",") if x.strip()]
-
-
-def _protocol(value: str):
-    from ..eval.vqa import Protocol
-
-    try:
-        return Protocol(value)
-    except ValueError:
-        raise typer.BadParameter(f"--protocol must be one of {', '.join(p.value for p in Protocol)}") from None
 
 
 def _generate_predictor(model, labels: list[str], protocol, seed: int, max_new_tokens: int):
@@ -53,26 +47,26 @@ def register(app, friendly) -> None:
         csv: Path = typer.Option(..., "--csv", help="image,question,answer[,modality] CSV (MM-Skin_test.csv)"),
         images: Path = typer.Option(..., "--images", help="folder the CSV's image paths are relative to"),
         modality_csv: Optional[Path] = typer.Option(None, help="image,modality CSV (clinical/dermoscopy/pathology)"),
-        protocol: str = typer.Option("paper", help="paper (sampling in 5 beams, as VQA_test.py) or greedy"),
+        protocol: Protocol = typer.Option(Protocol.PAPER, help="paper (sampling in 5 beams, as VQA_test.py) or greedy"),
         limit: Optional[int] = typer.Option(None, min=1, help="first N questions only"),
         out: Path = typer.Option(Path("results"), help="output folder (rerun to resume)"),
         max_new_tokens: int = typer.Option(256, min=1),
         seed: int = typer.Option(0, help="base seed of the paper protocol (row i uses seed + i)"),
-        threads: Optional[int] = typer.Option(None, min=1),
-        precision: Optional[str] = typer.Option(None, help="graph variant to run (fp32, int8, int4, fp16)"),
+        threads: Optional[int] = threads_option(),
+        precision: Optional[Precision] = typer.Option(None, help="graph variant to run (default: the bundle's first)"),
     ):
         """Answer the MM-Skin test questions and score them (BLEU, ROUGE, METEOR, token recall) per modality."""
         from ..eval.vqa import make_answer_fn, read_questions, run_vqa
         from ..runtime.pipeline import SkinVL
 
-        proto = _protocol(protocol)
+        from .. import names
+
         rows = read_questions(csv, modality_csv, limit)
         model = SkinVL.load(bundle, threads=threads, precision=precision)
-        from .. import names as _names
-
-        meta = {"bundle": str(bundle), "precision": model.manifest.pick(_names.ROLE_DECODER, precision).precision.value,
-                "protocol": proto.value, "seed": seed, "max_new_tokens": max_new_tokens}
-        s = run_vqa(make_answer_fn(model, proto, seed, max_new_tokens), rows, images, out, meta)
+        warn_if_random(model.manifest)
+        meta = {"bundle": str(bundle), "precision": model.manifest.pick(names.ROLE_DECODER, precision).precision.value,
+                "protocol": protocol.value, "seed": seed, "max_new_tokens": max_new_tokens}
+        s = run_vqa(make_answer_fn(model, protocol, seed, max_new_tokens), rows, images, out, meta)
         typer.echo((out / "summary.md").read_text())
         if s["this_run"]["questions_per_minute"]:
             typer.echo(f"[{s['this_run']['answered']} answered this run, {s['this_run']['questions_per_minute']:.1f} "
@@ -82,38 +76,39 @@ def register(app, friendly) -> None:
     @friendly
     def classify_cmd(
         image: Path = typer.Argument(..., help="image file"),
+        frame: int = frame_option(),
         bundle: Optional[Path] = typer.Option(None, help="bundle folder"),
         labels: Optional[str] = typer.Option(None, help="comma-separated candidate diagnoses"),
         label_set: Optional[str] = typer.Option(None, help="a label set of the paper (HAM10000, ISIC, PAD, ...)"),
         labels_file: Optional[Path] = typer.Option(None, help="label-set JSON (default: the paper's sets)"),
-        method: str = typer.Option("likelihood", help="likelihood (rank every label) or generate (paper: answer, then match)"),
+        method: ClassifyMethod = typer.Option(ClassifyMethod.LIKELIHOOD, help="likelihood (rank every label) or generate (paper: answer, then match)"),
         normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="mean (not sum) of the label tokens' log-probs"),
-        protocol: str = typer.Option("greedy", help="decoding for --method generate: greedy or paper"),
+        protocol: Protocol = typer.Option(Protocol.GREEDY, help="decoding for --method generate: greedy or paper"),
         seed: int = typer.Option(0),
-        threads: Optional[int] = typer.Option(None, min=1),
-        precision: Optional[str] = typer.Option(None),
+        threads: Optional[int] = threads_option(),
+        precision: Optional[Precision] = typer.Option(None),
         as_json: bool = typer.Option(False, "--json"),
     ):
         """Zero-shot diagnosis: a ranked list of labels with probabilities (or the paper's generate-then-match)."""
         from ..runtime.pipeline import SkinVL
 
         names = _labels(labels, label_set, labels_file)
+        image = image_source(image, frame)
         model = SkinVL.load(bundle, threads=threads, precision=precision)
-        if method == "likelihood":
+        warn_if_random(model.manifest)
+        if method is ClassifyMethod.LIKELIHOOD:
             r = model.classify(image, names, normalize=normalize)
             if as_json:
                 typer.echo(json.dumps(r.to_dict()))
                 return
             for i, s in enumerate(r.scores, 1):
                 typer.echo(f"{i:2d}. {s.label:40s} {100 * s.probability:6.2f}%  (score {s.score:.4f}, {s.n_tokens} tokens)")
-        elif method == "generate":
-            label, _, text = _generate_predictor(model, names, _protocol(protocol), seed, 256)(image)
+        else:
+            label, _, text = _generate_predictor(model, names, protocol, seed, 256)(image)
             if as_json:
                 typer.echo(json.dumps({"prediction": label, "answer": text}))
                 return
             typer.echo(f"{label}\n[answer: {text}]")
-        else:
-            raise typer.BadParameter("--method must be likelihood or generate")
 
     @app.command("classify-eval")
     @friendly
@@ -126,14 +121,14 @@ def register(app, friendly) -> None:
         labels_file: Optional[Path] = typer.Option(None, help="label-set JSON (default: the paper's sets)"),
         image_col: str = typer.Option("image"),
         label_col: str = typer.Option("label"),
-        method: str = typer.Option("likelihood", help="likelihood or generate"),
+        method: ClassifyMethod = typer.Option(ClassifyMethod.LIKELIHOOD, help="likelihood or generate"),
         normalize: bool = typer.Option(True, "--normalize/--no-normalize"),
-        protocol: str = typer.Option("greedy", help="decoding for --method generate"),
+        protocol: Protocol = typer.Option(Protocol.GREEDY, help="decoding for --method generate"),
         limit: Optional[int] = typer.Option(None, min=1),
         out: Path = typer.Option(Path("results-classify"), help="output folder (rerun to resume)"),
         seed: int = typer.Option(0),
-        threads: Optional[int] = typer.Option(None, min=1),
-        precision: Optional[str] = typer.Option(None),
+        threads: Optional[int] = threads_option(),
+        precision: Optional[Precision] = typer.Option(None),
     ):
         """Zero-shot classification metrics: accuracy, balanced accuracy, macro-F1, confusion matrix, slices."""
         from ..eval.classify_eval import read_label_rows, run_classify_eval
@@ -142,18 +137,17 @@ def register(app, friendly) -> None:
         names = _labels(labels, label_set, labels_file)
         rows = read_label_rows(csv, names, image_col, label_col, limit)
         model = SkinVL.load(bundle, threads=threads, precision=precision)
-        if method == "likelihood":
+        warn_if_random(model.manifest)
+        if method is ClassifyMethod.LIKELIHOOD:
             def predict(path):
                 r = model.classify(path, names, normalize=normalize)
                 return r.top, r.scores[0].probability
-        elif method == "generate":
-            gen = _generate_predictor(model, names, _protocol(protocol), seed, 256)
+        else:
+            gen = _generate_predictor(model, names, protocol, seed, 256)
 
             def predict(path):
                 return gen(path)[:2]
-        else:
-            raise typer.BadParameter("--method must be likelihood or generate")
-        meta = {"bundle": str(bundle), "method": method, "normalized": normalize, "label_set": label_set}
+        meta = {"bundle": str(bundle), "method": method.value, "normalized": normalize, "label_set": label_set}
         s = run_classify_eval(predict, rows, names, images, out, meta)
         typer.echo((out / "summary.md").read_text())
         typer.echo(f"[{s['classified']} classified; confusion matrix in {out}/confusion.csv and .png]", err=True)

@@ -7,13 +7,7 @@ from typing import Optional
 
 import typer
 
-
-def _choice(value: str, allowed: tuple[str, ...], flag: str) -> str:
-    if value not in allowed:
-        from ..errors import UsageError
-
-        raise UsageError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}")
-    return value
+from ..manifest import Precision, Prefill
 
 
 def register(app, friendly) -> None:
@@ -22,14 +16,17 @@ def register(app, friendly) -> None:
     def quantize(
         bundle: Path = typer.Argument(..., help="fp32 bundle folder (what `export` wrote)"),
         out: Path = typer.Argument(..., help="new bundle folder to write (replaced atomically)"),
-        precision: str = typer.Option(..., help="decoder precision: int4, int8 (MatMulNBits) or fp16 (GPU providers)"),
+        precision: Precision = typer.Option(..., help="decoder precision: int4, int8 (MatMulNBits) or fp16 (GPU providers)"),
         block_size: Optional[int] = typer.Option(None, help="int4/int8: weights per scale along K (16, 32, 64, 128, 256); default: the largest <= 128 dividing every input size"),
         symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="int4/int8: zero points or not"),
-        accuracy_level: int = typer.Option(4, min=0, max=4, help="MatMulNBits compute: 4 = int8 activations (fast), 0 = fp32"),
+        accuracy_level: int = typer.Option(4, help="MatMulNBits compute: 4 = int8 activations (fast), 0 = fp32"),
         scale_search: bool = typer.Option(False, "--scale-search", help="int4/int8: pick each block's scale by least squared error (less error, same speed; slower quantize)"),
-        lm_head: Optional[str] = typer.Option(None, help="lm_head precision for int4/int8 decoders: fp32, int8 (default) or int4"),
-        vision: str = typer.Option("fp32", help="vision encoder: fp32 (kept), int8 (dynamic quantization: ~3x faster encode on CPU) or fp16"),
-        embeddings: Optional[str] = typer.Option(None, help="token table: fp32, fp16 or int8 (default int8; fp16 for fp16)"),
+        lm_head: Optional[Precision] = typer.Option(None, help="lm_head precision for int4/int8 decoders: fp32, int8 (default) or int4"),
+        vision: Optional[Precision] = typer.Option(None, help="vision encoder: int8 (dynamic quantization, ~3x faster encode on CPU; the default for int4/int8, kept when its features match fp32 within cosine 0.999), fp32 or fp16"),
+        embeddings: Optional[Precision] = typer.Option(None, help="token table: fp32, fp16 or int8 (default int8; fp16 for fp16)"),
+        prefill: Optional[Prefill] = typer.Option(None, help="what many-row calls (prefill, batched decode) run through: "
+                                                  "int8 (an int8 GEMM graph beside the decoder; default for int4: faster "
+                                                  "first token, ~2x the int4 bundle's size) or decoder (the decoder itself)"),
         keep_source: bool = typer.Option(False, "--keep-source", help="also carry BUNDLE's variants (ask --precision picks)"),
         quality: bool = typer.Option(True, "--quality/--no-quality", help="measure agreement with the fp32 graphs"),
         threads: Optional[int] = typer.Option(None, min=1, help="threads for the quality measurement"),
@@ -37,12 +34,9 @@ def register(app, friendly) -> None:
         """Quantize a bundle's decoder (and optionally vision encoder) in bounded memory, with a quality report."""
         from ..export.quantize import QuantConfig, quantize_bundle
 
-        cfg = QuantConfig(
-            precision=_choice(precision, ("int4", "int8", "fp16"), "--precision"), block_size=block_size,
-            symmetric=symmetric, accuracy_level=accuracy_level, scale_search=scale_search,
-            lm_head=None if lm_head is None else _choice(lm_head, ("fp32", "int8", "int4"), "--lm-head"),
-            vision=_choice(vision, ("fp32", "int8", "fp16"), "--vision"),
-            embeddings=None if embeddings is None else _choice(embeddings, ("fp32", "fp16", "int8"), "--embeddings"),
-        )
+        # QuantConfig checks which precisions each part accepts (ConfigError, exit 2), before any work
+        cfg = QuantConfig(precision=precision, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
+                          scale_search=scale_search, lm_head=lm_head, vision=vision, embeddings=embeddings,
+                          prefill=prefill)
         quantize_bundle(bundle, out, cfg, quality=quality, log=lambda m: typer.echo(m, err=True),
                         probe_kw={"threads": threads}, keep_source=keep_source)

@@ -12,24 +12,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from enum import Enum
 from pathlib import Path
 from typing import Callable
 
 from ..errors import UsageError
 from ..runtime.beam import BeamConfig
 from . import metrics
+from .choices import Protocol
 from .runlog import ResultLog, read_csv, require_columns, run_rows
 
 PAPER_BEAMS = BeamConfig(num_beams=5, max_new_tokens=256, min_new_tokens=20, do_sample=True, temperature=0.2,
                          top_p=0.9, top_k=50)
 MODALITIES = ("clinical", "dermoscopy", "pathology")
 FIELDS = ["image", "question", "answer", "modality", "prediction", "finish_reason", "new_tokens", "seconds"]
-
-
-class Protocol(Enum):
-    PAPER = "paper"
-    GREEDY = "greedy"
 
 
 @dataclass(frozen=True)

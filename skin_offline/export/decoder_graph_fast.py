@@ -76,13 +76,17 @@ def build_decoder_fast(spec: TextSpec, tensor: TensorFn, out_dir: Path, progress
     cos_np, sin_np = rope_tables(spec, max_positions or spec.max_context)
     cos, sin = g.w("rope_cos_cache", cos_np), g.w("rope_sin_cache", sin_np)
 
-    # Every slot of the mask is a cache slot (left padding included): GQA's per-row length is T for all rows,
-    # and padded slots are hidden by the additive bias, as in the standard graph.
+    # Each row's cache ends at its last attended slot: seqlens_k[b] = (index of the last 1 in mask[b]), so one decode
+    # run serves rows of different lengths (the engine's slots: row b right-padded after its own length, its new
+    # key written at that index). Left-padded rows (beam / label batches) end at T-1 as before; their padding is
+    # hidden by the additive bias, as in the standard graph.
     mask_shape = g.op("Shape", mask)
     total64 = g.op("Gather", mask_shape, g.c([1]), axis=0)  # [1] T (GraphBuilder.c stores 0-d constants as [1])
-    total = g.op("Cast", g.op("Squeeze", total64, g.c([0])), to=I32)  # [] scalar, as GQA requires
+    total = g.op("Cast", g.op("Squeeze", total64, g.c([0])), to=I32)  # [] scalar, as GQA requires (the batch max)
     batch = g.op("Gather", mask_shape, g.c([0]), axis=0)  # [1]
-    seqlens_k = g.op("Cast", g.op("Expand", g.op("Sub", total64, g.c(1)), batch), to=I32)  # [B] = T-1
+    slot_ids = g.op("Range", g.c(1), g.op("Add", g.op("Squeeze", total64, g.c([0])), g.c(1)), g.c(1))  # [T] 1..T
+    last = g.op("ReduceMax", g.op("Mul", mask, slot_ids), axes=[1], keepdims=0)  # [B] 1 + index of the last 1
+    seqlens_k = g.op("Cast", g.op("Sub", last, g.c(1)), to=I32)  # [B] total length - 1 per row
     seq = g.op("Gather", g.op("Shape", x), g.c([1]), axis=0)  # [1]
     pad = g.op("Unsqueeze", g.op("Cast", mask, to=TensorProto.BOOL), g.c([1, 2]))  # [B,1,1,T]
     bias = g.op("Where", pad, g.c(0.0, np.float32), g.c(np.finfo(np.float32).min, np.float32))

@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from .. import names
+from .choices import DemoLayout, DemoPreset
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-LAYOUTS = ("llava", "hf", "hf-old")
+LAYOUTS = tuple(layout.value for layout in DemoLayout)
 # Every checkpoint this factory writes says so in its config.json (names.CKPT_RANDOM_WEIGHTS)
 RANDOM_WEIGHTS_KEY = names.CKPT_RANDOM_WEIGHTS
 
@@ -56,9 +57,9 @@ class ModelSpec:
 
 
 PRESETS = {
-    "tiny": ModelSpec(),
+    DemoPreset.TINY.value: ModelSpec(),
     # exact SkinVL widths (CLIP ViT-L/14-336 in full, Mistral-7B widths) with a few decoder layers
-    "bench": ModelSpec(
+    DemoPreset.BENCH.value: ModelSpec(
         vision_hidden=1024, vision_layers=24, vision_heads=16, vision_mlp=4096, image_size=336,
         hidden=4096, layers=4, heads=32, kv_heads=8, mlp=14336, init_std=0.02,
     ),

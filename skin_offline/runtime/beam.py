@@ -23,6 +23,7 @@ from enum import Enum
 
 import numpy as np
 
+from ..errors import ConfigError
 from .decoder import Decoder
 from .generate import EmbedFn
 
@@ -50,13 +51,14 @@ class BeamConfig:
 
     def __post_init__(self):
         if self.num_beams < 1:
-            raise ValueError("num_beams must be >= 1")
+            raise ConfigError(f"num_beams must be >= 1, not {self.num_beams}")
         if self.max_new_tokens < 1 or self.min_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 1 and min_new_tokens >= 0")
+            raise ConfigError(f"max_new_tokens must be >= 1 and min_new_tokens >= 0, not {self.max_new_tokens} "
+                              f"and {self.min_new_tokens}")
         if self.do_sample and self.temperature <= 0:
-            raise ValueError("temperature must be > 0 when sampling")
+            raise ConfigError(f"temperature must be > 0 when sampling, not {self.temperature}")
         if not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError("top_p must be in (0, 1] and top_k >= 0")
+            raise ConfigError(f"top_p must be in (0, 1] and top_k >= 0, not {self.top_p} and {self.top_k}")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ import numpy as np
 
 from ..errors import UsageError
 from .beam import log_softmax
-from .decoder import Decoder, KVCache
+from .decoder import Decoder
+from .kv import KVCache
 from .generate import EmbedFn
 from .tokenizer import TextTokenizer
 

@@ -1,7 +1,8 @@
 """Decoder stage: embeddings + KV cache -> logits, for both decoder graph flavors and any float dtype.
 
-A `KVCache` belongs to one generation; the session is shared and stateless, so many threads may run their own
-caches through one Decoder concurrently (onnxruntime's Run is thread-safe; each cache has its own IOBinding).
+A cache (runtime/kv.py: one type per decoder) belongs to one generation; the session is shared and stateless, so
+many threads may run their own caches through one Decoder concurrently (onnxruntime's Run is thread-safe; each
+cache has its own IOBinding). The engine's slots (runtime/slots.py) are built on the same decoders.
 
 - `Decoder` (standard-op graph, TensorRT-friendly): the graph concatenates past and new keys, so each step
   returns fresh present arrays; the cache is plain NumPy.
@@ -15,9 +16,6 @@ caches through one Decoder concurrently (onnxruntime's Run is thread-safe; each 
   logits are copied back. (The standard graph's Concat still allocates each step's presents on the device;
   the GQA share-buffer graph would avoid that, but onnxruntime's CUDA GQA is unverified here: no GPU.)
 
-Caches stay values to callers: continuing a cache never changes what an older cache object means. A store
-remembers how far it was written (`frontier`); continuing a cache that is not at the frontier (two
-continuations of one prefix, beam rows) first copies its prefix to another store (copy-on-write).
 """
 
 from __future__ import annotations
@@ -29,6 +27,8 @@ import numpy as np
 
 from .. import names
 from ..manifest import ModelDims
+from .kernels.policy import KernelPolicy
+from .kv import DeviceCache, HostCache, KVCache, KVStore, StoreCache
 
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 _POOL_SIZE = 2  # idle stores kept per decoder: one per concurrent request is the common case
@@ -52,104 +52,6 @@ def _mask_and_positions(cache_mask: np.ndarray, s: int) -> tuple[np.ndarray, np.
     return mask, start + np.arange(s, dtype=np.int64)[None, :]
 
 
-class _KVStore:
-    """Per-request KV buffers, per layer [B,kvH,capacity,D], with their OrtValues and IOBinding."""
-
-    def __init__(self, owner: "FastDecoder", keys: list[np.ndarray], values: list[np.ndarray]):
-        import onnxruntime as ort
-
-        self.owner = owner
-        self.keys, self.values = keys, values
-        self.batch, self.capacity = keys[0].shape[0], keys[0].shape[2]
-        self.frontier = 0  # positions [0, frontier) hold the keys of the latest cache built on this store
-        self.binding = owner.session.io_binding()
-        for i, (k, v) in enumerate(zip(keys, values)):
-            for arr, past, present in ((k, names.past_key(i), names.present_key(i)),
-                                       (v, names.past_value(i), names.present_value(i))):
-                ov = ort.OrtValue.ortvalue_from_numpy(arr)  # shares arr's memory
-                self.binding.bind_ortvalue_input(past, ov)
-                self.binding.bind_ortvalue_output(present, ov)  # same memory: GQA writes in place
-        self.logits: dict[tuple[int, int], tuple[np.ndarray, object]] = {}  # (batch, keep) -> (array, OrtValue)
-        # decode-step inputs, bound once and refilled in place (no per-token OrtValue for them)
-        b = self.batch
-        self.ones = np.ones(b * self.capacity, np.int64)  # flat, so [:B*T].reshape(B,T) is a contiguous mask
-        self.step_embeds = np.empty((b, 1, owner.dims.hidden_size), owner.embeds_dtype)  # [B,1,H]
-        self.step_positions = np.empty((b, 1), np.int64)  # [B,1]
-        self._step = [(names.INPUTS_EMBEDS, ort.OrtValue.ortvalue_from_numpy(self.step_embeds)),
-                      (names.POSITION_IDS, ort.OrtValue.ortvalue_from_numpy(self.step_positions)),
-                      (names.NUM_LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(np.array(1, np.int64)))]
-        self.step_bound = False
-
-    def bind_step(self) -> None:
-        if not self.step_bound:
-            for name, ov in self._step:
-                self.binding.bind_ortvalue_input(name, ov)
-            self.step_bound = True
-
-
-class KVCache:
-    """Keys/values of the tokens seen so far plus their mask; a value: forward() returns a new one."""
-
-    def __init__(self, keys: list[np.ndarray] | None, values: list[np.ndarray] | None, mask: np.ndarray,
-                 store: _KVStore | None = None, full: bool | None = None, device_kv: list | None = None):
-        self._keys, self._values = keys, values
-        self.mask = mask  # [B, T] int64, 1 = real token
-        self.store = store  # share-buffer backing (FastDecoder), else None
-        self._full = full  # no padding: every slot is a real token (None = not known yet)
-        self.device_kv = device_kv  # DeviceDecoder: OrtValues [k0, v0, k1, v1, ...] left where the session ran
-
-    @property
-    def full(self) -> bool:
-        if self._full is None:
-            self._full = bool(self.mask.all())
-        return self._full
-
-    @property
-    def length(self) -> int:
-        return self.mask.shape[1]
-
-    @property
-    def keys(self) -> list[np.ndarray]:  # per layer [B, kvH, T, D] (views into the store when there is one)
-        if self._keys is None:
-            self._keys = ([ov.numpy() for ov in self.device_kv[0::2]] if self.device_kv is not None  # device -> host
-                          else [k[:, :, :self.length] for k in self.store.keys])
-        return self._keys
-
-    @property
-    def values(self) -> list[np.ndarray]:
-        if self._values is None:
-            self._values = ([ov.numpy() for ov in self.device_kv[1::2]] if self.device_kv is not None
-                            else [v[:, :, :self.length] for v in self.store.values])
-        return self._values
-
-    def truncate(self, length: int) -> "KVCache":
-        """The cache of the first `length` positions (a follow-up turn reusing a shared prefix); no copy for
-        store-backed caches: continuing it copies the prefix first (copy-on-write, the store's frontier is past)."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
-        if length == self.length:
-            return self
-        if self.store is not None:
-            return KVCache(None, None, self.mask[:, :length], self.store, self._full)
-        return KVCache([k[:, :, :length] for k in self.keys], [v[:, :, :length] for v in self.values],
-                       self.mask[:, :length])  # (a device cache comes through the host here: once per turn)
-
-    def select(self, rows: np.ndarray) -> "KVCache":
-        """Reorder / repeat batch rows (beam search, one prefix shared by several continuations); copies."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if self.device_kv is not None and np.array_equal(rows, np.arange(self.mask.shape[0])):
-            return self  # device caches are never written in place: the identity selection can share them
-        if self.store is None:  # (a device cache is gathered on the host and uploaded by the next forward)
-            return KVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.mask[rows])
-        t = self.length
-        new = self.store.owner._store(len(rows), self.store.capacity)
-        for dst, src in zip(new.keys + new.values, self.store.keys + self.store.values):
-            for j, r in enumerate(rows):  # prefix rows only: one copy, the tails stay untouched
-                dst[j, :, :t] = src[r, :, :t]
-        new.frontier = t
-        return KVCache(None, None, self.mask[rows], new, self._full)
-
-
 class Decoder:
     """Runs either graph flavor through plain session.run (the standard graph's presents are new arrays)."""
 
@@ -164,7 +66,7 @@ class Decoder:
     def empty_cache(self, batch: int = 1) -> KVCache:
         d = self.dims
         z = np.zeros((batch, d.num_kv_heads, 0, d.head_dim), self.kv_dtype)
-        return KVCache([z] * d.num_layers, [z] * d.num_layers, np.zeros((batch, 0), np.int64))
+        return HostCache([z] * d.num_layers, [z] * d.num_layers, np.zeros((batch, 0), np.int64))
 
     def forward(self, embeds: np.ndarray, cache: KVCache, keep: int = 1) -> tuple[np.ndarray, KVCache]:
         """[B,S,H] embeddings after `cache` -> ([B,keep,V] logits of the last `keep` positions, new cache)."""
@@ -179,7 +81,7 @@ class Decoder:
             feed[names.past_key(i)] = np.ascontiguousarray(cache.keys[i], self.kv_dtype)
             feed[names.past_value(i)] = np.ascontiguousarray(cache.values[i], self.kv_dtype)
         out = self.session.run(self._outputs, feed)
-        return out[0].astype(np.float32, copy=False), KVCache(out[1::2], out[2::2], mask)
+        return out[0].astype(np.float32, copy=False), HostCache(out[1::2], out[2::2], mask)
 
     def logits_all(self, embeds: np.ndarray) -> np.ndarray:
         """[B,S,H] -> [B,S,V]: every position's logits from an empty cache (teacher forcing, checks)."""
@@ -188,10 +90,17 @@ class Decoder:
 
 
 class FastDecoder(Decoder):
-    """Contrib graph (GroupQueryAttention) with the cache in preallocated share-buffer stores and IO binding."""
+    """Contrib graph (GroupQueryAttention) with the cache in preallocated share-buffer stores and IO binding.
 
-    def __init__(self, session, dims: ModelDims, capacity: int | None = None):
+    `gemm_session`: a second graph with the same I/O and KV layout (a bundle's int8 QGEMM variant) that calls of
+    many rows run through, as `policy` decides (runtime/kernels/policy.py); both write the same buffers, so a
+    cache prefilled by one is continued by the other."""
+
+    def __init__(self, session, dims: ModelDims, capacity: int | None = None, gemm_session=None,
+                 policy: KernelPolicy | None = None):
         super().__init__(session, dims)
+        self.gemm_session = gemm_session
+        self.policy = policy or KernelPolicy.for_this_machine()
         self.capacity = capacity or dims.max_context  # per-request buffer length (lazily committed pages)
         self.logits_dtype = _np_dtype(next(o.type for o in session.get_outputs() if o.name == names.LOGITS))
         self._pool: list[tuple[list[np.ndarray], list[np.ndarray]]] = []
@@ -200,8 +109,12 @@ class FastDecoder(Decoder):
         # request (seen under server load about once per 9,000 requests)
         self._lock = threading.RLock()
 
+    def session_for(self, rows: int):
+        """The graph a call of `rows` rows (batch x new tokens) runs through."""
+        return self.gemm_session if self.gemm_session is not None and self.policy.multi_row(rows) else self.session
+
     # --- stores ---
-    def _store(self, batch: int, capacity: int) -> _KVStore:
+    def new_store(self, batch: int, capacity: int) -> KVStore:
         with self._lock:
             for j, (ks, vs) in enumerate(self._pool):
                 if ks[0].shape[0] == batch and ks[0].shape[2] >= capacity:
@@ -211,7 +124,7 @@ class FastDecoder(Decoder):
                 shape = (batch, self.dims.num_kv_heads, capacity, self.dims.head_dim)  # [B,kvH,C,D]
                 keys = [np.empty(shape, self.kv_dtype) for _ in range(self.dims.num_layers)]
                 values = [np.empty(shape, self.kv_dtype) for _ in range(self.dims.num_layers)]
-        store = _KVStore(self, keys, values)
+        store = KVStore(self, keys, values)
         weakref.finalize(store, self._recycle, keys, values)  # buffers outlive the store, back to the pool
         return store
 
@@ -220,21 +133,21 @@ class FastDecoder(Decoder):
             if len(self._pool) < _POOL_SIZE:
                 self._pool.append((keys, values))
 
-    def _writable_store(self, cache: KVCache, needed: int) -> _KVStore:
+    def _writable_store(self, cache: KVCache, needed: int) -> KVStore:
         """The store to extend `cache` in: its own when it is at the frontier and has room, else a copy."""
-        store = cache.store
+        store = getattr(cache, "store", None)
         if store is not None and store.owner is self and store.frontier == cache.length and needed <= store.capacity:
             return store
         b, t = cache.mask.shape
         capacity = max(self.capacity, -(-needed // 256) * 256)
-        fresh = self._store(b, capacity)
+        fresh = self.new_store(b, capacity)
         for dst, src in zip(fresh.keys + fresh.values, cache.keys + cache.values):
             dst[:, :, :t] = src  # copy-on-write of the prefix only (the tail of the buffer is never read)
         fresh.frontier = t
         return fresh
 
     def empty_cache(self, batch: int = 1) -> KVCache:
-        return KVCache(None, None, np.zeros((batch, 0), np.int64), self._store(batch, self.capacity), True)
+        return StoreCache(self.new_store(batch, self.capacity), np.zeros((batch, 0), np.int64), True)
 
     # --- step ---
     def forward(self, embeds: np.ndarray, cache: KVCache, keep: int = 1) -> tuple[np.ndarray, KVCache]:
@@ -243,30 +156,28 @@ class FastDecoder(Decoder):
         keep = max(1, min(keep, s))
         t = cache.length + s
         store = self._writable_store(cache, t)
-        bind = store.binding
-        if s == 1 and keep == 1 and b == store.batch and cache.full:  # decode step: refill pre-bound inputs
+        session = self.session_for(b * s)
+        bind = store.binding(session)
+        full = getattr(cache, "full", None)
+        full = bool(cache.mask.all()) if full is None else full
+        if s == 1 and keep == 1 and b == store.batch and full:  # decode step: refill pre-bound inputs
             mask = store.ones[:b * t].reshape(b, t)  # [B,T] all ones, a view (never written)
             np.copyto(store.step_embeds, embeds)
             store.step_positions.fill(t - 1)
-            store.bind_step()
+            store.bind_step(session)
         else:  # prefill, chunks, padded rows
             mask, positions = _mask_and_positions(cache.mask, s)
             bind.bind_cpu_input(names.INPUTS_EMBEDS, np.ascontiguousarray(embeds, self.embeds_dtype))
             bind.bind_cpu_input(names.POSITION_IDS, positions)
             bind.bind_cpu_input(names.NUM_LOGITS_TO_KEEP, np.array(keep, np.int64))
-            store.step_bound = False
+            store.unbind_step(session)
         bind.bind_cpu_input(names.ATTENTION_MASK, mask)
-        out = store.logits.get((b, keep))
-        if out is None:  # one logits buffer per shape, reused every step
-            import onnxruntime as ort
-
-            arr = np.empty((b, keep, self.dims.vocab_size), self.logits_dtype)  # [B,keep,V]
-            out = store.logits[(b, keep)] = (arr, ort.OrtValue.ortvalue_from_numpy(arr))
+        out = store.logits_buffer(b, keep, self.dims.vocab_size, self.logits_dtype)
         bind.bind_ortvalue_output(names.LOGITS, out[1])
-        self.session.run_with_iobinding(bind)
+        session.run_with_iobinding(bind)
         store.frontier = t
         # the buffer is rewritten next step: hand out a copy (V floats, ~10 us) so callers may keep it
-        return out[0].astype(np.float32, copy=True), KVCache(None, None, mask, store, cache._full)
+        return out[0].astype(np.float32, copy=True), StoreCache(store, mask, full)
 
 
 class DeviceDecoder(Decoder):
@@ -288,7 +199,7 @@ class DeviceDecoder(Decoder):
         bind.bind_cpu_input(names.ATTENTION_MASK, mask)
         bind.bind_cpu_input(names.POSITION_IDS, positions)
         bind.bind_cpu_input(names.NUM_LOGITS_TO_KEEP, np.array(keep, np.int64))
-        if cache.device_kv is not None:  # last step's presents, still on the device
+        if isinstance(cache, DeviceCache):  # last step's presents, still on the device
             for name, ov in zip(self._pasts, cache.device_kv):
                 bind.bind_ortvalue_input(name, ov)
         else:  # empty, or a host cache (select() gathered rows): uploaded once here
@@ -300,7 +211,7 @@ class DeviceDecoder(Decoder):
             bind.bind_output(name, self.device_type, self.device_id)
         self.session.run_with_iobinding(bind)
         out = bind.get_outputs()
-        return out[0].numpy().astype(np.float32, copy=False), KVCache(None, None, mask, device_kv=list(out[1:]))
+        return out[0].numpy().astype(np.float32, copy=False), DeviceCache(list(out[1:]), mask)
 
 
 def _session_device(session) -> tuple[str, int] | None:
@@ -312,10 +223,11 @@ def _session_device(session) -> tuple[str, int] | None:
     return None
 
 
-def make_decoder(session, dims: ModelDims, share_buffer: bool) -> Decoder:
-    """FastDecoder for graphs whose attention is GroupQueryAttention (Flavor.CONTRIB); for the standard graph
-    DeviceDecoder on a GPU provider (cache stays on the device), plain Decoder on the CPU."""
+def make_decoder(session, dims: ModelDims, share_buffer: bool, gemm_session=None) -> Decoder:
+    """FastDecoder for graphs whose attention is GroupQueryAttention (Flavor.CONTRIB), with the multi-row graph
+    when the bundle carries one; for the standard graph DeviceDecoder on a GPU provider (cache stays on the
+    device), plain Decoder on the CPU."""
     if share_buffer:
-        return FastDecoder(session, dims)
+        return FastDecoder(session, dims, gemm_session=gemm_session)
     dev = _session_device(session)
     return DeviceDecoder(session, dims, *dev) if dev else Decoder(session, dims)

@@ -14,7 +14,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .decoder import Decoder, KVCache
+from .decoder import Decoder
+from .kv import KVCache
 from .detokenize import StopText, StreamingDetokenizer
 from .kernels.sampling import Sampler
 

@@ -1,17 +1,25 @@
-"""Image loading and CLIP preprocessing for SkinVL (runtime: numpy + PIL only).
+"""Image loading and CLIP preprocessing for SkinVL (runtime: numpy + PIL + pydicom).
 
-Documented handling in `load_image`:
-- EXIF orientation is applied (ImageOps.exif_transpose), so phone photos come out upright
-  (an unreadable EXIF block is ignored rather than failing the image).
-  LLaVA's own loader does not do this; for images without an orientation tag nothing changes.
-- Animated GIF/WebP/APNG: the first frame is used (what `Image.open` selects).
+`load_image` is the one loader: path / bytes / PIL image / ImageSource (a source plus a frame number). The format is
+recognised by content, never by extension. Documented handling:
+- JPEG, PNG, WebP, GIF, BMP, TIFF (tiled, BigTIFF), AVIF, JPEG 2000: Pillow.
+- DICOM (Part 10: 128-byte preamble + "DICM"): `dicom.py` (pydicom), without reading or echoing patient data.
+  A header saying BurnedInAnnotation = YES raises a PatientDataWarning after the image is loaded (never a refusal).
+- HEIC/HEIF: pillow-heif, registered with Pillow only when such a file arrives and only if installed (the optional
+  `heif` extra: its wheels bundle GPL-licensed codecs); without it, a one-line error naming the extra.
+- Multi-frame files (DICOM, TIFF pages, animated GIF/WebP/APNG, HEIF image sequences): frame 0 unless `frame` asks
+  for another; a frame that does not exist is an error naming the frame count.
+- EXIF orientation is applied once (ImageOps.exif_transpose), so phone photos come out upright (an unreadable EXIF
+  block is ignored rather than failing the image). pillow-heif applies HEIF's own rotation and resets the EXIF tag,
+  so HEIC is not rotated twice. LLaVA's own loader does not do this; without an orientation tag nothing changes.
 - Alpha is dropped, not composited: every mode goes through PIL's `convert('RGB')` exactly like
   LLaVA's `Image.open(f).convert('RGB')` (RGBA, LA, PA, palette, L, 1, CMYK, YCbCr). The PIL
   'transparency' info key is removed too, so transformers >= 5 (which composites anything carrying
   transparency onto white) sees the same pixels as the transformers LLaVA was trained with.
 - 16-bit greyscale ('I;16*', and 'I' which 16-bit PNG/PGM decode to) is scaled to 8 bits with
   round(v / 257), so 65535 -> 255; PIL's convert would clip every value above 255 to white.
-  'I' values outside [0, 65535] are clipped. 16-bit RGB(A) PNGs already decode to 8 bits in PIL.
+  'I' values outside [0, 65535] are clipped. 16-bit RGB(A) TIFF, which Pillow cuts to its high bytes, is scaled the
+  same way (see _tiff16); 16-bit RGB(A) PNGs already decode with rounding in PIL.
 - Images larger than `max_pixels` (default 100 MP, env SKIN_OFFLINE_MAX_PIXELS) are refused
   before decoding. Pillow's own bomb guard (2 x Image.MAX_IMAGE_PIXELS, about 179 MP) still
   applies on top and is reported the same way; its warning is silenced.
@@ -23,21 +31,25 @@ from __future__ import annotations
 import io
 import os
 import struct
+import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import ImageError
+from ..errors import ImageError, PatientDataWarning
 from ..manifest import PadMode, PreprocessConfig
 
 DEFAULT_MAX_PIXELS = 100_000_000
 MAX_PIXELS_ENV = "SKIN_OFFLINE_MAX_PIXELS"
+HEIF_EXTRA = "pip install 'skin-offline[heif]'"
 _CONVERT_HINT = "convert it to JPEG or PNG"
 
 # What corrupt or hostile files make PIL's decoders raise (struct.error, IndexError etc. come
-# from plugins parsing garbage headers). Scoped to the PIL calls only.
+# from plugins parsing garbage headers; RuntimeError from pillow-heif's libheif). Scoped to the PIL calls only.
 _PIL_ERRORS = (
     OSError,  # includes Image.UnidentifiedImageError and truncated-data errors
     SyntaxError,
@@ -48,8 +60,29 @@ _PIL_ERRORS = (
     KeyError,
     TypeError,
     ZeroDivisionError,
+    RuntimeError,
     Image.DecompressionBombError,
 )
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """An image (path / bytes / PIL image) and which of its frames to use, 0 = the first.
+
+    Accepted wherever an image is (SkinVL.ask, stream, conversation, classify...), so choosing a frame of a
+    multi-frame DICOM, a TIFF page or an animation needs no other change."""
+
+    src: Any
+    frame: int = 0
+
+    def __post_init__(self) -> None:
+        _check_frame(self.frame)
+
+
+def _check_frame(frame) -> int:
+    if isinstance(frame, bool) or not isinstance(frame, int) or frame < 0:
+        raise ImageError(f"frame must be a whole number from 0 (the first frame), not {frame!r}")
+    return frame
 
 
 def _max_pixels_from_env() -> int:
@@ -65,18 +98,36 @@ def _max_pixels_from_env() -> int:
     return value
 
 
+# ---------------------------------------------------------------- recognising formats by content
+
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
+
+
+def _is_dicom(head: bytes) -> bool:
+    """DICOM Part 10: a 128-byte preamble, then 'DICM'."""
+    return head[128:132] == b"DICM"
+
+
+def _is_heif(head: bytes) -> bool:
+    return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
+
+
+def _looks_like_bare_dicom(head: bytes) -> bool:
+    """A DICOM data set without the Part 10 header (no preamble, no 'DICM'): some PACS dumps and ACR-NEMA files.
+    Only used to name the problem. Such files are not read (pydicom's force=True would parse any bytes as a data set,
+    and without the file meta the transfer syntax, so the pixel layout, is a guess)."""
+    if len(head) < 8 or head[0:2] not in (b"\x02\x00", b"\x08\x00") or head[3] != 0:
+        return False
+    vr = head[4:6]
+    return (vr.isalpha() and vr.isupper()) or struct.unpack("<I", head[4:8])[0] < 256
+
+
 def _sniff(head: bytes) -> str | None:
     """Name a format PIL cannot read here, from its magic bytes."""
-    if head[4:8] == b"ftyp":
-        brand = head[8:12]
-        if brand in (b"avif", b"avis"):
-            return "AVIF"
-        if brand in (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"):
-            return "HEIC/HEIF"
+    if _is_heif(head):
+        return "HEIC/HEIF"
     if head.startswith(b"%PDF-"):
         return "PDF"
-    if head[128:132] == b"DICM":
-        return "DICOM"
     if head.startswith(b"\xff\x0a") or head.startswith(b"\x00\x00\x00\x0cJXL \r\n\x87\n"):
         return "JPEG XL"
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
@@ -93,14 +144,14 @@ def _describe(src) -> str:
     return str(src)
 
 
-def _open(src, name: str) -> Image.Image:
-    """Validate the source and open it lazily (header only)."""
+def _read(src, name: str) -> tuple[io.BytesIO | Path, bytes]:
+    """Validate a path / bytes source: (what to open, its first 256 bytes)."""
     if isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
         if not data:
             raise ImageError(f"{name}: empty image data (0 bytes); pass the contents of a JPEG or PNG file")
-        fp, head = io.BytesIO(data), data[:256]
-    elif isinstance(src, (str, os.PathLike)):
+        return io.BytesIO(data), data[:256]
+    if isinstance(src, (str, os.PathLike)):
         path = Path(src)
         if not path.exists():
             raise ImageError(f"{name}: no such file; check the path")
@@ -113,17 +164,49 @@ def _open(src, name: str) -> Image.Image:
             raise ImageError(f"{name}: cannot be read ({e.strerror or e}); check its permissions") from None
         if not head:
             raise ImageError(f"{name}: empty file (0 bytes); the file is incomplete, copy it again")
-        fp = path
-    else:
-        raise ImageError(f"{name}: unsupported image source type {type(src).__name__}; pass a path, bytes or a PIL image")
+        return path, head
+    raise ImageError(f"{name}: unsupported image source type {type(src).__name__}; pass a path, bytes or a PIL image")
+
+
+_heif_ready = False
+
+
+def _register_heif(name: str) -> None:
+    """pillow-heif is optional (its wheels bundle GPL-licensed HEVC codecs): registered with Pillow the first time
+    a HEIC/HEIF file arrives, so other images never load it."""
+    global _heif_ready
+    if _heif_ready:
+        return
+    try:
+        import pillow_heif
+    except (ImportError, OSError):
+        raise ImageError(f"{name}: HEIC/HEIF photos need the optional heif extra: {HEIF_EXTRA} "
+                         f"(or {_CONVERT_HINT})") from None
+    pillow_heif.register_heif_opener()
+    _heif_ready = True
+
+
+def _open(fp: io.BytesIO | Path, head: bytes, name: str) -> Image.Image:
+    """Open lazily (header only) with Pillow; HEIF through pillow-heif."""
     try:
         return Image.open(fp)
     except Image.UnidentifiedImageError:
-        fmt = _sniff(head)
-        if fmt:
-            raise ImageError(f"{name}: {fmt} files are not supported; {_CONVERT_HINT}") from None
-        raise ImageError(f"{name}: not a recognised image file; {_CONVERT_HINT}") from None
+        pass
+    if _is_heif(head) and not _heif_ready:
+        _register_heif(name)
+        return _open(fp, head, name)
+    if _looks_like_bare_dicom(head):
+        raise ImageError(f"{name}: DICOM data without its file header (no 'DICM' preamble); export it from the PACS "
+                         "or viewer as a DICOM file (Part 10), or as JPEG or PNG") from None
+    fmt = _sniff(head)
+    if fmt == "HEIC/HEIF":
+        raise ImageError(f"{name}: corrupt or unsupported HEIC/HEIF file; {_CONVERT_HINT}") from None
+    if fmt:
+        raise ImageError(f"{name}: {fmt} files are not supported; {_CONVERT_HINT}") from None
+    raise ImageError(f"{name}: not a recognised image file; {_CONVERT_HINT}") from None
 
+
+# ---------------------------------------------------------------- decoding
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode.startswith("I;16") or img.mode == "I":
@@ -134,36 +217,135 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return rgb
 
 
-def load_image(src, max_pixels: int | None = None) -> Image.Image:
-    """Open a path / bytes / PIL image as an 8-bit RGB PIL image (see module docstring)."""
+def _upright(img: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(img)
+    except _PIL_ERRORS:
+        return img  # unreadable EXIF: keep the pixels, skip the rotation
+
+
+# 16-bit colour: Pillow has no 16-bit RGB mode, and its unpackers for 16-bit samples keep the high byte (0x80FF ->
+# 0x80 = 128, 1000 -> 3 where round(1000 / 257) = 4). The unpacker of the other byte order keeps the low byte, so a
+# second decode of the same tiles with that raw mode gives it, and round(v / 257) is computed from both, like the
+# grey path. Pillow's own decoders stay in charge of compression, tiles, strips, predictors and BigTIFF.
+_WIDE_BASES = ("RGB", "RGBA", "RGBX")  # not 'RGBa' (premultiplied: its unpacker divides by alpha per byte)
+_OTHER_ORDER = {"L": "B", "B": "L", "N": "B" if sys.byteorder == "little" else "L"}
+
+
+def _rawmode(tile) -> str | None:
+    args = tile.args
+    raw = args if isinstance(args, str) else (args[0] if isinstance(args, tuple) and args else None)
+    return raw if isinstance(raw, str) else None
+
+
+def _low_byte_tiles(tiles) -> list | None:
+    """The tiles with each 16-bit colour raw mode swapped for the other byte order; None if not all such."""
+    out = []
+    for t in tiles or ():
+        raw = _rawmode(t)
+        base, _, depth = (raw or "").partition(";")
+        if base not in _WIDE_BASES or depth[:2] != "16" or depth[2:] not in _OTHER_ORDER:
+            return None
+        swapped = f"{base};16{_OTHER_ORDER[depth[2:]]}"
+        args = swapped if isinstance(t.args, str) else (swapped, *t.args[1:])
+        out.append(t._replace(args=args))
+    return out or None
+
+
+def _with_low_bytes(high: Image.Image, fp: io.BytesIO | Path, name: str, frame: int) -> Image.Image:
+    """`high` (decoded, upright) rebuilt from both bytes of each 16-bit sample, rounded to 8 bits."""
+    low = Image.open(io.BytesIO(fp.getvalue()) if isinstance(fp, io.BytesIO) else fp)
+    try:
+        if frame:
+            low.seek(frame)
+        tiles = _low_byte_tiles(low.tile)
+        if tiles is not None:
+            low.tile = tiles
+            low.load()
+        lo = np.asarray(_upright(low), dtype=np.int64)
+        hi = np.asarray(high, dtype=np.int64)
+        if tiles is None or lo.shape != hi.shape:  # only if the file changed between the two reads
+            raise ImageError(f"{name}: the file changed while it was read; copy it again")
+        return Image.fromarray(((hi * 256 + lo + 128) // 257).astype(np.uint8))  # [H,W,C] -> RGB / RGBA
+    finally:
+        low.close()
+
+
+def _seek(img: Image.Image, name: str, frame: int) -> None:
+    n = getattr(img, "n_frames", 1)
+    if frame >= n:
+        raise ImageError(f"{name}: frame {frame} does not exist: the image has {n} frame(s), numbered 0 to {n - 1}")
+    if frame:
+        img.seek(frame)
+
+
+def _check_size(img: Image.Image, name: str, limit: int) -> None:
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ImageError(f"{name}: image has zero size ({w}x{h}); the file is corrupt")
+    if w * h > limit:
+        raise ImageError(
+            f"{name}: image too large ({w}x{h} = {w * h} pixels > limit {limit}); downscale it or raise {MAX_PIXELS_ENV}"
+        )
+
+
+def _decode_pil(img: Image.Image, fp: io.BytesIO | Path | None, name: str, frame: int, limit: int) -> Image.Image:
+    _seek(img, name, frame)
+    _check_size(img, name, limit)  # from the header: nothing decoded yet
+    wide = fp is not None and _low_byte_tiles(img.tile) is not None
+    img.load()  # full decode now, so truncated/corrupt data fails here
+    upright = _upright(img)
+    if wide:
+        upright = _with_low_bytes(upright, fp, name, frame)
+    return _to_rgb(upright)
+
+
+def _decode_dicom(fp: io.BytesIO | Path, name: str, frame: int, limit: int, notices: list[str]) -> Image.Image:
+    from .dicom import read_dicom  # pydicom is imported only when a DICOM file arrives
+
+    if isinstance(fp, Path):
+        try:
+            with open(fp, "rb") as f:
+                d = read_dicom(f, name, frame=frame, max_pixels=limit)
+        except OSError as e:
+            raise ImageError(f"{name}: cannot be read ({e.strerror or e}); check its permissions") from None
+    else:
+        d = read_dicom(fp, name, frame=frame, max_pixels=limit)
+    if d.burned_in_annotation:
+        notices.append(f"{name}: the DICOM header says text is burned into the pixels (BurnedInAnnotation); "
+                       "patient details may be visible in the image and are seen by the model")
+    return _to_rgb(Image.fromarray(d.pixels))  # [H,W,3] -> RGB, [H,W] -> L -> RGB
+
+
+def _decode(src, name: str, frame: int, limit: int, notices: list[str]) -> Image.Image:
+    if isinstance(src, Image.Image):
+        return _decode_pil(src, None, name, frame, limit)
+    fp, head = _read(src, name)
+    if _is_dicom(head):
+        return _decode_dicom(fp, name, frame, limit, notices)
+    img = _open(fp, head, name)
+    try:
+        return _decode_pil(img, fp, name, frame, limit)
+    finally:
+        img.close()
+
+
+def load_image(src, max_pixels: int | None = None, *, frame: int | None = None) -> Image.Image:
+    """Open a path / bytes / PIL image / ImageSource as an 8-bit RGB PIL image (see module docstring).
+
+    `frame` (default: the ImageSource's, else 0) picks a frame of a multi-frame image."""
+    if isinstance(src, ImageSource):
+        frame = src.frame if frame is None else frame
+        src = src.src
+    frame = _check_frame(0 if frame is None else frame)
     name = _describe(src)
     limit = _max_pixels_from_env() if max_pixels is None else int(max_pixels)
+    notices: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         warnings.simplefilter("ignore", UserWarning)  # e.g. "palette images with transparency ..."
         try:
-            if isinstance(src, Image.Image):
-                img, owned = src, False
-            else:
-                img, owned = _open(src, name), True
-            try:
-                w, h = img.size
-                if w <= 0 or h <= 0:
-                    raise ImageError(f"{name}: image has zero size ({w}x{h}); the file is corrupt")
-                if w * h > limit:
-                    raise ImageError(
-                        f"{name}: image too large ({w}x{h} = {w * h} pixels > limit {limit}); "
-                        f"downscale it or raise {MAX_PIXELS_ENV}"
-                    )
-                img.load()  # full decode now, so truncated/corrupt data fails here
-                try:
-                    upright = ImageOps.exif_transpose(img)
-                except _PIL_ERRORS:
-                    upright = img  # unreadable EXIF: keep the pixels, skip the rotation
-                return _to_rgb(upright)
-            finally:
-                if owned:
-                    img.close()
+            img = _decode(src, name, frame, limit, notices)
         except ImageError:
             raise
         except Image.DecompressionBombError:
@@ -176,6 +358,9 @@ def load_image(src, max_pixels: int | None = None) -> Image.Image:
             raise ImageError(
                 f"{name}: corrupt or truncated image ({detail}); re-export or copy the file again"
             ) from None
+    for notice in notices:  # outside catch_warnings, which would swallow it
+        warnings.warn(notice, PatientDataWarning, stacklevel=2)
+    return img
 
 
 def expand_to_square(img: Image.Image, color) -> Image.Image:

@@ -29,9 +29,9 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import ContextLengthError
-from ..manifest import Precision
+from ..manifest import Precision, Prefill
 from .bundle import Bundle
-from .decoder import KVCache
+from .kv import KVCache
 from .generate import FinishReason, GenerationState, Response, Timings, stream_generate
 from .image import load_image, preprocess
 from .kernels.sampling import make_sampler
@@ -69,9 +69,12 @@ class SkinVL:
 
     @classmethod
     def load(cls, bundle: str | Path | None = None, *, threads: int | None = None,
-             precision: Precision | str | None = None, check_hashes: bool = False, device=None) -> "SkinVL":
+             precision: Precision | str | None = None, check_hashes: bool = False, device=None,
+             prefill: Prefill | str | None = None) -> "SkinVL":
         # device: auto (default) | cpu | cuda | tensorrt (runtime/devices.py); unavailable -> DeviceError, no fallback
-        b = Bundle.load(bundle, threads=threads, precision=precision, check_hashes=check_hashes, device=device)
+        # prefill: int8 | decoder | None (auto): the graph many-row calls run through (runtime/bundle.py)
+        b = Bundle.load(bundle, threads=threads, precision=precision, check_hashes=check_hashes, device=device,
+                        prefill=prefill)
         from .. import names
 
         return cls(b, TextTokenizer.from_file(b.folder / names.TOKENIZER))

@@ -12,6 +12,8 @@ from typing import Callable
 
 import numpy as np
 
+from ...errors import ConfigError
+
 Sampler = Callable[[np.ndarray], int]  # [V] float32 logits -> token id
 _CANDIDATES = 512  # top-p works on the top candidates when they already hold the probability mass
 
@@ -25,11 +27,11 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+            raise ConfigError(f"temperature must be >= 0 (0 = greedy), not {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+            raise ConfigError(f"top_p must be in (0, 1], not {self.top_p}; 1 keeps every token, 0.9 the usual nucleus")
         if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
+            raise ConfigError(f"top_k must be >= 0 (0 = off), not {self.top_k}")
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,47 @@
+"""`skin-offline info` (what a bundle holds) and `verify` (every file against its sha256)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def register(app, friendly) -> None:
+    @app.command()
+    @friendly
+    def verify(bundle: Path = typer.Argument(..., help="bundle folder")):
+        """Check every bundle file against the sha256 in its manifest."""
+        from ..runtime.bundle import verify_bundle
+
+        m = verify_bundle(bundle)
+        typer.echo(f"ok: {len(m.files)} files match their sha256 ({sum(e.size for e in m.files.values()) / 1e6:.1f} MB)")
+
+    @app.command()
+    @friendly
+    def info(bundle: Path = typer.Argument(..., help="bundle folder"), as_json: bool = typer.Option(False, "--json")):
+        """Show a bundle's graphs, sizes, preprocessing, provenance and verification figures."""
+        from ..export.quality import format_details, format_report
+        from ..manifest import Manifest
+
+        m = Manifest.read(bundle)
+        if as_json:
+            typer.echo(json.dumps(m.to_dict(), indent=2))
+            return
+        d = m.model
+        typer.echo(f"bundle {bundle} (schema {m.schema_version})")
+        typer.echo(f"  model: {d.num_layers} layers, hidden {d.hidden_size}, heads {d.num_heads}/{d.num_kv_heads} kv, "
+                   f"vocab {d.vocab_size}, context {d.max_context}, {d.image_tokens} image tokens")
+        typer.echo(f"  preprocess: {m.preprocess.mode.value}, {m.preprocess.crop_size}px")
+        for g in m.graphs:
+            size = sum(m.files[f].size for f in (g.file, *g.data_files))
+            typer.echo(f"  {g.role:10s} {g.precision.value:5s} {g.flavor.value:8s} {g.file} ({size / 1e6:.1f} MB) "
+                       f"{format_details(g.details)}".rstrip())
+        typer.echo(f"  source: {m.source.get('layout')} {m.source.get('path')}"
+                   + (" (random weights)" if m.random_weights else ""))
+        if m.verification:
+            typer.echo("  verification: " + ", ".join(f"{k}={v:.2e}" for k, v in m.verification.items()))
+        if m.quality:
+            for line in format_report(m.quality):
+                typer.echo("  " + line)

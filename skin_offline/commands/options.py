@@ -1,0 +1,48 @@
+"""Options several commands share, typed once: each choice is an enum (typer lists and checks its values), so a
+bad value is a usage error (exit 2) before any work starts. Ranges that a config object checks (sampling,
+beam search, quantization) are left to that object, which raises errors.ConfigError (exit 2 as well)."""
+
+from __future__ import annotations
+
+import typer
+
+from ..manifest import Manifest, Precision
+from ..runtime.devices import Device
+
+
+def bundle_option():
+    return typer.Option(None, help="bundle folder (default: $SKIN_OFFLINE_BUNDLE or the user data dir)")
+
+
+def precision_option(help: str = "pick a graph variant the bundle carries (default: the bundle's first)"):
+    return typer.Option(None, help=help)
+
+
+def device_option():
+    return typer.Option(Device.AUTO, help="execution device (an unavailable one is an error, exit 5)")
+
+
+def threads_option():
+    return typer.Option(None, min=1, help="onnxruntime intra-op threads (default: onnxruntime's)")
+
+
+def frame_option():
+    return typer.Option(0, min=0, help="frame of a multi-frame image (DICOM, TIFF pages, animations): 0 = the first")
+
+
+def image_source(image, frame: int):
+    """The image argument with its --frame, in the form SkinVL takes wherever it takes an image."""
+    from ..runtime.image import ImageSource
+
+    return ImageSource(image, frame)
+
+
+RANDOM_WEIGHTS_WARNING = ("warning: this bundle was exported from random weights (a demo/test checkpoint); "
+                          "its answers mean nothing")
+
+
+def warn_if_random(manifest: Manifest) -> None:
+    """One line on stderr when the bundle came from a random-weight checkpoint (export/factory.py marks them)."""
+    if manifest.random_weights:
+        typer.echo(RANDOM_WEIGHTS_WARNING, err=True)
+
