@@ -218,3 +218,42 @@ def test_log_never_carries_patient_data(local, files, llava_model):
         assert len(a) > 8 and a not in log
     assert base64.b64encode(png_bytes(random_image(8))).decode()[40:80] not in log
     assert "Traceback" not in log
+
+
+def test_dicom_answered_and_patient_data_never_echoed(local, files, llava_model):
+    """DICOM through the server (data URL of any MIME type, or a file under --allow-files): answered as the same
+    pixels in a PNG; a burned-in-annotation notice reaches the client; every broken file of the loader's matrix
+    is a 400. The planted patient name, ID, birth date, accession number and institution appear in no response
+    body, error body or log line."""
+    import json
+
+    import dicom_samples as S
+    from PIL import Image
+
+    from test_dicom import BROKEN
+
+    rgb = S.rgb_pixels()
+    native = S.write(S.native(rgb))
+    (files / "allowed" / "IM000001").write_bytes(native)
+    want = llava_model.runtime.ask(Image.fromarray(rgb), "What is this?", max_new_tokens=6).answer
+    seen = []
+    for url in (data_url(native, "application/dicom"), data_url(native, "application/octet-stream"), "IM000001"):
+        r = _ask_file(local, url)
+        assert r.status == 200 and r.json()["choices"][0]["message"]["content"] == want, r
+        assert "warnings" not in r.json()
+        seen.append(r.body)
+    burned = data_url(S.write(S.native(rgb, BurnedInAnnotation="YES")), "application/dicom")
+    r = local.post({"messages": [user("What is this?", burned)], "max_tokens": 8})
+    assert r.status == 200 and any("burned into the pixels" in w for w in r.json()["warnings"]), r
+    seen.append(r.body)
+    r = local.post({"messages": [user("What is this?", burned)], "max_tokens": 8, "stream": True})
+    first = json.loads(r.body.split(b"\n\n")[0][6:])
+    assert any("burned into the pixels" in w for w in first["warnings"])
+    seen.append(r.body)
+    for case, (build, _) in BROKEN.items():
+        r = local.post({"messages": [user("What is this?", data_url(build(), "application/dicom"))], "max_tokens": 8})
+        check_error(r, 400, "invalid_image")
+        seen.append(r.body)
+    text = (b"".join(seen).decode("utf-8", "replace") + local.log()).lower()
+    for secret in S.SECRETS:
+        assert secret.lower() not in text, secret

@@ -29,6 +29,7 @@ from .completions import Completion, generation_kwargs
 from .config import ServeConfig
 from .errors import SERVER, APIError, busy, from_exception, from_validation
 from .messages import to_chat
+from . import notices
 from .metrics import CONTENT_TYPE, Metrics
 from .middleware import Auth, BodyLimit, HostCheck, RequestLog, error_response
 from .security import is_loopback, loopback_hosts
@@ -146,6 +147,12 @@ def _parse(body: bytes) -> S.ChatCompletionRequest:
         raise APIError(400, "request body JSON is nested too deeply", code="invalid_json") from None
 
 
+def _prepare(model, chat, kw):
+    """SkinVL.prepare in a worker thread, with the notices its image raised (runtime/image.py)."""
+    with notices.collecting() as found:
+        return model.prepare(chat.image, chat.question, history=chat.history, **kw), found
+
+
 def _check_model(state: ServerState, requested: str | None) -> None:
     if requested is not None and requested != state.model_id:
         raise APIError(404, f"model {requested[:80]!r} not found; this server serves {state.model_id!r} (GET /v1/models)",
@@ -168,16 +175,15 @@ async def chat_completions(request: Request) -> Response:
         del body
         kw = generation_kwargs(req, state.info.context_length)
         try:
-            prepared = await anyio.to_thread.run_sync(
-                partial(state.model.prepare, chat.image, chat.question, history=chat.history, **kw),
-                limiter=state.prepare_limiter)
+            prepared, found = await anyio.to_thread.run_sync(partial(_prepare, state.model, chat, kw),
+                                                             limiter=state.prepare_limiter)
             stream = state.engine.submit(prepared)
         except SkinOfflineError as e:
             raise from_exception(e, state.config.retry_after_s) from None
     except BaseException:
         release()
         raise
-    completion = Completion(state, stream, request.scope["state"]["record"], req, release)
+    completion = Completion(state, stream, request.scope["state"]["record"], req, release, found)
     if req.stream:
         return completion.sse_response()
     return await completion.json_response(request.receive)

@@ -61,8 +61,9 @@ def _shutdown_error() -> APIError:
 
 
 class Completion:
-    def __init__(self, state, stream, record, req: S.ChatCompletionRequest, release):
+    def __init__(self, state, stream, record, req: S.ChatCompletionRequest, release, notices=()):
         self.state, self.stream, self.record, self.req = state, stream, record, req
+        self.notices = list(notices) or None  # e.g. "text burned into the pixels": for the client, not the log
         self.id = "chatcmpl-" + record.id.removeprefix("req-")
         self.created = int(time.time())
         self.model_id = state.model_id
@@ -72,6 +73,8 @@ class Completion:
         self._release = release
         record.pending += 1  # the log line waits for the row too
         record.fields.update(stream=int(req.stream))
+        if notices:
+            record.fields["notices"] = len(notices)
         state.live.add(self)  # holds the pump task too; shutdown cancels what is still here
         self.task = asyncio.get_running_loop().create_task(self._pump())
 
@@ -159,28 +162,31 @@ class Completion:
         body = S.ChatCompletion(
             id=self.id, created=self.created, model=self.model_id, usage=_usage(r.timings), timings=_timings(r.timings),
             choices=[S.Choice(message=S.AssistantOut(content=text), finish_reason=r.finish_reason.value)],
+            warnings=self.notices,
         )
-        return JSONResponse(body.model_dump(mode="json"))
+        return JSONResponse(body.model_dump(mode="json", exclude=None if self.notices else {"warnings"}))
 
     def sse_response(self) -> StreamingResponse:
         return StreamingResponse(self._events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
-    def _chunk(self, delta: S.Delta | None, finish=None, usage=None, timings=None) -> bytes:
+    def _chunk(self, delta: S.Delta | None, finish=None, usage=None, timings=None, warnings=None) -> bytes:
         chunk = S.ChatCompletionChunk(
             id=self.id, created=self.created, model=self.model_id,
             choices=[] if delta is None else [S.ChunkChoice(delta=delta, finish_reason=finish)],
-            usage=usage, timings=timings,
+            usage=usage, timings=timings, warnings=warnings,
         )
         exclude = set() if self.req.include_usage else {"usage"}
         if timings is None:
             exclude.add("timings")
+        if warnings is None:
+            exclude.add("warnings")
         return _sse(chunk.model_dump(mode="json", exclude=exclude))
 
     async def _events(self):
         getter = None
         delivered = False
         try:
-            yield self._chunk(S.Delta(role="assistant", content=""))
+            yield self._chunk(S.Delta(role="assistant", content=""), warnings=self.notices)
             while True:
                 getter = getter or asyncio.ensure_future(self._next())
                 done, _ = await asyncio.wait({getter}, timeout=self.state.config.keepalive_s)

@@ -185,6 +185,7 @@ class ChatCompletion(BaseModel):
     choices: list[Choice]
     usage: Usage
     timings: Timings | None = None
+    warnings: list[str] | None = None  # skin-offline's: notices about the image (DICOM burned-in annotation)
 
 
 class Delta(BaseModel):
@@ -211,6 +212,7 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: Usage | None = None  # present (null) on every chunk when include_usage; set on the last one
     timings: Timings | None = None
+    warnings: list[str] | None = None  # on the first chunk, when the image raised notices
 
 
 class ModelCard(BaseModel):

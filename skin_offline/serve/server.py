@@ -16,6 +16,7 @@ from pathlib import Path
 import uvicorn
 
 from ..errors import UsageError
+from . import notices
 from .app import ModelInfo, ServerState, create_app, start_loader
 from .config import ServeConfig
 from .security import is_loopback
@@ -86,6 +87,7 @@ def serve(config: ServeConfig, bundle: Path, *, threads=None, precision=None, de
 
     info = ModelInfo.from_bundle(bundle, precision, config.model_id)  # a bad bundle fails here, before binding
     configure_logging()
+    notices.install()
     sock = bind(config.host, config.port)
     port = sock.getsockname()[1]
     cfg = config if port == config.port else _with_port(config, port)

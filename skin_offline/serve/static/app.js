@@ -81,6 +81,7 @@ function newConversation() {
   state.messages = [];
   $("conversation").textContent = "";
   $("timings").textContent = "";
+  $("notice").hidden = true; $("notice").textContent = "";
   showError("");
   setStatus("idle", "");
 }
@@ -136,6 +137,7 @@ async function ask(ev) {
       if (data === "[DONE]") break;
       const chunk = JSON.parse(data);
       if (chunk.error) throw new Error(chunk.error.message);
+      if (chunk.warnings) { $("notice").hidden = false; $("notice").textContent = chunk.warnings.join(" "); }
       if (chunk.usage) usage = chunk.usage;
       if (chunk.timings) timings = chunk.timings;
       const choice = chunk.choices && chunk.choices[0];
