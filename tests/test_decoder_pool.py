@@ -14,7 +14,7 @@ def test_gc_inside_store_does_not_deadlock(llava_model, monkeypatch):
 
     dec = llava_model.runtime.bundle.decoder
     assert isinstance(dec, FastDecoder), type(dec)
-    cycle = [dec._store(1, 64)]
+    cycle = [dec.new_store(1, 64)]
     cycle.append(cycle)  # only the cyclic collector frees this store (and runs its finalizer)
     del cycle
     real_empty = np.empty
@@ -27,8 +27,8 @@ def test_gc_inside_store_does_not_deadlock(llava_model, monkeypatch):
     done = threading.Event()
 
     def work():
-        dec._store(1, 96)  # a shape the pool does not hold: allocates inside the locked region
+        dec.new_store(1, 96)  # a shape the pool does not hold: allocates inside the locked region
         done.set()
 
     threading.Thread(target=work, daemon=True).start()
-    assert done.wait(30), "FastDecoder._store deadlocked in its own finalizer (pool lock not reentrant)"
+    assert done.wait(30), "FastDecoder.new_store deadlocked in its own finalizer (pool lock not reentrant)"
