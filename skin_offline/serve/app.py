@@ -147,12 +147,6 @@ def _parse(body: bytes) -> S.ChatCompletionRequest:
         raise APIError(400, "request body JSON is nested too deeply", code="invalid_json") from None
 
 
-def _prepare(model, chat, kw):
-    """SkinVL.prepare in a worker thread, with the notices its image raised (runtime/image.py)."""
-    with notices.collecting() as found:
-        return model.prepare(chat.image, chat.question, history=chat.history, **kw), found
-
-
 def _check_model(state: ServerState, requested: str | None) -> None:
     if requested is not None and requested != state.model_id:
         raise APIError(404, f"model {requested[:80]!r} not found; this server serves {state.model_id!r} (GET /v1/models)",
@@ -168,15 +162,10 @@ async def chat_completions(request: Request) -> Response:
         except ClientDisconnect:
             release()
             return Response(status_code=499)
-        req = _parse(body)
-        req.check_supported()
-        _check_model(state, req.model)
-        chat = to_chat(req.messages, files=state.config.allow_files, max_bytes=state.config.max_body_bytes)
+        # parsing, base64 and image decoding in a worker thread: a 20 MB body must not stall other streams
+        req, prepared, found = await anyio.to_thread.run_sync(partial(_build, state, body), limiter=state.prepare_limiter)
         del body
-        kw = generation_kwargs(req, state.info.context_length)
         try:
-            prepared, found = await anyio.to_thread.run_sync(partial(_prepare, state.model, chat, kw),
-                                                             limiter=state.prepare_limiter)
             stream = state.engine.submit(prepared)
         except SkinOfflineError as e:
             raise from_exception(e, state.config.retry_after_s) from None
@@ -187,6 +176,21 @@ async def chat_completions(request: Request) -> Response:
     if req.stream:
         return completion.sse_response()
     return await completion.json_response(request.receive)
+
+
+def _build(state: ServerState, body: bytes):
+    """Body -> (request, prepared engine request, image notices), or an APIError naming the problem."""
+    req = _parse(body)
+    req.check_supported()
+    _check_model(state, req.model)
+    chat = to_chat(req.messages, files=state.config.allow_files, max_bytes=state.config.max_body_bytes)
+    kw = generation_kwargs(req, state.info.context_length)
+    with notices.collecting() as found:  # what the image loader notices goes to this request (notices.py)
+        try:
+            prepared = state.model.prepare(chat.image, chat.question, history=chat.history, **kw)
+        except SkinOfflineError as e:
+            raise from_exception(e, state.config.retry_after_s) from None
+    return req, prepared, found
 
 
 async def models(request: Request) -> Response:

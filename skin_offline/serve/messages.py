@@ -28,7 +28,7 @@ from .errors import APIError
 from .schemas import AssistantMessage, ImagePart, SystemMessage, TextPart, UserMessage
 from .security import FileRefused, read_confined
 
-_WS = re.compile(rb"[ \t\r\n]+")
+_WS = b" \t\r\n"  # MIME-style base64 wraps lines; bytes.translate drops them (a regex took 60% of a 300 KB request)
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def _data_url(url: str, param: str) -> bytes:
                    "invalid_image")
     if "base64" in params:
         try:
-            data = base64.b64decode(_WS.sub(b"", payload.encode("ascii")), validate=True)
+            data = base64.b64decode(payload.encode("ascii").translate(None, _WS), validate=True)
         except (binascii.Error, ValueError, UnicodeEncodeError):
             raise _bad(param, "the data URL's base64 is invalid (bad characters or padding); encode the file with "
                               "standard base64", "invalid_image") from None
