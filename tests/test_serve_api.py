@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import random_image
-from serve_helpers import Server, image_url, metric, png_bytes, user
+from serve_helpers import Server, image_url, metric, user
 
 openai = pytest.importorskip("openai")  # in the test extra: installed by `make test`, so never skipped on CI
 

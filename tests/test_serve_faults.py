@@ -11,7 +11,6 @@ import random
 import re
 import signal
 import socket
-import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ import psutil
 import pytest
 
 from conftest import random_image
-from serve_helpers import (Server, data_url, drop, image_url, log_line, metric, open_stream, png_bytes, request,
+from serve_helpers import (Server, data_url, drop, image_url, log_line, metric, open_stream, request,
                            sse_events, user, wait_for)
 from test_serve_errors import check_error
 

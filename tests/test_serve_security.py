@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import base64
-import os
 import re
 import secrets
 import time
@@ -250,7 +249,7 @@ def test_dicom_answered_and_patient_data_never_echoed(local, files, llava_model)
     first = json.loads(r.body.split(b"\n\n")[0][6:])
     assert any("burned into the pixels" in w for w in first["warnings"])
     seen.append(r.body)
-    for case, (build, _) in BROKEN.items():
+    for build, _ in BROKEN.values():
         r = local.post({"messages": [user("What is this?", data_url(build(), "application/dicom"))], "max_tokens": 8})
         check_error(r, 400, "invalid_image")
         seen.append(r.body)

@@ -7,12 +7,14 @@ from typing import Optional
 
 import typer
 
+from .options import Device, Precision, bundle_option, device_option, precision_option, threads_option, warn_if_random
+
 
 def register(app, friendly) -> None:
     @app.command("serve")
     @friendly
     def serve(
-        bundle: Optional[Path] = typer.Option(None, help="bundle folder (default: $SKIN_OFFLINE_BUNDLE or the user data dir)"),
+        bundle: Optional[Path] = bundle_option(),
         host: str = typer.Option("127.0.0.1", help="address to listen on; anything but loopback needs an API key"),
         port: int = typer.Option(8080, help="port (0: a free one, printed)"),
         parallel: int = typer.Option(1, min=1, help="requests run at once (engine slots)"),
@@ -25,9 +27,9 @@ def register(app, friendly) -> None:
         model_id: Optional[str] = typer.Option(None, help="the model's id in /v1/models and requests (default: the bundle folder's name)"),
         keepalive_s: float = typer.Option(5.0, help="seconds between SSE keep-alive comments while no token arrives"),
         shutdown_grace_s: float = typer.Option(5.0, min=0.0, help="on SIGTERM / Ctrl-C, let running requests finish this long, then cancel them"),
-        threads: Optional[int] = typer.Option(None, min=1),
-        precision: Optional[str] = typer.Option(None, help="pick a graph variant the bundle carries (fp32, int8, int4, fp16)"),
-        device: str = typer.Option("auto", help="auto | cpu | cuda | tensorrt"),
+        threads: Optional[int] = threads_option(),
+        precision: Optional[Precision] = precision_option(),
+        device: Device = device_option(),
     ):
         """Serve the bundle over an OpenAI-compatible HTTP API and a web page (localhost by default)."""
         try:
@@ -37,13 +39,9 @@ def register(app, friendly) -> None:
             from ..errors import UsageError
 
             raise UsageError(f"the server needs the serve extra ({e.name} is missing): pip install 'skin-offline[serve]'") from None
-        from ..manifest import Precision
+        from ..manifest import Manifest
         from ..runtime.bundle import default_bundle_path
 
-        if precision is not None and precision not in {p.value for p in Precision}:
-            from ..errors import UsageError
-
-            raise UsageError(f"--precision must be one of {', '.join(p.value for p in Precision)}, not {precision!r}")
         config = ServeConfig(
             host=host, port=port, parallel=parallel, max_queue=max_queue,
             api_key=read_api_key(api_key, api_key_file), allow_files=allow_files, cors_origins=tuple(cors_origin or ()),
@@ -51,12 +49,11 @@ def register(app, friendly) -> None:
             shutdown_grace_s=shutdown_grace_s,
         )
         folder = bundle if bundle is not None else default_bundle_path()
-        from ..runtime.bundle import Bundle  # noqa: F401 (same errors as `ask` for a missing bundle)
-
-        if not folder.exists():
+        if not folder.exists():  # the same message as `ask`, before any socket is bound
             from ..errors import BundleError
 
             raise BundleError(f"no bundle at {folder}; export one with `skin-offline export CHECKPOINT {folder}` "
                               f"or point --bundle / $SKIN_OFFLINE_BUNDLE at an existing bundle")
-        run(config, folder, threads=threads, precision=precision, device=device,
+        warn_if_random(Manifest.read(folder))
+        run(config, folder, threads=threads, precision=precision.value if precision else None, device=device,
             out=lambda m: typer.echo(m))

@@ -53,7 +53,7 @@ class RequestRecord:
     fields: dict = field(default_factory=dict)  # set by the route: tokens, ttft, finish, ...
     pending: int = 1  # the HTTP response; a completion adds its engine row
 
-    def done(self, metrics=None) -> None:
+    def done(self) -> None:
         self.pending -= 1
         if self.pending == 0:
             extra = " ".join(f"{k}={v}" for k, v in self.fields.items())

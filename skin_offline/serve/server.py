@@ -19,7 +19,6 @@ from ..errors import UsageError
 from . import notices
 from .app import ModelInfo, ServerState, create_app, start_loader
 from .config import ServeConfig
-from .security import is_loopback
 
 LOG_FORMAT = "%(asctime)s %(levelname).1s %(message)s"
 
@@ -153,5 +152,3 @@ def _with_port(config: ServeConfig, port: int) -> ServeConfig:
 
     return replace(config, port=port, allow_files=config.allow_files)
 
-
-__all__ = ["serve", "bind", "is_loopback"]
