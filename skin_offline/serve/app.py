@@ -164,7 +164,6 @@ async def chat_completions(request: Request) -> Response:
             return Response(status_code=499)
         # parsing, base64 and image decoding in a worker thread: a 20 MB body must not stall other streams
         req, prepared, found = await anyio.to_thread.run_sync(partial(_build, state, body), limiter=state.prepare_limiter)
-        del body
         try:
             stream = state.engine.submit(prepared)
         except SkinOfflineError as e:
