@@ -76,10 +76,12 @@ def setup_bundles(cache: Path, precisions: list[str]) -> None:
     models, cli = cache / "models", Path(sys.executable).parent / "skin-offline"
     if not (models / "bundle-bench" / "manifest.json").exists():
         sh([cli, "export", models / "ckpt-llava", models / "bundle-bench", "--no-verify"], cache / "setup.log")
-    for p in precisions:
-        if not (models / f"bundle-bench-{p}" / "manifest.json").exists():
-            sh([cli, "quantize", models / "bundle-bench", models / f"bundle-bench-{p}", "--precision", p, "--no-quality"],
-               cache / "setup.log")
+    variants = {f"bundle-bench-{p}": ["--precision", p] for p in precisions}
+    if "int4" in precisions:  # the previous defaults (no int8 prefill graph, fp32 vision): the same-run baseline
+        variants["bundle-bench-int4-base"] = ["--precision", "int4", "--prefill", "decoder", "--vision", "fp32"]
+    for name, args in variants.items():
+        if not (models / name / "manifest.json").exists():
+            sh([cli, "quantize", models / "bundle-bench", models / name, *args, "--no-quality"], cache / "setup.log")
 
 
 def setup_peers_venv(cache: Path) -> None:
@@ -262,6 +264,23 @@ def setup_mtmd(cache: Path) -> None:
        log, env={"PYTHONPATH": str(src / "gguf-py")})
 
 
+def llama_server_binary(cache: Path) -> Path:
+    return cache / "build-server" / "bin" / "llama-server"
+
+
+def setup_llama_server(cache: Path) -> None:
+    """llama.cpp's own server (tools/server, continuous batching over -np slots) from the same sdist and flags,
+    for the concurrency benchmark (benchmarks/concurrency.py); no curl (offline), no web UI assets needed."""
+    src = cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
+    build, log = cache / "build-server", cache / "setup.log"
+    if llama_server_binary(cache).exists():
+        return
+    sh(["cmake", "-S", src, "-B", build, "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", *llama_flags(cache).split(),
+        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON",
+        "-DLLAMA_CURL=OFF"], log)
+    sh(["ninja", "-C", build, f"-j{os.cpu_count() or 1}", "llama-server"], log)
+
+
 def setup_genai(cache: Path, mistral: Path) -> None:
     for p in GENAI_PRECISIONS:
         out = cache / "models" / f"genai-{p}"
@@ -282,6 +301,7 @@ def cmd_setup(a) -> None:
         setup_gguf(cache, mistral)
         check_llama_build(cache)
         setup_mtmd(cache)
+        setup_llama_server(cache)
         setup_genai(cache, mistral)
     print(f"setup done in {time.time() - t0:.0f}s; cache {cache}")
 
@@ -323,7 +343,7 @@ def worker_skin(a) -> dict:
     bundle = Path(a.model)
     t0 = time.perf_counter()
     b = Bundle.load(bundle, threads=a.threads, precision=a.precision, device="cpu", prefill=a.prefill)
-    model = SkinVL(b, TextTokenizer.from_file(bundle / "tokenizer.json"), feature_cache_size=0)
+    model = SkinVL(b, TextTokenizer.from_file(bundle / "tokenizer.json"), feature_cache_size=0, prompt_cache_size=0)
     load = time.perf_counter() - t0
     q, _, _ = _prompt(bundle, a.prompt_tokens)
     img = demo_image()

@@ -49,7 +49,7 @@ def test_follow_up_equals_a_fresh_uncached_request(llava_model, model):
     """Same tokens as SkinVL.ask(history=...) on a model with every cache off (the whole prompt prefilled)."""
     from skin_offline.runtime.pipeline import SkinVL
 
-    cold = SkinVL(model.bundle, model.tokenizer, feature_cache_size=0, prefix_cache_size=0)
+    cold = SkinVL(model.bundle, model.tokenizer, feature_cache_size=0, prompt_cache_size=0)
     img = random_image(22)
     conv = model.conversation(img)
     first = conv.ask(QUESTIONS[0], max_new_tokens=N)
@@ -100,7 +100,7 @@ def test_follow_up_skips_the_vision_encoder_even_without_a_feature_cache(llava_m
     calls = []
     orig = VisionEncoder.encode
     monkeypatch.setattr(VisionEncoder, "encode", lambda self, px: calls.append(1) or orig(self, px))
-    cold = SkinVL(model.bundle, model.tokenizer, feature_cache_size=0, prefix_cache_size=0)
+    cold = SkinVL(model.bundle, model.tokenizer, feature_cache_size=0, prompt_cache_size=0)
     conv = cold.conversation(random_image(25))
     conv.ask(QUESTIONS[0], max_new_tokens=4)
     second = conv.ask(QUESTIONS[1], max_new_tokens=4)

@@ -1,5 +1,5 @@
-"""Feature and prompt-prefix caches: a second question about the same image skips the vision encoder and
-the image prefill, and gives exactly the tokens of a cold run."""
+"""Feature and prompt caches: a second question about the same image skips the vision encoder and the image
+prefill (the engine copies the longest cached prefix into its slot), and gives exactly the tokens of a cold run."""
 
 import numpy as np
 import pytest
@@ -18,7 +18,7 @@ def warm_and_cold(llava_model, request):
         b = Bundle.load(llava_model.bundle_dir, threads=1, flavor=request.param)
         return SkinVL(b, TextTokenizer.from_file(b.folder / names.TOKENIZER), **kw)
 
-    return load(), load(feature_cache_size=0)
+    return load(), load(feature_cache_size=0, prompt_cache_size=0)
 
 
 QUESTIONS = ["What is this lesion?", "Describe the border.", "Is it malignant? Answer in one word."]
@@ -53,13 +53,14 @@ def test_sampled_answers_reproduce_with_the_cache(warm_and_cold):
     assert warm.ask(img, QUESTIONS[0], **kw).token_ids == first == cold.ask(img, QUESTIONS[0], **kw).token_ids
 
 
-def test_prefix_cache_is_bounded_and_never_extended(warm_and_cold):
+def test_prompt_cache_is_bounded_and_never_extended(warm_and_cold):
     warm, _ = warm_and_cold
-    for seed in range(40, 45):
+    for seed in range(40, 46):
         warm.ask(random_image(seed), QUESTIONS[1], max_new_tokens=3)
-    assert len(warm._prefixes) <= 2
-    key, cached = next(iter(warm._prefixes.items()))
-    length = cached.length
-    keys0 = np.array(cached.keys[0], copy=True)
-    warm.ask(random_image(44), QUESTIONS[2], max_new_tokens=5)  # continues a copy of the newest prefix
-    assert cached.length == length and np.array_equal(cached.keys[0], keys0)
+    cache = warm.prompt_cache
+    assert 0 < len(cache) <= cache.max_entries and cache.nbytes <= cache.max_bytes
+    snap = next(iter(cache._entries.values()))
+    keys0 = np.array(snap.keys[0], copy=True)
+    a = warm.ask(random_image(45), QUESTIONS[2], max_new_tokens=5)  # continues a copy of a cached prefix
+    assert a.timings.prefix_cached
+    assert np.array_equal(snap.keys[0], keys0)  # the entry itself is never written

@@ -154,7 +154,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda m: None) -> 
     threads = cfg.threads or default_threads()
     t0 = time.perf_counter()
     bundle = Bundle.load(cfg.bundle, threads=threads, precision=cfg.precision, device=cfg.device)
-    model = SkinVL(bundle, TextTokenizer.from_file(bundle.folder / names.TOKENIZER), feature_cache_size=0)
+    model = SkinVL(bundle, TextTokenizer.from_file(bundle.folder / names.TOKENIZER), feature_cache_size=0, prompt_cache_size=0)
     load_s = time.perf_counter() - t0
     facts = model_facts(model, threads)
     image = cfg.image if cfg.image is not None else demo_image()

@@ -1,23 +1,24 @@
 """The generation loop, as layered generators (gpt-fast / mlx-lm style).
 
-`generate_step` yields token ids (prefill once, then one KV-cached decode per token);
-`stream_generate` adds detokenized text deltas, finish reason and timings.
+What a generation yields and keeps: `Response` (a text delta, the token, on the last one the finish reason and
+`Timings`), `GenerationState`, and `TokenStream`, one request's output side (tokens -> text deltas, EOS and stop
+strings). The engine (engine.py) runs requests; `generate_step` is the plain one-request loop over a decoder
+(prefill once, then one KV-cached decode per token) that decoder checks compare against transformers.
 """
 
 from __future__ import annotations
 
 import enum
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
 
 from .decoder import Decoder
-from .kv import KVCache
 from .detokenize import StopText, StreamingDetokenizer
 from .kernels.sampling import Sampler
+from .kv import KVCache
 
 EmbedFn = Callable[[list[int]], np.ndarray]  # ids -> [n, H]
 
@@ -70,6 +71,7 @@ class GenerationState:
     cache: KVCache | None = None
     finish_reason: FinishReason | None = None
     positions: list = field(default_factory=list)  # the prompt, one entry per decoder position (pipeline.py)
+    snapshot: object | None = None  # kv.Snapshot of what the request's slot held when it finished (engine.py)
 
 
 def generate_step(decoder: Decoder, embeds: np.ndarray, embed: EmbedFn, sampler: Sampler, max_new_tokens: int,
@@ -116,30 +118,3 @@ class TokenStream:
 
     def flush(self) -> str:
         return self.stops.add(self.detok.flush()) + self.stops.flush()
-
-
-def stream_generate(decoder: Decoder, embeds: np.ndarray, embed: EmbedFn, sampler: Sampler, tokenizer,
-                    max_new_tokens: int, eos_id: int, timings: Timings, t_start: float,
-                    cancel: threading.Event | None = None, state: GenerationState | None = None,
-                    cache: KVCache | None = None, stop: tuple[str, ...] = ()) -> Iterator[Response]:
-    state = state if state is not None else GenerationState()
-    out = TokenStream(tokenizer, eos_id, stop)
-    t_prefill = time.perf_counter()
-    t_first = None
-    for token in generate_step(decoder, embeds, embed, sampler, max_new_tokens, eos_id, cache=cache, state=state,
-                               cancel=cancel):
-        now = time.perf_counter()
-        if t_first is None:
-            t_first = now
-            timings.prefill_s += now - t_prefill  # after any cached-prefix prefill the caller timed
-            timings.ttft_s = now - t_start
-        timings.new_tokens += 1
-        timings.decode_s = now - t_first
-        delta = out.add(token)
-        if out.finish is not None:  # EOS or a stop string: the last delta goes with the final response
-            state.finish_reason = out.finish
-            yield Response(delta, None, out.finish, timings)
-            return
-        if delta:
-            yield Response(delta, token)
-    yield Response(out.flush(), None, state.finish_reason, timings)

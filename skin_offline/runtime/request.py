@@ -55,7 +55,8 @@ class Request:
     prompt_tokens: int  # decoder positions the prompt fills (text ids + image rows)
     max_new_tokens: int  # already clipped to the context left after the prompt
     params: GenerationParams
-    reuse: object | None = None  # pipeline.Turn of the same conversation: its cache is kept for shared positions
+    reuse: object | None = None  # a kv.Snapshot of an earlier turn: its KV is kept for the positions they share
+    keep_snapshot: bool = False  # hand the finished slot's KV back in GenerationState.snapshot (conversations)
     t_start: float = field(default_factory=time.perf_counter)
     timings: Timings = field(default_factory=Timings)
 
