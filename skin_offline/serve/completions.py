@@ -128,13 +128,16 @@ class Completion:
             rec.done()
 
     # --- response side ---
+    def _error(self, failed: _Failed) -> APIError:
+        e = failed.error
+        if isinstance(e, SkinOfflineError):
+            return from_exception(e)
+        return APIError(500, f"internal error ({self.record.id}): {type(e).__name__}", SERVER, None, "internal_error")
+
     async def _next(self):
         item = await self.queue.get()
         if isinstance(item, _Failed):
-            e = item.error
-            if isinstance(e, SkinOfflineError):
-                raise from_exception(e)
-            raise APIError(500, f"internal error ({self.record.id}): {type(e).__name__}", SERVER, None, "internal_error")
+            raise self._error(item)
         return item
 
     async def _collect(self):
@@ -182,38 +185,43 @@ class Completion:
             exclude.add("warnings")
         return _sse(chunk.model_dump(mode="json", exclude=exclude))
 
+    def _render(self, item) -> tuple[bytes, bool]:
+        """One engine response -> its SSE bytes, and whether the stream is over."""
+        if isinstance(item, _Failed):
+            return _sse(self._error(item).body()), True
+        out = [self._chunk(S.Delta(content=item.text))] if item.text else []
+        if item.finish_reason is None:
+            return b"".join(out), False
+        if item.finish_reason == FinishReason.CANCELLED:  # the server is shutting down
+            return b"".join([*out, _sse(_shutdown_error().body())]), True
+        out.append(self._chunk(S.Delta(), finish=item.finish_reason.value, timings=_timings(item.timings)))
+        if self.req.include_usage:
+            out.append(self._chunk(None, usage=_usage(item.timings)))
+        out.append(b"data: [DONE]\n\n")
+        return b"".join(out), True
+
     async def _events(self):
         getter = None
         delivered = False
         try:
             yield self._chunk(S.Delta(role="assistant", content=""), warnings=self.notices)
-            while True:
-                getter = getter or asyncio.ensure_future(self._next())
+            while not delivered:
+                getter = getter or asyncio.ensure_future(self.queue.get())
                 done, _ = await asyncio.wait({getter}, timeout=self.state.config.keepalive_s)
                 if not done:  # SSE comment: clients ignore it; it keeps proxies and idle timers from closing us
                     yield b": keep-alive\n\n"
                     continue
-                try:
-                    r = getter.result()
-                except APIError as e:
-                    delivered = True
-                    yield _sse(e.body())
-                    return
-                finally:
-                    getter = None
-                if r.text:
-                    yield self._chunk(S.Delta(content=r.text))
-                if r.finish_reason is None:
-                    continue
-                delivered = True
-                if r.finish_reason == FinishReason.CANCELLED:  # the server is shutting down
-                    yield _sse(_shutdown_error().body())
-                    return
-                yield self._chunk(S.Delta(), finish=r.finish_reason.value, timings=_timings(r.timings))
-                if self.req.include_usage:
-                    yield self._chunk(None, usage=_usage(r.timings))
-                yield b"data: [DONE]\n\n"
-                return
+                items, getter = [getter.result()], None
+                while not self.queue.empty():  # what else arrived meanwhile goes out in the same write
+                    items.append(self.queue.get_nowait())
+                out = []
+                for item in items:
+                    piece, delivered = self._render(item)
+                    out.append(piece)
+                    if delivered:
+                        break
+                if any(out):
+                    yield b"".join(out)
         finally:  # a disconnect cancels this generator (Starlette listens for http.disconnect)
             if getter is not None:
                 getter.cancel()
