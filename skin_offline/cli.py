@@ -128,6 +128,7 @@ COMMAND_MODULES: list[str] = [
     "eval",  # eval, classify, classify-eval
     "bench",
     "engines",  # build-engines
+    "serve",
 ]
 
 

@@ -104,7 +104,10 @@ class FastDecoder(Decoder):
         self.capacity = capacity or dims.max_context  # per-request buffer length (lazily committed pages)
         self.logits_dtype = _np_dtype(next(o.type for o in session.get_outputs() if o.name == names.LOGITS))
         self._pool: list[tuple[list[np.ndarray], list[np.ndarray]]] = []
-        self._lock = threading.Lock()
+        # reentrant: a garbage collection can start inside the locked region (np.empty, a tuple) and run a dead
+        # store's finalizer (_recycle) in the same thread; a plain Lock then deadlocks that thread and every other
+        # request (seen under server load about once per 9,000 requests)
+        self._lock = threading.RLock()
 
     def session_for(self, rows: int):
         """The graph a call of `rows` rows (batch x new tokens) runs through."""

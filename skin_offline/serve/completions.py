@@ -1,0 +1,234 @@
+"""One chat completion through the engine: engine responses -> a JSON body or Server-Sent Events.
+
+A pump task drains the engine stream for as long as the row runs, independent of the HTTP response: when the
+client leaves, the response side only calls `abandon()` (which cancels the row) and the pump sees the row's
+last response, so the log line and metrics say how many tokens the row made after the disconnect and how
+long it took to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ..errors import SkinOfflineError
+from ..runtime.generate import FinishReason
+from . import schemas as S
+from .errors import SERVER, APIError, from_exception
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def generation_kwargs(req: S.ChatCompletionRequest, default_max_tokens: int) -> dict:
+    """Request fields -> SkinVL.prepare keywords. Greedy unless `temperature` > 0 (as `ask`, unlike OpenAI's
+    default of 1). Without max_tokens the answer may use all the context left (OpenAI's and llama.cpp's
+    behaviour); an explicit max_tokens that does not fit is a 400 with both numbers."""
+    limit = req.token_limit
+    return dict(
+        max_new_tokens=default_max_tokens if limit is None else limit, strict_context=limit is not None,
+        temperature=0.0 if req.temperature is None else float(req.temperature),
+        top_p=1.0 if req.top_p is None else float(req.top_p), top_k=req.top_k or 0, seed=req.seed,
+        stop=req.stop_list,
+    )
+
+
+@dataclass
+class _Failed:
+    error: BaseException
+
+
+def _timings(t) -> S.Timings:
+    return S.Timings(ttft_s=round(t.ttft_s, 6), prefill_s=round(t.prefill_s, 6),
+                     decode_tokens_per_s=round(t.decode_tokens_per_s, 3), prompt_tokens=t.prompt_tokens,
+                     prefilled_tokens=t.prefilled_tokens, new_tokens=t.new_tokens)
+
+
+def _usage(t) -> S.Usage:
+    return S.Usage(prompt_tokens=t.prompt_tokens, completion_tokens=t.new_tokens,
+                   total_tokens=t.prompt_tokens + t.new_tokens)
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+
+
+def _shutdown_error() -> APIError:
+    return APIError(503, "the server shut down before the answer was complete; retry", SERVER, None,
+                    "server_shutting_down", {"retry-after": "1"})
+
+
+class Completion:
+    def __init__(self, state, stream, record, req: S.ChatCompletionRequest, release, notices=()):
+        self.state, self.stream, self.record, self.req = state, stream, record, req
+        self.notices = list(notices) or None  # e.g. "text burned into the pixels": for the client, not the log
+        self.id = "chatcmpl-" + record.id.removeprefix("req-")
+        self.created = int(time.time())
+        self.model_id = state.model_id
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.final = None  # the engine's last Response
+        self.cancelled_at: tuple[float, int] | None = None  # (time, tokens generated) when the client left
+        self._release = release
+        record.pending += 1  # the log line waits for the row too
+        record.fields.update(stream=int(req.stream))
+        if notices:
+            record.fields["notices"] = len(notices)
+        state.live.add(self)  # holds the pump task too; shutdown cancels what is still here
+        self.task = asyncio.get_running_loop().create_task(self._pump())
+
+    # --- engine side ---
+    async def _pump(self) -> None:
+        try:
+            async for r in self.stream:
+                if r.finish_reason is not None:
+                    self.final = r
+                self.queue.put_nowait(r)
+        except BaseException as e:  # noqa: BLE001 (delivered to the response side, logged by type)
+            self.queue.put_nowait(_Failed(e))
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            self._finish()
+
+    def abandon(self) -> None:
+        """The client left: cancel the row (it stops within one engine step) and note when."""
+        if self.final is None and self.cancelled_at is None:
+            # Request.timings.new_tokens counts the row's tokens as they are generated
+            self.cancelled_at = (time.perf_counter(), self.stream.request.timings.new_tokens)
+            self.stream.cancel()
+
+    def _finish(self) -> None:
+        rec, m, r = self.record, self.state.metrics, self.final
+        try:
+            if r is not None:
+                t = r.timings
+                rec.fields.update(prompt_tokens=t.prompt_tokens, completion_tokens=t.new_tokens,
+                                  ttft=f"{t.ttft_s:.3f}s", tok_s=f"{t.decode_tokens_per_s:.1f}")
+                m.prompt_tokens.inc(t.prompt_tokens)
+                m.completion_tokens.inc(t.new_tokens)
+                if t.new_tokens:
+                    m.ttft.observe(t.ttft_s)
+                if t.new_tokens > 1:
+                    m.decode_rate.observe(t.decode_tokens_per_s)
+                reason = "client_left" if self.cancelled_at is not None else r.finish_reason.value
+                rec.fields["finish"] = reason
+                m.finished.labels(reason).inc()
+                if self.cancelled_at is not None:
+                    t0, n0 = self.cancelled_at
+                    after = max(0, t.new_tokens - n0)
+                    rec.fields.update(tokens_after_cancel=after, stop_ms=f"{(time.perf_counter() - t0) * 1e3:.1f}")
+                    m.cancel_tokens.observe(after)
+            else:
+                rec.fields["finish"] = "error"
+        finally:
+            self.state.live.discard(self)
+            self._release()
+            rec.done()
+
+    # --- response side ---
+    def _error(self, failed: _Failed) -> APIError:
+        e = failed.error
+        if isinstance(e, SkinOfflineError):
+            return from_exception(e)
+        return APIError(500, f"internal error ({self.record.id}): {type(e).__name__}", SERVER, None, "internal_error")
+
+    async def _next(self):
+        item = await self.queue.get()
+        if isinstance(item, _Failed):
+            raise self._error(item)
+        return item
+
+    async def _collect(self):
+        parts = []
+        while True:
+            r = await self._next()
+            parts.append(r.text)
+            if r.finish_reason is not None:
+                return "".join(parts), r
+
+    async def json_response(self, receive) -> Response:
+        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        getter = asyncio.ensure_future(self._collect())
+        try:
+            done, _ = await asyncio.wait({watcher, getter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if getter not in done:  # the client left before the answer was ready
+            self.abandon()
+            getter.cancel()
+            return Response(status_code=499)
+        text, r = getter.result()  # raises APIError on a failed row
+        if r.finish_reason == FinishReason.CANCELLED:
+            raise _shutdown_error()
+        body = S.ChatCompletion(
+            id=self.id, created=self.created, model=self.model_id, usage=_usage(r.timings), timings=_timings(r.timings),
+            choices=[S.Choice(message=S.AssistantOut(content=text), finish_reason=r.finish_reason.value)],
+            warnings=self.notices,
+        )
+        return JSONResponse(body.model_dump(mode="json", exclude=None if self.notices else {"warnings"}))
+
+    def sse_response(self) -> StreamingResponse:
+        return StreamingResponse(self._events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    def _chunk(self, delta: S.Delta | None, finish=None, usage=None, timings=None, warnings=None) -> bytes:
+        chunk = S.ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model_id,
+            choices=[] if delta is None else [S.ChunkChoice(delta=delta, finish_reason=finish)],
+            usage=usage, timings=timings, warnings=warnings,
+        )
+        exclude = set() if self.req.include_usage else {"usage"}
+        if timings is None:
+            exclude.add("timings")
+        if warnings is None:
+            exclude.add("warnings")
+        return _sse(chunk.model_dump(mode="json", exclude=exclude))
+
+    def _render(self, item) -> tuple[bytes, bool]:
+        """One engine response -> its SSE bytes, and whether the stream is over."""
+        if isinstance(item, _Failed):
+            return _sse(self._error(item).body()), True
+        out = [self._chunk(S.Delta(content=item.text))] if item.text else []
+        if item.finish_reason is None:
+            return b"".join(out), False
+        if item.finish_reason == FinishReason.CANCELLED:  # the server is shutting down
+            return b"".join([*out, _sse(_shutdown_error().body())]), True
+        out.append(self._chunk(S.Delta(), finish=item.finish_reason.value, timings=_timings(item.timings)))
+        if self.req.include_usage:
+            out.append(self._chunk(None, usage=_usage(item.timings)))
+        out.append(b"data: [DONE]\n\n")
+        return b"".join(out), True
+
+    async def _events(self):
+        getter = None
+        delivered = False
+        try:
+            yield self._chunk(S.Delta(role="assistant", content=""), warnings=self.notices)
+            while not delivered:
+                getter = getter or asyncio.ensure_future(self.queue.get())
+                done, _ = await asyncio.wait({getter}, timeout=self.state.config.keepalive_s)
+                if not done:  # SSE comment: clients ignore it; it keeps proxies and idle timers from closing us
+                    yield b": keep-alive\n\n"
+                    continue
+                items, getter = [getter.result()], None
+                while not self.queue.empty():  # what else arrived meanwhile goes out in the same write
+                    items.append(self.queue.get_nowait())
+                out = []
+                for item in items:
+                    piece, delivered = self._render(item)
+                    out.append(piece)
+                    if delivered:
+                        break
+                if any(out):
+                    yield b"".join(out)
+        finally:  # a disconnect cancels this generator (Starlette listens for http.disconnect)
+            if getter is not None:
+                getter.cancel()
+            if not delivered:
+                self.abandon()
+
+
+async def _wait_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
