@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from .options import (Device, Precision, bundle_option, device_option, frame_option, image_source, precision_option,
-                      threads_option, warn_if_random)
+                      threads_option, warn_if_random, show_notices)
 
 
 def print_stream(responses, prefill: bool = False) -> None:
@@ -59,6 +59,7 @@ def register(app, friendly) -> None:
         SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)  # checked before the slow load
         model = SkinVL.load(bundle, threads=threads, precision=precision, device=device)
         warn_if_random(model.manifest)
+        show_notices(model)
         if as_json:
             typer.echo(json.dumps(model.ask(image_source(image, frame), question, **kw).to_dict()))
             return
@@ -88,6 +89,7 @@ def register(app, friendly) -> None:
         SamplingConfig(temperature=temperature, seed=seed)
         model = SkinVL.load(bundle, threads=threads, precision=precision, device=device)
         warn_if_random(model.manifest)
+        show_notices(model)
         conv = model.conversation(image_source(image, frame))
         interactive = not question and sys.stdin.isatty()
         questions = iter(question) if question else (line.rstrip("\n") for line in sys.stdin)

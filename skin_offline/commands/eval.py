@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..eval.choices import ClassifyMethod, Protocol
-from .options import Precision, frame_option, image_source, threads_option, warn_if_random
+from .options import Precision, frame_option, image_source, threads_option, warn_if_random, show_notices
 
 
 def _labels(labels: Optional[str], label_set: Optional[str], labels_file: Optional[Path]) -> list[str]:
@@ -64,6 +64,7 @@ def register(app, friendly) -> None:
         rows = read_questions(csv, modality_csv, limit)
         model = SkinVL.load(bundle, threads=threads, precision=precision)
         warn_if_random(model.manifest)
+        show_notices(model)
         meta = {"bundle": str(bundle), "precision": model.manifest.pick(names.ROLE_DECODER, precision).precision.value,
                 "protocol": protocol.value, "seed": seed, "max_new_tokens": max_new_tokens}
         s = run_vqa(make_answer_fn(model, protocol, seed, max_new_tokens), rows, images, out, meta)
@@ -96,6 +97,7 @@ def register(app, friendly) -> None:
         image = image_source(image, frame)
         model = SkinVL.load(bundle, threads=threads, precision=precision)
         warn_if_random(model.manifest)
+        show_notices(model)
         if method is ClassifyMethod.LIKELIHOOD:
             r = model.classify(image, names, normalize=normalize)
             if as_json:
@@ -138,6 +140,7 @@ def register(app, friendly) -> None:
         rows = read_label_rows(csv, names, image_col, label_col, limit)
         model = SkinVL.load(bundle, threads=threads, precision=precision)
         warn_if_random(model.manifest)
+        show_notices(model)
         if method is ClassifyMethod.LIKELIHOOD:
             def predict(path):
                 r = model.classify(path, names, normalize=normalize)

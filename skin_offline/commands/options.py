@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from ..manifest import Manifest, Precision
+from ..manifest import Manifest, Precision  # noqa: F401 (re-exported: commands import their option types here)
 from ..runtime.devices import Device
 
 
@@ -46,3 +46,9 @@ def warn_if_random(manifest: Manifest) -> None:
     if manifest.random_weights:
         typer.echo(RANDOM_WEIGHTS_WARNING, err=True)
 
+
+
+def show_notices(model) -> None:
+    """The bundle's one-line load notices (e.g. its int8 prefill graph left out for lack of RAM) on stderr."""
+    for n in model.bundle.notices:
+        typer.echo(f"note: {n}", err=True)

@@ -81,7 +81,6 @@ def configure_logging() -> None:
 
 
 def serve(config: ServeConfig, bundle: Path, *, threads=None, precision=None, device=None, out=print) -> None:
-    from ..runtime.engine import Engine
     from ..runtime.pipeline import SkinVL
 
     info = ModelInfo.from_bundle(bundle, precision, config.model_id)  # a bad bundle fails here, before binding
@@ -97,8 +96,11 @@ def serve(config: ServeConfig, bundle: Path, *, threads=None, precision=None, de
     t0 = time.perf_counter()
 
     def load():
-        model = SkinVL.load(bundle, threads=threads, precision=precision, device=device)
-        return model, Engine(model, parallel=cfg.parallel, max_queue=cfg.max_queue)
+        model = SkinVL.load(bundle, threads=threads, precision=precision, device=device, parallel=cfg.parallel,
+                            max_queue=cfg.max_queue)
+        for n in model.bundle.notices:
+            out(f"note: {n}")
+        return model, model.engine  # the model's own engine: one prompt cache for every client
 
     def on_ready():
         out(f"ready in {time.perf_counter() - t0:.1f}s: {cfg.parallel} slot(s), {cfg.capacity} requests admitted at most")
