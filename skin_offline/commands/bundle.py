@@ -7,15 +7,18 @@ from pathlib import Path
 
 import typer
 
+from .options import progress_for, quiet_option
+
 
 def register(app, friendly) -> None:
     @app.command()
     @friendly
-    def verify(bundle: Path = typer.Argument(..., help="bundle folder")):
+    def verify(bundle: Path = typer.Argument(..., help="bundle folder"), quiet: bool = quiet_option()):
         """Check every bundle file against the sha256 in its manifest."""
         from ..runtime.bundle import verify_bundle
 
-        m = verify_bundle(bundle)
+        with progress_for(quiet) as progress:
+            m = verify_bundle(bundle, log=progress)
         typer.echo(f"ok: {len(m.files)} files match their sha256 ({sum(e.size for e in m.files.values()) / 1e6:.1f} MB)")
 
     @app.command()

@@ -10,6 +10,7 @@ import typer
 from ..errors import UsageError
 from ..export.choices import DemoLayout, DemoPreset
 from ..manifest import PadMode, Precision
+from .options import progress_for, quiet_option
 
 
 def _source(src: Optional[Path], out: Optional[Path], base: Optional[Path], lora: Optional[Path]) -> tuple[Path, Path]:
@@ -39,6 +40,7 @@ def register(app, friendly) -> None:
         max_context: Optional[int] = typer.Option(None, min=2, help="context limit (default: the checkpoint's, 2048 for LLaVA)"),
         verify: bool = typer.Option(True, "--verify/--no-verify", help="check the graphs against transformers"),
         precision: Precision = typer.Option(Precision.FP32, help="fp32, or int4/int8/fp16 (quantized with `quantize`'s defaults)"),
+        quiet: bool = quiet_option(),
     ):
         """Export a SkinVL / LLaVA checkpoint folder to an ONNX bundle."""
         from ..export.to_onnx import export_bundle, plan_export
@@ -47,8 +49,9 @@ def register(app, friendly) -> None:
         if dry_run:
             plan_export(src, out, lora=lora, vision_tower=vision_tower, image_mode=image_mode, log=lambda m: typer.echo(m))
             return
-        export_bundle(src, out, vision_tower=vision_tower, image_mode=image_mode, max_context=max_context, verify=verify,
-                      log=lambda m: typer.echo(m, err=True), lora=lora, precision=precision)
+        with progress_for(quiet) as progress:
+            export_bundle(src, out, vision_tower=vision_tower, image_mode=image_mode, max_context=max_context,
+                          verify=verify, log=progress, lora=lora, precision=precision)
 
     @app.command("make-demo-checkpoint")
     @friendly

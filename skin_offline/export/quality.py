@@ -127,22 +127,26 @@ def _picked(m: Manifest, role: str, precision: Precision) -> str:
     return (precision if precision in have else m.pick(role).precision).value
 
 
-def quality_report(src: Path, dst: Path, probes: ProbeSet = ProbeSet(), threads: int | None = None) -> dict:
+def quality_report(src: Path, dst: Path, probes: ProbeSet = ProbeSet(), threads: int | None = None,
+                   log=None) -> dict:
     """Compare every non-fp32 variant of bundle `dst` with the fp32 graphs of bundle `src`."""
+    from ..progress import task
     from ..runtime.prompt import build_prompt_ids
 
     questions, qsource = probes.questions()
     ref = _load(src, Precision.FP32, threads)
     cases: list[_Probe] = []
-    for seed in probes.image_seeds:
-        pixels = ref.pixels(probe_image(seed))
-        feats = ref.bundle.vision.encode(pixels)[0]
-        for q in questions:
-            ids = build_prompt_ids(ref.tokenizer, q)
-            p = _Probe(ref.prompt_embeddings(ids, feats), ids, pixels, features=feats)
-            p.tokens = _greedy(ref, p.prompt, probes.new_tokens)
-            p.logits = _teacher_forced(ref, p.prompt, p.tokens)
-            cases.append(p)
+    with task(log, "quality: fp32 answers", total=len(probes.image_seeds) * len(questions), unit="probes") as t:
+        for seed in probes.image_seeds:
+            pixels = ref.pixels(probe_image(seed))
+            feats = ref.bundle.vision.encode(pixels)[0]
+            for q in questions:
+                ids = build_prompt_ids(ref.tokenizer, q)
+                p = _Probe(ref.prompt_embeddings(ids, feats), ids, pixels, features=feats)
+                p.tokens = _greedy(ref, p.prompt, probes.new_tokens)
+                p.logits = _teacher_forced(ref, p.prompt, p.tokens)
+                cases.append(p)
+                t.advance()
     del ref
     gc.collect()  # one model in memory at a time
 
@@ -171,14 +175,16 @@ def quality_report(src: Path, dst: Path, probes: ProbeSet = ProbeSet(), threads:
         else:
             model = _load(dst, g.precision, threads)
             ref_l, got_l, prefix, same = [], [], [], 0
-            for p in cases:
-                prompt = model.prompt_embeddings(p.ids, model.image_features(p.pixels))
-                ref_l.append(p.logits)
-                got_l.append(_teacher_forced(model, prompt, p.tokens))
-                mine = _greedy(model, prompt, probes.new_tokens)
-                n = next((i for i, (a, b) in enumerate(zip(mine, p.tokens)) if a != b), len(p.tokens))
-                prefix.append(n / len(p.tokens))
-                same += mine == p.tokens
+            with task(log, f"quality: {key}", total=len(cases), unit="probes") as t:
+                for p in cases:
+                    prompt = model.prompt_embeddings(p.ids, model.image_features(p.pixels))
+                    ref_l.append(p.logits)
+                    got_l.append(_teacher_forced(model, prompt, p.tokens))
+                    mine = _greedy(model, prompt, probes.new_tokens)
+                    n = next((i for i, (a, b) in enumerate(zip(mine, p.tokens)) if a != b), len(p.tokens))
+                    prefix.append(n / len(p.tokens))
+                    same += mine == p.tokens
+                    t.advance()
             report[key] = {
                 **logit_metrics(np.concatenate(ref_l), np.concatenate(got_l)),
                 "greedy_prefix_agreement": float(np.mean(prefix)), "greedy_identical": same / len(cases),

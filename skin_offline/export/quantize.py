@@ -28,7 +28,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .. import names
 from ..errors import BundleError, ConfigError, UsageError
-from ..manifest import Flavor, GraphVariant, Kernel, Manifest, Precision, file_entry
+from ..manifest import Flavor, GraphVariant, Kernel, Manifest, Precision, folder_entries
+from ..progress import task
 from .atomic import atomic_folder
 from .onnx_writer import ExternalData, save
 
@@ -143,6 +144,7 @@ class GraphPlan:
     to_fp16: bool = False
     quantized_params: int = 0
     float_params: int = 0
+    tensors: int = 0  # initializers to stream
 
 
 def _weight_matmuls(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
@@ -187,7 +189,8 @@ def plan_graph(src: Path, dst_name: str, precision: Precision, cfg: QuantConfig,
             weight_bits[wname] = _BITS[p]
             qparams += k * n
     total = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == TensorProto.FLOAT)
-    return GraphPlan(Path(src), dst_name, weight_bits, precision == Precision.FP16, qparams, total - qparams)
+    return GraphPlan(Path(src), dst_name, weight_bits, precision == Precision.FP16, qparams, total - qparams,
+                     len(model.graph.initializer))
 
 
 # --- rewriting one graph --------------------------------------------------------------------------------
@@ -242,8 +245,9 @@ def _pack_search(w: np.ndarray, bits: int, block_size: int, factors=SEARCH_FACTO
     return packed, scales.reshape(-1)
 
 
-def quantize_graph(plan: GraphPlan, out_dir: Path, cfg: QuantConfig) -> tuple[str, str]:
-    """Write plan.dst_name (+ .data) into out_dir, streaming each initializer. Returns (graph, data) names."""
+def quantize_graph(plan: GraphPlan, out_dir: Path, cfg: QuantConfig, on_tensor: Callable[[], None] | None = None) -> tuple[str, str]:
+    """Write plan.dst_name (+ .data) into out_dir, streaming each initializer. Returns (graph, data) names.
+    `on_tensor()` after each initializer (progress)."""
     model = onnx.load(str(plan.src), load_external_data=False)
     data_name = names.external_data_name(plan.dst_name)
     data = ExternalData(Path(out_dir) / data_name)
@@ -254,6 +258,8 @@ def quantize_graph(plan: GraphPlan, out_dir: Path, cfg: QuantConfig) -> tuple[st
     if plan.to_fp16:
         model, keep_fp32 = convert_graph_fp16(model)
     for t in model.graph.initializer:
+        if on_tensor is not None:
+            on_tensor()
         bits = plan.weight_bits.get(t.name)
         if bits is None:
             arr = read_tensor(t, plan.src.parent)
@@ -475,7 +481,8 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
         graphs: list[GraphVariant] = []
         for plan in plans:
             log(f"writing {plan.dst_name} ({plan.quantized_params / 1e6:.1f}M params packed) ...")
-            gfile, dfile = quantize_graph(plan, tmp, cfg)
+            with task(log, plan.dst_name, total=plan.tensors, unit="tensors") as t:
+                gfile, dfile = quantize_graph(plan, tmp, cfg, on_tensor=t.advance)
             role = names.ROLE_DECODER if plan.src.name == dec32.file else names.ROLE_VISION
             prec = cfg.precision if role == names.ROLE_DECODER else cfg.vision
             details = {"source_file": plan.src.name}
@@ -516,7 +523,7 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
         if keep_source:
             graphs += [g for g in m.graphs if g not in graphs]
         graphs.sort(key=lambda g: order.get(g.role, 3))  # stable: new variants stay ahead of the source's
-        files = {p.name: file_entry(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = folder_entries(tmp, log)
         manifest = Manifest(**{**m.__dict__, "graphs": tuple(graphs), "files": files, "quality": {},
                                "source": {**m.source, "quantized_from": {"bundle": str(src.resolve()),
                                                                           "files": {k: v.sha256 for k, v in m.files.items()}}}})
@@ -535,7 +542,7 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
             from .quality import quality_report
 
             log("measuring quality against the fp32 graphs ...")
-            report = quality_report(src, tmp, **(probe_kw or {}))
+            report = quality_report(src, tmp, **(probe_kw or {}), log=log)
             manifest = Manifest(**{**manifest.__dict__, "quality": report})
             manifest.write(tmp)
     dt = time.perf_counter() - t0

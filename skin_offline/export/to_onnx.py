@@ -18,8 +18,9 @@ import numpy as np
 
 from .. import __version__, names
 from ..manifest import (
-    Attention, Flavor, GraphVariant, Manifest, ModelDims, PadMode, Precision, PromptConfig, TokenConfig, file_entry,
+    Attention, Flavor, GraphVariant, Manifest, ModelDims, PadMode, Precision, PromptConfig, TokenConfig, folder_entries,
 )
+from ..progress import task
 from ..runtime.tokenizer import TextTokenizer
 from .atomic import atomic_folder
 from .checkpoint import Checkpoint, TensorStore, open_checkpoint
@@ -84,18 +85,18 @@ def export_bundle(src: Path, out: Path, *, vision_tower: Path | None = None, ima
         f"vision {ckpt.vision.hidden}x{ckpt.vision.kept_layers}/{ckpt.vision.layers} layers, "
         f"{ckpt.vision.image_tokens} image tokens")
     with atomic_folder(Path(out)) as tmp:
-        log("writing vision graph ...")
-        vfile, vdata = build_vision(ckpt.vision, lambda n: ckpt.vision_tensor(n).numpy(),
-                                    lambda n: ckpt.projector_tensor(n).numpy(), tmp)
-        log("writing decoder graph ...")
-        dfile, ddata = build_decoder(ckpt.text, lambda n: ckpt.text_tensor(n).numpy(), tmp,
-                                     progress=lambda i: log(f"  decoder layer {i}/{ckpt.text.layers}"))
+        with task(log, "vision graph", total=ckpt.vision.kept_layers, unit="layers") as t:
+            vfile, vdata = build_vision(ckpt.vision, lambda n: ckpt.vision_tensor(n).numpy(),
+                                        lambda n: ckpt.projector_tensor(n).numpy(), tmp, progress=lambda i: t.advance())
+        with task(log, "decoder graph", total=ckpt.text.layers, unit="layers") as t:
+            dfile, ddata = build_decoder(ckpt.text, lambda n: ckpt.text_tensor(n).numpy(), tmp,
+                                         progress=lambda i: t.advance())
         contrib = ()
         if fast_decoder:  # onnxruntime contrib-op variant: the runtime's default on CPU (GQA, in-place KV cache)
-            log("writing contrib decoder graph ...")
-            ffile, fdata = build_decoder_fast(ckpt.text, lambda n: ckpt.text_tensor(n).numpy(), tmp,
-                                              max_positions=max_context or ckpt.text.max_context,
-                                              shared=external_initializers(tmp / dfile))
+            with task(log, "contrib decoder graph", total=ckpt.text.layers, unit="layers") as t:
+                ffile, fdata = build_decoder_fast(ckpt.text, lambda n: ckpt.text_tensor(n).numpy(), tmp,
+                                                  max_positions=max_context or ckpt.text.max_context,
+                                                  shared=external_initializers(tmp / dfile), progress=lambda i: t.advance())
             contrib = (GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.CONTRIB, ffile, (ddata, fdata),
                                     attention=Attention.GQA),)
         efile = _write_embeddings(ckpt, tmp)
@@ -107,7 +108,7 @@ def export_bundle(src: Path, out: Path, *, vision_tower: Path | None = None, ima
             *contrib,
             GraphVariant(names.ROLE_EMBEDDINGS, Precision.FP32, Flavor.STANDARD, efile),
         )
-        files = {p.name: file_entry(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = folder_entries(tmp, log)
         manifest = Manifest(
             model=model_dims(ckpt, max_context), preprocess=ckpt.preprocess, prompt=PromptConfig("mistral_instruct"),
             tokens=TokenConfig(bos_id=1, eos_id=2, tokenizer_vocab_size=tok_vocab), graphs=graphs, files=files,
