@@ -50,5 +50,17 @@ class DeviceError(SkinOfflineError):
     exit_code = 5
 
 
+class EngineBusy(SkinOfflineError):
+    """Every slot is busy and the waiting queue is full: retry later (HTTP 503 with Retry-After)."""
+
+    exit_code = 1
+
+
+class EngineClosed(SkinOfflineError):
+    """The engine is shutting down and accepts no new requests."""
+
+    exit_code = 1
+
+
 class Cancelled(SkinOfflineError):
     exit_code = 130

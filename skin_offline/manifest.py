@@ -43,6 +43,13 @@ class Kernel(str, enum.Enum):
     QGEMM = "qgemm"  # int8 per-channel weights through onnxruntime's int8 GEMM: nearly flat in rows (prefill, batches)
 
 
+class Prefill(str, enum.Enum):
+    """Which weights multi-row decoder calls (prefill chunks, batched decode steps) run through."""
+
+    INT8 = "int8"  # an int8 QGEMM graph (Kernel.QGEMM) beside the decode graph, sharing its KV cache layout
+    DECODER = "decoder"  # the decode graph itself
+
+
 class PadMode(str, enum.Enum):
     PAD = "pad"  # LLaVA's expand2square (what SkinVL was trained with)
     CROP = "crop"  # resize + centre crop only (what MM-Skin's VQA evaluation used)
@@ -185,6 +192,14 @@ class Manifest:
         """Exported from a random-weight checkpoint (`make-demo-checkpoint`, the test factory): its answers mean
         nothing, and a ranked diagnosis from it would look real, so every front end says so."""
         return bool(self.source.get(names.SOURCE_RANDOM_WEIGHTS, False))
+
+    def multi_row_partner(self, decoder: GraphVariant) -> GraphVariant | None:
+        """The int8 QGEMM decoder that many-row calls of `decoder` run through (Prefill.INT8), if the bundle has
+        one: same I/O and GroupQueryAttention KV layout, so either graph continues the other's cache."""
+        if decoder.attention != Attention.GQA or decoder.kernel == Kernel.QGEMM:
+            return None
+        return next((g for g in self.variants(names.ROLE_DECODER)
+                     if g.kernel == Kernel.QGEMM and g.attention == Attention.GQA), None)
 
     def variants(self, role: str) -> list[GraphVariant]:
         return [g for g in self.graphs if g.role == role]

@@ -88,3 +88,10 @@ def embedding_scales_file(precision: str) -> str:
 Q_WEIGHT_SUFFIX = "_Q{bits}"
 Q_SCALES_SUFFIX = "_scales"
 Q_ZERO_POINTS_SUFFIX = "_zero_points"
+QGEMM_WEIGHT_SUFFIX = "_QGEMM8"  # int8 [K,N] per-column codes (DynamicQuantizeMatMul)
+
+
+def kernel_variant_file(base: str, precision: str, kernel: str) -> str:
+    """A graph variant that differs from `variant_file(base, precision)` by its weight kernel:
+    ("decoder.onnx", "int8", "qgemm") -> "decoder.int8-qgemm.onnx"."""
+    return variant_file(base, f"{precision}-{kernel}")

@@ -73,7 +73,10 @@ def _onnx_locations(data: bytes) -> list[str] | None:
 
     try:
         model = onnx.load_from_string(data)
-        return [kv.value for t in _get_all_tensors(model) for kv in t.external_data if kv.key == "location"]
+        # protobuf hands back raw bytes for a string that is not UTF-8; the scanner decodes those with
+        # "replace" (such a name never matches a bundle file, so the graph is refused either way)
+        return [kv.value.decode("utf-8", "replace") if isinstance(kv.value, bytes) else kv.value
+                for t in _get_all_tensors(model) for kv in t.external_data if kv.key == "location"]
     except Exception:  # protobuf DecodeError and friends: the scan must then refuse or agree, checked below
         return None
 

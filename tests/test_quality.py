@@ -27,6 +27,35 @@ def quantized(llava_model, tmp_path_factory):
     return out, r.manifest
 
 
+@pytest.fixture(scope="module")
+def hybrid(llava_model, tmp_path_factory):
+    """int4 decode graph + int8 QGEMM graph for many-row calls (the int4 default, Prefill.INT8)."""
+    out = tmp_path_factory.mktemp("quality") / "int4"
+    r = quantize_bundle(llava_model.bundle_dir, out, QuantConfig("int4", vision="int8"), log=lambda m: None,
+                        probe_kw={"probes": PROBES, "threads": 1})
+    return out, r.manifest
+
+
+def _greedy(decoder, embed, prompt: np.ndarray, n: int) -> list[int]:
+    """n greedy tokens after one prefill of the prompt (EOS not special: every probe is n tokens long)."""
+    logits, cache = decoder.forward(prompt, decoder.empty_cache(1))
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(logits[0, -1])))
+        logits, cache = decoder.forward(embed([out[-1]])[None], cache)
+    return out
+
+
+def _as_it_runs(decoder, embed, prompt: np.ndarray, answer: list[int]) -> np.ndarray:
+    """Teacher-forced logits [n,V] the way a request runs: prefill the prompt, then one decode step per token."""
+    logits, cache = decoder.forward(prompt, decoder.empty_cache(1))
+    rows = [logits[0, -1]]
+    for t in answer[:-1]:
+        logits, cache = decoder.forward(embed([t])[None], cache)
+        rows.append(logits[0, -1])
+    return np.stack(rows)
+
+
 def test_report_is_stored_and_says_what_it_measured(quantized, llava_model):
     out, m = quantized
     q = m.quality
@@ -39,13 +68,19 @@ def test_report_is_stored_and_says_what_it_measured(quantized, llava_model):
     assert any("decoder.int8" in line and "top-1" in line for line in lines)
 
 
-def test_quality_numbers_recompute_from_the_graphs(quantized, llava_model):
+@pytest.mark.parametrize("which,precision,multi_row", [("quantized", Precision.INT8, "int8"),
+                                                       ("hybrid", Precision.INT4, "int8-qgemm"),
+                                                       ("hybrid", Precision.INT8, "int8")])
+def test_quality_numbers_recompute_from_the_graphs(which, precision, multi_row, llava_model, request):
+    """Every figure of the report from the graphs, with an independent loop. The hybrid's int4 entry is the path
+    as it runs (int8 QGEMM prefill, int4 decode); its int8 entry is the QGEMM graph alone (the int8-only tier)."""
     from skin_offline.runtime.pipeline import SkinVL
     from skin_offline.runtime.prompt import build_prompt_ids
 
-    out, m = quantized
+    out, m = request.getfixturevalue(which)
     ref = SkinVL.load(llava_model.bundle_dir, threads=1, precision=Precision.FP32)
-    got = SkinVL.load(out, threads=1, precision=Precision.INT8)
+    got = SkinVL.load(out, threads=1, precision=precision, prefill="int8" if multi_row == "int8-qgemm" else None)
+    assert (got.bundle.decoder.gemm_session is not None) == (multi_row == "int8-qgemm")
     questions = m.quality["measured_on"]["questions"]
     n = PROBES.new_tokens
     ref_all, got_all, prefix, identical, cos = [], [], [], [], []
@@ -60,25 +95,23 @@ def test_quality_numbers_recompute_from_the_graphs(quantized, llava_model):
             answer = ref.ask(img, q, max_new_tokens=n).token_ids
             if len(answer) < n:  # stopped at EOS: the report decodes past it; extend with the same rule
                 pytest.skip("fp32 answer hit EOS early on this probe")
-            seq32 = np.concatenate([ref.prompt_embeddings(ids, f32)[0], ref.bundle.embed(answer[:-1])])[None]
-            seqq = np.concatenate([got.prompt_embeddings(ids, fq)[0], got.bundle.embed(answer[:-1])])[None]
-            ref_all.append(ref.bundle.decoder.logits_all(seq32)[0, -n:])
-            got_all.append(got.bundle.decoder.logits_all(seqq)[0, -n:])
-            mine = got.ask(img, q, max_new_tokens=n).token_ids
+            ref_all.append(_as_it_runs(ref.bundle.decoder, ref.bundle.embed, ref.prompt_embeddings(ids, f32), answer))
+            got_all.append(_as_it_runs(got.bundle.decoder, got.bundle.embed, got.prompt_embeddings(ids, fq), answer))
+            mine = _greedy(got.bundle.decoder, got.bundle.embed, got.prompt_embeddings(ids, fq), n)
             k = next((i for i, (a, b) in enumerate(zip(mine, answer)) if a != b), min(len(mine), n))
             prefix.append(k / n)
             identical.append(mine == answer)
     r32, rq = torch.from_numpy(np.concatenate(ref_all)).double(), torch.from_numpy(np.concatenate(got_all)).double()
     lp, lq = torch.log_softmax(r32, -1), torch.log_softmax(rq, -1)
     kl = torch.nn.functional.kl_div(lq, lp, log_target=True, reduction="none").sum(-1)  # KL(fp32 || int8)
-    d = m.quality["decoder.int8"]
+    d = m.quality[f"decoder.{precision.value}"]
     assert d["top1_agreement"] == pytest.approx(float((r32.argmax(-1) == rq.argmax(-1)).double().mean()), abs=1e-9)
     assert d["kl_mean"] == pytest.approx(float(kl.mean()), rel=1e-3, abs=1e-9)
     assert d["kl_max"] == pytest.approx(float(kl.max()), rel=1e-3, abs=1e-9)
     assert d["max_abs_logit_diff"] == pytest.approx(float((r32 - rq).abs().max()), rel=1e-3, abs=1e-5)
     assert d["greedy_prefix_agreement"] == pytest.approx(np.mean(prefix))
     assert d["greedy_identical"] == pytest.approx(np.mean(identical))
-    assert d["pipeline"] == {"vision": "int8", "embeddings": "int8"}
+    assert d["pipeline"] == {"vision": "int8", "embeddings": "int8", "multi_row": multi_row}
     v = m.quality["vision.int8"]
     assert v["feature_cosine_mean"] == pytest.approx(np.mean(cos), abs=1e-7)
     assert v["feature_cosine_min"] == pytest.approx(np.min(cos), abs=1e-7)

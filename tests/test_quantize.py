@@ -170,7 +170,7 @@ def mid_bundle(tmp_path_factory) -> Path:
 
 
 def _data_theory(plan, block_size: int, symmetric: bool) -> float:
-    bits = set(plan.weight_bits.values())
+    bits = {c.bits for c in plan.codecs.values()}
     assert len(bits) == 1
     return plan.quantized_params * bytes_per_weight(bits.pop(), block_size, symmetric) + plan.float_params * 4
 
@@ -235,7 +235,8 @@ def test_export_with_precision_writes_only_the_quantized_bundle(llava_model, tmp
     r = CliRunner().invoke(app, ["export", str(llava_model.ckpt), str(out), "--precision", "int4", "--no-verify"])
     assert r.exit_code == 0, r.output
     m = Manifest.read(out)
-    assert [g.precision.value for g in m.variants(names.ROLE_DECODER)] == ["int4"]
+    # the int4 decode graph (default) and the int8 QGEMM graph multi-row calls run through (Prefill.INT8)
+    assert [(g.precision.value, g.kernel.value) for g in m.variants(names.ROLE_DECODER)] == [("int4", "nbits"), ("int8", "qgemm")]
     assert m.pick(names.ROLE_EMBEDDINGS).precision == Precision.INT8
     assert "decoder.int4" in m.quality and m.quality["measured_on"]["probes"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e4"]  # the fp32 scratch export is gone
@@ -249,7 +250,7 @@ def test_keep_source_bundle_serves_both_precisions(llava_model, tmp_path):
     m = quantize_bundle(llava_model.bundle_dir, out, QuantConfig("int4"), quality=False, keep_source=True,
                         log=lambda m: None).manifest
     assert [g.precision.value for g in m.variants(names.ROLE_DECODER)][0] == "int4"  # the new variant is the default
-    assert {g.precision.value for g in m.variants(names.ROLE_DECODER)} == {"int4", "fp32"}
+    assert {g.precision.value for g in m.variants(names.ROLE_DECODER)} == {"int4", "int8", "fp32"}
     img = random_image(7)
     ref = llava_model.runtime.ask(img, "What is this lesion?", max_new_tokens=12).token_ids
     fp32 = SkinVL.load(out, threads=1, precision="fp32")
@@ -279,7 +280,7 @@ def test_fp16_halves_the_decoder_and_keeps_rope_and_rmsnorm_in_fp32(mid_bundle, 
 def test_scale_search_with_absmax_only_reproduces_onnxruntime_packing(bits):
     """_pack_search(factors=(1.0,)) is onnxruntime's symmetric packer: same scales, same codes except where
     x/scale sits within float rounding of a .5 tie (the two round those differently, both are valid)."""
-    from skin_offline.export.quantize import _pack, _pack_search
+    from skin_offline.export.codecs import pack_nbits as _pack, pack_nbits_search as _pack_search
 
     rng = np.random.default_rng(bits)
     w = rng.standard_normal((1024, 96)).astype(np.float32)  # [K,N]
@@ -296,7 +297,7 @@ def test_scale_search_with_absmax_only_reproduces_onnxruntime_packing(bits):
 def test_scale_search_never_increases_a_blocks_error(llava_model, tmp_path):
     """Every block's squared error with the searched scale <= with absmax (absmax is a candidate), and the
     bundle it writes answers through onnxruntime like the dequantized weights say."""
-    from skin_offline.export.quantize import _pack, _pack_search
+    from skin_offline.export.codecs import pack_nbits as _pack, pack_nbits_search as _pack_search
 
     rng = np.random.default_rng(0)
     w = rng.standard_t(4, (512, 64)).astype(np.float32)  # heavy tails: where absmax wastes levels

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ..manifest import Precision
+from ..manifest import Precision, Prefill
 from .options import progress_for, quiet_option
 
 
@@ -25,6 +25,9 @@ def register(app, friendly) -> None:
         lm_head: Optional[Precision] = typer.Option(None, help="lm_head precision for int4/int8 decoders: fp32, int8 (default) or int4"),
         vision: Precision = typer.Option(Precision.FP32, help="vision encoder: fp32 (kept), int8 (dynamic quantization: ~3x faster encode on CPU) or fp16"),
         embeddings: Optional[Precision] = typer.Option(None, help="token table: fp32, fp16 or int8 (default int8; fp16 for fp16)"),
+        prefill: Optional[Prefill] = typer.Option(None, help="what many-row calls (prefill, batched decode) run through: "
+                                                  "int8 (an int8 GEMM graph beside the decoder; default for int4: faster "
+                                                  "first token, ~2x the int4 bundle's size) or decoder (the decoder itself)"),
         keep_source: bool = typer.Option(False, "--keep-source", help="also carry BUNDLE's variants (ask --precision picks)"),
         quality: bool = typer.Option(True, "--quality/--no-quality", help="measure agreement with the fp32 graphs"),
         threads: Optional[int] = typer.Option(None, min=1, help="threads for the quality measurement"),
@@ -35,7 +38,8 @@ def register(app, friendly) -> None:
 
         # QuantConfig checks which precisions each part accepts (ConfigError, exit 2), before any work
         cfg = QuantConfig(precision=precision, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
-                          scale_search=scale_search, lm_head=lm_head, vision=vision, embeddings=embeddings)
+                          scale_search=scale_search, lm_head=lm_head, vision=vision, embeddings=embeddings,
+                          prefill=prefill)
         with progress_for(quiet) as progress:
             quantize_bundle(bundle, out, cfg, quality=quality, log=progress, probe_kw={"threads": threads},
                             keep_source=keep_source)

@@ -92,9 +92,16 @@ def _greedy(model, prompt: np.ndarray, n: int) -> list[int]:
 
 
 def _teacher_forced(model, prompt: np.ndarray, tokens: list[int]) -> np.ndarray:
-    """Logits [n,V] predicting tokens[i] from prompt + tokens[:i] (float32)."""
-    seq = np.concatenate([prompt[0], model.bundle.embed(tokens[:-1])])[None]  # [1,S+n-1,H]
-    return model.bundle.decoder.forward(seq, model.bundle.decoder.empty_cache(1), keep=len(tokens))[0][0].astype(np.float32)
+    """Logits [n,V] predicting tokens[i] from prompt + tokens[:i] (float32), computed the way a request runs:
+    one prefill of the prompt, then one decode step per token. (A single call over prompt + tokens would send
+    every position through the multi-row graph of a hybrid bundle and never measure its decode graph.)"""
+    dec = model.bundle.decoder
+    logits, cache = dec.forward(prompt, dec.empty_cache(1), keep=1)  # [1,1,V]
+    out = [logits[0, -1]]
+    for t in tokens[:-1]:
+        logits, cache = dec.forward(model.bundle.embed([t])[None], cache, keep=1)
+        out.append(logits[0, -1])
+    return np.stack(out).astype(np.float32)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -125,6 +132,13 @@ def _picked(m: Manifest, role: str, precision: Precision) -> str:
     """The precision Bundle.load uses for `role` when asked for `precision`: that one if present, else the default."""
     have = {g.precision for g in m.variants(role)}
     return (precision if precision in have else m.pick(role).precision).value
+
+
+def _multi_row(m: Manifest, g, model) -> str:
+    """What many-row calls (prefill) ran through while measuring `g`: "int8-qgemm" or `g`'s own precision."""
+    partner = m.multi_row_partner(g)
+    used = partner is not None and getattr(model.bundle.decoder, "gemm_session", None) is not None
+    return f"{partner.precision.value}-{partner.kernel.value}" if used else g.precision.value
 
 
 def quality_report(src: Path, dst: Path, probes: ProbeSet = ProbeSet(), threads: int | None = None,
@@ -189,7 +203,8 @@ def quality_report(src: Path, dst: Path, probes: ProbeSet = ProbeSet(), threads:
                 **logit_metrics(np.concatenate(ref_l), np.concatenate(got_l)),
                 "greedy_prefix_agreement": float(np.mean(prefix)), "greedy_identical": same / len(cases),
                 "pipeline": {"vision": _picked(m, names.ROLE_VISION, g.precision),
-                             "embeddings": _picked(m, names.ROLE_EMBEDDINGS, g.precision)},
+                             "embeddings": _picked(m, names.ROLE_EMBEDDINGS, g.precision),
+                             "multi_row": _multi_row(m, g, model)},
             }
             del model
         gc.collect()
@@ -228,7 +243,8 @@ def format_report(report: dict) -> list[str]:
         lines.append(
             f"  {key:14s} top-1 {r['top1_agreement']:.1%}, KL mean {r['kl_mean']:.2e} max {r['kl_max']:.2e}, "
             f"max |dlogit| {r['max_abs_logit_diff']:.3g}, greedy prefix {r['greedy_prefix_agreement']:.1%}, "
-            f"identical {r['greedy_identical']:.0%} (vision {pipe.get('vision')}, embeddings {pipe.get('embeddings')})")
+            f"identical {r['greedy_identical']:.0%} (vision {pipe.get('vision')}, embeddings {pipe.get('embeddings')}"
+            + (f", prefill {pipe['multi_row']})" if pipe.get("multi_row") else ")"))
     if on.get("note"):
         lines.append(f"  note: {on['note']}")
     return lines

@@ -28,13 +28,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .. import names
 from ..errors import BundleError, ConfigError, UsageError
-from ..manifest import Flavor, GraphVariant, Kernel, Manifest, Precision, folder_entries
+from ..manifest import Attention, Flavor, GraphVariant, Kernel, Manifest, Precision, Prefill, folder_entries
 from ..progress import task
 from .atomic import atomic_folder
+from .codecs import MS_DOMAIN, Codec, NBits, QGemm
 from .onnx_writer import ExternalData, save
 
 Log = Callable[[str], None]
-MS_DOMAIN = "com.microsoft"
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 CHUNK_ROWS = 4096  # embedding rows converted per read (4096 x 4096 x 4 B = 64 MB at 7B)
 
@@ -75,6 +75,11 @@ class QuantConfig:
     # costs quantize time (17 candidate scales per block), so it is opt-in. Symmetric only; for int8 (256
     # levels) absmax is already near optimal and the search rarely changes a scale.
     scale_search: bool = False
+    # Multi-row calls (prefill chunks, batched decode) through int8 per-column weights and onnxruntime's int8
+    # GEMM, single-row decode through the MatMulNBits graph. None: INT8 for int4 decoders (a second, int8 weight
+    # set: more disk and RAM, see README "Precision tiers"), DECODER for int8 / fp16 ones. int8 + INT8: one
+    # QGEMM graph serves every call (the int8-only tier).
+    prefill: Prefill | None = None
 
     def __post_init__(self):
         flags = {"precision": "--precision", "lm_head": "--lm-head", "vision": "--vision", "embeddings": "--embeddings"}
@@ -87,6 +92,8 @@ class QuantConfig:
         if emb is None:
             emb = EmbeddingPrecision.FP16 if self.precision == Precision.FP16 else EmbeddingPrecision.INT8
         object.__setattr__(self, "embeddings", _choice(EmbeddingPrecision, emb, flags["embeddings"]))
+        if self.prefill is not None:  # None: decided by quantize_bundle from the source graph (default_prefill)
+            object.__setattr__(self, "prefill", _choice(Prefill, self.prefill, "--prefill"))
         if self.precision == Precision.FP32:
             raise ConfigError("--precision must be int4, int8 or fp16 (the source bundle already is fp32)")
         if self.block_size is not None and self.block_size not in BLOCK_SIZES:
@@ -97,8 +104,15 @@ class QuantConfig:
             raise ConfigError("--lm-head must be fp32, int8 or int4 (an fp16 decoder keeps its lm_head in fp16)")
         if self.vision == Precision.INT4:
             raise ConfigError("--vision must be fp32, int8 or fp16")
+        if self.prefill == Prefill.INT8 and self.precision == Precision.FP16:
+            raise ConfigError("--prefill int8 is for CPU bundles (int4/int8); an fp16 decoder prefills through itself")
         if self.scale_search and not self.symmetric:
             raise ConfigError("--scale-search works with --symmetric only (zero points have their own range fit)")
+
+    def default_prefill(self, source: GraphVariant) -> Prefill:
+        """INT8 for an int4 decoder built from a GroupQueryAttention graph (the multi-row graph shares its KV
+        cache in place); the decoder itself otherwise."""
+        return Prefill.INT8 if self.precision == Precision.INT4 and source.attention == Attention.GQA else Prefill.DECODER
 
     def details(self, bits_precision: Precision) -> dict:
         d = {"block_size": self.block_size, "symmetric": self.symmetric, "accuracy_level": self.accuracy_level,
@@ -140,7 +154,7 @@ def read_tensor(t: TensorProto, folder: Path) -> np.ndarray:
 class GraphPlan:
     src: Path
     dst_name: str
-    weight_bits: dict[str, int]  # initializer name -> 4 / 8 (MatMulNBits)
+    codecs: dict[str, Codec]  # weight initializer name -> how it is stored (export/codecs.py)
     to_fp16: bool = False
     quantized_params: int = 0
     float_params: int = 0
@@ -170,81 +184,37 @@ def auto_block_size(graphs: list[Path]) -> int:
     return next((b for b in (128, 64, 32, 16) if all(k % b == 0 for k in ks)), 16)
 
 
-def plan_graph(src: Path, dst_name: str, precision: Precision, cfg: QuantConfig, lm_head: Precision | None) -> GraphPlan:
+def plan_graph(src: Path, dst_name: str, precision: Precision, cfg: QuantConfig, lm_head: Precision | None,
+               kernel: Kernel = Kernel.NBITS) -> GraphPlan:
+    """Which weights of `src` get which codec (all checks before any file is written). `kernel` QGEMM: every weight
+    MatMul (lm_head included) as int8 per-column for DynamicQuantizeMatMul; NBITS: MatMulNBits at `precision`,
+    the lm_head at `lm_head`."""
     model = onnx.load(str(src), load_external_data=False)
-    weight_bits = {}
+    codecs: dict[str, Codec] = {}
     qparams = 0
-    if precision in _BITS:
+    if kernel == Kernel.QGEMM or precision in _BITS:
         for wname, node in _weight_matmuls(model).items():
-            p = lm_head if (lm_head is not None and node.output[0] == names.LOGITS) else precision
-            if p not in _BITS:
-                continue
             t = next(t for t in model.graph.initializer if t.name == wname)
             k, n = t.dims
-            if k % cfg.block_size:
-                raise UsageError(
-                    f"--block-size {cfg.block_size} does not divide the input size {k} of {wname} in {src.name}; "
-                    f"use a block size that divides {k}"
-                )
-            weight_bits[wname] = _BITS[p]
+            if kernel == Kernel.QGEMM:
+                codecs[wname] = QGemm()
+            else:
+                p = lm_head if (lm_head is not None and node.output[0] == names.LOGITS) else precision
+                if p not in _BITS:
+                    continue
+                if k % cfg.block_size:
+                    raise UsageError(
+                        f"--block-size {cfg.block_size} does not divide the input size {k} of {wname} in {src.name}; "
+                        f"use a block size that divides {k}"
+                    )
+                codecs[wname] = NBits(_BITS[p], cfg.block_size, cfg.symmetric, cfg.accuracy_level, cfg.scale_search)
             qparams += k * n
     total = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == TensorProto.FLOAT)
-    return GraphPlan(Path(src), dst_name, weight_bits, precision == Precision.FP16, qparams, total - qparams,
+    return GraphPlan(Path(src), dst_name, codecs, precision == Precision.FP16, qparams, total - qparams,
                      len(model.graph.initializer))
 
 
 # --- rewriting one graph --------------------------------------------------------------------------------
-def _pack(w: np.ndarray, bits: int, block_size: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """W [K,N] fp32 -> packed [N, K/bs, bs*bits/8] uint8, scales [N*K/bs] fp32, zero points [N*ceil(K/bs*bits/8)] uint8."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
-
-    k, n = w.shape
-    kb = k // block_size
-    per_byte = 8 // bits
-    packed = np.zeros((n, kb, block_size * bits // 8), np.uint8)
-    scales = np.zeros((n, kb), np.float32)
-    zp = np.zeros((n, (kb + per_byte - 1) // per_byte), np.uint8)
-    fn = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
-    fn(packed, np.ascontiguousarray(w, np.float32), scales, zp, block_size, n, k, symmetric)
-    return packed, scales.reshape(-1), zp.reshape(-1)
-
-
-SEARCH_FACTORS = tuple(np.round(np.linspace(1.0, 0.6, 17), 3))  # absmax first: ties keep onnxruntime's choice
-_SEARCH_ROWS = 64  # output rows per chunk: ~4 MB of blocks at K=14336, cache-sized
-
-
-def _pack_search(w: np.ndarray, bits: int, block_size: int, factors=SEARCH_FACTORS) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric MatMulNBits packing with each block's scale picked among `factors` x onnxruntime's absmax scale
-    (signed max / -2^(bits-1)) by least squared error. onnxruntime has no such option, hence NumPy here; with
-    factors=(1.0,) this reproduces `quantize_matmul_4bits/8bits` bit for bit (tested).
-    W [K,N] fp32 -> packed [N, K/bs, bs*bits/8] uint8, scales [N*K/bs] fp32."""
-    k, n = w.shape
-    kb, qmin, qmax = k // block_size, -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    packed = np.empty((n, kb, block_size * bits // 8), np.uint8)
-    scales = np.empty((n, kb), np.float32)
-    for r in range(0, n, _SEARCH_ROWS):
-        x = np.ascontiguousarray(w[:, r:r + _SEARCH_ROWS].T).reshape(-1, kb, block_size)  # [rows, K/bs, bs]
-        peak = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)  # signed max-abs [rows, K/bs, 1]
-        base = peak / np.float32(qmin)
-        best_d, best_err = base, None
-        for f in factors:
-            d = base * np.float32(f)
-            safe = np.where(d == 0, np.float32(1), d)
-            err = np.square(np.clip(np.round(x / safe), qmin, qmax) * d - x).sum(-1, keepdims=True)
-            if best_err is None:
-                best_err = err
-            else:
-                better = err < best_err
-                best_d, best_err = np.where(better, d, best_d), np.where(better, err, best_err)
-        safe = np.where(best_d == 0, np.float32(1), best_d)
-        codes = (np.clip(np.round(x / safe), qmin, qmax) - qmin).astype(np.uint8)  # stored with the implied zero point
-        if bits == 4:
-            codes = codes[..., 0::2] | (codes[..., 1::2] << 4)  # two per byte, low nibble first
-        packed[r:r + _SEARCH_ROWS] = codes
-        scales[r:r + _SEARCH_ROWS] = best_d[..., 0]
-    return packed, scales.reshape(-1)
-
-
 def quantize_graph(plan: GraphPlan, out_dir: Path, cfg: QuantConfig, on_tensor: Callable[[], None] | None = None) -> tuple[str, str]:
     """Write plan.dst_name (+ .data) into out_dir, streaming each initializer. Returns (graph, data) names.
     `on_tensor()` after each initializer (progress)."""
@@ -260,8 +230,8 @@ def quantize_graph(plan: GraphPlan, out_dir: Path, cfg: QuantConfig, on_tensor: 
     for t in model.graph.initializer:
         if on_tensor is not None:
             on_tensor()
-        bits = plan.weight_bits.get(t.name)
-        if bits is None:
+        codec = plan.codecs.get(t.name)
+        if codec is None:
             arr = read_tensor(t, plan.src.parent)
             if plan.to_fp16 and arr.dtype == np.float32 and t.name not in keep_fp32:
                 # clip to the fp16 range (masks stay finite); in place for streamed tensors, no extra copy
@@ -269,24 +239,12 @@ def quantize_graph(plan: GraphPlan, out_dir: Path, cfg: QuantConfig, on_tensor: 
             new_inits.append(data.add(t.name, arr) if arr.nbytes >= 1024 else numpy_helper.from_array(np.ascontiguousarray(arr), t.name))
             continue
         w = read_tensor(t, plan.src.parent)  # [K, N] fp32
-        if cfg.scale_search:
-            (packed, scales), zp = _pack_search(w, bits, cfg.block_size), None
-        else:
-            packed, scales, zp = _pack(w, bits, cfg.block_size, cfg.symmetric)
+        tensors = codec.encode(t.name, w)
         del w
-        k, n = t.dims
-        qname = t.name + names.Q_WEIGHT_SUFFIX.format(bits=bits)
-        ins = [qname, t.name + names.Q_SCALES_SUFFIX]
-        new_inits += [data.add(qname, packed), data.add(ins[1], scales)]
-        if not cfg.symmetric:
-            ins.append(t.name + names.Q_ZERO_POINTS_SUFFIX)
-            new_inits.append(data.add(ins[2], zp))
+        new_inits += [data.add(name, arr) for name, arr in tensors]
         mm = matmuls[t.name]
-        attrs = dict(K=int(k), N=int(n), bits=bits, block_size=cfg.block_size)
-        if cfg.accuracy_level:
-            attrs["accuracy_level"] = cfg.accuracy_level
-        replaced[mm.name] = helper.make_node("MatMulNBits", [mm.input[0], *ins], list(mm.output),
-                                             name=mm.name + f"_Q{bits}", domain=MS_DOMAIN, **attrs)
+        k, n = t.dims
+        replaced[mm.name] = codec.node(mm.input[0], mm.output[0], mm.name, tensors, k, n)
     data.close()
     nodes = [replaced.get(n.name, n) if n.op_type == "MatMul" else n for n in model.graph.node]
     del model.graph.node[:]
@@ -438,6 +396,28 @@ def _copy_variant(src_dir: Path, g: GraphVariant, tmp: Path) -> None:
         shutil.copyfile(src_dir / f, tmp / f)  # sendfile: bytes never pass through our memory
 
 
+def _variant(plan: GraphPlan, gfile: str, dfile: str, cfg: QuantConfig, source: GraphVariant) -> GraphVariant:
+    """The manifest entry of a graph `quantize_graph` wrote from `source` (an fp32 variant)."""
+    details: dict = {"source_file": plan.src.name}
+    kernels = {c.kernel for c in plan.codecs.values()}
+    if kernels == {Kernel.QGEMM}:
+        precision, kernel = Precision.INT8, Kernel.QGEMM
+        details.update(op="DynamicQuantizeMatMul", weights="int8 per-column", activations="uint8 dynamic per-tensor")
+    elif kernels:
+        precision = cfg.precision if source.role == names.ROLE_DECODER else cfg.vision
+        kernel = Kernel.NBITS
+        details.update(cfg.details(precision))
+        if source.role == names.ROLE_DECODER:
+            details["lm_head"] = cfg.lm_head.value
+    else:  # fp16
+        precision = cfg.precision if source.role == names.ROLE_DECODER else cfg.vision
+        kernel = Kernel.FLOAT
+    # contrib ops make the graph contrib-flavored; `attention` keeps what the source used, since the runtime
+    # picks its KV-cache strategy (share-buffer GroupQueryAttention or plain Concat) from it
+    return GraphVariant(source.role, precision, Flavor.CONTRIB if kernels else source.flavor, gfile, (dfile,), details,
+                        attention=source.attention, kernel=kernel)
+
+
 def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = True, log: Log = print,
                     probe_kw: dict | None = None, keep_source: bool = False) -> QuantResult:
     """Read the fp32 bundle `src`, write a bundle at `out` (atomically) carrying the cfg's variants, listed first
@@ -460,9 +440,20 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
         raise BundleError(f"{src} has no fp32 graphs to quantize from; quantize the bundle `skin-offline export` wrote") from None
     if cfg.block_size is None:
         cfg = replace(cfg, block_size=auto_block_size([src / dec32.file]))
+    if cfg.prefill is None:
+        cfg = replace(cfg, prefill=cfg.default_prefill(dec32))
+    elif cfg.prefill == Prefill.INT8 and dec32.attention != Attention.GQA:
+        raise UsageError(f"--prefill int8 needs the contrib (GroupQueryAttention) fp32 decoder, which {src} lacks; "
+                         f"re-export it (the default) or use --prefill decoder")
     # every check (block sizes, shapes) happens here, before a byte is written
-    plans = [plan_graph(src / dec32.file, names.variant_file(names.DECODER_GRAPH, cfg.precision.value), cfg.precision, cfg,
-                        cfg.lm_head if cfg.precision in _BITS else None)]
+    qgemm_decoder = cfg.prefill == Prefill.INT8 and cfg.precision == Precision.INT8  # int8-only: one QGEMM graph
+    plans = []
+    if not qgemm_decoder:
+        plans.append(plan_graph(src / dec32.file, names.variant_file(names.DECODER_GRAPH, cfg.precision.value),
+                                cfg.precision, cfg, cfg.lm_head if cfg.precision in _BITS else None))
+    if cfg.prefill == Prefill.INT8:  # the multi-row graph: same source graph, every weight int8 per column
+        plans.append(plan_graph(src / dec32.file, names.kernel_variant_file(names.DECODER_GRAPH, "int8", Kernel.QGEMM.value),
+                                Precision.INT8, cfg, None, kernel=Kernel.QGEMM))
     if cfg.vision == Precision.FP16:
         plans.append(plan_graph(src / vis32.file, names.variant_file(names.VISION_GRAPH, cfg.vision.value), cfg.vision, cfg, None))
 
@@ -470,7 +461,6 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
         # measured here (2 cores, decode tok/s, interleaved medians): hidden-512 model fp16 18.9 vs fp32 20.7; tiny 111 vs 221
         log("note: fp16 graphs are for GPU providers; the CPU runtime refuses them (onnxruntime's CPU provider runs "
             "fp16 through inserted casts, slower than fp32); use int8/int4 for a smaller CPU bundle")
-    src_flavor = {dec32.file: dec32.flavor, vis32.file: vis32.flavor}
     with atomic_folder(out) as tmp:
         # the fp32 vision graph stays next to an fp16 one (the CPU provider refuses fp16) and as the default;
         # an int8 one replaces it (runs everywhere onnxruntime does; --keep-source carries fp32 too)
@@ -483,19 +473,7 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
             log(f"writing {plan.dst_name} ({plan.quantized_params / 1e6:.1f}M params packed) ...")
             with task(log, plan.dst_name, total=plan.tensors, unit="tensors") as t:
                 gfile, dfile = quantize_graph(plan, tmp, cfg, on_tensor=t.advance)
-            role = names.ROLE_DECODER if plan.src.name == dec32.file else names.ROLE_VISION
-            prec = cfg.precision if role == names.ROLE_DECODER else cfg.vision
-            details = {"source_file": plan.src.name}
-            if prec in _BITS:
-                details.update(cfg.details(prec))
-                if role == names.ROLE_DECODER:
-                    details["lm_head"] = cfg.lm_head.value
-            # MatMulNBits makes the graph contrib-flavored; `attention` keeps what the source used, since the
-            # runtime picks its KV-cache strategy (share-buffer GroupQueryAttention or plain Concat) from it
-            src_g = dec32 if role == names.ROLE_DECODER else vis32
-            graphs.append(GraphVariant(role, prec, Flavor.CONTRIB if plan.weight_bits else src_flavor[plan.src.name],
-                                       gfile, (dfile,), details, attention=src_g.attention,
-                                       kernel=Kernel.NBITS if plan.weight_bits else Kernel.FLOAT))
+            graphs.append(_variant(plan, gfile, dfile, cfg, dec32 if plan.src.name == dec32.file else vis32))
         if cfg.vision == Precision.INT8:
             log("writing vision.int8.onnx (dynamic int8: per-channel weights, per-call activations) ...")
             vfile, vdata = quantize_vision_int8(src / vis32.file, tmp, names.variant_file(names.VISION_GRAPH, "int8"))

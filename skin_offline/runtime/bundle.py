@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import names
 from ..errors import BundleError
-from ..manifest import Attention, Flavor, Manifest, Precision, sha256_file
+from ..manifest import Attention, Flavor, GraphVariant, Manifest, Precision, Prefill, sha256_file
 from .decoder import Decoder, make_decoder
 from .external_data import external_locations
 from .sessions import SessionFactory
@@ -105,6 +105,39 @@ def _load_table(folder: Path, manifest: Manifest, emb) -> tuple[np.ndarray, np.n
     return table, scales
 
 
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (bytes), None where there is none."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _multi_row_graph(folder: Path, manifest: Manifest, dec: GraphVariant, prefill: Prefill | None,
+                     first_provider) -> tuple[GraphVariant | None, tuple[str, ...]]:
+    """The int8 QGEMM graph many-row calls should run through, if any, and a notice when it is left unloaded."""
+    provider = first_provider[0] if isinstance(first_provider, tuple) else first_provider
+    partner = manifest.multi_row_partner(dec) if provider == "CPUExecutionProvider" else None
+    if prefill == Prefill.DECODER:
+        return None, ()
+    if prefill == Prefill.INT8 and partner is None:
+        raise BundleError(f"bundle {folder} has no int8 prefill graph for its {dec.precision.value} decoder; "
+                          f"make one with `skin-offline quantize ... --prefill int8`, or use --prefill decoder")
+    if partner is None:
+        return None, ()
+    size = sum(manifest.files[f].size for f in {partner.file, *partner.data_files})
+    free = _available_memory()
+    # the int8 graph is the bigger half of a hybrid bundle (7 GB at 7B): auto mode leaves it out rather than
+    # push a small machine into swap; prefill then runs on the decode graph (slower first token, same answers' path)
+    if prefill is None and free is not None and free < 1.2 * size + (512 << 20):
+        return None, (f"prefill graph {partner.file} ({size / 1e9:.1f} GB) left unloaded: {free / 1e9:.1f} GB of RAM "
+                      f"available; prompts prefill on the {dec.precision.value} graph (slower first token)",)
+    return partner, ()
+
+
 @dataclass
 class Bundle:
     folder: Path
@@ -113,11 +146,15 @@ class Bundle:
     decoder: Decoder
     embeddings: np.ndarray  # [V, H] memory-mapped (float32, float16, or int8 with row scales)
     embedding_scales: np.ndarray | None = None  # [V] float32 per-row scales of an int8 table
+    notices: tuple[str, ...] = ()  # one-line facts a front end should show (e.g. a graph left unloaded)
 
     @classmethod
     def load(cls, folder: Path | str | None = None, *, threads: int | None = None, precision: Precision | str | None = None,
              check_hashes: bool = False, sessions: SessionFactory | None = None,
-             flavor: Flavor | str | None = None, device=None, allow_cpu_fp16: bool = False) -> "Bundle":
+             flavor: Flavor | str | None = None, device=None, allow_cpu_fp16: bool = False,
+             prefill: Prefill | str | None = None) -> "Bundle":
+        """`prefill`: INT8 runs many-row calls through the bundle's int8 QGEMM graph (error if it has none), DECODER
+        through the decode graph; None (auto) loads the QGEMM graph when the bundle has one and RAM holds it."""
         folder = Path(folder) if folder is not None else default_bundle_path()
         if not folder.exists():
             raise BundleError(
@@ -145,12 +182,15 @@ class Bundle:
                               "use --device cuda, or --precision fp32/int8/int4 (`skin-offline quantize`) on CPU")
         emb = manifest.pick(names.ROLE_EMBEDDINGS, prec if prec in {g.precision for g in manifest.variants(names.ROLE_EMBEDDINGS)} else None)
         table, scales = _load_table(folder, manifest, emb)
+        vision = VisionEncoder(sessions.create(folder / vis.file, graph_providers(choice, folder, names.ROLE_VISION, vis)))
+        dec_session = sessions.create(folder / dec.file, graph_providers(choice, folder, names.ROLE_DECODER, dec))
+        partner, notices = _multi_row_graph(folder, manifest, dec, None if prefill is None else Prefill(prefill), first)
+        gemm = sessions.create(folder / partner.file, graph_providers(choice, folder, names.ROLE_DECODER, partner)) \
+            if partner is not None else None
         return cls(
-            folder=folder, manifest=manifest,
-            vision=VisionEncoder(sessions.create(folder / vis.file, graph_providers(choice, folder, names.ROLE_VISION, vis))),
-            decoder=make_decoder(sessions.create(folder / dec.file, graph_providers(choice, folder, names.ROLE_DECODER, dec)),
-                                 manifest.model, share_buffer=dec.attention == Attention.GQA),
-            embeddings=table, embedding_scales=scales,
+            folder=folder, manifest=manifest, vision=vision,
+            decoder=make_decoder(dec_session, manifest.model, share_buffer=dec.attention == Attention.GQA, gemm_session=gemm),
+            embeddings=table, embedding_scales=scales, notices=notices,
         )
 
     def embed(self, ids) -> np.ndarray:

@@ -29,6 +29,7 @@ import numpy as np
 
 from .. import names
 from ..manifest import ModelDims
+from .kernels.policy import KernelPolicy
 
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 _POOL_SIZE = 2  # idle stores kept per decoder: one per concurrent request is the common case
@@ -53,7 +54,8 @@ def _mask_and_positions(cache_mask: np.ndarray, s: int) -> tuple[np.ndarray, np.
 
 
 class _KVStore:
-    """Per-request KV buffers, per layer [B,kvH,capacity,D], with their OrtValues and IOBinding."""
+    """Per-request KV buffers, per layer [B,kvH,capacity,D], with their OrtValues and one IOBinding per session
+    (the decode graph and, in a bundle with a multi-row graph, that one: both read and write the same buffers)."""
 
     def __init__(self, owner: "FastDecoder", keys: list[np.ndarray], values: list[np.ndarray]):
         import onnxruntime as ort
@@ -62,13 +64,12 @@ class _KVStore:
         self.keys, self.values = keys, values
         self.batch, self.capacity = keys[0].shape[0], keys[0].shape[2]
         self.frontier = 0  # positions [0, frontier) hold the keys of the latest cache built on this store
-        self.binding = owner.session.io_binding()
-        for i, (k, v) in enumerate(zip(keys, values)):
-            for arr, past, present in ((k, names.past_key(i), names.present_key(i)),
-                                       (v, names.past_value(i), names.present_value(i))):
-                ov = ort.OrtValue.ortvalue_from_numpy(arr)  # shares arr's memory
-                self.binding.bind_ortvalue_input(past, ov)
-                self.binding.bind_ortvalue_output(present, ov)  # same memory: GQA writes in place
+        self._kv = [(names.past_key(i), names.present_key(i), ort.OrtValue.ortvalue_from_numpy(k))  # shares k's memory
+                    for i, k in enumerate(keys)]
+        self._kv += [(names.past_value(i), names.present_value(i), ort.OrtValue.ortvalue_from_numpy(v))
+                     for i, v in enumerate(values)]
+        self._bindings: dict[int, object] = {}  # id(session) -> IOBinding
+        self._step_bound: set[int] = set()  # sessions whose binding holds the decode-step inputs below
         self.logits: dict[tuple[int, int], tuple[np.ndarray, object]] = {}  # (batch, keep) -> (array, OrtValue)
         # decode-step inputs, bound once and refilled in place (no per-token OrtValue for them)
         b = self.batch
@@ -78,13 +79,25 @@ class _KVStore:
         self._step = [(names.INPUTS_EMBEDS, ort.OrtValue.ortvalue_from_numpy(self.step_embeds)),
                       (names.POSITION_IDS, ort.OrtValue.ortvalue_from_numpy(self.step_positions)),
                       (names.NUM_LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(np.array(1, np.int64)))]
-        self.step_bound = False
 
-    def bind_step(self) -> None:
-        if not self.step_bound:
+    def binding(self, session):
+        bind = self._bindings.get(id(session))
+        if bind is None:
+            bind = self._bindings[id(session)] = session.io_binding()
+            for past, present, ov in self._kv:
+                bind.bind_ortvalue_input(past, ov)
+                bind.bind_ortvalue_output(present, ov)  # same memory: GQA writes in place
+        return bind
+
+    def bind_step(self, session) -> None:
+        if id(session) not in self._step_bound:
+            bind = self.binding(session)
             for name, ov in self._step:
-                self.binding.bind_ortvalue_input(name, ov)
-            self.step_bound = True
+                bind.bind_ortvalue_input(name, ov)
+            self._step_bound.add(id(session))
+
+    def unbind_step(self, session) -> None:
+        self._step_bound.discard(id(session))
 
 
 class KVCache:
@@ -188,14 +201,25 @@ class Decoder:
 
 
 class FastDecoder(Decoder):
-    """Contrib graph (GroupQueryAttention) with the cache in preallocated share-buffer stores and IO binding."""
+    """Contrib graph (GroupQueryAttention) with the cache in preallocated share-buffer stores and IO binding.
 
-    def __init__(self, session, dims: ModelDims, capacity: int | None = None):
+    `gemm_session`: a second graph with the same I/O and KV layout (a bundle's int8 QGEMM variant) that calls of
+    many rows run through, as `policy` decides (runtime/kernels/policy.py); both write the same buffers, so a
+    cache prefilled by one is continued by the other."""
+
+    def __init__(self, session, dims: ModelDims, capacity: int | None = None, gemm_session=None,
+                 policy: KernelPolicy | None = None):
         super().__init__(session, dims)
+        self.gemm_session = gemm_session
+        self.policy = policy or KernelPolicy.for_this_machine()
         self.capacity = capacity or dims.max_context  # per-request buffer length (lazily committed pages)
         self.logits_dtype = _np_dtype(next(o.type for o in session.get_outputs() if o.name == names.LOGITS))
         self._pool: list[tuple[list[np.ndarray], list[np.ndarray]]] = []
         self._lock = threading.Lock()
+
+    def session_for(self, rows: int):
+        """The graph a call of `rows` rows (batch x new tokens) runs through."""
+        return self.gemm_session if self.gemm_session is not None and self.policy.multi_row(rows) else self.session
 
     # --- stores ---
     def _store(self, batch: int, capacity: int) -> _KVStore:
@@ -240,18 +264,19 @@ class FastDecoder(Decoder):
         keep = max(1, min(keep, s))
         t = cache.length + s
         store = self._writable_store(cache, t)
-        bind = store.binding
+        session = self.session_for(b * s)
+        bind = store.binding(session)
         if s == 1 and keep == 1 and b == store.batch and cache.full:  # decode step: refill pre-bound inputs
             mask = store.ones[:b * t].reshape(b, t)  # [B,T] all ones, a view (never written)
             np.copyto(store.step_embeds, embeds)
             store.step_positions.fill(t - 1)
-            store.bind_step()
+            store.bind_step(session)
         else:  # prefill, chunks, padded rows
             mask, positions = _mask_and_positions(cache.mask, s)
             bind.bind_cpu_input(names.INPUTS_EMBEDS, np.ascontiguousarray(embeds, self.embeds_dtype))
             bind.bind_cpu_input(names.POSITION_IDS, positions)
             bind.bind_cpu_input(names.NUM_LOGITS_TO_KEEP, np.array(keep, np.int64))
-            store.step_bound = False
+            store.unbind_step(session)
         bind.bind_cpu_input(names.ATTENTION_MASK, mask)
         out = store.logits.get((b, keep))
         if out is None:  # one logits buffer per shape, reused every step
@@ -260,7 +285,7 @@ class FastDecoder(Decoder):
             arr = np.empty((b, keep, self.dims.vocab_size), self.logits_dtype)  # [B,keep,V]
             out = store.logits[(b, keep)] = (arr, ort.OrtValue.ortvalue_from_numpy(arr))
         bind.bind_ortvalue_output(names.LOGITS, out[1])
-        self.session.run_with_iobinding(bind)
+        session.run_with_iobinding(bind)
         store.frontier = t
         # the buffer is rewritten next step: hand out a copy (V floats, ~10 us) so callers may keep it
         return out[0].astype(np.float32, copy=True), KVCache(None, None, mask, store, cache._full)
@@ -309,10 +334,11 @@ def _session_device(session) -> tuple[str, int] | None:
     return None
 
 
-def make_decoder(session, dims: ModelDims, share_buffer: bool) -> Decoder:
-    """FastDecoder for graphs whose attention is GroupQueryAttention (Flavor.CONTRIB); for the standard graph
-    DeviceDecoder on a GPU provider (cache stays on the device), plain Decoder on the CPU."""
+def make_decoder(session, dims: ModelDims, share_buffer: bool, gemm_session=None) -> Decoder:
+    """FastDecoder for graphs whose attention is GroupQueryAttention (Flavor.CONTRIB), with the multi-row graph
+    when the bundle carries one; for the standard graph DeviceDecoder on a GPU provider (cache stays on the
+    device), plain Decoder on the CPU."""
     if share_buffer:
-        return FastDecoder(session, dims)
+        return FastDecoder(session, dims, gemm_session=gemm_session)
     dev = _session_device(session)
     return DeviceDecoder(session, dims, *dev) if dev else Decoder(session, dims)

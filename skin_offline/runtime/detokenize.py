@@ -30,3 +30,33 @@ class StreamingDetokenizer:
             raise RuntimeError("streamed text diverged from the full decode")
         delta, self.emitted = text[len(self.emitted):], text
         return delta
+
+
+class StopText:
+    """Cuts streamed text at the first stop string, holding back any tail that could still become one.
+
+    Invariant: until a stop string is found, everything `add()` returned plus `flush()` is the text fed in;
+    once found, what was returned is exactly the text before the stop string (which is dropped, as OpenAI does)."""
+
+    def __init__(self, stops: tuple[str, ...] = ()):
+        self.stops = tuple(s for s in stops if s)
+        self.held = ""
+        self.stopped = False
+
+    def add(self, delta: str) -> str:
+        if not self.stops or self.stopped:
+            return "" if self.stopped else delta
+        text = self.held + delta
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped, self.held = True, ""
+            return text[:min(hits)]
+        # hold the longest tail that is a proper prefix of some stop string
+        keep = max((k for s in self.stops for k in range(min(len(s) - 1, len(text)), 0, -1)
+                    if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - keep:]
+        return text[:len(text) - keep]
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return "" if self.stopped else out

@@ -29,13 +29,14 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import ContextLengthError
-from ..manifest import Precision
+from ..manifest import Precision, Prefill
 from .bundle import Bundle
 from .decoder import KVCache
-from .generate import GenerationState, Response, Timings, stream_generate
+from .generate import FinishReason, GenerationState, Response, Timings, stream_generate
 from .image import load_image, preprocess
-from .kernels.sampling import SamplingConfig, make_sampler
-from .prompt import IMAGE_PLACEHOLDER, build_prompt_ids
+from .kernels.sampling import make_sampler
+from .prompt import IMAGE_PLACEHOLDER, build_prompt_ids, check_context
+from .request import GenerationParams, Request
 from .tokenizer import TextTokenizer
 
 
@@ -43,7 +44,7 @@ from .tokenizer import TextTokenizer
 class Answer:
     answer: str
     token_ids: list[int]
-    finish_reason: str
+    finish_reason: FinishReason
     timings: Timings
     prompt_tokens: int
 
@@ -68,9 +69,12 @@ class SkinVL:
 
     @classmethod
     def load(cls, bundle: str | Path | None = None, *, threads: int | None = None,
-             precision: Precision | str | None = None, check_hashes: bool = False, device=None) -> "SkinVL":
+             precision: Precision | str | None = None, check_hashes: bool = False, device=None,
+             prefill: Prefill | str | None = None) -> "SkinVL":
         # device: auto (default) | cpu | cuda | tensorrt (runtime/devices.py); unavailable -> DeviceError, no fallback
-        b = Bundle.load(bundle, threads=threads, precision=precision, check_hashes=check_hashes, device=device)
+        # prefill: int8 | decoder | None (auto): the graph many-row calls run through (runtime/bundle.py)
+        b = Bundle.load(bundle, threads=threads, precision=precision, check_hashes=check_hashes, device=device,
+                        prefill=prefill)
         from .. import names
 
         return cls(b, TextTokenizer.from_file(b.folder / names.TOKENIZER))
@@ -126,20 +130,18 @@ class SkinVL:
         return cached.select(np.zeros(1, np.int64)), hit
 
     # --- requests ---
-    def stream(self, image, question: str, *, history: Sequence[tuple[str, str]] = (), max_new_tokens: int = 256,
-               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-               cancel: threading.Event | None = None, state: GenerationState | None = None,
-               reuse: "Turn | None" = None) -> Iterator[Response]:
-        """Answer `question` about `image` after earlier (question, answer) turns in `history`, streaming.
+    def prepare(self, image, question: str, *, history: Sequence[tuple[str, str]] = (), max_new_tokens: int = 256,
+                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                stop: Sequence[str] = (), reuse: "Turn | None" = None, strict_context: bool = False) -> Request:
+        """Everything a request needs before it runs, checked in the caller's thread (runtime/request.py).
 
-        `reuse`: the previous turn of the same conversation (Conversation passes it): its KV cache is kept up
-        to the longest prefix its positions share with this prompt, and only the rest is prefilled."""
+        The prompt must leave room for one new token; `max_new_tokens` is clipped to the context left, or with
+        `strict_context` a prompt + max_new_tokens over the context is refused with both numbers (servers)."""
         t0 = time.perf_counter()
-        timings = Timings()
-        sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                  seed=seed, stop=tuple(stop))
         ids = build_prompt_ids(self.tokenizer, question, history)
         pixels = self.pixels(image)
-        timings.preprocess_s = time.perf_counter() - t0
         n_img = self.manifest.model.image_tokens
         n_prompt = len(ids) - 1 + n_img
         limit = self.manifest.model.max_context
@@ -148,33 +150,50 @@ class SkinVL:
                 f"prompt is {n_prompt} tokens ({n_img} image + text) but the context is {limit}; "
                 f"shorten the question{' or start a new conversation' if history else ''}"
             )
-        max_new = min(max_new_tokens, limit - n_prompt)
+        if strict_context:
+            check_context(n_prompt, max_new_tokens, limit)
         key = hashlib.sha256(pixels.tobytes()).hexdigest()
+        req = Request(ids=ids, pixels=pixels, image_key=key, positions=positional_ids(ids, n_img, key),
+                      prompt_tokens=n_prompt, max_new_tokens=min(max_new_tokens, limit - n_prompt), params=params,
+                      reuse=reuse, t_start=t0)
+        req.timings.preprocess_s = time.perf_counter() - t0
+        req.timings.prompt_tokens = n_prompt
+        return req
+
+    def run(self, req: Request, *, cancel: threading.Event | None = None,
+            state: GenerationState | None = None) -> Iterator[Response]:
+        """Run a prepared request alone: vision, prefill (reusing cached prefixes), decode, streamed text."""
+        timings, ids, n_img = req.timings, req.ids, self.manifest.model.image_tokens
         slot = ids.index(IMAGE_PLACEHOLDER)
-        positions = positional_ids(ids, n_img, key)  # one entry per decoder position (image rows by content)
-        keep = reuse.shared_prefix(positions) if reuse is not None else 0
+        keep = req.reuse.shared_prefix(req.positions) if req.reuse is not None else 0
         if keep > slot + n_img:  # a follow-up: the earlier turns' cache (image included), then only what is new
             t2 = time.perf_counter()
-            cache = reuse.cache.truncate(keep)
+            cache = req.reuse.cache.truncate(keep)
             timings.prefix_cached = True
             suffix = self.bundle.embed(ids[keep - n_img + 1:])[None]  # positions after the image are ids shifted
         else:  # vision, then prefill in two parts: "[INST] " + image (cached per image), then the text after it
             t1 = time.perf_counter()
-            feats = self.image_features(pixels, key)  # [N,H]
+            feats = self.image_features(req.pixels, req.image_key)  # [N,H]
             timings.vision_s = time.perf_counter() - t1
             t2 = time.perf_counter()
-            cache, timings.prefix_cached = self.prefix_cache((key, tuple(ids[:slot])), ids[:slot], feats)
+            cache, timings.prefix_cached = self.prefix_cache((req.image_key, tuple(ids[:slot])), ids[:slot], feats)
             suffix = self.bundle.embed(ids[slot + 1:])[None]  # [1, S, H]
         timings.prefill_s = time.perf_counter() - t2
-        timings.prompt_tokens = n_prompt
         # positions run through prefill by this request (a prefix computed just now counts; a cached one not)
-        timings.prefilled_tokens = n_prompt - cache.length if timings.prefix_cached else n_prompt
+        timings.prefilled_tokens = req.prompt_tokens - cache.length if timings.prefix_cached else req.prompt_tokens
         state = state if state is not None else GenerationState()
-        state.positions = positions
+        state.positions = req.positions
         yield from stream_generate(
-            self.bundle.decoder, suffix, self.bundle.embed, make_sampler(sampling), self.tokenizer, max_new,
-            self.manifest.tokens.eos_id, timings, t0, cancel=cancel, state=state, cache=cache,
+            self.bundle.decoder, suffix, self.bundle.embed, make_sampler(req.sampling), self.tokenizer,
+            req.max_new_tokens, self.manifest.tokens.eos_id, timings, req.t_start, cancel=cancel, state=state,
+            cache=cache, stop=req.params.stop,
         )
+
+    def stream(self, image, question: str, *, cancel: threading.Event | None = None,
+               state: GenerationState | None = None, **kw) -> Iterator[Response]:
+        """Answer `question` about `image`, streaming; keywords as `prepare` (history, max_new_tokens, sampling,
+        stop, reuse: the previous turn of the same conversation, whose KV cache is kept for shared positions)."""
+        return self.run(self.prepare(image, question, **kw), cancel=cancel, state=state)
 
     def conversation(self, image) -> "Conversation":
         """A multi-turn chat about one image; each follow-up reuses the previous turns' KV cache."""
@@ -275,12 +294,14 @@ class Conversation:
     def stream(self, question: str, *, state: GenerationState | None = None, **kw) -> Iterator[Response]:
         state = state if state is not None else GenerationState()
         with self._lock:
-            yield from self.model.stream(self.image, question, history=tuple(self.history), state=state,
-                                         reuse=self._turn, **kw)
+            answer = []
+            for r in self.model.stream(self.image, question, history=tuple(self.history), state=state,
+                                       reuse=self._turn, **kw):
+                answer.append(r.text)
+                yield r
             if state.cache is not None:  # positions the cache holds: prompt + the answer tokens fed back
                 self._turn = Turn(state.cache, (state.positions + state.tokens)[: state.cache.length])
-            eos = self.model.manifest.tokens.eos_id
-            self.history.append((question, self.model.tokenizer.decode([t for t in state.tokens if t != eos])))
+            self.history.append((question, "".join(answer)))  # what the user saw (cut at a stop string)
 
     def ask(self, question: str, **kw) -> Answer:
         state = GenerationState()

@@ -1,0 +1,135 @@
+"""How one weight MatMul is stored: the op that replaces `MatMul(x, W[K,N])` and the tensors it reads.
+
+One mechanism for every path that writes quantized graphs: `quantize BUNDLE OUT` rewrites an fp32 graph
+weight by weight through a codec, and a direct export streams each checkpoint weight through the same codec.
+
+- `NBits`: onnxruntime's MatMulNBits (int4 / int8, block-wise scales along K): the fastest kernel for one row
+  (decode), but its cost grows linearly with rows.
+- `QGemm`: int8 weights with one scale per output column, run by com.microsoft DynamicQuantizeMatMul
+  (activations quantized per call to uint8, per tensor; MLAS's u8s8 GEMM, AMX / AVX-512 VNNI / AVX2): nearly
+  flat in rows on CPUs with AMX, so multi-row calls (prefill chunks, batched decode) run through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import NodeProto, helper
+
+from .. import names
+from ..manifest import Kernel
+
+MS_DOMAIN = "com.microsoft"
+
+Tensors = list[tuple[str, np.ndarray]]  # initializer name -> array, in the order they are written
+
+
+@dataclass(frozen=True)
+class NBits:
+    bits: int  # 4 or 8
+    block_size: int
+    symmetric: bool = True
+    accuracy_level: int = 4  # 4 = int8 activations (VNNI); 0 = fp32
+    scale_search: bool = False  # per-block least-squares scale (symmetric only)
+    kernel = Kernel.NBITS
+
+    def encode(self, name: str, w: np.ndarray) -> Tensors:
+        """W [K,N] fp32 -> packed [N, K/bs, bs*bits/8] uint8, scales [N*K/bs] fp32 (+ zero points)."""
+        if self.scale_search:
+            packed, scales = pack_nbits_search(w, self.bits, self.block_size)
+            zp = None
+        else:
+            packed, scales, zp = pack_nbits(w, self.bits, self.block_size, self.symmetric)
+        out = [(name + names.Q_WEIGHT_SUFFIX.format(bits=self.bits), packed), (name + names.Q_SCALES_SUFFIX, scales)]
+        if not self.symmetric:
+            out.append((name + names.Q_ZERO_POINTS_SUFFIX, zp))
+        return out
+
+    def node(self, x: str, out: str, node_name: str, tensors: Tensors, k: int, n: int) -> NodeProto:
+        attrs = dict(K=int(k), N=int(n), bits=self.bits, block_size=self.block_size)
+        if self.accuracy_level:
+            attrs["accuracy_level"] = self.accuracy_level
+        return helper.make_node("MatMulNBits", [x, *(t for t, _ in tensors)], [out], name=f"{node_name}_Q{self.bits}",
+                                domain=MS_DOMAIN, **attrs)
+
+
+@dataclass(frozen=True)
+class QGemm:
+    """Symmetric int8 per output column (zero point 0, codes in [-127, 127])."""
+
+    kernel = Kernel.QGEMM
+
+    def encode(self, name: str, w: np.ndarray) -> Tensors:
+        q, scales = pack_qgemm(w)
+        return [(name + names.QGEMM_WEIGHT_SUFFIX, q), (name + names.Q_SCALES_SUFFIX, scales)]
+
+    def node(self, x: str, out: str, node_name: str, tensors: Tensors, k: int, n: int) -> NodeProto:
+        # inputs: A, B (int8 [K,N]), b_scale [N]; no b_zero_point (symmetric) and no bias
+        return helper.make_node("DynamicQuantizeMatMul", [x, *(t for t, _ in tensors)], [out],
+                                name=f"{node_name}_QGEMM", domain=MS_DOMAIN)
+
+
+Codec = NBits | QGemm
+
+
+def pack_qgemm(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """W [K,N] fp32 -> (int8 codes [K,N], scales [N] fp32): per-column absmax / 127, round to nearest."""
+    scales = (np.abs(w).max(axis=0) / 127.0).astype(np.float32)  # [N]
+    safe = np.where(scales == 0, np.float32(1), scales)
+    q = np.empty(w.shape, np.int8)
+    for r in range(0, w.shape[0], 1024):  # row chunks: no full-size float temporaries at 7B widths
+        q[r:r + 1024] = np.clip(np.rint(w[r:r + 1024] / safe), -127, 127)
+    return q, scales
+
+
+def pack_nbits(w: np.ndarray, bits: int, block_size: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """W [K,N] fp32 -> packed [N, K/bs, bs*bits/8] uint8, scales [N*K/bs] fp32, zero points [N*ceil(K/bs*bits/8)] uint8
+    (onnxruntime's own packer, the one its MatMulNBitsQuantizer calls)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    k, n = w.shape
+    kb = k // block_size
+    per_byte = 8 // bits
+    packed = np.zeros((n, kb, block_size * bits // 8), np.uint8)
+    scales = np.zeros((n, kb), np.float32)
+    zp = np.zeros((n, (kb + per_byte - 1) // per_byte), np.uint8)
+    fn = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    fn(packed, np.ascontiguousarray(w, np.float32), scales, zp, block_size, n, k, symmetric)
+    return packed, scales.reshape(-1), zp.reshape(-1)
+
+
+SEARCH_FACTORS = tuple(np.round(np.linspace(1.0, 0.6, 17), 3))  # absmax first: ties keep onnxruntime's choice
+_SEARCH_ROWS = 64  # output rows per chunk: ~4 MB of blocks at K=14336, cache-sized
+
+
+def pack_nbits_search(w: np.ndarray, bits: int, block_size: int, factors=SEARCH_FACTORS) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric MatMulNBits packing with each block's scale picked among `factors` x onnxruntime's absmax scale
+    (signed max / -2^(bits-1)) by least squared error. onnxruntime has no such option, hence NumPy here; with
+    factors=(1.0,) this reproduces `quantize_matmul_4bits/8bits` bit for bit (tested).
+    W [K,N] fp32 -> packed [N, K/bs, bs*bits/8] uint8, scales [N*K/bs] fp32."""
+    k, n = w.shape
+    kb, qmin, qmax = k // block_size, -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    packed = np.empty((n, kb, block_size * bits // 8), np.uint8)
+    scales = np.empty((n, kb), np.float32)
+    for r in range(0, n, _SEARCH_ROWS):
+        x = np.ascontiguousarray(w[:, r:r + _SEARCH_ROWS].T).reshape(-1, kb, block_size)  # [rows, K/bs, bs]
+        peak = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)  # signed max-abs [rows, K/bs, 1]
+        base = peak / np.float32(qmin)
+        best_d, best_err = base, None
+        for f in factors:
+            d = base * np.float32(f)
+            safe = np.where(d == 0, np.float32(1), d)
+            err = np.square(np.clip(np.round(x / safe), qmin, qmax) * d - x).sum(-1, keepdims=True)
+            if best_err is None:
+                best_err = err
+            else:
+                better = err < best_err
+                best_d, best_err = np.where(better, d, best_d), np.where(better, err, best_err)
+        safe = np.where(best_d == 0, np.float32(1), best_d)
+        codes = (np.clip(np.round(x / safe), qmin, qmax) - qmin).astype(np.uint8)  # stored with the implied zero point
+        if bits == 4:
+            codes = codes[..., 0::2] | (codes[..., 1::2] << 4)  # two per byte, low nibble first
+        packed[r:r + _SEARCH_ROWS] = codes
+        scales[r:r + _SEARCH_ROWS] = best_d[..., 0]
+    return packed, scales.reshape(-1)
