@@ -38,7 +38,9 @@ def register(app, friendly) -> None:
         vision_tower: Optional[Path] = typer.Option(None, help="local CLIP checkpoint folder when config.json names a hub id"),
         image_mode: Optional[PadMode] = typer.Option(None, help="pad (the model's training default) or crop (MM-Skin's evaluation)"),
         max_context: Optional[int] = typer.Option(None, min=2, help="context limit (default: the checkpoint's, 2048 for LLaVA)"),
-        verify: bool = typer.Option(True, "--verify/--no-verify", help="check the graphs against transformers"),
+        verify: bool = typer.Option(True, "--verify/--no-verify", help="check every graph against the checkpoint (transformers), layer by layer"),
+        quality: bool = typer.Option(True, "--quality/--no-quality", help="int4/int8/fp16: measure agreement with the checkpoint in fp32 (stored in the manifest, shown by `info`)"),
+        threads: Optional[int] = typer.Option(None, min=1, help="threads for verification and the quality report"),
         precision: Precision = typer.Option(Precision.FP32, help="fp32, or int4/int8/fp16 (quantized with `quantize`'s defaults)"),
         quiet: bool = quiet_option(),
     ):
@@ -51,7 +53,8 @@ def register(app, friendly) -> None:
             return
         with progress_for(quiet) as progress:
             export_bundle(src, out, vision_tower=vision_tower, image_mode=image_mode, max_context=max_context,
-                          verify=verify, log=progress, lora=lora, precision=precision)
+                          verify=verify, quality=quality, log=progress, lora=lora, precision=precision,
+                          threads=threads)
 
     @app.command("make-demo-checkpoint")
     @friendly

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from ..manifest import Manifest, Precision
+from ..manifest import Manifest, Precision  # noqa: F401  (Precision: the commands type options with it)
 from ..runtime.devices import Device
 
 

@@ -15,7 +15,6 @@ and more accurate (block scales vs per-column), and it keeps one code path.
 from __future__ import annotations
 
 import enum
-import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -419,9 +418,11 @@ def _variant(plan: GraphPlan, gfile: str, dfile: str, cfg: QuantConfig, source: 
 
 
 def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = True, log: Log = print,
-                    probe_kw: dict | None = None, keep_source: bool = False) -> QuantResult:
+                    probe_kw: dict | None = None, keep_source: bool = False,
+                    finish: Callable[[Path, Manifest], Manifest] | None = None) -> QuantResult:
     """Read the fp32 bundle `src`, write a bundle at `out` (atomically) carrying the cfg's variants, listed first
-    (the defaults); with `keep_source` the source's variants follow (`ask --precision fp32` still works)."""
+    (the defaults); with `keep_source` the source's variants follow (`ask --precision fp32` still works).
+    `finish(folder, manifest)` runs on the complete bundle before it is moved into place (export's checks)."""
     from ..runtime.bundle import check_files
 
     t0 = time.perf_counter()
@@ -506,33 +507,25 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
                                "source": {**m.source, "quantized_from": {"bundle": str(src.resolve()),
                                                                           "files": {k: v.sha256 for k, v in m.files.items()}}}})
         manifest.write(tmp)
-        # the report runs the fp32 graphs next to the new ones: skip it (and say so) when they cannot fit in RAM
-        fp32_bytes = sum(m.files[f].size for f in {f for g in m.graphs if g.precision == Precision.FP32
-                                                    for f in (g.file, *g.data_files)})  # shared data counted once
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        if quality and fp32_bytes > 0.6 * ram:
-            quality = False
-            manifest = replace(manifest, quality={"skipped": f"fp32 graphs ({fp32_bytes / 1e9:.1f} GB) do not fit in "
-                                                             f"{ram / 1e9:.1f} GB of RAM; run quantize on a larger machine"})
-            manifest.write(tmp)
-            log("quality report skipped: " + manifest.quality["skipped"])
-        if quality:
+        if quality:  # against the source's fp32 graphs, cut per layer: bounded memory at any size (quality.py)
             from .quality import quality_report
 
-            log("measuring quality against the fp32 graphs ...")
             report = quality_report(src, tmp, **(probe_kw or {}), log=log)
             manifest = Manifest(**{**manifest.__dict__, "quality": report})
             manifest.write(tmp)
+        if finish is not None:
+            manifest = finish(tmp, manifest)
     dt = time.perf_counter() - t0
     size = sum(e.size for e in manifest.files.values())
     log(f"bundle written to {out} ({size / 1e6:.1f} MB) in {dt:.1f}s")
     return QuantResult(manifest, dt, plans)
 
 
-def export_quantized(export_fp32: Callable[[Path], Manifest], out: Path, cfg: QuantConfig, *, quality: bool = True,
-                     log: Log = print) -> Manifest:
+def export_quantized(export_fp32: Callable[[Path], Manifest], out: Path, cfg: QuantConfig, *,
+                     finish: Callable[[Path, Manifest], Manifest] | None = None, log: Log = print) -> Manifest:
     """`export --precision`: the fp32 export goes to a hidden scratch bundle next to `out`, the quantized
-    bundle is written from it atomically, the scratch is removed (a reader never sees a partial `out`)."""
+    bundle is written from it atomically (checked by `finish` first), the scratch is removed (a reader never
+    sees a partial `out`)."""
     import os
     import uuid
 
@@ -540,6 +533,6 @@ def export_quantized(export_fp32: Callable[[Path], Manifest], out: Path, cfg: Qu
     scratch = out.parent / f".{out.name}.fp32-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         export_fp32(scratch)
-        return quantize_bundle(scratch, out, cfg, quality=quality, log=log).manifest
+        return quantize_bundle(scratch, out, cfg, quality=False, log=log, finish=finish).manifest
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
