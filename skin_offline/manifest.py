@@ -301,15 +301,27 @@ class Manifest:
         return cls.from_dict(d)
 
 
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+def sha256_file(path: Path, chunk: int = 8 << 20, on_bytes=None) -> str:
+    """sha256 of a file read in chunks; `on_bytes(n)` after each chunk (progress)."""
     import hashlib
 
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+            if on_bytes is not None:
+                on_bytes(len(block))
     return h.hexdigest()
 
 
-def file_entry(path: Path) -> FileEntry:
-    return FileEntry(size=Path(path).stat().st_size, sha256=sha256_file(path))
+def file_entry(path: Path, on_bytes=None) -> FileEntry:
+    return FileEntry(size=Path(path).stat().st_size, sha256=sha256_file(path, on_bytes=on_bytes))
+
+
+def folder_entries(folder: Path, log=None) -> dict[str, FileEntry]:
+    """Size + sha256 of every file in a bundle folder, with a `hashing` progress task when `log` is a Progress."""
+    from .progress import task
+
+    paths = [p for p in sorted(Path(folder).iterdir()) if p.is_file()]
+    with task(log, "hashing", total=sum(p.stat().st_size for p in paths), unit="B") as t:
+        return {p.name: file_entry(p, on_bytes=t.advance) for p in paths}

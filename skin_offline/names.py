@@ -95,3 +95,11 @@ def kernel_variant_file(base: str, precision: str, kernel: str) -> str:
     """A graph variant that differs from `variant_file(base, precision)` by its weight kernel:
     ("decoder.onnx", "int8", "qgemm") -> "decoder.int8-qgemm.onnx"."""
     return variant_file(base, f"{precision}-{kernel}")
+
+
+# --- graph metadata ---------------------------------------------------------------------------------------
+# metadata_props key of a decoder graph: JSON {"layers": [{"in": [...], "out": [...]}, ...], "head_in": [...]}: per
+# layer the tensors whose sum is the hidden state entering / leaving it (the contrib graph carries it as two
+# halves of a fused residual add), and those entering the final norm + lm_head. Verification cuts the graph
+# there to run one layer at a time (export/subgraph.py).
+GRAPH_LAYERS_KEY = "skin_offline.layer_boundaries"

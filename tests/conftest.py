@@ -146,3 +146,22 @@ def decoder_greedy_vs_reference(decoder, model, question: str, image_seed: int, 
     tokens = list(generate_step(decoder, embeds, rt.bundle.embed, recording, n, eos_id=2))
     ref_tokens, ref_logits = reference_generate(model.ref, ids, pixels, n)
     return tokens, ref_tokens, float(np.abs(np.stack(seen) - ref_logits[: len(seen)]).max())
+
+
+def assert_verified(manifest, bound: float = 1e-4) -> dict:
+    """The export's verification ran on every graph of the bundle, layer by layer, and passed within `bound`."""
+    from skin_offline import names
+
+    v = manifest.verification
+    assert v["passed"] and not v["failures"], v
+    graphs = v["graphs"]
+    for g in manifest.variants(names.ROLE_DECODER):
+        d = graphs[g.file]
+        assert d["layers_checked"] == manifest.model.num_layers, (g.file, d)
+        assert d["max_layer_rel_diff"] < bound and d["head_rel_diff"] < bound, (g.file, d)
+        assert d["weights_checked"] > 0 or g.flavor.value == "contrib", (g.file, d)  # contrib shares the standard's
+    for g in manifest.variants(names.ROLE_VISION):
+        assert graphs[g.file]["max_abs_diff_rel"] < bound or graphs[g.file]["feature_cosine"] > 0.99, (g.file, graphs[g.file])
+    for g in manifest.variants(names.ROLE_EMBEDDINGS):
+        assert graphs[g.file]["values_checked"] == manifest.model.vocab_size * manifest.model.hidden_size
+    return v

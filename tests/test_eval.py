@@ -56,7 +56,7 @@ def _run(model, root, out, protocol, stop_after=None):
         calls.append(row)
         return answer(image, question, row)
 
-    return run_vqa(maybe_interrupted, rows, root / "images", root / out, show_progress=False)
+    return run_vqa(maybe_interrupted, rows, root / "images", root / out)
 
 
 def _predictions(path):
@@ -111,7 +111,7 @@ def test_resume_refuses_another_input(llava_model, vqa_set):
     rows = read_questions(vqa_set / "q.csv")
     other = [type(r)(r.index, r.image, r.question + "?", r.answer) for r in rows]
     with pytest.raises(UsageError):
-        run_vqa(lambda *a: ("x", "stop", 1), other, vqa_set / "images", vqa_set / "out", show_progress=False)
+        run_vqa(lambda *a: ("x", "stop", 1), other, vqa_set / "images", vqa_set / "out")
 
 
 def test_classification_metrics_by_hand():
@@ -154,6 +154,8 @@ def test_cli_eval_classify_and_classify_eval(llava_model, vqa_set, tmp_path):
     assert r.exit_code == 0, r.output
     s = json.loads((tmp_path / "cli" / "summary.json").read_text())
     assert s["answered"] == 3 and s["protocol"] == "greedy" and s["this_run"]["questions_per_minute"] > 0
+    # the row loop's progress: plain lines when stderr is not a terminal (here: CliRunner's buffer)
+    assert "questions: 0/3 questions" in r.stderr and "questions: 3 questions in " in r.stderr, r.stderr
 
     img = vqa_set / "images" / "dataset" / "a.png"
     r = runner.invoke(app, ["classify", str(img), "--bundle", bundle, "--labels", "melanoma, nevus,basal cell carcinoma", "--json"])

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_image, reference_generate, reference_pixels
+from conftest import assert_verified, random_image, reference_generate, reference_pixels
 from skin_offline.errors import CheckpointError
 from skin_offline.export.factory import PRESETS, build_reference, write_checkpoint, write_lora_adapter
 from skin_offline.export.to_onnx import export_bundle
@@ -70,7 +70,7 @@ def test_bin_shards_with_index(tmp_path, tokenizer_model):
     assert (ckpt / "pytorch_model.bin.index.json").exists() and len(list(ckpt.glob("pytorch_model-*.bin"))) == 3
     m = _export(ckpt, tmp_path / "bundle", verify=True)
     assert m.source["layout"] == "llava"
-    assert m.verification["logits_max_abs_diff"] < 1e-4
+    assert_verified(m)
     _assert_greedy_parity(tmp_path / "bundle", ref)
 
 
@@ -120,7 +120,7 @@ def test_lora_merge_matches_merged_model(base, tmp_path):
     m = _export(ckpt, tmp_path / "bundle", lora=tmp_path / "adapter", verify=True)
     assert m.source["projector"].startswith("non_lora_trainables.bin")
     assert m.source["lora_r"] == 8 and m.source["lora_targets"] == 7 * SPEC.layers
-    assert m.verification["logits_max_abs_diff"] < 1e-4
+    assert_verified(m)
     tokens = _assert_greedy_parity(tmp_path / "bundle", merged)
     # the comparison can tell: the unmerged base model answers differently on the same input
     from skin_offline.runtime.prompt import build_prompt_ids
@@ -215,7 +215,7 @@ def test_checkpoint_with_only_tokenizer_json(tmp_path, tokenizer_model):
                               "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
     (ckpt / "tokenizer.json").write_text(json.dumps(data))
     m = _export(ckpt, tmp_path / "bundle", verify=True)  # bf16 weights, verified against transformers
-    assert m.verification["logits_max_abs_diff"] < 1e-4 and m.verification["image_features_max_abs_diff"] < 1e-4
+    assert_verified(m)
     tok = Tokenizer.from_file(str(tmp_path / "bundle" / "tokenizer.json"))
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
     rng = np.random.default_rng(0)

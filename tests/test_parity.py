@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_image, reference_embeds, reference_generate, reference_pixels
+from conftest import assert_verified, random_image, reference_embeds, reference_generate, reference_pixels
 
 ATOL = 1e-4
 QUESTIONS = [
@@ -143,5 +143,4 @@ def _forward_with_mask(dec, embeds, cache, mask):
 
 
 def test_export_verification_recorded(llava_model):
-    v = llava_model.manifest.verification
-    assert v["image_features_max_abs_diff"] < ATOL and v["logits_max_abs_diff"] < ATOL
+    assert_verified(llava_model.manifest, ATOL)

@@ -1,8 +1,11 @@
-"""The quality report stored by `quantize` is produced, and its numbers are recomputed here from the graphs.
+"""The quality report is produced, its numbers are recomputed here from the graphs, and the layer-streamed report
+`export` computes against the checkpoint equals the one computed against the fp32 bundle's graphs.
 
-The recomputation is independent of export/quality.py's code path: fp32 answers come from the public API
-(`SkinVL.ask`, greedy), logits from `Decoder.logits_all` over the whole sequence (not the keep=n call the
-report uses), KL via torch's log_softmax/kl_div, cosine via torch.
+The recomputation is independent of export/quality.py's code path: whole graphs loaded by the runtime (the report
+cuts them per layer), the quantized answer from the runtime's own decoder (prefill + decode steps), fp32 logits
+along it from `Decoder.logits_all` over the whole sequence in one call, fp32's own greedy answer from the public
+API (`SkinVL.ask`): the report's greedy figures, computed in one teacher-forced pass, must equal the ones measured
+by letting both models answer. KL via torch's log_softmax/kl_div, cosine via torch.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ def test_report_is_stored_and_says_what_it_measured(quantized, llava_model):
     q = m.quality
     assert set(q) == {"measured_on", "decoder.int8", "vision.int8"}
     on = q["measured_on"]
+    assert on["method"].startswith("fp32 teacher-forced along each quantized model's own greedy answer")
     assert on["probes"] == 4 and on["new_tokens"] == 12 and len(on["questions"]) == 2
     assert on["questions"][0] == "What does the image show?"  # MM-Skin_test.csv row 1
     assert "random-weight" in on["note"]
@@ -92,13 +96,15 @@ def test_quality_numbers_recompute_from_the_graphs(which, precision, multi_row, 
                                                                torch.from_numpy(fq.reshape(1, -1)).double())))
         for q in questions:
             ids = build_prompt_ids(ref.tokenizer, q)
-            answer = ref.ask(img, q, max_new_tokens=n).token_ids
+            p32, pq = ref.prompt_embeddings(ids, f32), got.prompt_embeddings(ids, fq)
+            mine = _greedy(got.bundle.decoder, got.bundle.embed, pq, n)  # the quantized answer, as a request runs
+            got_all.append(_as_it_runs(got.bundle.decoder, got.bundle.embed, pq, mine))
+            seq = np.concatenate([p32[0], ref.bundle.embed(mine[:-1])])[None]  # fp32 reads that same answer
+            ref_all.append(ref.bundle.decoder.logits_all(seq)[0, -n:])
+            answer = ref.ask(img, q, max_new_tokens=n).token_ids  # fp32's own greedy answer
             if len(answer) < n:  # stopped at EOS: the report decodes past it; extend with the same rule
                 pytest.skip("fp32 answer hit EOS early on this probe")
-            ref_all.append(_as_it_runs(ref.bundle.decoder, ref.bundle.embed, ref.prompt_embeddings(ids, f32), answer))
-            got_all.append(_as_it_runs(got.bundle.decoder, got.bundle.embed, got.prompt_embeddings(ids, fq), answer))
-            mine = _greedy(got.bundle.decoder, got.bundle.embed, got.prompt_embeddings(ids, fq), n)
-            k = next((i for i, (a, b) in enumerate(zip(mine, answer)) if a != b), min(len(mine), n))
+            k = next((i for i, (a, b) in enumerate(zip(mine, answer)) if a != b), n)
             prefix.append(k / n)
             identical.append(mine == answer)
     r32, rq = torch.from_numpy(np.concatenate(ref_all)).double(), torch.from_numpy(np.concatenate(got_all)).double()
@@ -116,6 +122,36 @@ def test_quality_numbers_recompute_from_the_graphs(which, precision, multi_row, 
     assert v["feature_cosine_mean"] == pytest.approx(np.mean(cos), abs=1e-7)
     assert v["feature_cosine_min"] == pytest.approx(np.min(cos), abs=1e-7)
     assert 0.99 < v["feature_cosine_min"] <= 1.0
+
+
+def test_streamed_checkpoint_report_equals_the_fp32_bundle_report(hybrid, llava_model):
+    """What `export` stores (fp32 = the checkpoint through transformers' layers, one at a time) against what
+    `quantize` stores (fp32 = the fp32 bundle's graphs, cut per layer): the same report within fp32 rounding."""
+    from skin_offline.export.checkpoint import open_checkpoint
+    from skin_offline.export.quality import CheckpointReference, measure
+
+    out, m = hybrid
+    streamed = measure(out, CheckpointReference(open_checkpoint(llava_model.ckpt)), PROBES, threads=1)
+    assert set(streamed) == set(m.quality)
+    assert streamed["measured_on"]["reference"].startswith("checkpoint")
+    assert m.quality["measured_on"]["reference"].startswith("fp32 bundle")
+    for key in ("decoder.int4", "decoder.int8"):
+        a, b = streamed[key], m.quality[key]
+        for fig in ("top1_agreement", "greedy_prefix_agreement", "greedy_identical"):
+            assert a[fig] == pytest.approx(b[fig], abs=1e-9), (key, fig)
+        for fig in ("kl_mean", "kl_max"):
+            assert a[fig] == pytest.approx(b[fig], rel=1e-3), (key, fig)
+        assert a["max_abs_logit_diff"] == pytest.approx(b["max_abs_logit_diff"], abs=1e-4)
+        assert a["pipeline"] == b["pipeline"]
+    assert streamed["vision.int8"]["feature_cosine_min"] == pytest.approx(m.quality["vision.int8"]["feature_cosine_min"], abs=1e-6)
+
+
+def test_report_names_no_paths(hybrid):
+    import json
+
+    out, m = hybrid
+    text = json.dumps(m.quality)
+    assert str(out.parent) not in text and "/tmp" not in text and "source_bundle" not in text
 
 
 def test_fp32_against_itself_is_perfect(llava_model, tmp_path):

@@ -73,12 +73,15 @@ def assert_one_line_error(r: subprocess.CompletedProcess, code: int, *needles: s
     err = r.stderr.decode("utf-8", "replace")
     assert r.returncode == code, f"exit {r.returncode}, expected {code}; stderr:\n{err}"
     assert "Traceback" not in err, err
-    # the fixtures' bundles are random-weight ones: the warning every front end prints for them is not the error
-    lines = [line for line in err.splitlines() if line.strip() and line != RANDOM_WEIGHTS_WARNING]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    # one error line, and it is the last thing printed; before it may come the warning every front end prints for
+    # the fixtures' random-weight bundles and progress lines of the work done until the failure (`verify` hashing)
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    assert all(line == RANDOM_WEIGHTS_WARNING or ": " in line for line in lines[:-1]), err
     for n in needles:
-        assert n.lower() in lines[0].lower(), (n, lines[0])
-    return lines[0]
+        assert n.lower() in errors[0].lower(), (n, errors[0])
+    return errors[0]
 
 
 def clone(src: Path, dst: Path) -> Path:

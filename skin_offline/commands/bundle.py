@@ -4,19 +4,41 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
+
+from .options import progress_for, quiet_option
 
 
 def register(app, friendly) -> None:
     @app.command()
     @friendly
-    def verify(bundle: Path = typer.Argument(..., help="bundle folder")):
-        """Check every bundle file against the sha256 in its manifest."""
+    def verify(
+        bundle: Path = typer.Argument(..., help="bundle folder"),
+        against: Optional[Path] = typer.Option(None, help="also check every graph against this checkpoint (the base "
+                                               "with --lora), layer by layer, as export does"),
+        lora: Optional[Path] = typer.Option(None, help="the LoRA adapter the bundle was exported with (--against BASE)"),
+        vision_tower: Optional[Path] = typer.Option(None, help="local CLIP folder when the checkpoint names a hub id"),
+        threads: Optional[int] = typer.Option(None, min=1),
+        quiet: bool = quiet_option(),
+    ):
+        """Check every bundle file against the sha256 in its manifest (and with --against, every graph against the
+        checkpoint it was exported from)."""
         from ..runtime.bundle import verify_bundle
 
-        m = verify_bundle(bundle)
+        with progress_for(quiet) as progress:
+            m = verify_bundle(bundle, log=progress)
+            if against is not None:
+                from ..export.to_onnx import verify_against_checkpoint
+                from ..export.verify import format_verification
+
+                rec = verify_against_checkpoint(bundle, against, lora=lora, vision_tower=vision_tower, threads=threads,
+                                                log=progress)
         typer.echo(f"ok: {len(m.files)} files match their sha256 ({sum(e.size for e in m.files.values()) / 1e6:.1f} MB)")
+        if against is not None:
+            for line in format_verification(rec):
+                typer.echo(line)
 
     @app.command()
     @friendly
@@ -41,7 +63,10 @@ def register(app, friendly) -> None:
         typer.echo(f"  source: {m.source.get('layout')} {m.source.get('path')}"
                    + (" (random weights)" if m.random_weights else ""))
         if m.verification:
-            typer.echo("  verification: " + ", ".join(f"{k}={v:.2e}" for k, v in m.verification.items()))
+            from ..export.verify import format_verification
+
+            for line in format_verification(m.verification):
+                typer.echo("  " + line)
         if m.quality:
             for line in format_report(m.quality):
                 typer.echo("  " + line)

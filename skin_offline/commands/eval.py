@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 
 from ..eval.choices import ClassifyMethod, Protocol
-from .options import Precision, frame_option, image_source, threads_option, warn_if_random, show_notices
+from .options import (Precision, frame_option, image_source, progress_for, quiet_option, show_notices, threads_option,
+                      warn_if_random)
 
 
 def _labels(labels: Optional[str], label_set: Optional[str], labels_file: Optional[Path]) -> list[str]:
@@ -54,6 +55,7 @@ def register(app, friendly) -> None:
         seed: int = typer.Option(0, help="base seed of the paper protocol (row i uses seed + i)"),
         threads: Optional[int] = threads_option(),
         precision: Optional[Precision] = typer.Option(None, help="graph variant to run (default: the bundle's first)"),
+        quiet: bool = quiet_option(),
     ):
         """Answer the MM-Skin test questions and score them (BLEU, ROUGE, METEOR, token recall) per modality."""
         from ..eval.vqa import make_answer_fn, read_questions, run_vqa
@@ -67,7 +69,8 @@ def register(app, friendly) -> None:
         show_notices(model)
         meta = {"bundle": str(bundle), "precision": model.manifest.pick(names.ROLE_DECODER, precision).precision.value,
                 "protocol": protocol.value, "seed": seed, "max_new_tokens": max_new_tokens}
-        s = run_vqa(make_answer_fn(model, protocol, seed, max_new_tokens), rows, images, out, meta)
+        with progress_for(quiet) as progress:
+            s = run_vqa(make_answer_fn(model, protocol, seed, max_new_tokens), rows, images, out, meta, progress)
         typer.echo((out / "summary.md").read_text())
         if s["this_run"]["questions_per_minute"]:
             typer.echo(f"[{s['this_run']['answered']} answered this run, {s['this_run']['questions_per_minute']:.1f} "
@@ -131,6 +134,7 @@ def register(app, friendly) -> None:
         seed: int = typer.Option(0),
         threads: Optional[int] = threads_option(),
         precision: Optional[Precision] = typer.Option(None),
+        quiet: bool = quiet_option(),
     ):
         """Zero-shot classification metrics: accuracy, balanced accuracy, macro-F1, confusion matrix, slices."""
         from ..eval.classify_eval import read_label_rows, run_classify_eval
@@ -151,6 +155,7 @@ def register(app, friendly) -> None:
             def predict(path):
                 return gen(path)[:2]
         meta = {"bundle": str(bundle), "method": method.value, "normalized": normalize, "label_set": label_set}
-        s = run_classify_eval(predict, rows, names, images, out, meta)
+        with progress_for(quiet) as progress:
+            s = run_classify_eval(predict, rows, names, images, out, meta, progress)
         typer.echo((out / "summary.md").read_text())
         typer.echo(f"[{s['classified']} classified; confusion matrix in {out}/confusion.csv and .png]", err=True)

@@ -10,6 +10,7 @@ import typer
 from ..errors import UsageError
 from ..export.choices import DemoLayout, DemoPreset
 from ..manifest import PadMode, Precision
+from .options import progress_for, quiet_option
 
 
 def _source(src: Optional[Path], out: Optional[Path], base: Optional[Path], lora: Optional[Path]) -> tuple[Path, Path]:
@@ -37,8 +38,11 @@ def register(app, friendly) -> None:
         vision_tower: Optional[Path] = typer.Option(None, help="local CLIP checkpoint folder when config.json names a hub id"),
         image_mode: Optional[PadMode] = typer.Option(None, help="pad (the model's training default) or crop (MM-Skin's evaluation)"),
         max_context: Optional[int] = typer.Option(None, min=2, help="context limit (default: the checkpoint's, 2048 for LLaVA)"),
-        verify: bool = typer.Option(True, "--verify/--no-verify", help="check the graphs against transformers"),
+        verify: bool = typer.Option(True, "--verify/--no-verify", help="check every graph against the checkpoint (transformers), layer by layer"),
+        quality: bool = typer.Option(True, "--quality/--no-quality", help="int4/int8/fp16: measure agreement with the checkpoint in fp32 (stored in the manifest, shown by `info`)"),
+        threads: Optional[int] = typer.Option(None, min=1, help="threads for verification and the quality report"),
         precision: Precision = typer.Option(Precision.FP32, help="fp32, or int4/int8/fp16 (quantized with `quantize`'s defaults)"),
+        quiet: bool = quiet_option(),
     ):
         """Export a SkinVL / LLaVA checkpoint folder to an ONNX bundle."""
         from ..export.to_onnx import export_bundle, plan_export
@@ -47,8 +51,10 @@ def register(app, friendly) -> None:
         if dry_run:
             plan_export(src, out, lora=lora, vision_tower=vision_tower, image_mode=image_mode, log=lambda m: typer.echo(m))
             return
-        export_bundle(src, out, vision_tower=vision_tower, image_mode=image_mode, max_context=max_context, verify=verify,
-                      log=lambda m: typer.echo(m, err=True), lora=lora, precision=precision)
+        with progress_for(quiet) as progress:
+            export_bundle(src, out, vision_tower=vision_tower, image_mode=image_mode, max_context=max_context,
+                          verify=verify, quality=quality, log=progress, lora=lora, precision=precision,
+                          threads=threads)
 
     @app.command("make-demo-checkpoint")
     @friendly

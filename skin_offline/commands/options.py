@@ -10,6 +10,17 @@ from ..manifest import Manifest, Precision  # noqa: F401 (re-exported: commands 
 from ..runtime.devices import Device
 
 
+def quiet_option():
+    return typer.Option(False, "--quiet", help="no progress bars or messages on stderr (errors are still printed)")
+
+
+def progress_for(quiet: bool):
+    """The command's progress display: a bar on a terminal, plain lines in pipes and CI, nothing with --quiet."""
+    from ..progress import Mode, Progress
+
+    return Progress(Mode.QUIET if quiet else Mode.AUTO)
+
+
 def bundle_option():
     return typer.Option(None, help="bundle folder (default: $SKIN_OFFLINE_BUNDLE or the user data dir)")
 

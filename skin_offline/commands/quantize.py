@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from ..manifest import Precision, Prefill
+from .options import progress_for, quiet_option
 
 
 def register(app, friendly) -> None:
@@ -30,6 +31,7 @@ def register(app, friendly) -> None:
         keep_source: bool = typer.Option(False, "--keep-source", help="also carry BUNDLE's variants (ask --precision picks)"),
         quality: bool = typer.Option(True, "--quality/--no-quality", help="measure agreement with the fp32 graphs"),
         threads: Optional[int] = typer.Option(None, min=1, help="threads for the quality measurement"),
+        quiet: bool = quiet_option(),
     ):
         """Quantize a bundle's decoder (and optionally vision encoder) in bounded memory, with a quality report."""
         from ..export.quantize import QuantConfig, quantize_bundle
@@ -38,5 +40,6 @@ def register(app, friendly) -> None:
         cfg = QuantConfig(precision=precision, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
                           scale_search=scale_search, lm_head=lm_head, vision=vision, embeddings=embeddings,
                           prefill=prefill)
-        quantize_bundle(bundle, out, cfg, quality=quality, log=lambda m: typer.echo(m, err=True),
-                        probe_kw={"threads": threads}, keep_source=keep_source)
+        with progress_for(quiet) as progress:
+            quantize_bundle(bundle, out, cfg, quality=quality, log=progress, probe_kw={"threads": threads},
+                            keep_source=keep_source)

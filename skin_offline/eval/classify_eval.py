@@ -134,7 +134,7 @@ PredictFn = Callable[[Path], tuple[str, float]]  # image -> (predicted label, it
 
 
 def run_classify_eval(predict: PredictFn, rows: list[LabelRow], classes: list[str], images: Path, out: Path,
-                      meta: dict | None = None, show_progress: bool = True) -> dict:
+                      meta: dict | None = None, progress=None) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log = ResultLog(out / "predictions.csv", FIELDS, ("image", "label"))
@@ -143,7 +143,7 @@ def run_classify_eval(predict: PredictFn, rows: list[LabelRow], classes: list[st
         label, prob = predict(path)
         return {"image": r.image, "label": r.label, "prediction": label, "probability": f"{prob:.6f}", **r.slices}
 
-    run = run_rows(rows, images, log, lambda r: {"image": r.image, "label": r.label}, work, "images", show_progress)
+    run = run_rows(rows, images, log, lambda r: {"image": r.image, "label": r.label}, work, "images", progress)
     recs, missing, answered, t_run = run.records, run.missing, run.answered, run.seconds
     if not recs:
         raise UsageError(f"no image could be classified: {len(missing)} missing under {images}; check --images")

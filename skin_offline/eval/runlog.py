@@ -13,9 +13,10 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from ..errors import ImageError, UsageError
+from ..progress import Log, task
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -90,16 +91,6 @@ def resolve_image(images: Path, name: str) -> Path | None:
     return None
 
 
-def progress(enabled: bool):
-    """A rich progress bar with count, rate and ETA on stderr (a no-op context when disabled)."""
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
-
-
 @dataclass
 class RunResult:
     records: list[dict[str, str]]  # every wanted row's record, this run's and earlier runs', in input order
@@ -108,12 +99,34 @@ class RunResult:
     seconds: float = 0.0  # time spent in `work` by this run
 
 
+@dataclass(frozen=True)
+class Done:
+    """What the work did for one row: its record, or None when its image was unreadable; and how long it took."""
+
+    row: object
+    record: dict | None
+    seconds: float
+
+
+def one_at_a_time(pending: list, work: Callable) -> Iterator[Done]:
+    """The plain source of results: `work(row, path)` per row (ImageError = unreadable image, listed and skipped).
+    A batched source yields the same Done objects, a batch at a time."""
+    for r, path in pending:
+        t0 = time.perf_counter()
+        try:
+            record = work(r, path)
+        except ImageError:
+            record = None
+        yield Done(r, record, time.perf_counter() - t0)
+
+
 def run_rows(rows: list, images: Path, log: ResultLog, key: Callable[[object], dict], work: Callable,
-             what: str, show_progress: bool = True) -> RunResult:
+             what: str, progress: Log | None = None) -> RunResult:
     """The resumable loop shared by `eval` and `classify-eval`: skip rows already in `log`, list missing
     images, call `work(row, path) -> record` for the rest (ImageError = unreadable image, listed and skipped),
     write each record as soon as it exists. Rows carry `.index` and `.image`; `key(row)` is checked against
-    what an earlier run wrote for that index."""
+    what an earlier run wrote for that index. `progress` (a progress.Progress) shows a `what` task: count, rate,
+    ETA."""
     result = RunResult(records=[])
     pending = []
     for r in rows:
@@ -124,19 +137,14 @@ def run_rows(rows: list, images: Path, log: ResultLog, key: Callable[[object], d
         elif r.index not in log.done:
             pending.append((r, path))
     try:
-        with progress(show_progress) as bar:
-            task = bar.add_task(what, total=len(pending))
-            for r, path in pending:
-                t0 = time.perf_counter()
-                try:
-                    record = work(r, path)
-                except ImageError:  # unreadable file: listed with the missing ones, not fatal
-                    result.missing.append(r.image)
+        with task(progress, what, total=len(pending), unit=what) as bar:
+            for done in one_at_a_time(pending, work):
+                if done.record is None:  # unreadable file: listed with the missing ones, not fatal
+                    result.missing.append(done.row.image)
                 else:
-                    dt = time.perf_counter() - t0
-                    log.write(r.index, {**record, "seconds": f"{dt:.3f}"})
-                    result.answered, result.seconds = result.answered + 1, result.seconds + dt
-                bar.advance(task)
+                    log.write(done.row.index, {**done.record, "seconds": f"{done.seconds:.3f}"})
+                    result.answered, result.seconds = result.answered + 1, result.seconds + done.seconds
+                bar.advance()
     finally:
         log.close()
     wanted = {r.index for r in rows}

@@ -10,6 +10,7 @@ fuses the RMSNorm pattern into SimplifiedLayerNormalization at load.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -79,8 +80,10 @@ def build_decoder(spec: TextSpec, tensor: TensorFn, out_dir: Path, progress: Cal
     bias = g.op("Where", allowed, g.c(0.0, np.float32), g.c(np.finfo(np.float32).min, np.float32), hint="attn_bias")
     scale = g.c(1.0 / np.sqrt(D), np.float32)
 
+    layers = []  # per layer: the hidden state in and out (names.GRAPH_LAYERS_KEY)
     for i in range(spec.layers):
         p = f"layers.{i}."
+        x_in = x
         past_k = g.input(names.past_key(i), F32, ["batch", kvH, "past", D])
         past_v = g.input(names.past_value(i), F32, ["batch", kvH, "past", D])
         h = _rms_norm(g, x, g.w(p + "input_layernorm.weight", tensor(p + "input_layernorm.weight")), spec.rms_norm_eps)
@@ -111,9 +114,11 @@ def build_decoder(spec: TextSpec, tensor: TensorFn, out_dir: Path, progress: Cal
         up = _linear(g, h, p + "mlp.up_proj.weight", tensor)
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
         x = g.op("Add", x, _linear(g, act, p + "mlp.down_proj.weight", tensor), hint=f"resid{i}b")
+        layers.append({"in": [x_in], "out": [x]})
         if progress:
             progress(i + 1)
 
+    g.metadata[names.GRAPH_LAYERS_KEY] = json.dumps({"layers": layers, "head_in": [x]})
     x = _rms_norm(g, x, g.w("norm.weight", tensor("norm.weight")), spec.rms_norm_eps)
     last = g.op("Slice", x, g.op("Neg", g.op("Unsqueeze", keep, g.c([0]))), g.c([np.iinfo(np.int64).max]), g.c([1]))
     g.op_named("MatMul", [last, g.w("lm_head.weight", tensor("lm_head.weight").T)], names.LOGITS)

@@ -19,6 +19,7 @@ the streaming MatMul -> MatMulNBits quantizer applies unchanged.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -102,6 +103,9 @@ def build_decoder_fast(spec: TextSpec, tensor: TensorFn, out_dir: Path, progress
     resid = x
     h = g.op("SimplifiedLayerNormalization", x, norm_w("layers.0.input_layernorm.weight"),
              axis=-1, epsilon=eps, stash_type=1, hint="ln0")
+    # the hidden state between layers is never one tensor here: layer i leaves it as down_proj output + residual,
+    # which the next SkipSimplifiedLayerNormalization adds (names.GRAPH_LAYERS_KEY records both halves)
+    layers, x_in = [], [x]
     for i in range(spec.layers):
         p = f"layers.{i}."
         past_k = g.input(names.past_key(i), F32, ["batch", kvH, "past", D])
@@ -130,12 +134,15 @@ def build_decoder_fast(spec: TextSpec, tensor: TensorFn, out_dir: Path, progress
         up = linear(h, p + "mlp.up_proj.weight", f"up{i}")
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
         m = linear(act, p + "mlp.down_proj.weight", f"down{i}")
+        layers.append({"in": x_in, "out": [m, resid]})
+        x_in = [m, resid]
         if i + 1 < spec.layers:
             nxt = f"layers.{i + 1}.input_layernorm.weight"
             h, resid = _skip_norm(g, m, resid, norm_w(nxt), eps, f"ln{i + 1}a")
         if progress:
             progress(i + 1)
 
+    g.metadata[names.GRAPH_LAYERS_KEY] = json.dumps({"layers": layers, "head_in": [m, resid]})
     # only the last `keep` positions reach the final norm and the lm_head
     start, end = g.op("Neg", g.op("Unsqueeze", keep, g.c([0]))), g.c([np.iinfo(np.int64).max])
     m_last = g.op("Slice", m, start, end, g.c([1]))

@@ -63,6 +63,7 @@ class GraphBuilder:
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self._n = 0
+        self.metadata: dict[str, str] = {}  # model metadata_props (e.g. names.GRAPH_LAYERS_KEY)
 
     def fresh(self, hint: str) -> str:
         self._n += 1
@@ -107,6 +108,8 @@ class GraphBuilder:
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.inits)
         opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in (extra_opsets or {}).items()]
         m = helper.make_model(graph, opset_imports=opsets, producer_name="skin-offline")
+        if self.metadata:
+            helper.set_model_props(m, self.metadata)
         m.ir_version = 8  # readable by onnxruntime >= 1.14 and TensorRT 8.6 (Jetson JetPack 5/6)
         return m
 

@@ -1,25 +1,33 @@
-"""What a precision tier costs: a quantized bundle's outputs against its fp32 source on a fixed probe set.
+"""What a precision tier costs: a quantized bundle's outputs against an fp32 reference on a fixed probe set.
 
-Probe set: a few synthetic lesion-like images x the first questions of MM-Skin's test split. For each
-probe the fp32 bundle greedily answers `new_tokens` tokens; then, with the same prompt:
-- teacher-forced next-token distributions over prompt-end + those tokens (both models read the same
-  token ids): top-1 agreement, KL(fp32 || quantized) mean and max, max abs logit difference;
-- the quantized bundle's own greedy answer: fraction of the fp32 answer reproduced before the first
-  differing token (`greedy_prefix_agreement`) and the share of probes answered identically;
-- vision variants: cosine similarity of the image features with the fp32 tower's.
-The decoder figures are end to end: the quantized bundle runs with the vision graph and embedding table
-it picks for that precision. Random-weight models say little about a real checkpoint's accuracy (their
-logits are flat and near-ties flip easily); the same code runs on a real export.
+Probe set: a few synthetic lesion-like images x the first questions of MM-Skin's test split. For each probe and
+each quantized decoder of the bundle, the quantized path answers greedily, `new_tokens` tokens, the way a request
+runs (prefill through the graph the kernel policy picks for that many rows, the int8 prefill graph of a hybrid
+bundle; then one decode step per token), with the vision graph and embedding table it picks. Then the fp32
+reference reads that same answer (teacher forcing), and on those positions:
+- top-1 agreement, KL(fp32 || quantized) mean and max, max |logit difference|;
+- `greedy_prefix_agreement`: the share of the answer before the first token the reference would not have chosen;
+  since up to there both greedy runs saw the same tokens, that is exactly where fp32's own greedy answer would
+  have parted, so one teacher-forced fp32 pass gives it (no 32 sequential fp32 steps); `greedy_identical`: the
+  share of probes where they never part;
+- vision variants: cosine of the image features with the reference's.
+The teacher-forced figures are measured along the quantized model's own answer (the contexts it actually runs
+in); up to the first divergence that is the fp32 answer too.
 
-Uses only the runtime (NumPy + onnxruntime) so the numbers can be recomputed anywhere from the graphs.
+The fp32 reference is either the checkpoint itself (transformers' layers, layer-streamed: what `export` uses, in
+the memory of one layer at any size) or an fp32 bundle's graphs (`quantize BUNDLE OUT`), cut per layer the same
+way (layerstream.py). The quantized side prefills layer by layer too and loads only its decode graph whole. Random-
+weight models say little about a real checkpoint's accuracy (their logits are flat and near-ties flip easily);
+the same code runs on a real export.
 """
 
 from __future__ import annotations
 
 import csv
 import gc
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -35,8 +43,12 @@ FALLBACK_QUESTIONS = (
     "What type of tissue is present in this image?",
     "Where is the lesion located on the body?",
 )
-NOTE = ("agreement with this bundle's own fp32 graphs on synthetic images; a random-weight model says "
-        "little about a real checkpoint's accuracy, rerun on the real export")
+NOTE = ("agreement with fp32 on synthetic images; a random-weight model says little about a real checkpoint's "
+        "accuracy, rerun on the real export")
+NOTE_REAL = "agreement with fp32 on synthetic lesion-like images and MM-Skin questions"
+METHOD = "fp32 teacher-forced along each quantized model's own greedy answer (prefill + per-token decode)"
+# the quantized side loads one decode graph whole; one that would take the process past this is not measured
+MEMORY_BUDGET = 6 << 30
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,7 @@ class ProbeSet:
     image_seeds: tuple[int, ...] = (0, 1, 2)
     num_questions: int = 2
     new_tokens: int = 32
+    memory_budget: int = MEMORY_BUDGET
 
     def questions(self) -> tuple[list[str], str]:
         try:
@@ -69,39 +82,277 @@ def probe_image(seed: int, size: tuple[int, int] = (160, 120)) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-@dataclass
-class _Probe:
-    prompt: np.ndarray  # [1,S,H] prompt embeddings (fp32 bundle)
-    ids: list[int]  # prompt ids (with the image placeholder)
-    pixels: np.ndarray  # [1,3,s,s]
-    tokens: list[int] = field(default_factory=list)  # fp32 greedy answer
-    logits: np.ndarray | None = None  # [n,V] teacher-forced fp32 logits predicting each answer token
-    features: np.ndarray | None = None  # [N,H]
+
+# --- references ---------------------------------------------------------------------------------------------
+class CheckpointReference:
+    """fp32 from the checkpoint: transformers' CLIP tower + projector, the embedding rows, Mistral layers streamed."""
+
+    def __init__(self, ckpt):
+        from .layerstream import CheckpointStack
+
+        self.ckpt, self.stack = ckpt, CheckpointStack(ckpt)
+
+    def describe(self) -> dict:
+        return {"reference": "checkpoint (transformers, one layer in memory at a time)",
+                "source_fingerprint": self.ckpt.store.fingerprint()}
+
+    def vision(self, pixels: np.ndarray) -> np.ndarray:
+        from . import reference
+
+        return reference.vision_features(self.ckpt, pixels)  # [B,N,H]
+
+    def embed(self, ids: list[int]) -> np.ndarray:
+        table = self.ckpt.text_tensor("embed_tokens.weight")  # [V,H] read once per call: callers batch their ids
+        return table[np.asarray(ids, np.int64)].numpy()
 
 
-def _greedy(model, prompt: np.ndarray, n: int) -> list[int]:
-    """n greedy tokens (no EOS stop, so every probe has the same length). prompt [1,S,H]."""
-    dec = model.bundle.decoder
-    logits, cache = dec.forward(prompt, dec.empty_cache(1), keep=1)
-    out = []
-    for _ in range(n):
-        t = int(np.argmax(logits[0, -1]))
-        out.append(t)
-        logits, cache = dec.forward(model.bundle.embed([t])[None], cache, keep=1)
+class BundleReference:
+    """fp32 from a bundle's fp32 graphs (`quantize BUNDLE OUT`), the decoder cut per layer."""
+
+    def __init__(self, folder: Path, threads: int | None = None):
+        from ..runtime.bundle import _load_table
+        from .layerstream import GraphStack
+
+        self.folder, self.threads = Path(folder), threads
+        self.manifest = Manifest.read(self.folder)
+        m = self.manifest
+        self.vision_graph = m.pick(names.ROLE_VISION, Precision.FP32)
+        self.stack = GraphStack(self.folder / m.pick(names.ROLE_DECODER, Precision.FP32).file, threads)
+        self.table, _ = _load_table(self.folder, m, m.pick(names.ROLE_EMBEDDINGS, Precision.FP32))
+
+    def describe(self) -> dict:
+        return {"reference": "fp32 bundle graphs (one layer in memory at a time)",
+                "source_fingerprint": self.manifest.source.get("fingerprint"),
+                "source_manifest_files": {k: v.sha256 for k, v in self.manifest.files.items()}}
+
+    def vision(self, pixels: np.ndarray) -> np.ndarray:
+        return _encode(self.folder / self.vision_graph.file, pixels, self.threads)
+
+    def embed(self, ids: list[int]) -> np.ndarray:
+        return np.asarray(self.table[np.asarray(ids, np.int64)], np.float32)
+
+
+def _encode(path: Path, pixels: np.ndarray, threads: int | None) -> np.ndarray:
+    """[B,3,S,S] -> [B,N,H] through one vision graph, loaded for this call only."""
+    from ..runtime.sessions import SessionFactory
+    from ..runtime.vision import VisionEncoder
+
+    enc = VisionEncoder(SessionFactory(threads=threads).create(path))
+    out = np.concatenate([enc.encode(pixels[b:b + 1]) for b in range(pixels.shape[0])])
+    del enc
+    gc.collect()
     return out
 
 
-def _teacher_forced(model, prompt: np.ndarray, tokens: list[int]) -> np.ndarray:
-    """Logits [n,V] predicting tokens[i] from prompt + tokens[:i] (float32), computed the way a request runs:
-    one prefill of the prompt, then one decode step per token. (A single call over prompt + tokens would send
-    every position through the multi-row graph of a hybrid bundle and never measure its decode graph.)"""
-    dec = model.bundle.decoder
-    logits, cache = dec.forward(prompt, dec.empty_cache(1), keep=1)  # [1,1,V]
-    out = [logits[0, -1]]
-    for t in tokens[:-1]:
-        logits, cache = dec.forward(model.bundle.embed([t])[None], cache, keep=1)
-        out.append(logits[0, -1])
-    return np.stack(out).astype(np.float32)
+# --- the probes -----------------------------------------------------------------------------------------------
+@dataclass
+class Probes:
+    """Prompt pieces shared by both sides: per question the ids before the image (same for all) and after it."""
+
+    questions: list[str]
+    source: str
+    prefix_ids: list[int]  # "<s> [INST] " before the image
+    text_ids: list[list[int]]  # per question: "\n{question} [/INST]"
+    pixels: np.ndarray  # [I,3,S,S] one row per probe image
+    new_tokens: int
+
+    @classmethod
+    def build(cls, folder: Path, m: Manifest, probes: ProbeSet) -> "Probes":
+        from ..runtime.image import preprocess
+        from ..runtime.prompt import IMAGE_PLACEHOLDER, build_prompt_ids
+        from ..runtime.tokenizer import TextTokenizer
+
+        tok = TextTokenizer.from_file(Path(folder) / names.TOKENIZER)
+        questions, source = probes.questions()
+        ids = [build_prompt_ids(tok, q) for q in questions]
+        slot = ids[0].index(IMAGE_PLACEHOLDER)
+        assert all(x[:slot + 1] == ids[0][:slot + 1] for x in ids)  # the template's prefix is question-independent
+        pixels = np.concatenate([preprocess(probe_image(s), m.preprocess) for s in probes.image_seeds])
+        return cls(questions, source, ids[0][:slot], [x[slot + 1:] for x in ids], pixels, probes.new_tokens)
+
+    def groups(self, embed: Callable[[list[int]], np.ndarray], feats: np.ndarray, answers=None) -> list:
+        """layerstream groups, one per image: the prefix (ids + that image's features [N,H]) and as suffixes, per
+        answer set e (a list over (image, question) of token lists; None: the prompts alone) and question q, at
+        index e * questions + q: the question's ids, then the answer's tokens but the last (teacher forcing)."""
+        from .layerstream import Group
+
+        sets = answers or [None]
+        nq, n_img = len(self.text_ids), feats.shape[0]
+        pieces = [self.prefix_ids, *self.text_ids] + [a[:-1] for ans in sets if ans is not None for a in ans]
+        rows = embed([t for p in pieces for t in p])  # one read of the table
+        parts = np.split(rows, np.cumsum([len(p) for p in pieces])[:-1])
+        pre, texts, ans_rows = parts[0], parts[1:1 + nq], parts[1 + nq:]
+        out = []
+        for img in range(n_img):
+            suffixes = [texts[q] if ans is None else np.concatenate([texts[q], ans_rows[e * n_img * nq + img * nq + q]])
+                        for e, ans in enumerate(sets) for q in range(nq)]
+            out.append(Group(np.concatenate([pre, feats[img]]), suffixes))
+        return out
+
+
+# --- the quantized side -------------------------------------------------------------------------------------
+def _graph_bytes(m: Manifest, g) -> int:
+    return sum(m.files[f].size for f in {g.file, *g.data_files} if f in m.files)
+
+
+def quantized_answers(folder: Path, m: Manifest, g, probes: Probes, feats: np.ndarray, threads: int | None,
+                      log=None) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Decoder `g`'s greedy answers (per image, per question) and the logits that chose each token [n,V], the way a
+    request runs: one prefill call of the prompt through the graph the kernel policy picks for its rows (a hybrid
+    bundle's int8 prefill graph), cut per layer so that graph is never loaded whole; then one decode step per token
+    on `g`, loaded whole once. One image's prompts are prefilled at a time: their keys are all the memory it adds."""
+    from ..progress import task
+    from ..runtime.bundle import _load_table
+    from ..runtime.decoder import make_decoder
+    from ..runtime.kv import HostCache
+    from ..runtime.kernels.policy import KernelPolicy
+    from ..runtime.sessions import SessionFactory
+    from .layerstream import GraphStack, Group, run_pass
+
+    emb = m.pick(names.ROLE_EMBEDDINGS, Precision(_picked(m, names.ROLE_EMBEDDINGS, g.precision)))
+    table, scales = _load_table(folder, m, emb)
+
+    def embed(ids):
+        ids = np.asarray(ids, np.int64)
+        rows = np.asarray(table[ids], np.float32)  # [n,H]; int8 rows dequantized as the runtime does
+        return rows * scales[ids][:, None] if scales is not None else rows
+
+    own = GraphStack(folder / g.file, threads)
+    partner = m.multi_row_partner(g)
+    multi = GraphStack(folder / partner.file, threads) if partner is not None else own
+    policy = KernelPolicy.for_this_machine()
+
+    def stack_for(rows: int):
+        return multi if policy.multi_row(rows) else own
+
+    dec = make_decoder(SessionFactory(threads=threads).create(folder / g.file), m.model,
+                       share_buffer=g.attention is not None and g.attention.in_place)
+    answers, logits = [], []
+    n, nq = probes.new_tokens, len(probes.text_ids)
+    prompts = probes.groups(embed, feats)  # per image: prefix + one suffix per question
+    with task(log, f"quality: {g.file}", total=len(prompts) * nq, unit="probes") as t:
+        for img in prompts:
+            groups = [Group(np.concatenate([img.prefix, s]), []) for s in img.suffixes]
+            for o in run_pass(groups, stack_for, own.num_layers, keep_kv=True):
+                first = stack_for(o.prefix.shape[0]).head(o.prefix[-1:])[0]  # [V]
+                cache = HostCache([k for k, _ in o.prefix_kv], [v for _, v in o.prefix_kv],
+                                np.ones((1, o.prefix.shape[0]), np.int64))
+                del o.prefix_kv[:]
+                rows, toks = [first], []
+                for step in range(n):
+                    toks.append(int(np.argmax(rows[-1])))
+                    if step + 1 < n:
+                        out, cache = dec.forward(embed([toks[-1]])[None], cache, keep=1)
+                        rows.append(out[0, -1])
+                del cache
+                answers.append(toks)
+                logits.append(np.stack(rows).astype(np.float32))
+                t.advance()
+    del dec
+    gc.collect()
+    return answers, logits
+
+
+# --- the report -----------------------------------------------------------------------------------------------
+def measure(folder: Path, reference, probes: ProbeSet = ProbeSet(), *, quality: bool = True, verifier=None,
+            threads: int | None = None, log=None) -> dict:
+    """The quality report of bundle `folder` against `reference` (CheckpointReference / BundleReference), and with
+    `verifier` (verify.Verifier, checkpoint references only) its checks in the same layer-streamed pass."""
+    from ..progress import task
+    from .layerstream import run_pass
+
+    folder = Path(folder)
+    m = Manifest.read(folder)
+    pr = Probes.build(folder, m, probes)
+    n_img, nq = pr.pixels.shape[0], len(pr.questions)
+    if log is not None:
+        log(f"{'verifying and measuring' if verifier and quality else 'verifying' if verifier else 'measuring'} "
+            f"on {n_img} probe images x {nq} questions (fp32 reference: {reference.describe()['reference']}) ...")
+    with task(log, "reference image features", total=1, unit="passes") as t:
+        ref_feats = reference.vision(pr.pixels)  # [I,N,H]
+        t.advance()
+    feats: dict[str, np.ndarray] = {}
+    report: dict = {}
+    for g in m.variants(names.ROLE_VISION):
+        with task(log, f"image features: {g.file}", total=1, unit="passes") as t:
+            feats[g.precision.value] = f = _encode(folder / g.file, pr.pixels, threads)
+            t.advance()
+        if verifier is not None:
+            verifier.vision(g, f, ref_feats)
+        if quality and g.precision != Precision.FP32:
+            cos = [_cosine(f[i], ref_feats[i]) for i in range(n_img)]
+            report[f"vision.{g.precision.value}"] = {"feature_cosine_mean": float(np.mean(cos)),
+                                                     "feature_cosine_min": float(np.min(cos))}
+    if verifier is not None:
+        verifier.embeddings(reference.ckpt)
+
+    entries, answers = [], {}
+    for g in m.variants(names.ROLE_DECODER) if quality else ():
+        if g.precision == Precision.FP32:
+            continue
+        key = f"{g.role}.{g.precision.value}"
+        need = _graph_bytes(m, g)
+        if need > probes.memory_budget - (1 << 30):
+            report[key] = {"skipped": f"its decode graph alone is {need / 1e9:.1f} GB, over the report's memory "
+                                      f"budget ({probes.memory_budget / 1e9:.1f} GB in all); measure it on a machine "
+                                      f"that serves it: quantize --keep-source from an fp32 bundle"}
+            continue
+        vis = _picked(m, names.ROLE_VISION, g.precision)
+        answers[key] = quantized_answers(folder, m, g, pr, feats[vis], threads, log)
+        entries.append((key, g, vis))
+
+    n = pr.new_tokens
+    sets = [[a for a in answers[key][0]] for key, _, _ in entries]  # per entry: answers in (image, question) order
+    ref_groups = pr.groups(reference.embed, ref_feats, answers=sets or None)
+    stack = reference.stack
+    with task(log, "fp32 reference" + (" + verification" if verifier else ""), total=stack.num_layers,
+              unit="layers") as t:
+        outs = run_pass(ref_groups, lambda rows: stack, stack.num_layers,
+                        on_layer=verifier.layer if verifier is not None else None, on_done=t.advance)
+    if verifier is not None:
+        verifier.head(stack, outs[0].prefix)
+
+    on = {**reference.describe(), "method": METHOD, "images": [f"probe_image(seed={s})" for s in probes.image_seeds],
+          "questions": pr.questions, "questions_source": pr.source, "new_tokens": n, "probes": n_img * nq,
+          "note": NOTE if m.random_weights else NOTE_REAL, "probe_set": asdict(probes)}
+    for e, (key, g, vis) in enumerate(entries):
+        toks, got = answers[key]
+        ref_l = [stack.head(outs[i].suffixes[e * nq + q][-n:]) for i in range(n_img) for q in range(nq)]  # [n,V] each
+        prefix = []
+        for r, a in zip(ref_l, toks):
+            k = next((i for i, t in enumerate(a) if int(np.argmax(r[i])) != t), n)
+            prefix.append(k)
+        report[key] = {
+            **logit_metrics(np.concatenate(ref_l), np.concatenate(got)),
+            "greedy_prefix_agreement": float(np.mean(prefix) / n),
+            "greedy_identical": float(np.mean([k == n for k in prefix])),
+            "pipeline": {"vision": vis, "embeddings": _picked(m, names.ROLE_EMBEDDINGS, g.precision),
+                         "multi_row": _multi_row_name(m, g)},
+        }
+    return {"measured_on": on, **report} if quality else {}
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _picked(m: Manifest, role: str, precision: Precision) -> str:
+    """The precision Bundle.load uses for `role` when asked for `precision`: that one if present, else the default."""
+    have = {g.precision for g in m.variants(role)}
+    return (precision if precision in have else m.pick(role).precision).value
+
+
+def _multi_row_name(m: Manifest, g) -> str:
+    """What many-row calls (prefill) of `g` ran through: its int8 QGEMM partner ("int8-qgemm") or `g` itself."""
+    partner = m.multi_row_partner(g)
+    return f"{partner.precision.value}-{partner.kernel.value}" if partner is not None else g.precision.value
+
+
+def quality_report(src: Path, dst: Path, probes: ProbeSet = ProbeSet(), threads: int | None = None,
+                   log=None) -> dict:
+    """Every quantized variant of bundle `dst` against the fp32 graphs of bundle `src` (`quantize`)."""
+    return measure(dst, BundleReference(src, threads), probes, threads=threads, log=log)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -117,92 +368,6 @@ def logit_metrics(ref: np.ndarray, got: np.ndarray) -> dict:
     return {"top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean()), "kl_mean": float(kl.mean()),
             "kl_max": float(kl.max()), "max_abs_logit_diff": float(np.abs(ref - got).max())}
 
-
-def _load(folder: Path, precision: Precision | None, threads: int | None):
-    from ..runtime.bundle import Bundle
-    from ..runtime.pipeline import SkinVL
-    from ..runtime.tokenizer import TextTokenizer
-
-    # fp16 graphs are measured wherever quantize runs (usually CPU), although the CPU runtime refuses to serve them
-    b = Bundle.load(folder, threads=threads, precision=precision, allow_cpu_fp16=True)
-    return SkinVL(b, TextTokenizer.from_file(b.folder / names.TOKENIZER))
-
-
-def _picked(m: Manifest, role: str, precision: Precision) -> str:
-    """The precision Bundle.load uses for `role` when asked for `precision`: that one if present, else the default."""
-    have = {g.precision for g in m.variants(role)}
-    return (precision if precision in have else m.pick(role).precision).value
-
-
-def _multi_row(m: Manifest, g, model) -> str:
-    """What many-row calls (prefill) ran through while measuring `g`: "int8-qgemm" or `g`'s own precision."""
-    partner = m.multi_row_partner(g)
-    used = partner is not None and getattr(model.bundle.decoder, "gemm_session", None) is not None
-    return f"{partner.precision.value}-{partner.kernel.value}" if used else g.precision.value
-
-
-def quality_report(src: Path, dst: Path, probes: ProbeSet = ProbeSet(), threads: int | None = None) -> dict:
-    """Compare every non-fp32 variant of bundle `dst` with the fp32 graphs of bundle `src`."""
-    from ..runtime.prompt import build_prompt_ids
-
-    questions, qsource = probes.questions()
-    ref = _load(src, Precision.FP32, threads)
-    cases: list[_Probe] = []
-    for seed in probes.image_seeds:
-        pixels = ref.pixels(probe_image(seed))
-        feats = ref.bundle.vision.encode(pixels)[0]
-        for q in questions:
-            ids = build_prompt_ids(ref.tokenizer, q)
-            p = _Probe(ref.prompt_embeddings(ids, feats), ids, pixels, features=feats)
-            p.tokens = _greedy(ref, p.prompt, probes.new_tokens)
-            p.logits = _teacher_forced(ref, p.prompt, p.tokens)
-            cases.append(p)
-    del ref
-    gc.collect()  # one model in memory at a time
-
-    m = Manifest.read(dst)
-    report: dict = {"measured_on": {
-        "source_bundle": str(Path(src).resolve()), "source_fingerprint": m.source.get("fingerprint"),
-        "images": [f"probe_image(seed={s})" for s in probes.image_seeds], "questions": questions,
-        "questions_source": qsource, "new_tokens": probes.new_tokens, "probes": len(cases), "note": NOTE,
-        "probe_set": asdict(probes)}}
-    for g in m.graphs:
-        if g.precision == Precision.FP32 or g.role == names.ROLE_EMBEDDINGS:
-            continue
-        key = f"{g.role}.{g.precision.value}"
-        if g.role == names.ROLE_VISION:  # this graph alone (its precision need not match a decoder's)
-            from ..runtime.sessions import SessionFactory
-            from ..runtime.vision import VisionEncoder
-
-            enc = VisionEncoder(SessionFactory(threads=threads).create(Path(dst) / g.file))
-            cos = []
-            for p in cases[:: len(questions)]:
-                a = p.features.reshape(-1).astype(np.float64)
-                b = enc.encode(p.pixels)[0].reshape(-1).astype(np.float64)
-                cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
-            report[key] = {"feature_cosine_mean": float(np.mean(cos)), "feature_cosine_min": float(np.min(cos))}
-            del enc
-        else:
-            model = _load(dst, g.precision, threads)
-            ref_l, got_l, prefix, same = [], [], [], 0
-            for p in cases:
-                prompt = model.prompt_embeddings(p.ids, model.image_features(p.pixels))
-                ref_l.append(p.logits)
-                got_l.append(_teacher_forced(model, prompt, p.tokens))
-                mine = _greedy(model, prompt, probes.new_tokens)
-                n = next((i for i, (a, b) in enumerate(zip(mine, p.tokens)) if a != b), len(p.tokens))
-                prefix.append(n / len(p.tokens))
-                same += mine == p.tokens
-            report[key] = {
-                **logit_metrics(np.concatenate(ref_l), np.concatenate(got_l)),
-                "greedy_prefix_agreement": float(np.mean(prefix)), "greedy_identical": same / len(cases),
-                "pipeline": {"vision": _picked(m, names.ROLE_VISION, g.precision),
-                             "embeddings": _picked(m, names.ROLE_EMBEDDINGS, g.precision),
-                             "multi_row": _multi_row(m, g, model)},
-            }
-            del model
-        gc.collect()
-    return report
 
 
 # --- for `skin-offline info` ----------------------------------------------------------------------------

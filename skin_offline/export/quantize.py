@@ -15,7 +15,6 @@ and more accurate (block scales vs per-column), and it keeps one code path.
 from __future__ import annotations
 
 import enum
-import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -28,7 +27,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .. import names
 from ..errors import BundleError, ConfigError, UsageError
-from ..manifest import Flavor, GraphVariant, Kernel, Manifest, Precision, Prefill, file_entry
+from ..manifest import Flavor, GraphVariant, Kernel, Manifest, Precision, Prefill, folder_entries
+from ..progress import task
 from .atomic import atomic_folder
 from .codecs import MS_DOMAIN, Codec, NBits, QGemm
 from .onnx_writer import ExternalData, save
@@ -169,6 +169,7 @@ class GraphPlan:
     to_fp16: bool = False
     quantized_params: int = 0
     float_params: int = 0
+    tensors: int = 0  # initializers to stream
 
 
 def _weight_matmuls(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
@@ -220,12 +221,14 @@ def plan_graph(src: Path, dst_name: str, precision: Precision, cfg: QuantConfig,
                 codecs[wname] = NBits(_BITS[p], cfg.block_size, cfg.symmetric, cfg.accuracy_level, cfg.scale_search)
             qparams += k * n
     total = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == TensorProto.FLOAT)
-    return GraphPlan(Path(src), dst_name, codecs, precision == Precision.FP16, qparams, total - qparams)
+    return GraphPlan(Path(src), dst_name, codecs, precision == Precision.FP16, qparams, total - qparams,
+                     len(model.graph.initializer))
 
 
 # --- rewriting one graph --------------------------------------------------------------------------------
-def quantize_graph(plan: GraphPlan, out_dir: Path, cfg: QuantConfig) -> tuple[str, str]:
-    """Write plan.dst_name (+ .data) into out_dir, streaming each initializer. Returns (graph, data) names."""
+def quantize_graph(plan: GraphPlan, out_dir: Path, cfg: QuantConfig, on_tensor: Callable[[], None] | None = None) -> tuple[str, str]:
+    """Write plan.dst_name (+ .data) into out_dir, streaming each initializer. Returns (graph, data) names.
+    `on_tensor()` after each initializer (progress)."""
     model = onnx.load(str(plan.src), load_external_data=False)
     data_name = names.external_data_name(plan.dst_name)
     data = ExternalData(Path(out_dir) / data_name)
@@ -236,6 +239,8 @@ def quantize_graph(plan: GraphPlan, out_dir: Path, cfg: QuantConfig) -> tuple[st
     if plan.to_fp16:
         model, keep_fp32 = convert_graph_fp16(model)
     for t in model.graph.initializer:
+        if on_tensor is not None:
+            on_tensor()
         codec = plan.codecs.get(t.name)
         if codec is None:
             arr = read_tensor(t, plan.src.parent)
@@ -449,9 +454,11 @@ def _variant(plan: GraphPlan, gfile: str, dfile: str, cfg: QuantConfig, source: 
 
 
 def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = True, log: Log = print,
-                    probe_kw: dict | None = None, keep_source: bool = False) -> QuantResult:
+                    probe_kw: dict | None = None, keep_source: bool = False,
+                    finish: Callable[[Path, Manifest], Manifest] | None = None) -> QuantResult:
     """Read the fp32 bundle `src`, write a bundle at `out` (atomically) carrying the cfg's variants, listed first
-    (the defaults); with `keep_source` the source's variants follow (`ask --precision fp32` still works)."""
+    (the defaults); with `keep_source` the source's variants follow (`ask --precision fp32` still works).
+    `finish(folder, manifest)` runs on the complete bundle before it is moved into place (export's checks)."""
     from ..runtime.bundle import check_files
 
     t0 = time.perf_counter()
@@ -503,7 +510,8 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
         graphs: list[GraphVariant] = []
         for plan in plans:
             log(f"writing {plan.dst_name} ({plan.quantized_params / 1e6:.1f}M params packed) ...")
-            gfile, dfile = quantize_graph(plan, tmp, cfg)
+            with task(log, plan.dst_name, total=plan.tensors, unit="tensors") as t:
+                gfile, dfile = quantize_graph(plan, tmp, cfg, on_tensor=t.advance)
             graphs.append(_variant(plan, gfile, dfile, cfg, dec32 if plan.src.name == dec32.file else vis32))
         if cfg.vision == Precision.INT8:
             log("writing vision.int8.onnx (dynamic int8: per-channel weights, per-call activations) ...")
@@ -543,38 +551,30 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
         if keep_source:
             graphs += [g for g in m.graphs if g not in graphs]
         graphs.sort(key=lambda g: order.get(g.role, 3))  # stable: new variants stay ahead of the source's
-        files = {p.name: file_entry(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = folder_entries(tmp, log)
         manifest = Manifest(**{**m.__dict__, "graphs": tuple(graphs), "files": files, "quality": {},
                                "source": {**m.source, "quantized_from": {"bundle": str(src.resolve()),
                                                                           "files": {k: v.sha256 for k, v in m.files.items()}}}})
         manifest.write(tmp)
-        # the report runs the fp32 graphs next to the new ones: skip it (and say so) when they cannot fit in RAM
-        fp32_bytes = sum(m.files[f].size for f in {f for g in m.graphs if g.precision == Precision.FP32
-                                                    for f in (g.file, *g.data_files)})  # shared data counted once
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        if quality and fp32_bytes > 0.6 * ram:
-            quality = False
-            manifest = replace(manifest, quality={"skipped": f"fp32 graphs ({fp32_bytes / 1e9:.1f} GB) do not fit in "
-                                                             f"{ram / 1e9:.1f} GB of RAM; run quantize on a larger machine"})
-            manifest.write(tmp)
-            log("quality report skipped: " + manifest.quality["skipped"])
-        if quality:
+        if quality:  # against the source's fp32 graphs, cut per layer: bounded memory at any size (quality.py)
             from .quality import quality_report
 
-            log("measuring quality against the fp32 graphs ...")
-            report = quality_report(src, tmp, **(probe_kw or {}))
+            report = quality_report(src, tmp, **(probe_kw or {}), log=log)
             manifest = Manifest(**{**manifest.__dict__, "quality": report})
             manifest.write(tmp)
+        if finish is not None:
+            manifest = finish(tmp, manifest)
     dt = time.perf_counter() - t0
     size = sum(e.size for e in manifest.files.values())
     log(f"bundle written to {out} ({size / 1e6:.1f} MB) in {dt:.1f}s")
     return QuantResult(manifest, dt, plans)
 
 
-def export_quantized(export_fp32: Callable[[Path], Manifest], out: Path, cfg: QuantConfig, *, quality: bool = True,
-                     log: Log = print) -> Manifest:
+def export_quantized(export_fp32: Callable[[Path], Manifest], out: Path, cfg: QuantConfig, *,
+                     finish: Callable[[Path, Manifest], Manifest] | None = None, log: Log = print) -> Manifest:
     """`export --precision`: the fp32 export goes to a hidden scratch bundle next to `out`, the quantized
-    bundle is written from it atomically, the scratch is removed (a reader never sees a partial `out`)."""
+    bundle is written from it atomically (checked by `finish` first), the scratch is removed (a reader never
+    sees a partial `out`)."""
     import os
     import uuid
 
@@ -582,6 +582,6 @@ def export_quantized(export_fp32: Callable[[Path], Manifest], out: Path, cfg: Qu
     scratch = out.parent / f".{out.name}.fp32-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         export_fp32(scratch)
-        return quantize_bundle(scratch, out, cfg, quality=quality, log=log).manifest
+        return quantize_bundle(scratch, out, cfg, quality=False, log=log, finish=finish).manifest
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -18,8 +18,9 @@ import numpy as np
 
 from .. import __version__, names
 from ..manifest import (
-    Attention, Flavor, GraphVariant, Manifest, ModelDims, PadMode, Precision, PromptConfig, TokenConfig, file_entry,
+    Attention, Flavor, GraphVariant, Manifest, ModelDims, PadMode, Precision, PromptConfig, TokenConfig, folder_entries,
 )
+from ..progress import task
 from ..runtime.tokenizer import TextTokenizer
 from .atomic import atomic_folder
 from .checkpoint import Checkpoint, TensorStore, open_checkpoint
@@ -67,35 +68,47 @@ def open_source(src: Path, lora: Path | None = None, **kw) -> Checkpoint:
 
 
 def export_bundle(src: Path, out: Path, *, vision_tower: Path | None = None, image_mode: PadMode | None = None,
-                  max_context: int | None = None, verify: bool = True, log: Log = print,
-                  lora: Path | None = None, fast_decoder: bool = True, precision: Precision | str | None = None) -> Manifest:
+                  max_context: int | None = None, verify: bool = True, quality: bool = True, log: Log = print,
+                  lora: Path | None = None, fast_decoder: bool = True, precision: Precision | str | None = None,
+                  probes=None, threads: int | None = None) -> Manifest:
     """`src` is the checkpoint, or with `lora` the base checkpoint the PEFT adapter folder is merged onto.
-    `precision` int4/int8/fp16: the fp32 export is quantized (export/quantize.py) into the final bundle."""
+    `precision` int4/int8/fp16: the fp32 export is quantized (export/quantize.py) into the final bundle.
+    `verify`: every graph checked against the checkpoint, layer by layer (verify.py); `quality`: the quantized
+    graphs' agreement with the checkpoint in fp32 (quality.py); both in one layer-streamed pass, bounded memory."""
     if precision is not None and Precision(precision) != Precision.FP32:
         from .quantize import QuantConfig, export_quantized
 
         cfg = QuantConfig(Precision(precision))  # validated before any work
+
+        def finish(folder: Path, manifest: Manifest) -> Manifest:
+            manifest = replace(manifest, source={k: v for k, v in manifest.source.items() if k != "quantized_from"})
+            manifest.write(folder)  # (the scratch fp32 bundle it came from is gone once this returns)
+            ckpt = open_source(src, lora, vision_tower=vision_tower, image_mode=image_mode)
+            return check_bundle(folder, manifest, ckpt, verify=verify, quality=quality, probes=probes,
+                                threads=threads, log=log)
+
         return export_quantized(lambda dst: export_bundle(src, dst, vision_tower=vision_tower, image_mode=image_mode,
-                                                          max_context=max_context, verify=verify, log=log, lora=lora,
-                                                          fast_decoder=fast_decoder), out, cfg, log=log)
+                                                          max_context=max_context, verify=False, quality=False,
+                                                          log=log, lora=lora, fast_decoder=fast_decoder),
+                                out, cfg, finish=finish, log=log)
     t0 = time.perf_counter()
     ckpt = open_source(src, lora, vision_tower=vision_tower, image_mode=image_mode)
     log(f"checkpoint: {ckpt.layout} layout, {ckpt.text.layers} decoder layers, hidden {ckpt.text.hidden}, "
         f"vision {ckpt.vision.hidden}x{ckpt.vision.kept_layers}/{ckpt.vision.layers} layers, "
         f"{ckpt.vision.image_tokens} image tokens")
     with atomic_folder(Path(out)) as tmp:
-        log("writing vision graph ...")
-        vfile, vdata = build_vision(ckpt.vision, lambda n: ckpt.vision_tensor(n).numpy(),
-                                    lambda n: ckpt.projector_tensor(n).numpy(), tmp)
-        log("writing decoder graph ...")
-        dfile, ddata = build_decoder(ckpt.text, lambda n: ckpt.text_tensor(n).numpy(), tmp,
-                                     progress=lambda i: log(f"  decoder layer {i}/{ckpt.text.layers}"))
+        with task(log, "vision graph", total=ckpt.vision.kept_layers, unit="layers") as t:
+            vfile, vdata = build_vision(ckpt.vision, lambda n: ckpt.vision_tensor(n).numpy(),
+                                        lambda n: ckpt.projector_tensor(n).numpy(), tmp, progress=lambda i: t.advance())
+        with task(log, "decoder graph", total=ckpt.text.layers, unit="layers") as t:
+            dfile, ddata = build_decoder(ckpt.text, lambda n: ckpt.text_tensor(n).numpy(), tmp,
+                                         progress=lambda i: t.advance())
         contrib = ()
         if fast_decoder:  # onnxruntime contrib-op variant: the runtime's default on CPU (GQA, in-place KV cache)
-            log("writing contrib decoder graph ...")
-            ffile, fdata = build_decoder_fast(ckpt.text, lambda n: ckpt.text_tensor(n).numpy(), tmp,
-                                              max_positions=max_context or ckpt.text.max_context,
-                                              shared=external_initializers(tmp / dfile))
+            with task(log, "contrib decoder graph", total=ckpt.text.layers, unit="layers") as t:
+                ffile, fdata = build_decoder_fast(ckpt.text, lambda n: ckpt.text_tensor(n).numpy(), tmp,
+                                                  max_positions=max_context or ckpt.text.max_context,
+                                                  shared=external_initializers(tmp / dfile), progress=lambda i: t.advance())
             contrib = (GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.CONTRIB, ffile, (ddata, fdata),
                                     attention=Attention.GQA),)
         efile = _write_embeddings(ckpt, tmp)
@@ -107,7 +120,7 @@ def export_bundle(src: Path, out: Path, *, vision_tower: Path | None = None, ima
             *contrib,
             GraphVariant(names.ROLE_EMBEDDINGS, Precision.FP32, Flavor.STANDARD, efile),
         )
-        files = {p.name: file_entry(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = folder_entries(tmp, log)
         manifest = Manifest(
             model=model_dims(ckpt, max_context), preprocess=ckpt.preprocess, prompt=PromptConfig("mistral_instruct"),
             tokens=TokenConfig(bos_id=1, eos_id=2, tokenizer_vocab_size=tok_vocab), graphs=graphs, files=files,
@@ -117,45 +130,61 @@ def export_bundle(src: Path, out: Path, *, vision_tower: Path | None = None, ima
             exporter=_versions(),
         )
         manifest.write(tmp)
-        if verify:
-            log("verifying ONNX graphs against transformers (layer by layer) ...")
-            report = verify_bundle_against_reference(tmp, ckpt)
-            log("  " + ", ".join(f"{k} {v:.2e}" for k, v in report.items()))
-            manifest = replace(manifest, verification=report)
-            manifest.write(tmp)
+        manifest = check_bundle(tmp, manifest, ckpt, verify=verify, quality=False, probes=probes, threads=threads,
+                                log=log)
     size = sum(e.size for e in manifest.files.values())
     log(f"bundle written to {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
     return manifest
 
 
-def verify_bundle_against_reference(folder: Path, ckpt: Checkpoint, seed: int = 0) -> dict:
-    """Max abs diffs of the ONNX graphs vs transformers on a probe: image features and prompt logits."""
-    from ..runtime.bundle import Bundle
-    from . import reference
+def check_bundle(folder: Path, manifest: Manifest, ckpt: Checkpoint, *, verify: bool = True, quality: bool = True,
+                 probes=None, threads: int | None = None, log: Log = print) -> Manifest:
+    """Verification and the quality report of the bundle in `folder` against its checkpoint, in one layer-streamed
+    pass (one decoder layer's weights in memory); a failed verification raises VerificationError. Returns the
+    manifest with both recorded (and written)."""
+    if not verify and not quality:
+        return manifest
+    from .quality import CheckpointReference, ProbeSet, measure
+    from .verify import Verifier
 
-    rng = np.random.default_rng(seed)
-    bundle = Bundle.load(folder, check_hashes=False, flavor=Flavor.STANDARD)
-    s = bundle.manifest.preprocess.crop_size
-    pixels = rng.standard_normal((1, 3, s, s), dtype=np.float32)
-    feats = bundle.vision.encode(pixels)  # [1,N,H]
-    ref_feats = reference.vision_features(ckpt, pixels)
-    ids = rng.integers(3, min(bundle.manifest.tokens.tokenizer_vocab_size, bundle.manifest.model.vocab_size), 8)
-    embeds = np.concatenate([bundle.embed(ids[:4]), feats[0], bundle.embed(ids[4:])])[None]  # [1,S,H]
-    logits = bundle.decoder.logits_all(embeds)  # [1,S,V]
-    ref_logits = reference.decoder_logits(ckpt, embeds)
-    report = {
-        "image_features_max_abs_diff": float(np.abs(feats - ref_feats).max()),
-        "logits_max_abs_diff": float(np.abs(logits - ref_logits).max()),
-        "logits_scale": float(np.abs(ref_logits).max()),
-    }
-    for g in bundle.manifest.variants(names.ROLE_DECODER):
-        if g.flavor == Flavor.CONTRIB and g.precision == Precision.FP32:
-            from ..runtime.decoder import make_decoder
-            from ..runtime.sessions import SessionFactory
+    verifier = Verifier(folder, manifest, threads) if verify else None
+    report = measure(folder, CheckpointReference(ckpt), probes or ProbeSet(), quality=quality, verifier=verifier,
+                     threads=threads, log=log)
+    if verifier is not None:
+        verifier.raise_on_failure()
+        manifest = replace(manifest, verification=verifier.result())
+        log("verification passed: " + "; ".join(_summary(f, g) for f, g in manifest.verification["graphs"].items()))
+    if quality:
+        manifest = replace(manifest, quality=report)
+    manifest.write(folder)
+    return manifest
 
-            fast = make_decoder(SessionFactory().create(folder / g.file), bundle.manifest.model, share_buffer=True)
-            report["contrib_logits_max_abs_diff"] = float(np.abs(fast.logits_all(embeds) - ref_logits).max())
-    return report
+
+def verify_against_checkpoint(folder: Path, src: Path, *, lora: Path | None = None, vision_tower: Path | None = None,
+                              threads: int | None = None, probes=None, log: Log = print) -> dict:
+    """`skin-offline verify BUNDLE --against CKPT`: the export's verification of an existing bundle (read only);
+    returns the record, raises VerificationError naming the first mismatch."""
+    from ..runtime.bundle import check_files
+    from .quality import CheckpointReference, ProbeSet, measure
+    from .verify import Verifier
+
+    folder = Path(folder)
+    manifest = Manifest.read(folder)
+    check_files(folder, manifest, hashes=False)
+    ckpt = open_source(src, lora, vision_tower=vision_tower, image_mode=manifest.preprocess.mode)
+    verifier = Verifier(folder, manifest, threads)
+    measure(folder, CheckpointReference(ckpt), probes or ProbeSet(), quality=False, verifier=verifier, threads=threads,
+            log=log)
+    verifier.raise_on_failure()
+    return verifier.result()
+
+
+def _summary(file: str, g: dict) -> str:
+    if "layers_checked" in g:
+        return f"{file} {g['layers_checked']} layers (max rel diff {g['max_layer_rel_diff']:.1e})"
+    if "feature_cosine" in g:
+        return f"{file} (rel diff {g['max_abs_diff_rel']:.1e})"
+    return f"{file} exact"
 
 
 def describe(manifest: Manifest) -> dict:

@@ -44,8 +44,8 @@ def _act(g: GraphBuilder, x: str, kind: str) -> str:
 
 
 def build_vision(spec: VisionSpec, tensor: TensorFn, projector: TensorFn, out_dir: Path,
-                 external: bool = True) -> tuple[str, tuple[str, ...]]:
-    """Write vision.onnx (+ .data) into out_dir. Returns (graph file, data files)."""
+                 external: bool = True, progress: Callable[[int], None] | None = None) -> tuple[str, tuple[str, ...]]:
+    """Write vision.onnx (+ .data) into out_dir. Returns (graph file, data files). `progress(i)` after layer i."""
     graph_file = names.VISION_GRAPH
     data_file = names.external_data_name(graph_file)
     data = ExternalData(Path(out_dir) / data_file) if external else None
@@ -87,6 +87,8 @@ def build_vision(spec: VisionSpec, tensor: TensorFn, projector: TensorFn, out_di
         h = _layer_norm(g, x, p + "layer_norm2", tensor, spec.layer_norm_eps)
         h = _dense(g, _act(g, _dense(g, h, p + "mlp.fc1", tensor), spec.hidden_act), p + "mlp.fc2", tensor)
         x = g.op("Add", x, h)
+        if progress:
+            progress(i + 1)
 
     feats = g.op("Slice", x, g.c([1]), g.c([n_tok]), g.c([1]))  # drop CLS: [B,N,hid]
     h = _act(g, _dense(g, feats, "linear_1", projector), "gelu")

@@ -41,7 +41,9 @@ def default_bundle_path() -> Path:
 HASH_AT_LOAD_MAX_BYTES = 64 << 20
 
 
-def check_files(folder: Path, manifest: Manifest, hashes: bool) -> None:
+def check_files(folder: Path, manifest: Manifest, hashes: bool, on_bytes=None) -> None:
+    """Every listed file present, inside the folder, of its recorded size; sha256 checked for all (`hashes`) or for
+    the small ones. `on_bytes(n)` is called as bytes are hashed (progress)."""
     root = folder.resolve()
     for name, entry in manifest.files.items():
         path = folder / name
@@ -52,7 +54,7 @@ def check_files(folder: Path, manifest: Manifest, hashes: bool) -> None:
         size = path.stat().st_size
         if size != entry.size:
             raise BundleError(f"bundle file {path} is {size} bytes, manifest says {entry.size} (truncated?); re-export it")
-        if (hashes or size <= HASH_AT_LOAD_MAX_BYTES) and sha256_file(path) != entry.sha256:
+        if (hashes or size <= HASH_AT_LOAD_MAX_BYTES) and sha256_file(path, on_bytes=on_bytes) != entry.sha256:
             raise BundleError(f"bundle file {path} does not match its sha256 (corrupted); re-export the bundle")
     for g in manifest.graphs:
         for f in (g.file, *g.data_files):
@@ -209,8 +211,12 @@ class Bundle:
         return rows
 
 
-def verify_bundle(folder: Path) -> Manifest:
-    """Full integrity check: every file present, right size, right sha256."""
+def verify_bundle(folder: Path, log=None) -> Manifest:
+    """Full integrity check: every file present, right size, right sha256 (a `hashing` task on `log` when it is a
+    progress.Progress)."""
+    from ..progress import task
+
     manifest = Manifest.read(Path(folder))
-    check_files(Path(folder), manifest, hashes=True)
+    with task(log, "hashing", total=sum(e.size for e in manifest.files.values()), unit="B") as t:
+        check_files(Path(folder), manifest, hashes=True, on_bytes=t.advance)
     return manifest

@@ -1,0 +1,172 @@
+"""Each weight a graph stores, checked against the checkpoint's tensor: exactly, whatever the codec.
+
+fp32 / fp16: the stored array equals the checkpoint's (transposed to [in,out] for MatMuls, cast for fp16).
+Quantized (MatMulNBits int4/int8, int8 QGEMM columns, the int8 embedding rows): the stored codes are what rounding
+the checkpoint's values by the stored scales gives (`round(w / s) + zero_point`, clipped), off by one only where
+w / s sits within 1e-3 of a rounding tie, and every scale is within what absmax (or the least-squares search, down
+to 0.6 x absmax) allows. Written here in NumPy from the formats' definitions, independently of the packers that
+wrote them (onnxruntime's `quantize_matmul_4bits/8bits`, codecs.py), so a packing or wiring mistake shows as codes
+that do not match; a wrong, stale or mutated weight is named with how many of its values differ.
+
+`dequantize` gives the weights the graph computes with, for the numeric checks (verify.py) that run the graph's
+structure against transformers with exactly those weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto
+
+from .. import names
+
+_ROWS = 1024  # output rows per chunk: bounded temporaries at 7B widths
+TIE = 1e-3  # |w/s - (k + 1/2)| below this may round either way (the packer may multiply by 1/s)
+
+
+@dataclass
+class WeightCheck:
+    name: str  # the checkpoint's canonical name
+    stored_as: str  # "fp32", "fp16", "int4 block 128", "int8 per-column", ...
+    values: int
+    mismatched: int = 0
+    bad_scales: int = 0
+    missing: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and self.mismatched == 0 and self.bad_scales == 0
+
+    def problem(self) -> str:
+        if self.missing:
+            return f"{self.name} is not in the graph"
+        parts = []
+        if self.mismatched:
+            parts.append(f"{self.mismatched} of {self.values} values differ from the checkpoint's")
+        if self.bad_scales:
+            parts.append(f"{self.bad_scales} scales are not what its quantization allows")
+        return f"{self.name} ({self.stored_as}): " + ", ".join(parts)
+
+
+class StoredWeights:
+    """Read a graph's stored initializers (seek/read from its external data) by checkpoint name."""
+
+    def __init__(self, folder: Path, inits: dict[str, TensorProto], nbits_search: bool = False):
+        self.folder, self.inits, self.nbits_search = Path(folder), inits, nbits_search
+
+    def read(self, name: str) -> np.ndarray:
+        from .quantize import read_tensor
+
+        return read_tensor(self.inits[name], self.folder)
+
+    def kind(self, name: str) -> str | None:
+        if name in self.inits:
+            return "float"
+        for bits in (4, 8):
+            if name + names.Q_WEIGHT_SUFFIX.format(bits=bits) in self.inits:
+                return f"nbits{bits}"
+        if name + names.QGEMM_WEIGHT_SUFFIX in self.inits:
+            return "qgemm"
+        return None
+
+    def check(self, name: str, w: np.ndarray) -> WeightCheck:
+        """`w`: the checkpoint's tensor, fp32, as the checkpoint stores it ([out,in] for linear weights)."""
+        kind = self.kind(name)
+        if kind is None:
+            return WeightCheck(name, "-", int(w.size), missing=True)
+        if kind == "float":
+            stored = self.read(name)
+            want = w.T if stored.ndim == 2 else w
+            want = want.astype(stored.dtype)
+            return WeightCheck(name, str(stored.dtype).replace("float", "fp"), int(w.size),
+                               mismatched=int((stored != want).sum()) if stored.shape == want.shape else int(w.size))
+        if kind == "qgemm":
+            q = self.read(name + names.QGEMM_WEIGHT_SUFFIX)  # [K,N] int8
+            s = self.read(name + names.Q_SCALES_SUFFIX)  # [N]
+            return _check_rows(name, "int8 per-column", w, q.T, s[:, None], -127, 127, 0, 127, None)
+        bits = int(kind[-1])
+        packed = self.read(name + names.Q_WEIGHT_SUFFIX.format(bits=bits))  # [N, K/bs, bs*bits/8]
+        n, kb, nbytes = packed.shape
+        bs = nbytes * 8 // bits
+        s = self.read(name + names.Q_SCALES_SUFFIX).reshape(n, kb)
+        zname = name + names.Q_ZERO_POINTS_SUFFIX
+        zp = _unpack(self.read(zname).reshape(n, -1), bits)[:, :kb] if zname in self.inits else None
+        codes = _unpack(packed.reshape(n * kb, nbytes), bits).reshape(n, kb, bs)
+        levels = (1 << bits) - 1
+        return _check_rows(name, f"int{bits} block {bs}" + ("" if zp is None else " asym"), w, codes, s, 0, levels,
+                           1 << (bits - 1), 1 << (bits - 1), zp, block=bs, search=self.nbits_search)
+
+    def dequantize(self, name: str, like: np.ndarray) -> np.ndarray:
+        """The weight the graph computes with, as [out,in] fp32 (checkpoint layout)."""
+        kind = self.kind(name)
+        if kind == "float":
+            stored = self.read(name).astype(np.float32)
+            return stored.T if stored.ndim == 2 else stored
+        if kind == "qgemm":
+            q = self.read(name + names.QGEMM_WEIGHT_SUFFIX)
+            return (q.T.astype(np.float32) * self.read(name + names.Q_SCALES_SUFFIX)[:, None])
+        bits = int(kind[-1])
+        packed = self.read(name + names.Q_WEIGHT_SUFFIX.format(bits=bits))
+        n, kb, nbytes = packed.shape
+        bs = nbytes * 8 // bits
+        s = self.read(name + names.Q_SCALES_SUFFIX).reshape(n, kb, 1)
+        zname = name + names.Q_ZERO_POINTS_SUFFIX
+        zp = (_unpack(self.read(zname).reshape(n, -1), bits)[:, :kb, None].astype(np.float32) if zname in self.inits
+              else np.float32(1 << (bits - 1)))
+        codes = _unpack(packed.reshape(n * kb, nbytes), bits).reshape(n, kb, bs).astype(np.float32)
+        return ((codes - zp) * s).reshape(n, kb * bs)[:, : like.shape[1]]
+
+
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """[..., m] uint8 -> [..., m * 8 / bits] codes (4 bits: low nibble first)."""
+    if bits == 8:
+        return packed
+    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), np.uint8)
+    out[..., 0::2] = packed & 0x0F
+    out[..., 1::2] = packed >> 4
+    return out
+
+
+def _check_rows(name: str, stored_as: str, w: np.ndarray, codes: np.ndarray, scales: np.ndarray, qmin: int, qmax: int,
+                zero: int, levels_half: int, zp: np.ndarray | None, block: int | None = None,
+                search: bool = False) -> WeightCheck:
+    """Codes [N, blocks, bs] (or [N, K] with one scale per row) against round(w / s) + zero point. w [N, K]."""
+    n = w.shape[0]
+    res = WeightCheck(name, stored_as, int(w.size))
+    if codes.shape[0] != n:
+        res.mismatched = res.values
+        return res
+    for r in range(0, n, _ROWS):
+        x = np.ascontiguousarray(w[r:r + _ROWS], np.float32)
+        x = x.reshape(x.shape[0], -1, block) if block else x.reshape(x.shape[0], 1, -1)  # [rows, blocks, bs]
+        c = codes[r:r + _ROWS].reshape(x.shape).astype(np.int32)
+        s = scales[r:r + _ROWS].reshape(x.shape[0], x.shape[1], 1).astype(np.float32)
+        z = zero if zp is None else zp[r:r + _ROWS].reshape(x.shape[0], x.shape[1], 1).astype(np.int32)
+        safe = np.where(s == 0, np.float32(1), s)
+        ratio = x / safe
+        want = np.clip(np.rint(ratio) + z, qmin, qmax).astype(np.int32)
+        want = np.where(s == 0, np.broadcast_to(np.asarray(z, np.int32), want.shape), want)
+        diff = np.abs(c - want)
+        tie = np.abs(np.abs(ratio - np.floor(ratio)) - 0.5) < TIE
+        res.mismatched += int(((diff > 1) | ((diff == 1) & ~tie)).sum())
+        # scales: absmax / half range (symmetric; the search may shrink it to 0.6x), (max - min) / levels (asymmetric)
+        if zp is None:
+            bound = np.abs(x).max(-1, keepdims=True) / levels_half
+            lo = 0.55 * bound if search else bound * (1 - 1e-5)
+        else:
+            bound = (np.maximum(x.max(-1, keepdims=True), 0) - np.minimum(x.min(-1, keepdims=True), 0)) / (qmax - qmin)
+            lo = bound * (1 - 1e-5)
+        a = np.abs(s)
+        res.bad_scales += int(((a > bound * (1 + 1e-5) + 1e-30) | (a < lo - 1e-30)).sum())
+    return res
+
+
+def check_embeddings(table: np.ndarray, scales: np.ndarray | None, w: np.ndarray, name: str) -> WeightCheck:
+    """The bundle's token table (fp32 / fp16, or int8 rows + [V] scales) against the checkpoint's [V,H]."""
+    if scales is None:
+        want = w.astype(table.dtype)
+        bad = int((np.asarray(table) != want).sum()) if table.shape == w.shape else int(w.size)
+        return WeightCheck(name, str(table.dtype).replace("float", "fp"), int(w.size), mismatched=bad)
+    return _check_rows(name, "int8 per-row", w, np.asarray(table), scales[:, None], -127, 127, 0, 127, None)
