@@ -150,10 +150,11 @@ def test_cli_eval_classify_and_classify_eval(llava_model, vqa_set, tmp_path):
     bundle = str(llava_model.bundle_dir)
     r = runner.invoke(app, ["eval", bundle, "--csv", str(vqa_set / "q.csv"), "--images", str(vqa_set / "images"),
                             "--modality-csv", str(vqa_set / "modality.csv"), "--protocol", "greedy", "--limit", "3",
-                            "--max-new-tokens", "4", "--out", str(tmp_path / "cli")])
+                            "--max-new-tokens", "4", "--out", str(tmp_path / "cli"), "--batch", "2"])
     assert r.exit_code == 0, r.output
     s = json.loads((tmp_path / "cli" / "summary.json").read_text())
     assert s["answered"] == 3 and s["protocol"] == "greedy" and s["this_run"]["questions_per_minute"] > 0
+    assert s["batch"] == 2
     # the row loop's progress: plain lines when stderr is not a terminal (here: CliRunner's buffer)
     assert "questions: 0/3 questions" in r.stderr and "questions: 3 questions in " in r.stderr, r.stderr
 
@@ -203,3 +204,18 @@ def test_synthetic_set_covers_every_row(tmp_path):
     assert len(rows) == 3 and all(resolve_image(out / "images", r.image) for r in rows)
     assert {r.modality for r in rows} <= {"clinical", "dermoscopy", "pathology"} and all(r.modality for r in rows)
     assert len(read_label_rows(out / "labels.csv", label_set("HAM10000"))) == 2
+
+
+def test_eval_batch_equals_one_at_a_time(llava_model, vqa_set):
+    """`eval --batch 4`: the questions go through the engine together; every prediction equals the sequential
+    run's, the log is complete and the summary counts every row."""
+    from skin_offline.eval.vqa import Protocol, make_answer_fn, read_questions, run_vqa
+    from skin_offline.runtime.pipeline import SkinVL
+
+    rows = read_questions(vqa_set / "q.csv", vqa_set / "modality.csv")
+    one = _run(llava_model.runtime, vqa_set, "one", Protocol.GREEDY)
+    model = SkinVL.load(llava_model.bundle_dir, threads=1, parallel=4)
+    answer = make_answer_fn(model, Protocol.GREEDY, seed=7, max_new_tokens=6)
+    many = run_vqa(answer, rows, vqa_set / "images", vqa_set / "many", batch=4)
+    assert sorted(_predictions(vqa_set / "many" / "predictions.csv")) == sorted(_predictions(vqa_set / "one" / "predictions.csv"))
+    assert many["metrics"] == one["metrics"] and many["this_run"]["answered"] == 5

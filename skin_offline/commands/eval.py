@@ -55,6 +55,8 @@ def register(app, friendly) -> None:
         seed: int = typer.Option(0, help="base seed of the paper protocol (row i uses seed + i)"),
         threads: Optional[int] = threads_option(),
         precision: Optional[Precision] = typer.Option(None, help="graph variant to run (default: the bundle's first)"),
+        batch: int = typer.Option(1, min=1, help="questions answered at once: the engine decodes them together "
+                                  "(greedy protocol; the paper's beam search keeps its own batch of beams)"),
         quiet: bool = quiet_option(),
     ):
         """Answer the MM-Skin test questions and score them (BLEU, ROUGE, METEOR, token recall) per modality."""
@@ -64,13 +66,13 @@ def register(app, friendly) -> None:
         from .. import names
 
         rows = read_questions(csv, modality_csv, limit)
-        model = SkinVL.load(bundle, threads=threads, precision=precision)
+        model = SkinVL.load(bundle, threads=threads, precision=precision, parallel=batch)
         warn_if_random(model.manifest)
         show_notices(model)
         meta = {"bundle": str(bundle), "precision": model.manifest.pick(names.ROLE_DECODER, precision).precision.value,
-                "protocol": protocol.value, "seed": seed, "max_new_tokens": max_new_tokens}
+                "protocol": protocol.value, "seed": seed, "max_new_tokens": max_new_tokens, "batch": batch}
         with progress_for(quiet) as progress:
-            s = run_vqa(make_answer_fn(model, protocol, seed, max_new_tokens), rows, images, out, meta, progress)
+            s = run_vqa(make_answer_fn(model, protocol, seed, max_new_tokens), rows, images, out, meta, progress, batch)
         typer.echo((out / "summary.md").read_text())
         if s["this_run"]["questions_per_minute"]:
             typer.echo(f"[{s['this_run']['answered']} answered this run, {s['this_run']['questions_per_minute']:.1f} "

@@ -96,7 +96,7 @@ class RunResult:
     records: list[dict[str, str]]  # every wanted row's record, this run's and earlier runs', in input order
     missing: list[str] = field(default_factory=list)  # images not found or unreadable (listed, not fatal)
     answered: int = 0  # rows done by this run
-    seconds: float = 0.0  # time spent in `work` by this run
+    seconds: float = 0.0  # wall time this run spent answering (rows overlap with `batch` > 1)
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,21 @@ def one_at_a_time(pending: list, work: Callable) -> Iterator[Done]:
         yield Done(r, record, time.perf_counter() - t0)
 
 
+def batched(pending: list, work: Callable, batch: int) -> Iterator[Done]:
+    """`batch` rows in flight at once, each `work` call in its own thread: calls that go through the model's engine
+    (SkinVL.ask) are then decoded together, one decoder run per step for all of them. Results come back in input
+    order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(item):
+        return next(one_at_a_time([item], work))
+
+    with ThreadPoolExecutor(max_workers=batch, thread_name_prefix="eval") as pool:
+        yield from pool.map(one, pending)
+
+
 def run_rows(rows: list, images: Path, log: ResultLog, key: Callable[[object], dict], work: Callable,
-             what: str, progress: Log | None = None) -> RunResult:
+             what: str, progress: Log | None = None, batch: int = 1) -> RunResult:
     """The resumable loop shared by `eval` and `classify-eval`: skip rows already in `log`, list missing
     images, call `work(row, path) -> record` for the rest (ImageError = unreadable image, listed and skipped),
     write each record as soon as it exists. Rows carry `.index` and `.image`; `key(row)` is checked against
@@ -136,16 +149,18 @@ def run_rows(rows: list, images: Path, log: ResultLog, key: Callable[[object], d
             result.missing.append(r.image)
         elif r.index not in log.done:
             pending.append((r, path))
+    t0 = time.perf_counter()
     try:
         with task(progress, what, total=len(pending), unit=what) as bar:
-            for done in one_at_a_time(pending, work):
+            for done in (one_at_a_time(pending, work) if batch <= 1 else batched(pending, work, batch)):
                 if done.record is None:  # unreadable file: listed with the missing ones, not fatal
                     result.missing.append(done.row.image)
                 else:
                     log.write(done.row.index, {**done.record, "seconds": f"{done.seconds:.3f}"})
-                    result.answered, result.seconds = result.answered + 1, result.seconds + done.seconds
+                    result.answered += 1
                 bar.advance()
     finally:
+        result.seconds = time.perf_counter() - t0
         log.close()
     wanted = {r.index for r in rows}
     result.records = [rec for i, rec in sorted(log.done.items()) if i in wanted]

@@ -89,7 +89,7 @@ def markdown_table(scores: dict[str, dict]) -> str:
 
 
 def run_vqa(answer: AnswerFn, rows: list[VQARow], images: Path, out: Path, meta: dict | None = None,
-            progress=None) -> dict:
+            progress=None, batch: int = 1) -> dict:
     """Answer the pending rows (resumable), then write summary.json / summary.md; returns the summary."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +101,7 @@ def run_vqa(answer: AnswerFn, rows: list[VQARow], images: Path, out: Path, meta:
                 "prediction": text, "finish_reason": finish, "new_tokens": n}
 
     run = run_rows(rows, images, log, lambda r: {"image": r.image, "question": r.question}, work, "questions",
-                   progress)
+                   progress, batch)
     records, missing, answered, t_run = run.records, run.missing, run.answered, run.seconds
     if not records:
         raise UsageError(f"no question could be answered: {len(missing)} image(s) missing under {images}; check --images")
