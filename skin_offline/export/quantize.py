@@ -150,8 +150,27 @@ def read_tensor(t: TensorProto, folder: Path) -> np.ndarray:
 
 # --- planning (all checks before any file is written) -----------------------------------------------------
 @dataclass(frozen=True)
+class GraphSource:
+    """An fp32 graph to rewrite: its structure (no weights) and how to read each initializer, from an fp32 bundle's
+    external data (`quantize`) or straight from the checkpoint (`export --precision`, onnx_writer.LazyData)."""
+
+    name: str  # the fp32 graph's file name (recorded as the variant's source_file)
+    model: onnx.ModelProto
+    read: Callable[[TensorProto], np.ndarray]
+
+    @classmethod
+    def from_file(cls, path: Path) -> "GraphSource":
+        path = Path(path)
+        return cls(path.name, onnx.load(str(path), load_external_data=False), lambda t: read_tensor(t, path.parent))
+
+    @classmethod
+    def lazy(cls, name: str, model: onnx.ModelProto, data) -> "GraphSource":
+        return cls(name, model, lambda t: data.read(t) if is_external(t) else numpy_helper.to_array(t))
+
+
+@dataclass(frozen=True)
 class GraphPlan:
-    src: Path
+    source: GraphSource
     dst_name: str
     codecs: dict[str, Codec]  # weight initializer name -> how it is stored (export/codecs.py)
     to_fp16: bool = False
@@ -176,19 +195,18 @@ def _weight_matmuls(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return out
 
 
-def auto_block_size(graphs: list[Path]) -> int:
+def auto_block_size(graphs: list[onnx.ModelProto]) -> int:
     """The largest block size <= 128 that divides the input size K of every weight MatMul in `graphs`."""
-    ks = {int(t.dims[0]) for g in graphs for m in [onnx.load(str(g), load_external_data=False)]
-          for t in m.graph.initializer if t.name in _weight_matmuls(m)}
+    ks = {int(t.dims[0]) for m in graphs for t in m.graph.initializer if t.name in _weight_matmuls(m)}
     return next((b for b in (128, 64, 32, 16) if all(k % b == 0 for k in ks)), 16)
 
 
-def plan_graph(src: Path, dst_name: str, precision: Precision, cfg: QuantConfig, lm_head: Precision | None,
+def plan_graph(source: GraphSource, dst_name: str, precision: Precision, cfg: QuantConfig, lm_head: Precision | None,
                kernel: Kernel = Kernel.NBITS) -> GraphPlan:
     """Which weights of `src` get which codec (all checks before any file is written). `kernel` QGEMM: every weight
     MatMul (lm_head included) as int8 per-column for DynamicQuantizeMatMul; NBITS: MatMulNBits at `precision`,
     the lm_head at `lm_head`."""
-    model = onnx.load(str(src), load_external_data=False)
+    model = source.model
     codecs: dict[str, Codec] = {}
     qparams = 0
     if kernel == Kernel.QGEMM or precision in _BITS:
@@ -203,57 +221,83 @@ def plan_graph(src: Path, dst_name: str, precision: Precision, cfg: QuantConfig,
                     continue
                 if k % cfg.block_size:
                     raise UsageError(
-                        f"--block-size {cfg.block_size} does not divide the input size {k} of {wname} in {src.name}; "
+                        f"--block-size {cfg.block_size} does not divide the input size {k} of {wname} in {source.name}; "
                         f"use a block size that divides {k}"
                     )
                 codecs[wname] = NBits(_BITS[p], cfg.block_size, cfg.symmetric, cfg.accuracy_level, cfg.scale_search)
             qparams += k * n
     total = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == TensorProto.FLOAT)
-    return GraphPlan(Path(src), dst_name, codecs, precision == Precision.FP16, qparams, total - qparams,
+    return GraphPlan(source, dst_name, codecs, precision == Precision.FP16, qparams, total - qparams,
                      len(model.graph.initializer))
 
 
 # --- rewriting one graph --------------------------------------------------------------------------------
 def quantize_graph(plan: GraphPlan, out_dir: Path, cfg: QuantConfig, on_tensor: Callable[[], None] | None = None) -> tuple[str, str]:
-    """Write plan.dst_name (+ .data) into out_dir, streaming each initializer. Returns (graph, data) names.
-    `on_tensor()` after each initializer (progress)."""
-    model = onnx.load(str(plan.src), load_external_data=False)
-    data_name = names.external_data_name(plan.dst_name)
-    data = ExternalData(Path(out_dir) / data_name)
-    matmuls = _weight_matmuls(model)
-    new_inits: list[TensorProto] = []
-    replaced: dict[str, onnx.NodeProto] = {}  # MatMul node name -> MatMulNBits node
-    keep_fp32 = set()
-    if plan.to_fp16:
-        model, keep_fp32 = convert_graph_fp16(model)
-    for t in model.graph.initializer:
+    """Write plan.dst_name (+ .data) into out_dir, streaming each initializer. Returns (graph, data) names."""
+    return quantize_graphs([plan], out_dir, on_tensor)[0]
+
+
+@dataclass
+class _Writing:
+    plan: GraphPlan
+    model: onnx.ModelProto
+    data: ExternalData
+    keep_fp32: set
+    matmuls: dict
+    inits: list = field(default_factory=list)
+    replaced: dict = field(default_factory=dict)  # MatMul node name -> its codec's node
+
+
+def quantize_graphs(plans: list[GraphPlan], out_dir: Path, on_tensor: Callable[[], None] | None = None) -> list[tuple[str, str]]:
+    """Write every plan's graph (+ .data) into out_dir from their one source, reading each initializer once (from the
+    fp32 bundle, or from the checkpoint) and handing it to every plan: copied, cast to fp16, or encoded by its codec
+    (codecs.py). Memory: one fp32 tensor and its encodings. Returns (graph, data) names per plan; `on_tensor()`
+    after each initializer (progress)."""
+    source = plans[0].source
+    if any(p.source is not source for p in plans):
+        raise ValueError("quantize_graphs: every plan must rewrite the same source graph")
+    writing = []
+    for plan in plans:
+        model = onnx.ModelProto()
+        model.CopyFrom(source.model)  # structure only: the weights are external (or still unread)
+        keep = set()
+        if plan.to_fp16:
+            model, keep = convert_graph_fp16(model)
+        writing.append(_Writing(plan, model, ExternalData(Path(out_dir) / names.external_data_name(plan.dst_name)), keep,
+                                _weight_matmuls(model)))
+    for t in source.model.graph.initializer:
         if on_tensor is not None:
             on_tensor()
-        codec = plan.codecs.get(t.name)
-        if codec is None:
-            arr = read_tensor(t, plan.src.parent)
-            if plan.to_fp16 and arr.dtype == np.float32 and t.name not in keep_fp32:
-                # clip to the fp16 range (masks stay finite); in place for streamed tensors, no extra copy
-                arr = np.clip(arr, -65504, 65504, out=arr if arr.flags.writeable else None).astype(np.float16)
-            new_inits.append(data.add(t.name, arr) if arr.nbytes >= 1024 else numpy_helper.from_array(np.ascontiguousarray(arr), t.name))
-            continue
-        w = read_tensor(t, plan.src.parent)  # [K, N] fp32
-        tensors = codec.encode(t.name, w)
-        del w
-        new_inits += [data.add(name, arr) for name, arr in tensors]
-        mm = matmuls[t.name]
-        k, n = t.dims
-        replaced[mm.name] = codec.node(mm.input[0], mm.output[0], mm.name, tensors, k, n)
-    data.close()
-    nodes = [replaced.get(n.name, n) if n.op_type == "MatMul" else n for n in model.graph.node]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(new_inits)
-    if replaced and not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    save(model, Path(out_dir) / plan.dst_name)
-    return plan.dst_name, data_name
+        arr = source.read(t)  # fp32 [K,N] for a weight MatMul
+        for w in writing:
+            codec = w.plan.codecs.get(t.name)
+            if codec is None:
+                a = arr
+                if w.plan.to_fp16 and a.dtype == np.float32 and t.name not in w.keep_fp32:
+                    a = np.clip(a, -65504, 65504).astype(np.float16)  # the fp16 range (masks stay finite)
+                w.inits.append(w.data.add(t.name, a) if a.nbytes >= 1024 else numpy_helper.from_array(np.ascontiguousarray(a), t.name))
+                continue
+            tensors = codec.encode(t.name, arr)
+            w.inits += [w.data.add(name, x) for name, x in tensors]
+            mm = w.matmuls[t.name]
+            k, n = t.dims
+            w.replaced[mm.name] = codec.node(mm.input[0], mm.output[0], mm.name, tensors, k, n)
+            del tensors
+        del arr
+    out = []
+    for w in writing:
+        w.data.close()
+        model = w.model
+        nodes = [w.replaced.get(n.name, n) if n.op_type == "MatMul" else n for n in model.graph.node]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(w.inits)
+        if w.replaced and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        save(model, Path(out_dir) / w.plan.dst_name)
+        out.append((w.plan.dst_name, names.external_data_name(w.plan.dst_name)))
+    return out
 
 
 # --- fp16 (GPU providers) ---------------------------------------------------------------------------------
@@ -335,17 +379,26 @@ def _npy_writer(path: Path, shape: tuple, dtype):
 
 
 def quantize_embeddings(src: Path, out_dir: Path, precision: EmbeddingPrecision) -> tuple[str, tuple[str, ...]]:
-    """[V,H] fp32 table -> fp16 table, or int8 table + [V] fp32 per-row scales (symmetric), in row chunks."""
-    table_name = names.variant_file(names.EMBEDDINGS, precision.value)
+    """[V,H] fp32 table file -> fp16 table, or int8 table + [V] fp32 per-row scales (symmetric), in row chunks."""
     fin, (v, h), dtype = _npy_reader(src)
     if dtype != np.float32:
         raise BundleError(f"{src.name} is {dtype}, expected float32; quantize from an fp32 bundle")
+    with fin:
+        return quantize_table(lambda r0, rows: np.frombuffer(fin.read(rows * h * 4), np.float32).reshape(rows, h),
+                              v, h, out_dir, precision)
+
+
+def quantize_table(rows_at: Callable[[int, int], np.ndarray], v: int, h: int, out_dir: Path,
+                   precision: EmbeddingPrecision) -> tuple[str, tuple[str, ...]]:
+    """The token table, read `rows_at(first, count)` ([count,H] fp32) in order, written at `precision` (fp16, or int8
+    + per-row scales); from an fp32 bundle's file or straight from the checkpoint. Returns (table, (scales,))."""
+    table_name = names.variant_file(names.EMBEDDINGS, precision.value)
     out_dtype = np.float16 if precision == EmbeddingPrecision.FP16 else np.int8
     scales = np.empty(v, np.float32) if precision == EmbeddingPrecision.INT8 else None
-    with fin, _npy_writer(Path(out_dir) / table_name, (v, h), out_dtype) as fout:
+    with _npy_writer(Path(out_dir) / table_name, (v, h), out_dtype) as fout:
         for r0 in range(0, v, CHUNK_ROWS):
             rows = min(CHUNK_ROWS, v - r0)
-            chunk = np.frombuffer(fin.read(rows * h * 4), np.float32).reshape(rows, h)  # [r,H]
+            chunk = rows_at(r0, rows)  # [r,H]
             if scales is None:
                 fout.write(chunk.astype(np.float16).tobytes())
                 continue
@@ -358,6 +411,11 @@ def quantize_embeddings(src: Path, out_dir: Path, precision: EmbeddingPrecision)
     scales_name = names.embedding_scales_file(precision.value)
     np.save(Path(out_dir) / scales_name, scales)
     return table_name, (scales_name,)
+
+
+def embedding_variant(precision: EmbeddingPrecision, efile: str, edata: tuple[str, ...]) -> GraphVariant:
+    return GraphVariant(names.ROLE_EMBEDDINGS, Precision(precision.value), Flavor.STANDARD, efile, edata,
+                        {"scales": "per_row_symmetric"} if edata else {})
 
 
 # --- the bundle -------------------------------------------------------------------------------------------
@@ -397,7 +455,7 @@ def _copy_variant(src_dir: Path, g: GraphVariant, tmp: Path) -> None:
 
 def _variant(plan: GraphPlan, gfile: str, dfile: str, cfg: QuantConfig, source: GraphVariant) -> GraphVariant:
     """The manifest entry of a graph `quantize_graph` wrote from `source` (an fp32 variant)."""
-    details: dict = {"source_file": plan.src.name}
+    details: dict = {"source_file": plan.source.name}
     kernels = {c.kernel for c in plan.codecs.values()}
     if kernels == {Kernel.QGEMM}:
         precision, kernel = Precision.INT8, Kernel.QGEMM
@@ -415,6 +473,45 @@ def _variant(plan: GraphPlan, gfile: str, dfile: str, cfg: QuantConfig, source: 
     # picks its KV-cache strategy (share-buffer GroupQueryAttention or plain Concat) from it
     return GraphVariant(source.role, precision, Flavor.CONTRIB if kernels else source.flavor, gfile, (dfile,), details,
                         attention=source.attention, kernel=kernel)
+
+
+def decoder_plans(cfg: QuantConfig, source: GraphSource, dec32: GraphVariant, where: str) -> tuple[QuantConfig, list[GraphPlan]]:
+    """The config with its defaults resolved for this fp32 decoder (block size, prefill) and the decoder graphs to
+    write from it: the `cfg.precision` decoder and, with Prefill.INT8, the int8 QGEMM graph for many-row calls.
+    Every check (block sizes, shapes) happens here, before a byte is written. Shared by `quantize` and `export`."""
+    if cfg.block_size is None:
+        cfg = replace(cfg, block_size=auto_block_size([source.model]))
+    if cfg.prefill is None:
+        cfg = replace(cfg, prefill=cfg.default_prefill(dec32))
+    elif cfg.prefill == Prefill.INT8 and dec32.attention != Attention.GQA:
+        raise UsageError(f"--prefill int8 needs the contrib (GroupQueryAttention) fp32 decoder, which {where} lacks; "
+                         f"re-export it (the default) or use --prefill decoder")
+    qgemm_decoder = cfg.prefill == Prefill.INT8 and cfg.precision == Precision.INT8  # int8-only: one QGEMM graph
+    plans = []
+    if not qgemm_decoder:
+        plans.append(plan_graph(source, names.variant_file(names.DECODER_GRAPH, cfg.precision.value),
+                                cfg.precision, cfg, cfg.lm_head if cfg.precision in _BITS else None))
+    if cfg.prefill == Prefill.INT8:  # the multi-row graph: same source graph, every weight int8 per column
+        plans.append(plan_graph(source, names.kernel_variant_file(names.DECODER_GRAPH, "int8", Kernel.QGEMM.value),
+                                Precision.INT8, cfg, None, kernel=Kernel.QGEMM))
+    return cfg, plans
+
+
+def write_plans(plans: list[GraphPlan], out_dir: Path, cfg: QuantConfig, sources: dict[str, GraphVariant],
+                log: Log) -> list[GraphVariant]:
+    """Write the planned graphs, those of one source in one pass over its weights; their manifest entries
+    (`sources`: fp32 variant by file name)."""
+    graphs = []
+    groups: dict[int, list[GraphPlan]] = {}
+    for plan in plans:
+        groups.setdefault(id(plan.source), []).append(plan)
+    for group in groups.values():
+        what = " + ".join(p.dst_name for p in group)
+        log(f"writing {what} ({sum(p.quantized_params for p in group) / 1e6:.1f}M params packed) ...")
+        with task(log, what, total=group[0].tensors, unit="tensors") as t:
+            written = quantize_graphs(group, out_dir, on_tensor=t.advance)
+        graphs += [_variant(p, g, d, cfg, sources[p.source.name]) for p, (g, d) in zip(group, written)]
+    return graphs
 
 
 def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = True, log: Log = print,
@@ -439,24 +536,11 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
         emb32 = m.pick(names.ROLE_EMBEDDINGS, Precision.FP32)
     except BundleError:
         raise BundleError(f"{src} has no fp32 graphs to quantize from; quantize the bundle `skin-offline export` wrote") from None
-    if cfg.block_size is None:
-        cfg = replace(cfg, block_size=auto_block_size([src / dec32.file]))
-    if cfg.prefill is None:
-        cfg = replace(cfg, prefill=cfg.default_prefill(dec32))
-    elif cfg.prefill == Prefill.INT8 and dec32.attention != Attention.GQA:
-        raise UsageError(f"--prefill int8 needs the contrib (GroupQueryAttention) fp32 decoder, which {src} lacks; "
-                         f"re-export it (the default) or use --prefill decoder")
-    # every check (block sizes, shapes) happens here, before a byte is written
-    qgemm_decoder = cfg.prefill == Prefill.INT8 and cfg.precision == Precision.INT8  # int8-only: one QGEMM graph
-    plans = []
-    if not qgemm_decoder:
-        plans.append(plan_graph(src / dec32.file, names.variant_file(names.DECODER_GRAPH, cfg.precision.value),
-                                cfg.precision, cfg, cfg.lm_head if cfg.precision in _BITS else None))
-    if cfg.prefill == Prefill.INT8:  # the multi-row graph: same source graph, every weight int8 per column
-        plans.append(plan_graph(src / dec32.file, names.kernel_variant_file(names.DECODER_GRAPH, "int8", Kernel.QGEMM.value),
-                                Precision.INT8, cfg, None, kernel=Kernel.QGEMM))
+    dec_source = GraphSource.from_file(src / dec32.file)
+    cfg, plans = decoder_plans(cfg, dec_source, dec32, str(src))
     if cfg.vision == Precision.FP16:
-        plans.append(plan_graph(src / vis32.file, names.variant_file(names.VISION_GRAPH, cfg.vision.value), cfg.vision, cfg, None))
+        plans.append(plan_graph(GraphSource.from_file(src / vis32.file), names.variant_file(names.VISION_GRAPH, cfg.vision.value),
+                                cfg.vision, cfg, None))
 
     if Precision.FP16 in (cfg.precision, cfg.vision):
         # measured here (2 cores, decode tok/s, interleaved medians): hidden-512 model fp16 18.9 vs fp32 20.7; tiny 111 vs 221
@@ -469,12 +553,7 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
         if keep_vis32:
             _copy_variant(src, vis32, tmp)
         shutil.copyfile(src / names.TOKENIZER, tmp / names.TOKENIZER)
-        graphs: list[GraphVariant] = []
-        for plan in plans:
-            log(f"writing {plan.dst_name} ({plan.quantized_params / 1e6:.1f}M params packed) ...")
-            with task(log, plan.dst_name, total=plan.tensors, unit="tensors") as t:
-                gfile, dfile = quantize_graph(plan, tmp, cfg, on_tensor=t.advance)
-            graphs.append(_variant(plan, gfile, dfile, cfg, dec32 if plan.src.name == dec32.file else vis32))
+        graphs = write_plans(plans, tmp, cfg, {dec32.file: dec32, vis32.file: vis32}, log)
         if cfg.vision == Precision.INT8:
             log("writing vision.int8.onnx (dynamic int8: per-channel weights, per-call activations) ...")
             vfile, vdata = quantize_vision_int8(src / vis32.file, tmp, names.variant_file(names.VISION_GRAPH, "int8"))
@@ -495,8 +574,7 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
             graphs.append(emb32)
         else:
             efile, edata = quantize_embeddings(src / emb32.file, tmp, cfg.embeddings)
-            graphs.append(GraphVariant(names.ROLE_EMBEDDINGS, Precision(cfg.embeddings.value), Flavor.STANDARD, efile, edata,
-                                       {"scales": "per_row_symmetric"} if edata else {}))
+            graphs.append(embedding_variant(cfg.embeddings, efile, edata))
         # role order in the manifest: vision variants, decoder, embeddings (first of a role = default)
         order = {names.ROLE_VISION: 0, names.ROLE_DECODER: 1, names.ROLE_EMBEDDINGS: 2}
         if keep_source:
