@@ -408,11 +408,15 @@ def format_report(report: dict) -> list[str]:
     lines = []
     on = report.get("measured_on", {})
     if on:
-        lines.append(f"quality vs fp32 ({on.get('probes')} probes: {len(on.get('images', []))} synthetic images x "
+        ref = f"{on['reference'].split(' (')[0]}, " if on.get("reference") else ""
+        lines.append(f"quality vs fp32 ({ref}{on.get('probes')} probes: {len(on.get('images', []))} synthetic images x "
                      f"{len(on.get('questions', []))} questions from {on.get('questions_source')}, "
                      f"{on.get('new_tokens')} tokens each)")
     for key, r in report.items():
         if key == "measured_on" or not isinstance(r, dict):
+            continue
+        if "skipped" in r:
+            lines.append(f"  {key:14s} not measured: {r['skipped']}")
             continue
         if "feature_cosine_mean" in r:
             lines.append(f"  {key:14s} image-feature cosine mean {r['feature_cosine_mean']:.6f}, min {r['feature_cosine_min']:.6f}")

@@ -515,11 +515,9 @@ def write_plans(plans: list[GraphPlan], out_dir: Path, cfg: QuantConfig, sources
 
 
 def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = True, log: Log = print,
-                    probe_kw: dict | None = None, keep_source: bool = False,
-                    finish: Callable[[Path, Manifest], Manifest] | None = None) -> QuantResult:
+                    probe_kw: dict | None = None, keep_source: bool = False) -> QuantResult:
     """Read the fp32 bundle `src`, write a bundle at `out` (atomically) carrying the cfg's variants, listed first
-    (the defaults); with `keep_source` the source's variants follow (`ask --precision fp32` still works).
-    `finish(folder, manifest)` runs on the complete bundle before it is moved into place (export's checks)."""
+    (the defaults); with `keep_source` the source's variants follow (`ask --precision fp32` still works)."""
     from ..runtime.bundle import check_files
 
     t0 = time.perf_counter()
@@ -591,26 +589,7 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
             report = quality_report(src, tmp, **(probe_kw or {}), log=log)
             manifest = Manifest(**{**manifest.__dict__, "quality": report})
             manifest.write(tmp)
-        if finish is not None:
-            manifest = finish(tmp, manifest)
     dt = time.perf_counter() - t0
     size = sum(e.size for e in manifest.files.values())
     log(f"bundle written to {out} ({size / 1e6:.1f} MB) in {dt:.1f}s")
     return QuantResult(manifest, dt, plans)
-
-
-def export_quantized(export_fp32: Callable[[Path], Manifest], out: Path, cfg: QuantConfig, *,
-                     finish: Callable[[Path, Manifest], Manifest] | None = None, log: Log = print) -> Manifest:
-    """`export --precision`: the fp32 export goes to a hidden scratch bundle next to `out`, the quantized
-    bundle is written from it atomically (checked by `finish` first), the scratch is removed (a reader never
-    sees a partial `out`)."""
-    import os
-    import uuid
-
-    out = Path(out).absolute()
-    scratch = out.parent / f".{out.name}.fp32-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        export_fp32(scratch)
-        return quantize_bundle(scratch, out, cfg, quality=False, log=log, finish=finish).manifest
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
