@@ -98,13 +98,13 @@ def build(preset: str, layers: int, folder: Path, **widths):
 
 def quantized(folder: Path, graph: str, precision: str) -> Path:
     """`graph` in `folder` rewritten by the bundle quantizer (MatMul -> MatMulNBits), reused when present."""
-    from skin_offline.export.quantize import QuantConfig, plan_graph, quantize_graph
+    from skin_offline.export.quantize import GraphSource, QuantConfig, plan_graph, quantize_graph
     from skin_offline.manifest import Precision
 
     dst = f"{precision}_{graph}"
     if not (folder / dst).exists():
         cfg = QuantConfig(Precision(precision))
-        quantize_graph(plan_graph(folder / graph, dst, cfg.precision, cfg, cfg.lm_head), folder, cfg)
+        quantize_graph(plan_graph(GraphSource.from_file(folder / graph), dst, cfg.precision, cfg, cfg.lm_head), folder, cfg)
     return folder / dst
 
 

@@ -25,6 +25,25 @@ import time
 from typing import Callable, TextIO
 
 ENV_INTERVAL = "SKIN_OFFLINE_PROGRESS_INTERVAL"  # seconds between plain progress lines (default 10)
+# set to 1: every finished task's line also says its peak resident memory (Linux: VmHWM, reset at each task's
+# start through /proc/self/clear_refs), for measuring where a long command's memory goes
+ENV_MEMORY = "SKIN_OFFLINE_TRACE_MEMORY"
+
+
+def _status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass
 
 
 class Mode(str, enum.Enum):
@@ -72,6 +91,7 @@ class Task:
         self.owner, self.description, self.total, self.unit = owner, description, total, unit
         self.completed = 0.0
         self.t0 = time.perf_counter()
+        self.peak_rss: int | None = None  # bytes, when ENV_MEMORY is set
         self._last_line = self.t0
         self._rich_id = None
 
@@ -99,7 +119,8 @@ class Task:
         rate = self.completed / el if el > 0 else 0.0
         rate_s = f"{_si(rate, self.unit)}/s" if rate else "-"
         if done:
-            return f"{self.description}: {_si(self.completed, self.unit)} in {_duration(el)} ({rate_s})"
+            mem = f", peak RSS {self.peak_rss / 1e9:.2f} GB" if self.peak_rss else ""
+            return f"{self.description}: {_si(self.completed, self.unit)} in {_duration(el)} ({rate_s}){mem}"
         count = _count(self.completed, self.total, self.unit)
         if not self.total:
             return f"{self.description}: {count}, {rate_s}"
@@ -116,6 +137,8 @@ class Progress:
         self.mode = _resolve(Mode(mode), self.stream)
         self.interval_s = float(os.environ.get(ENV_INTERVAL, 10.0)) if interval_s is None else interval_s
         self._rich = None
+        self.trace_memory = bool(os.environ.get(ENV_MEMORY))
+        self.peak_rss = 0  # the largest task peak seen (ENV_MEMORY), since resetting VmHWM hides the process's own
 
     # --- a log function ---
     def __call__(self, message: str) -> None:
@@ -138,6 +161,9 @@ class Progress:
         self.close()
 
     def close(self) -> None:
+        if self.trace_memory and self.mode != Mode.QUIET:
+            self.peak_rss = max(self.peak_rss, (_status_kb("VmHWM") or 0) * 1024)
+            self(f"peak RSS of the whole command: {self.peak_rss / 1e9:.2f} GB")
         if self._rich is not None:
             self._rich.stop()
             self._rich = None
@@ -162,6 +188,10 @@ class Progress:
         return {"count": _count(t.completed, t.total, t.unit), "rate": f"{_si(rate, t.unit)}/s" if rate else ""}
 
     def _start(self, t: Task) -> None:
+        if self.trace_memory:
+            kb = _status_kb("VmHWM")
+            self.peak_rss = max(self.peak_rss, (kb or 0) * 1024)
+            _reset_peak()
         if self.mode == Mode.BAR:
             t._rich_id = self._bar().add_task(t.description, total=t.total, **self._fields(t))
         elif self.mode == Mode.LINES:
@@ -177,6 +207,9 @@ class Progress:
                 self(t.line())
 
     def _finish(self, t: Task, ok: bool) -> None:
+        if self.trace_memory:
+            t.peak_rss = (_status_kb("VmHWM") or 0) * 1024
+            self.peak_rss = max(self.peak_rss, t.peak_rss)
         if self.mode == Mode.BAR and t._rich_id is not None:
             self._rich.update(t._rich_id, completed=t.completed, **self._fields(t))
             self._rich.stop_task(t._rich_id)

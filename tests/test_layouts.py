@@ -184,16 +184,13 @@ def test_cli_lora_and_dry_run(base, tmp_path):
     assert not (tmp_path / "out").exists()
     r = runner.invoke(app, ["export", "--lora", str(tmp_path / "adapter"), str(tmp_path / "out")])
     assert r.exit_code == 2 and "--base" in r.output
-    # the dry run's size prediction matches what a real export writes (within the graph protos' few KB)
-    from skin_offline.export.to_onnx import plan_export
+    # the dry run's size prediction matches what a real export writes (tests/test_export_plan.py: every precision)
+    from skin_offline.export.plan import plan_export
 
-    plan = plan_export(ckpt, tmp_path / "x", log=lambda m: None)
-    manifest = _export(ckpt, tmp_path / "real")
-    actual = {f: e.size for f, e in manifest.files.items()}
-    for graph in ("vision.onnx", "decoder.onnx", "decoder_contrib.onnx"):
-        if graph in plan["files"] or graph + ".data" in actual:
-            assert abs(actual[graph + ".data"] - plan["files"][graph]) / plan["files"][graph] < 0.05, graph
-    assert abs(actual["embed_tokens.npy"] - plan["files"]["embed_tokens.npy"]) < 4096
+    plan = plan_export(ckpt, tmp_path / "x", lora=tmp_path / "adapter", log=lambda m: None)
+    manifest = _export(ckpt, tmp_path / "real", lora=tmp_path / "adapter")
+    for f, e in manifest.files.items():
+        assert abs(e.size - plan.files[f]) <= max(0.01 * e.size, 64 << 10), (f, e.size, plan.files[f])
 
 
 def test_checkpoint_with_only_tokenizer_json(tmp_path, tokenizer_model):

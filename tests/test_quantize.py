@@ -329,19 +329,19 @@ def test_scale_search_needs_symmetric():
 
 
 def test_int8_vision_is_dynamic_quantization_close_to_fp32(llava_model, tmp_path):
-    """--vision int8: MatMulInteger graph (onnxruntime's quantizer), features within cosine 0.999 of fp32,
+    """--vision int8: DynamicQuantizeMatMul graph (the QGEMM codec, streamed), features within cosine 0.999 of fp32,
     every bundle file readable by others (the quantizer writes its data file 0600)."""
     from skin_offline.runtime.pipeline import SkinVL
 
     out = tmp_path / "v8"
     m = _quantize(llava_model.bundle_dir, out, precision="int4", vision="int8", quality=True)
     vis = m.pick(names.ROLE_VISION)
-    assert vis.precision == Precision.INT8 and vis.details["op"] == "MatMulInteger"
+    assert vis.precision == Precision.INT8 and vis.details["op"] == "DynamicQuantizeMatMul"
     assert [g.precision for g in m.variants(names.ROLE_VISION)] == [Precision.INT8]  # no dead fp32 tower (1.2 GB at CLIP-L)
     assert not (out / names.VISION_GRAPH).exists()
     g = onnx.load(str(out / vis.file), load_external_data=False).graph
     weights = {t.name for t in g.initializer}
-    assert any(n.op_type == "MatMulInteger" for n in g.node) and not any(n.op_type == "MatMulNBits" for n in g.node)
+    assert any(n.op_type == "DynamicQuantizeMatMul" for n in g.node) and not any(n.op_type == "MatMulNBits" for n in g.node)
     assert not [n.name for n in g.node if n.op_type == "MatMul" and n.input[1] in weights]  # every weight MatMul is int8
     assert all((out / f).stat().st_mode & 0o044 == 0o044 for f in m.files)
     pixels = llava_model.runtime.pixels(random_image(9))

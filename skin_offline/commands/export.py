@@ -45,12 +45,15 @@ def register(app, friendly) -> None:
         quiet: bool = quiet_option(),
     ):
         """Export a SkinVL / LLaVA checkpoint folder to an ONNX bundle."""
-        from ..export.to_onnx import export_bundle, plan_export
-
         src, out = _source(src, out, base, lora)
         if dry_run:
-            plan_export(src, out, lora=lora, vision_tower=vision_tower, image_mode=image_mode, log=lambda m: typer.echo(m))
+            from ..export.plan import plan_export
+
+            plan_export(src, out, lora=lora, vision_tower=vision_tower, image_mode=image_mode, precision=precision,
+                        max_context=max_context, verify=verify, quality=quality, log=lambda m: typer.echo(m))
             return
+        from ..export.to_onnx import export_bundle
+
         with progress_for(quiet) as progress:
             export_bundle(src, out, vision_tower=vision_tower, image_mode=image_mode, max_context=max_context,
                           verify=verify, quality=quality, log=progress, lora=lora, precision=precision,

@@ -46,6 +46,15 @@ class NBits:
             out.append((name + names.Q_ZERO_POINTS_SUFFIX, zp))
         return out
 
+    def nbytes(self, k: int, n: int) -> list[int]:
+        """Sizes of the tensors `encode` writes for a [K,N] weight, in order (export --dry-run)."""
+        kb = k // self.block_size
+        out = [n * kb * self.block_size * self.bits // 8, 4 * n * kb]
+        if not self.symmetric:
+            per_byte = 8 // self.bits
+            out.append(n * ((kb + per_byte - 1) // per_byte))
+        return out
+
     def node(self, x: str, out: str, node_name: str, tensors: Tensors, k: int, n: int) -> NodeProto:
         attrs = dict(K=int(k), N=int(n), bits=self.bits, block_size=self.block_size)
         if self.accuracy_level:
@@ -63,6 +72,9 @@ class QGemm:
     def encode(self, name: str, w: np.ndarray) -> Tensors:
         q, scales = pack_qgemm(w)
         return [(name + names.QGEMM_WEIGHT_SUFFIX, q), (name + names.Q_SCALES_SUFFIX, scales)]
+
+    def nbytes(self, k: int, n: int) -> list[int]:
+        return [k * n, 4 * n]
 
     def node(self, x: str, out: str, node_name: str, tensors: Tensors, k: int, n: int) -> NodeProto:
         # inputs: A, B (int8 [K,N]), b_scale [N]; no b_zero_point (symmetric) and no bias

@@ -53,6 +53,15 @@ def build_decoder(spec: TextSpec, tensor: TensorFn, out_dir: Path, progress: Cal
     graph_file = names.DECODER_GRAPH
     data_file = names.external_data_name(graph_file)
     data = ExternalData(Path(out_dir) / data_file)
+    model = decoder_model(spec, tensor, data, progress)
+    data.close()
+    save(model, Path(out_dir) / graph_file)
+    return graph_file, data_file
+
+
+def decoder_model(spec: TextSpec, tensor: TensorFn, data, progress: Callable[[int], None] | None = None):
+    """The standard-op decoder graph, its weights sent to `data` (onnx_writer.ExternalData, or LazyData to build
+    the structure first and stream the weights later, through quantize_graph)."""
     g = GraphBuilder(data)
     H, D, nH, kvH = spec.hidden, spec.head_dim, spec.heads, spec.kv_heads
     rep = nH // kvH
@@ -123,6 +132,4 @@ def build_decoder(spec: TextSpec, tensor: TensorFn, out_dir: Path, progress: Cal
     last = g.op("Slice", x, g.op("Neg", g.op("Unsqueeze", keep, g.c([0]))), g.c([np.iinfo(np.int64).max]), g.c([1]))
     g.op_named("MatMul", [last, g.w("lm_head.weight", tensor("lm_head.weight").T)], names.LOGITS)
     g.output(names.LOGITS, F32, ["batch", "keep", spec.vocab])
-    data.close()
-    save(g.model("skinvl_decoder", OPSET), Path(out_dir) / graph_file)
-    return graph_file, data_file
+    return g.model("skinvl_decoder", OPSET)

@@ -65,6 +65,15 @@ def build_decoder_fast(spec: TextSpec, tensor: TensorFn, out_dir: Path, progress
     graph_file = names.DECODER_CONTRIB_GRAPH
     data_file = names.external_data_name(graph_file)
     data = ExternalData(Path(out_dir) / data_file)
+    model = decoder_fast_model(spec, tensor, data, progress, max_positions, shared)
+    data.close()
+    save(model, Path(out_dir) / graph_file)
+    return graph_file, data_file
+
+
+def decoder_fast_model(spec: TextSpec, tensor: TensorFn, data, progress: Callable[[int], None] | None = None,
+                       max_positions: int | None = None, shared: dict | None = None):
+    """The contrib-op decoder graph, its weights sent to `data` (ExternalData, or LazyData: see decoder_graph)."""
     g = GraphBuilder(data, shared=shared)
     H, D, nH, kvH = spec.hidden, spec.head_dim, spec.heads, spec.kv_heads
     eps = float(spec.rms_norm_eps)
@@ -150,6 +159,4 @@ def build_decoder_fast(spec: TextSpec, tensor: TensorFn, out_dir: Path, progress
     h, _ = _skip_norm(g, m_last, r_last, norm_w("norm.weight"), eps, "ln_final")
     g.op_named("MatMul", [h, g.w_shared("lm_head.weight", lambda: tensor("lm_head.weight").T)], names.LOGITS)
     g.output(names.LOGITS, F32, ["batch", "keep", spec.vocab])
-    data.close()
-    save(g.model("skinvl_decoder_contrib", OPSET, {MS: MS_OPSET}), Path(out_dir) / graph_file)
-    return graph_file, data_file
+    return g.model("skinvl_decoder_contrib", OPSET, {MS: MS_OPSET})

@@ -27,7 +27,7 @@ class ExternalData:
         self.offset = 0
 
     def add(self, name: str, array: np.ndarray) -> TensorProto:
-        array = np.ascontiguousarray(array)
+        array = np.ascontiguousarray(array)  # (a LazyTensor is read here)
         pad = (-self.offset) % ALIGN
         if pad:
             self._fh.write(b"\0" * pad)
@@ -48,6 +48,59 @@ class ExternalData:
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
+
+
+class LazyTensor:
+    """A checkpoint tensor not read yet: its shape and how to read it (fp32). `.T` stays lazy, so a builder can
+    describe a weight (`tensor(name).T`) for a graph's structure before a byte is read."""
+
+    def __init__(self, shape: tuple[int, ...], read, dtype=np.float32):
+        self.shape, self._read, self.dtype = tuple(int(d) for d in shape), read, np.dtype(dtype)
+
+    @property
+    def T(self) -> "LazyTensor":
+        return LazyTensor(self.shape[::-1], lambda: self._read().T, self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def reshape(self, *shape) -> "LazyTensor":
+        return LazyTensor(np.empty(self.shape, np.bool_).reshape(*shape).shape, lambda: self._read().reshape(*shape),
+                          self.dtype)
+
+    def __array__(self, dtype=None, copy=None):
+        a = np.asarray(self._read(), self.dtype)
+        return a if dtype is None else a.astype(dtype)
+
+
+class LazyData:
+    """ExternalData's stand-in while a graph's structure is built: each big tensor becomes an initializer that
+    names it (no bytes), and `read(initializer)` produces it later, one at a time (quantize_graph streams them
+    through their codecs into the real files: export --precision writes no fp32 copy)."""
+
+    LOCATION = "<lazy>"
+
+    def __init__(self):
+        self.sources: dict[str, object] = {}
+
+    def add(self, name: str, array) -> TensorProto:
+        t = TensorProto()
+        t.name = name
+        t.data_type = helper.np_dtype_to_tensor_dtype(np.dtype(array.dtype))
+        t.dims.extend(array.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.LOCATION), ("offset", "0"), ("length", str(array.nbytes))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        self.sources[name] = array
+        return t
+
+    def read(self, t: TensorProto) -> np.ndarray:
+        return np.ascontiguousarray(np.asarray(self.sources[t.name]), helper.tensor_dtype_to_np_dtype(t.data_type))
+
+    def close(self) -> None:
+        pass
 
 
 class GraphBuilder:

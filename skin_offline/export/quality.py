@@ -24,7 +24,7 @@ the same code runs on a real export.
 from __future__ import annotations
 
 import csv
-import gc
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,6 +34,7 @@ from PIL import Image
 
 from .. import names
 from ..manifest import Manifest, Precision
+from .layerstream import release_memory
 
 MMSKIN_TEST_CSV = Path(__file__).resolve().parents[3] / "shared" / "data" / "MM-Skin_test.csv"
 # the first rows of MM-Skin_test.csv, used when the file is not at hand (same probe set either way)
@@ -140,7 +141,7 @@ def _encode(path: Path, pixels: np.ndarray, threads: int | None) -> np.ndarray:
     enc = VisionEncoder(SessionFactory(threads=threads).create(path))
     out = np.concatenate([enc.encode(pixels[b:b + 1]) for b in range(pixels.shape[0])])
     del enc
-    gc.collect()
+    release_memory()
     return out
 
 
@@ -200,7 +201,7 @@ def quantized_answers(folder: Path, m: Manifest, g, probes: Probes, feats: np.nd
     """Decoder `g`'s greedy answers (per image, per question) and the logits that chose each token [n,V], the way a
     request runs: one prefill call of the prompt through the graph the kernel policy picks for its rows (a hybrid
     bundle's int8 prefill graph), cut per layer so that graph is never loaded whole; then one decode step per token
-    on `g`, loaded whole once. One image's prompts are prefilled at a time: their keys are all the memory it adds."""
+    on `g`, loaded whole once (after the prefill's cuts are gone)."""
     from ..progress import task
     from ..runtime.bundle import _load_table
     from ..runtime.decoder import make_decoder
@@ -225,20 +226,31 @@ def quantized_answers(folder: Path, m: Manifest, g, probes: Probes, feats: np.nd
     def stack_for(rows: int):
         return multi if policy.multi_row(rows) else own
 
-    dec = make_decoder(SessionFactory(threads=threads).create(folder / g.file), m.model,
-                       share_buffer=g.attention is not None and g.attention.in_place)
-    answers, logits = [], []
-    n, nq = probes.new_tokens, len(probes.text_ids)
-    prompts = probes.groups(embed, feats)  # per image: prefix + one suffix per question
-    with task(log, f"quality: {g.file}", total=len(prompts) * nq, unit="probes") as t:
-        for img in prompts:
-            groups = [Group(np.concatenate([img.prefix, s]), []) for s in img.suffixes]
-            for o in run_pass(groups, stack_for, own.num_layers, keep_kv=True):
-                first = stack_for(o.prefix.shape[0]).head(o.prefix[-1:])[0]  # [V]
-                cache = HostCache([k for k, _ in o.prefix_kv], [v for _, v in o.prefix_kv],
-                                np.ones((1, o.prefix.shape[0]), np.int64))
-                del o.prefix_kv[:]
-                rows, toks = [first], []
+    n = probes.new_tokens
+    groups = [Group(np.concatenate([img.prefix, s]), []) for img in probes.groups(embed, feats) for s in img.suffixes]
+    # all prompts in one pass (one session per layer of the prefill graph); their keys go to disk as they come
+    # (0.16 GB per 600-token prompt at 7B) and return one prompt at a time, next to the decode graph
+    with tempfile.TemporaryDirectory(dir=Path(folder).parent, prefix=f".{Path(folder).name}.kv-") as spill:
+        def sink(j: int, i: int, k: np.ndarray, v: np.ndarray) -> None:
+            np.save(Path(spill) / f"{j}.{i}.k.npy", k)
+            np.save(Path(spill) / f"{j}.{i}.v.npy", v)
+
+        with task(log, f"quality: {g.file} prefill", total=own.num_layers, unit="layers") as t:
+            outs = run_pass(groups, stack_for, own.num_layers, kv_sink=sink, on_done=t.advance)
+        firsts = [stack_for(o.prefix.shape[0]).head(o.prefix[-1:])[0] for o in outs]  # [V] each
+        own.close()
+        multi.close()
+        release_memory()
+        dec = make_decoder(SessionFactory(threads=threads).create(folder / g.file), m.model,
+                           share_buffer=g.attention is not None and g.attention.in_place)
+        answers, logits = [], []
+        with task(log, f"quality: {g.file} answers", total=len(groups), unit="probes") as t:
+            for j, o in enumerate(outs):
+                keys = [np.load(Path(spill) / f"{j}.{i}.k.npy") for i in range(m.model.num_layers)]
+                values = [np.load(Path(spill) / f"{j}.{i}.v.npy") for i in range(m.model.num_layers)]
+                cache = HostCache(keys, values, np.ones((1, o.prefix.shape[0]), np.int64))
+                del keys, values
+                rows, toks = [firsts[j]], []
                 for step in range(n):
                     toks.append(int(np.argmax(rows[-1])))
                     if step + 1 < n:
@@ -249,7 +261,7 @@ def quantized_answers(folder: Path, m: Manifest, g, probes: Probes, feats: np.nd
                 logits.append(np.stack(rows).astype(np.float32))
                 t.advance()
     del dec
-    gc.collect()
+    release_memory()
     return answers, logits
 
 
@@ -270,6 +282,7 @@ def measure(folder: Path, reference, probes: ProbeSet = ProbeSet(), *, quality: 
             f"on {n_img} probe images x {nq} questions (fp32 reference: {reference.describe()['reference']}) ...")
     with task(log, "reference image features", total=1, unit="passes") as t:
         ref_feats = reference.vision(pr.pixels)  # [I,N,H]
+        release_memory()
         t.advance()
     feats: dict[str, np.ndarray] = {}
     report: dict = {}
@@ -311,13 +324,17 @@ def measure(folder: Path, reference, probes: ProbeSet = ProbeSet(), *, quality: 
                         on_layer=verifier.layer if verifier is not None else None, on_done=t.advance)
     if verifier is not None:
         verifier.head(stack, outs[0].prefix)
+    release_memory()
 
     on = {**reference.describe(), "method": METHOD, "images": [f"probe_image(seed={s})" for s in probes.image_seeds],
           "questions": pr.questions, "questions_source": pr.source, "new_tokens": n, "probes": n_img * nq,
           "note": NOTE if m.random_weights else NOTE_REAL, "probe_set": asdict(probes)}
+    # every probe's answer positions through the reference head in one call (the lm_head is read once)
+    rows = [outs[i].suffixes[e * nq + q][-n:] for e in range(len(entries)) for i in range(n_img) for q in range(nq)]
+    heads = np.split(stack.head(np.concatenate(rows)), len(rows)) if rows else []  # [n,V] each
     for e, (key, g, vis) in enumerate(entries):
         toks, got = answers[key]
-        ref_l = [stack.head(outs[i].suffixes[e * nq + q][-n:]) for i in range(n_img) for q in range(nq)]  # [n,V] each
+        ref_l = heads[e * n_img * nq:(e + 1) * n_img * nq]
         prefix = []
         for r, a in zip(ref_l, toks):
             k = next((i for i, t in enumerate(a) if int(np.argmax(r[i])) != t), n)
@@ -363,8 +380,11 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 def logit_metrics(ref: np.ndarray, got: np.ndarray) -> dict:
     """[n,V] fp32 vs quantized logits of the same positions -> agreement figures."""
-    lp, lq = _log_softmax(ref), _log_softmax(got)
-    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)  # [n] KL(fp32 || quantized), nats
+    kl = []
+    for r in range(0, ref.shape[0], 32):  # in row chunks: float64 temporaries of [32,V], not [n,V]
+        lp, lq = _log_softmax(ref[r:r + 32]), _log_softmax(got[r:r + 32])
+        kl.append((np.exp(lp) * (lp - lq)).sum(axis=-1))  # [32] KL(fp32 || quantized), nats
+    kl = np.concatenate(kl)
     return {"top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean()), "kl_mean": float(kl.mean()),
             "kl_max": float(kl.max()), "max_abs_logit_diff": float(np.abs(ref - got).max())}
 
@@ -389,11 +409,15 @@ def format_report(report: dict) -> list[str]:
     lines = []
     on = report.get("measured_on", {})
     if on:
-        lines.append(f"quality vs fp32 ({on.get('probes')} probes: {len(on.get('images', []))} synthetic images x "
+        ref = f"{on['reference'].split(' (')[0]}, " if on.get("reference") else ""
+        lines.append(f"quality vs fp32 ({ref}{on.get('probes')} probes: {len(on.get('images', []))} synthetic images x "
                      f"{len(on.get('questions', []))} questions from {on.get('questions_source')}, "
                      f"{on.get('new_tokens')} tokens each)")
     for key, r in report.items():
         if key == "measured_on" or not isinstance(r, dict):
+            continue
+        if "skipped" in r:
+            lines.append(f"  {key:14s} not measured: {r['skipped']}")
             continue
         if "feature_cosine_mean" in r:
             lines.append(f"  {key:14s} image-feature cosine mean {r['feature_cosine_mean']:.6f}, min {r['feature_cosine_min']:.6f}")

@@ -162,8 +162,27 @@ def read_tensor(t: TensorProto, folder: Path) -> np.ndarray:
 
 # --- planning (all checks before any file is written) -----------------------------------------------------
 @dataclass(frozen=True)
+class GraphSource:
+    """An fp32 graph to rewrite: its structure (no weights) and how to read each initializer, from an fp32 bundle's
+    external data (`quantize`) or straight from the checkpoint (`export --precision`, onnx_writer.LazyData)."""
+
+    name: str  # the fp32 graph's file name (recorded as the variant's source_file)
+    model: onnx.ModelProto
+    read: Callable[[TensorProto], np.ndarray]
+
+    @classmethod
+    def from_file(cls, path: Path) -> "GraphSource":
+        path = Path(path)
+        return cls(path.name, onnx.load(str(path), load_external_data=False), lambda t: read_tensor(t, path.parent))
+
+    @classmethod
+    def lazy(cls, name: str, model: onnx.ModelProto, data) -> "GraphSource":
+        return cls(name, model, lambda t: data.read(t) if is_external(t) else numpy_helper.to_array(t))
+
+
+@dataclass(frozen=True)
 class GraphPlan:
-    src: Path
+    source: GraphSource
     dst_name: str
     codecs: dict[str, Codec]  # weight initializer name -> how it is stored (export/codecs.py)
     to_fp16: bool = False
@@ -188,19 +207,18 @@ def _weight_matmuls(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return out
 
 
-def auto_block_size(graphs: list[Path]) -> int:
+def auto_block_size(graphs: list[onnx.ModelProto]) -> int:
     """The largest block size <= 128 that divides the input size K of every weight MatMul in `graphs`."""
-    ks = {int(t.dims[0]) for g in graphs for m in [onnx.load(str(g), load_external_data=False)]
-          for t in m.graph.initializer if t.name in _weight_matmuls(m)}
+    ks = {int(t.dims[0]) for m in graphs for t in m.graph.initializer if t.name in _weight_matmuls(m)}
     return next((b for b in (128, 64, 32, 16) if all(k % b == 0 for k in ks)), 16)
 
 
-def plan_graph(src: Path, dst_name: str, precision: Precision, cfg: QuantConfig, lm_head: Precision | None,
+def plan_graph(source: GraphSource, dst_name: str, precision: Precision, cfg: QuantConfig, lm_head: Precision | None,
                kernel: Kernel = Kernel.NBITS) -> GraphPlan:
     """Which weights of `src` get which codec (all checks before any file is written). `kernel` QGEMM: every weight
     MatMul (lm_head included) as int8 per-column for DynamicQuantizeMatMul; NBITS: MatMulNBits at `precision`,
     the lm_head at `lm_head`."""
-    model = onnx.load(str(src), load_external_data=False)
+    model = source.model
     codecs: dict[str, Codec] = {}
     qparams = 0
     if kernel == Kernel.QGEMM or precision in _BITS:
@@ -215,57 +233,83 @@ def plan_graph(src: Path, dst_name: str, precision: Precision, cfg: QuantConfig,
                     continue
                 if k % cfg.block_size:
                     raise UsageError(
-                        f"--block-size {cfg.block_size} does not divide the input size {k} of {wname} in {src.name}; "
+                        f"--block-size {cfg.block_size} does not divide the input size {k} of {wname} in {source.name}; "
                         f"use a block size that divides {k}"
                     )
                 codecs[wname] = NBits(_BITS[p], cfg.block_size, cfg.symmetric, cfg.accuracy_level, cfg.scale_search)
             qparams += k * n
     total = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == TensorProto.FLOAT)
-    return GraphPlan(Path(src), dst_name, codecs, precision == Precision.FP16, qparams, total - qparams,
+    return GraphPlan(source, dst_name, codecs, precision == Precision.FP16, qparams, total - qparams,
                      len(model.graph.initializer))
 
 
 # --- rewriting one graph --------------------------------------------------------------------------------
 def quantize_graph(plan: GraphPlan, out_dir: Path, cfg: QuantConfig, on_tensor: Callable[[], None] | None = None) -> tuple[str, str]:
-    """Write plan.dst_name (+ .data) into out_dir, streaming each initializer. Returns (graph, data) names.
-    `on_tensor()` after each initializer (progress)."""
-    model = onnx.load(str(plan.src), load_external_data=False)
-    data_name = names.external_data_name(plan.dst_name)
-    data = ExternalData(Path(out_dir) / data_name)
-    matmuls = _weight_matmuls(model)
-    new_inits: list[TensorProto] = []
-    replaced: dict[str, onnx.NodeProto] = {}  # MatMul node name -> MatMulNBits node
-    keep_fp32 = set()
-    if plan.to_fp16:
-        model, keep_fp32 = convert_graph_fp16(model)
-    for t in model.graph.initializer:
+    """Write plan.dst_name (+ .data) into out_dir, streaming each initializer. Returns (graph, data) names."""
+    return quantize_graphs([plan], out_dir, on_tensor)[0]
+
+
+@dataclass
+class _Writing:
+    plan: GraphPlan
+    model: onnx.ModelProto
+    data: ExternalData
+    keep_fp32: set
+    matmuls: dict
+    inits: list = field(default_factory=list)
+    replaced: dict = field(default_factory=dict)  # MatMul node name -> its codec's node
+
+
+def quantize_graphs(plans: list[GraphPlan], out_dir: Path, on_tensor: Callable[[], None] | None = None) -> list[tuple[str, str]]:
+    """Write every plan's graph (+ .data) into out_dir from their one source, reading each initializer once (from the
+    fp32 bundle, or from the checkpoint) and handing it to every plan: copied, cast to fp16, or encoded by its codec
+    (codecs.py). Memory: one fp32 tensor and its encodings. Returns (graph, data) names per plan; `on_tensor()`
+    after each initializer (progress)."""
+    source = plans[0].source
+    if any(p.source is not source for p in plans):
+        raise ValueError("quantize_graphs: every plan must rewrite the same source graph")
+    writing = []
+    for plan in plans:
+        model = onnx.ModelProto()
+        model.CopyFrom(source.model)  # structure only: the weights are external (or still unread)
+        keep = set()
+        if plan.to_fp16:
+            model, keep = convert_graph_fp16(model)
+        writing.append(_Writing(plan, model, ExternalData(Path(out_dir) / names.external_data_name(plan.dst_name)), keep,
+                                _weight_matmuls(model)))
+    for t in source.model.graph.initializer:
         if on_tensor is not None:
             on_tensor()
-        codec = plan.codecs.get(t.name)
-        if codec is None:
-            arr = read_tensor(t, plan.src.parent)
-            if plan.to_fp16 and arr.dtype == np.float32 and t.name not in keep_fp32:
-                # clip to the fp16 range (masks stay finite); in place for streamed tensors, no extra copy
-                arr = np.clip(arr, -65504, 65504, out=arr if arr.flags.writeable else None).astype(np.float16)
-            new_inits.append(data.add(t.name, arr) if arr.nbytes >= 1024 else numpy_helper.from_array(np.ascontiguousarray(arr), t.name))
-            continue
-        w = read_tensor(t, plan.src.parent)  # [K, N] fp32
-        tensors = codec.encode(t.name, w)
-        del w
-        new_inits += [data.add(name, arr) for name, arr in tensors]
-        mm = matmuls[t.name]
-        k, n = t.dims
-        replaced[mm.name] = codec.node(mm.input[0], mm.output[0], mm.name, tensors, k, n)
-    data.close()
-    nodes = [replaced.get(n.name, n) if n.op_type == "MatMul" else n for n in model.graph.node]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(new_inits)
-    if replaced and not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    save(model, Path(out_dir) / plan.dst_name)
-    return plan.dst_name, data_name
+        arr = source.read(t)  # fp32 [K,N] for a weight MatMul
+        for w in writing:
+            codec = w.plan.codecs.get(t.name)
+            if codec is None:
+                a = arr
+                if w.plan.to_fp16 and a.dtype == np.float32 and t.name not in w.keep_fp32:
+                    a = np.clip(a, -65504, 65504).astype(np.float16)  # the fp16 range (masks stay finite)
+                w.inits.append(w.data.add(t.name, a) if a.nbytes >= 1024 else numpy_helper.from_array(np.ascontiguousarray(a), t.name))
+                continue
+            tensors = codec.encode(t.name, arr)
+            w.inits += [w.data.add(name, x) for name, x in tensors]
+            mm = w.matmuls[t.name]
+            k, n = t.dims
+            w.replaced[mm.name] = codec.node(mm.input[0], mm.output[0], mm.name, tensors, k, n)
+            del tensors
+        del arr
+    out = []
+    for w in writing:
+        w.data.close()
+        model = w.model
+        nodes = [w.replaced.get(n.name, n) if n.op_type == "MatMul" else n for n in model.graph.node]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(w.inits)
+        if w.replaced and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        save(model, Path(out_dir) / w.plan.dst_name)
+        out.append((w.plan.dst_name, names.external_data_name(w.plan.dst_name)))
+    return out
 
 
 # --- fp16 (GPU providers) ---------------------------------------------------------------------------------
@@ -347,17 +391,26 @@ def _npy_writer(path: Path, shape: tuple, dtype):
 
 
 def quantize_embeddings(src: Path, out_dir: Path, precision: EmbeddingPrecision) -> tuple[str, tuple[str, ...]]:
-    """[V,H] fp32 table -> fp16 table, or int8 table + [V] fp32 per-row scales (symmetric), in row chunks."""
-    table_name = names.variant_file(names.EMBEDDINGS, precision.value)
+    """[V,H] fp32 table file -> fp16 table, or int8 table + [V] fp32 per-row scales (symmetric), in row chunks."""
     fin, (v, h), dtype = _npy_reader(src)
     if dtype != np.float32:
         raise BundleError(f"{src.name} is {dtype}, expected float32; quantize from an fp32 bundle")
+    with fin:
+        return quantize_table(lambda r0, rows: np.frombuffer(fin.read(rows * h * 4), np.float32).reshape(rows, h),
+                              v, h, out_dir, precision)
+
+
+def quantize_table(rows_at: Callable[[int, int], np.ndarray], v: int, h: int, out_dir: Path,
+                   precision: EmbeddingPrecision) -> tuple[str, tuple[str, ...]]:
+    """The token table, read `rows_at(first, count)` ([count,H] fp32) in order, written at `precision` (fp16, or int8
+    + per-row scales); from an fp32 bundle's file or straight from the checkpoint. Returns (table, (scales,))."""
+    table_name = names.variant_file(names.EMBEDDINGS, precision.value)
     out_dtype = np.float16 if precision == EmbeddingPrecision.FP16 else np.int8
     scales = np.empty(v, np.float32) if precision == EmbeddingPrecision.INT8 else None
-    with fin, _npy_writer(Path(out_dir) / table_name, (v, h), out_dtype) as fout:
+    with _npy_writer(Path(out_dir) / table_name, (v, h), out_dtype) as fout:
         for r0 in range(0, v, CHUNK_ROWS):
             rows = min(CHUNK_ROWS, v - r0)
-            chunk = np.frombuffer(fin.read(rows * h * 4), np.float32).reshape(rows, h)  # [r,H]
+            chunk = rows_at(r0, rows)  # [r,H]
             if scales is None:
                 fout.write(chunk.astype(np.float16).tobytes())
                 continue
@@ -370,6 +423,11 @@ def quantize_embeddings(src: Path, out_dir: Path, precision: EmbeddingPrecision)
     scales_name = names.embedding_scales_file(precision.value)
     np.save(Path(out_dir) / scales_name, scales)
     return table_name, (scales_name,)
+
+
+def embedding_variant(precision: EmbeddingPrecision, efile: str, edata: tuple[str, ...]) -> GraphVariant:
+    return GraphVariant(names.ROLE_EMBEDDINGS, Precision(precision.value), Flavor.STANDARD, efile, edata,
+                        {"scales": "per_row_symmetric"} if edata else {})
 
 
 # --- the bundle -------------------------------------------------------------------------------------------
@@ -404,26 +462,29 @@ def vision_feature_cosine(fp32_graph: Path, int8_graph: Path, pre, seeds=(0, 1, 
     return min(cos)
 
 
-def quantize_vision_int8(src: Path, out_dir: Path, dst_name: str) -> tuple[str, str]:
-    """The vision graph with onnxruntime's dynamic quantization: int8 per-channel weights, uint8 activations
-    quantized per call (MatMulInteger + DynamicQuantizeLinear, fused to DynamicQuantizeMatMul at load).
-
-    Not MatMulNBits (the decoder's op): the vision encoder runs 577 rows per MatMul, where onnxruntime's u8s8
-    QGEMM (VNNI) is fast and MatMulNBits 8-bit is not. Measured on CLIP ViT-L/336 (random weights, 2 threads):
-    0.72 s vs 2.15 s fp32 and 2.2 s MatMulNBits int8; feature cosine to fp32 0.9997 (per-channel; 0.9996
-    per-tensor). CLIP-L is 1.2 GB at fp32 whatever the LLM, so this loads it whole (onnxruntime's quantizer
-    works on an in-memory model)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    dst = Path(out_dir) / dst_name
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
-                     use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
-    data = names.external_data_name(dst_name)
-    if not (Path(out_dir) / data).exists():
-        raise BundleError(f"onnxruntime's quantizer did not write {data} next to {dst_name}; re-run quantize")
-    for f in (dst, Path(out_dir) / data):
-        f.chmod(0o644)  # the quantizer creates its data file 0600; a bundle is read by whoever runs it
-    return dst_name, data
+def write_vision(src_graph: Path, vis32: GraphVariant, out_dir: Path, cfg: QuantConfig, gated: bool, pre,
+                 log: Log) -> GraphVariant | None:
+    """The vision tower at `cfg.vision` (int8 / fp16) written next to its fp32 graph `src_graph`, streamed one weight
+    at a time like the decoder (bounded memory: CLIP-L is 1.2 GB at fp32 whatever the LLM). int8 is the QGEMM codec
+    (int8 per-column weights, activations quantized per call: DynamicQuantizeMatMul, the op onnxruntime's own dynamic
+    quantizer ends up with after fusion; MatMulNBits is slow at the encoder's 577 rows). Measured on CLIP ViT-L/336
+    (random weights, 2 threads): 0.72 s vs 2.15 s fp32. A `gated` (default) int8 tower is kept only when its features
+    pass VISION_INT8_MIN_COSINE against the fp32 one; returns None (its files removed) when it does not."""
+    precision, kernel = (Precision.INT8, Kernel.QGEMM) if cfg.vision == Precision.INT8 else (cfg.vision, Kernel.NBITS)
+    plan = plan_graph(GraphSource.from_file(src_graph), names.variant_file(names.VISION_GRAPH, precision.value),
+                      precision, cfg, None, kernel=kernel)
+    (g,) = write_plans([plan], out_dir, cfg, {src_graph.name: vis32}, log)
+    if precision != Precision.INT8:
+        return g
+    cos = vision_feature_cosine(src_graph, Path(out_dir) / g.file, pre)
+    if gated and cos < VISION_INT8_MIN_COSINE:
+        log(f"vision int8 rejected: image-feature cosine {cos:.5f} < {VISION_INT8_MIN_COSINE} against the fp32 tower on "
+            f"the probe images; the bundle keeps the fp32 tower (--vision int8 forces it)")
+        for f in (g.file, *g.data_files):
+            (Path(out_dir) / f).unlink()
+        return None
+    # contrib ops (TensorRT's parser has none): CONTRIB keeps build-engines on the fp32/fp16 tower
+    return replace(g, details={**g.details, "feature_cosine_min": round(cos, 6)})
 
 
 def _copy_variant(src_dir: Path, g: GraphVariant, tmp: Path) -> None:
@@ -433,7 +494,7 @@ def _copy_variant(src_dir: Path, g: GraphVariant, tmp: Path) -> None:
 
 def _variant(plan: GraphPlan, gfile: str, dfile: str, cfg: QuantConfig, source: GraphVariant) -> GraphVariant:
     """The manifest entry of a graph `quantize_graph` wrote from `source` (an fp32 variant)."""
-    details: dict = {"source_file": plan.src.name}
+    details: dict = {"source_file": plan.source.name}
     kernels = {c.kernel for c in plan.codecs.values()}
     if kernels == {Kernel.QGEMM}:
         precision, kernel = Precision.INT8, Kernel.QGEMM
@@ -453,12 +514,49 @@ def _variant(plan: GraphPlan, gfile: str, dfile: str, cfg: QuantConfig, source: 
                         attention=source.attention, kernel=kernel)
 
 
+def decoder_plans(cfg: QuantConfig, source: GraphSource, dec32: GraphVariant, where: str) -> tuple[QuantConfig, list[GraphPlan]]:
+    """The config with its defaults resolved for this fp32 decoder (block size, prefill) and the decoder graphs to
+    write from it: the `cfg.precision` decoder and, with Prefill.INT8, the int8 QGEMM graph for many-row calls.
+    Every check (block sizes, shapes) happens here, before a byte is written. Shared by `quantize` and `export`."""
+    if cfg.block_size is None:
+        cfg = replace(cfg, block_size=auto_block_size([source.model]))
+    if cfg.prefill is None:
+        cfg = replace(cfg, prefill=cfg.default_prefill(dec32))
+    elif cfg.prefill == Prefill.INT8 and not (dec32.attention and dec32.attention.in_place):
+        raise UsageError(f"--prefill int8 needs the contrib (GroupQueryAttention) fp32 decoder, which {where} lacks; "
+                         f"re-export it (the default) or use --prefill decoder")
+    qgemm_decoder = cfg.prefill == Prefill.INT8 and cfg.precision == Precision.INT8  # int8-only: one QGEMM graph
+    plans = []
+    if not qgemm_decoder:
+        plans.append(plan_graph(source, names.variant_file(names.DECODER_GRAPH, cfg.precision.value),
+                                cfg.precision, cfg, cfg.lm_head if cfg.precision in _BITS else None))
+    if cfg.prefill == Prefill.INT8:  # the multi-row graph: same source graph, every weight int8 per column
+        plans.append(plan_graph(source, names.kernel_variant_file(names.DECODER_GRAPH, "int8", Kernel.QGEMM.value),
+                                Precision.INT8, cfg, None, kernel=Kernel.QGEMM))
+    return cfg, plans
+
+
+def write_plans(plans: list[GraphPlan], out_dir: Path, cfg: QuantConfig, sources: dict[str, GraphVariant],
+                log: Log) -> list[GraphVariant]:
+    """Write the planned graphs, those of one source in one pass over its weights; their manifest entries
+    (`sources`: fp32 variant by file name)."""
+    graphs = []
+    groups: dict[int, list[GraphPlan]] = {}
+    for plan in plans:
+        groups.setdefault(id(plan.source), []).append(plan)
+    for group in groups.values():
+        what = " + ".join(p.dst_name for p in group)
+        log(f"writing {what} ({sum(p.quantized_params for p in group) / 1e6:.1f}M params packed) ...")
+        with task(log, what, total=group[0].tensors, unit="tensors") as t:
+            written = quantize_graphs(group, out_dir, on_tensor=t.advance)
+        graphs += [_variant(p, g, d, cfg, sources[p.source.name]) for p, (g, d) in zip(group, written)]
+    return graphs
+
+
 def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = True, log: Log = print,
-                    probe_kw: dict | None = None, keep_source: bool = False,
-                    finish: Callable[[Path, Manifest], Manifest] | None = None) -> QuantResult:
+                    probe_kw: dict | None = None, keep_source: bool = False) -> QuantResult:
     """Read the fp32 bundle `src`, write a bundle at `out` (atomically) carrying the cfg's variants, listed first
-    (the defaults); with `keep_source` the source's variants follow (`ask --precision fp32` still works).
-    `finish(folder, manifest)` runs on the complete bundle before it is moved into place (export's checks)."""
+    (the defaults); with `keep_source` the source's variants follow (`ask --precision fp32` still works)."""
     from ..runtime.bundle import check_files
 
     t0 = time.perf_counter()
@@ -475,64 +573,26 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
         emb32 = m.pick(names.ROLE_EMBEDDINGS, Precision.FP32)
     except BundleError:
         raise BundleError(f"{src} has no fp32 graphs to quantize from; quantize the bundle `skin-offline export` wrote") from None
-    if cfg.block_size is None:
-        cfg = replace(cfg, block_size=auto_block_size([src / dec32.file]))
-    if cfg.prefill is None:
-        cfg = replace(cfg, prefill=cfg.default_prefill(dec32))
-    elif cfg.prefill == Prefill.INT8 and not (dec32.attention and dec32.attention.in_place):
-        raise UsageError(f"--prefill int8 needs the contrib (GroupQueryAttention) fp32 decoder, which {src} lacks; "
-                         f"re-export it (the default) or use --prefill decoder")
     vision_gated = cfg.vision_defaulted  # a default int8 tower must earn its place (cosine gate below)
     cfg = replace(cfg, vision=cfg.resolved_vision())
-    # every check (block sizes, shapes) happens here, before a byte is written
-    qgemm_decoder = cfg.prefill == Prefill.INT8 and cfg.precision == Precision.INT8  # int8-only: one QGEMM graph
-    plans = []
-    if not qgemm_decoder:
-        plans.append(plan_graph(src / dec32.file, names.variant_file(names.DECODER_GRAPH, cfg.precision.value),
-                                cfg.precision, cfg, cfg.lm_head if cfg.precision in _BITS else None))
-    if cfg.prefill == Prefill.INT8:  # the multi-row graph: same source graph, every weight int8 per column
-        plans.append(plan_graph(src / dec32.file, names.kernel_variant_file(names.DECODER_GRAPH, "int8", Kernel.QGEMM.value),
-                                Precision.INT8, cfg, None, kernel=Kernel.QGEMM))
-    if cfg.vision == Precision.FP16:
-        plans.append(plan_graph(src / vis32.file, names.variant_file(names.VISION_GRAPH, cfg.vision.value), cfg.vision, cfg, None))
+    dec_source = GraphSource.from_file(src / dec32.file)
+    cfg, plans = decoder_plans(cfg, dec_source, dec32, str(src))
 
     if Precision.FP16 in (cfg.precision, cfg.vision):
         # measured here (2 cores, decode tok/s, interleaved medians): hidden-512 model fp16 18.9 vs fp32 20.7; tiny 111 vs 221
         log("note: fp16 graphs are for GPU providers; the CPU runtime refuses them (onnxruntime's CPU provider runs "
             "fp16 through inserted casts, slower than fp32); use int8/int4 for a smaller CPU bundle")
     with atomic_folder(out) as tmp:
-        # the fp32 vision graph stays next to an fp16 one (the CPU provider refuses fp16) and as the default;
-        # an int8 one replaces it (runs everywhere onnxruntime does; --keep-source carries fp32 too)
-        keep_vis32 = cfg.vision != Precision.INT8 or keep_source
-        if keep_vis32:
-            _copy_variant(src, vis32, tmp)
         shutil.copyfile(src / names.TOKENIZER, tmp / names.TOKENIZER)
-        graphs: list[GraphVariant] = []
-        for plan in plans:
-            log(f"writing {plan.dst_name} ({plan.quantized_params / 1e6:.1f}M params packed) ...")
-            with task(log, plan.dst_name, total=plan.tensors, unit="tensors") as t:
-                gfile, dfile = quantize_graph(plan, tmp, cfg, on_tensor=t.advance)
-            graphs.append(_variant(plan, gfile, dfile, cfg, dec32 if plan.src.name == dec32.file else vis32))
-        if cfg.vision == Precision.INT8:
-            log("writing vision.int8.onnx (dynamic int8: per-channel weights, per-call activations) ...")
-            vfile, vdata = quantize_vision_int8(src / vis32.file, tmp, names.variant_file(names.VISION_GRAPH, "int8"))
-            cos = vision_feature_cosine(src / vis32.file, tmp / vfile, m.preprocess)
-            if vision_gated and cos < VISION_INT8_MIN_COSINE:
-                log(f"vision int8 rejected: image-feature cosine {cos:.5f} < {VISION_INT8_MIN_COSINE} against the fp32 "
-                    f"tower on the probe images; the bundle keeps the fp32 tower (--vision int8 forces it)")
-                for f in (vfile, vdata):
-                    (tmp / f).unlink()
-                if not keep_vis32:
-                    _copy_variant(src, vis32, tmp)
-                    keep_vis32 = True
-            else:
-                # ONNX-standard ops, but an onnxruntime CPU graph (fused to DynamicQuantizeMatMul at load; TensorRT's
-                # parser has no MatMulInteger): CONTRIB keeps build-engines on the fp32/fp16 tower
-                graphs.append(GraphVariant(names.ROLE_VISION, Precision.INT8, Flavor.CONTRIB, vfile, (vdata,),
-                                           {"source_file": vis32.file, "op": "MatMulInteger", "weights": "int8 per-channel",
-                                            "activations": "uint8 dynamic per-tensor", "feature_cosine_min": round(cos, 6)},
-                                           kernel=Kernel.QGEMM))
-        if keep_vis32:
+        graphs = write_plans(plans, tmp, cfg, {dec32.file: dec32}, log)
+        # the fp32 vision graph stays next to an fp16 one (the CPU provider refuses fp16) and as the default; an int8
+        # one replaces it (runs everywhere onnxruntime does; --keep-source carries fp32 too) unless it fails the gate
+        vis = write_vision(src / vis32.file, vis32, tmp, cfg, vision_gated, m.preprocess, log) \
+            if cfg.vision != Precision.FP32 else None
+        if vis is not None:
+            graphs.append(vis)
+        if vis is None or vis.precision != Precision.INT8 or keep_source:
+            _copy_variant(src, vis32, tmp)
             graphs.append(vis32)  # after a quantized vision variant, which is then the default
         if keep_source:  # the source's variants ride along after the new ones (emb32 is copied below if fp32)
             for g in m.graphs:
@@ -544,8 +604,7 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
             graphs.append(emb32)
         else:
             efile, edata = quantize_embeddings(src / emb32.file, tmp, cfg.embeddings)
-            graphs.append(GraphVariant(names.ROLE_EMBEDDINGS, Precision(cfg.embeddings.value), Flavor.STANDARD, efile, edata,
-                                       {"scales": "per_row_symmetric"} if edata else {}))
+            graphs.append(embedding_variant(cfg.embeddings, efile, edata))
         # role order in the manifest: vision variants, decoder, embeddings (first of a role = default)
         order = {names.ROLE_VISION: 0, names.ROLE_DECODER: 1, names.ROLE_EMBEDDINGS: 2}
         if keep_source:
@@ -562,26 +621,7 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
             report = quality_report(src, tmp, **(probe_kw or {}), log=log)
             manifest = Manifest(**{**manifest.__dict__, "quality": report})
             manifest.write(tmp)
-        if finish is not None:
-            manifest = finish(tmp, manifest)
     dt = time.perf_counter() - t0
     size = sum(e.size for e in manifest.files.values())
     log(f"bundle written to {out} ({size / 1e6:.1f} MB) in {dt:.1f}s")
     return QuantResult(manifest, dt, plans)
-
-
-def export_quantized(export_fp32: Callable[[Path], Manifest], out: Path, cfg: QuantConfig, *,
-                     finish: Callable[[Path, Manifest], Manifest] | None = None, log: Log = print) -> Manifest:
-    """`export --precision`: the fp32 export goes to a hidden scratch bundle next to `out`, the quantized
-    bundle is written from it atomically (checked by `finish` first), the scratch is removed (a reader never
-    sees a partial `out`)."""
-    import os
-    import uuid
-
-    out = Path(out).absolute()
-    scratch = out.parent / f".{out.name}.fp32-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        export_fp32(scratch)
-        return quantize_bundle(scratch, out, cfg, quality=False, log=log, finish=finish).manifest
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)

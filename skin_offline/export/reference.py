@@ -22,8 +22,18 @@ def vision_features(ckpt: Checkpoint, pixel_values: np.ndarray) -> np.ndarray:
     cfg = CLIPVisionConfig(hidden_size=v.hidden, intermediate_size=v.mlp, num_hidden_layers=v.kept_layers,
                            num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
                            layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act)
-    model = CLIPVisionModel(cfg).eval()
-    missing, unexpected = model.load_state_dict(ckpt.vision_state_dict(), strict=False)
+    with torch.device("meta"):  # no random init: the checkpoint's tensors become the parameters (one copy, 1.2 GB)
+        model = CLIPVisionModel(cfg).eval()
+    state = ckpt.vision_state_dict()
+    for k, v in model.state_dict().items():  # buffers and the unused post-layernorm: real tensors, not meta
+        if k not in state:
+            state[k] = torch.zeros_like(v, device="cpu") if "position_ids" not in k else torch.arange(v.shape[-1])[None]
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    for name, buf in list(model.named_buffers()):  # non-persistent buffers (position_ids) are not in a state dict
+        if buf.is_meta:
+            owner = model.get_submodule(name.rpartition(".")[0])
+            value = torch.arange(buf.shape[-1]).expand(buf.shape) if "position_ids" in name else torch.zeros(buf.shape, dtype=buf.dtype)
+            owner.register_buffer(name.rpartition(".")[2], value.clone(), persistent=False)
     missing = [k for k in missing if not k.startswith("post_layernorm") and "position_ids" not in k]
     if missing or unexpected:
         raise RuntimeError(f"reference CLIP load mismatch: missing={missing} unexpected={unexpected}")

@@ -107,6 +107,46 @@ class DecoderGraph:
         m.ir_version = self.model.ir_version
         return m
 
+    def signature(self, layer: int) -> list:
+        """Layer `layer`'s computation with its index taken out: ops, attributes and wiring, with initializers named
+        by their layer-free name (`layers.*.mlp.up_proj.weight`) or, for inline constants, their value, and other
+        tensors by order of appearance. Two layers with equal signatures compute the same function of their own
+        weights (verify.py checks the rest of the layers against a numerically checked one this way)."""
+        import hashlib
+
+        model = self.cut(layer)
+        init = {t.name: t for t in model.graph.initializer}
+        tag = f"layers.{layer}."
+        cut_in = self.bounds.head_in if layer == HEAD else self.bounds.layers[layer]["in"]
+        ids: dict[str, str] = {t: f"x{k}" for k, t in enumerate(cut_in)}  # the hidden state in, however it arrives
+
+        def name(t: str) -> str:
+            if not t:
+                return ""
+            if t in ids:
+                return ids[t]
+            if t in init:
+                x = init[t]
+                if x.data_location == TensorProto.EXTERNAL:
+                    return "w:" + t.replace(tag, "layers.*.")
+                anon = TensorProto()
+                anon.CopyFrom(x)
+                anon.name = ""
+                return f"c:{hashlib.sha256(anon.SerializeToString()).hexdigest()[:16]}"
+            for a, b in ((names.past_key(layer), "past_k"), (names.past_value(layer), "past_v"),
+                         (names.present_key(layer), "present_k"), (names.present_value(layer), "present_v")):
+                if t == a:
+                    return b
+            if t in self.graph_inputs:
+                return "in:" + t
+            return ids.setdefault(t, f"t{len(ids)}")
+
+        sig = []
+        for n in model.graph.node:
+            attrs = tuple(sorted((a.name, a.SerializeToString()) for a in n.attribute))
+            sig.append((n.op_type, n.domain, attrs, tuple(name(i) for i in n.input), tuple(name(o) for o in n.output)))
+        return sig
+
     def session(self, layer: int, threads: int | None = None, exact: bool = False):
         """An onnxruntime session of `cut(layer)` reading its weights from the graph's folder."""
         from ..runtime.sessions import SessionFactory
@@ -135,11 +175,13 @@ def _exact(nodes: list) -> list:
             m.attribute.extend(a for a in n.attribute if a.name != "accuracy_level")
             out.append(m)
         elif n.op_type == "DynamicQuantizeMatMul" and n.domain == "com.microsoft":
+            # x @ (B * s) = (x @ B) * s for per-column scales s [N]: scaling the output keeps one fp32 copy of B
+            # (the folded Cast) instead of two while onnxruntime folds constants
             a, b, scale = n.input[0], n.input[1], n.input[2]
-            bf, w = n.name + "_exact_b", n.name + "_exact_w"
+            bf, y = n.name + "_exact_b", n.name + "_exact_y"
             out.append(helper.make_node("Cast", [b], [bf], name=n.name + "_cast", to=TensorProto.FLOAT))
-            out.append(helper.make_node("Mul", [bf, scale], [w], name=n.name + "_scale"))  # [K,N] * [N]
-            out.append(helper.make_node("MatMul", [a, w], list(n.output), name=n.name + "_exact"))
+            out.append(helper.make_node("MatMul", [a, bf], [y], name=n.name + "_exact"))
+            out.append(helper.make_node("Mul", [y, scale], list(n.output), name=n.name + "_scale"))
         else:
             out.append(n)
     return out

@@ -23,7 +23,7 @@ from ..manifest import (
 from ..progress import task
 from ..runtime.tokenizer import TextTokenizer
 from .atomic import atomic_folder
-from .checkpoint import Checkpoint, TensorStore, open_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint
 from .decoder_graph import build_decoder
 from .decoder_graph_fast import build_decoder_fast
 from .onnx_writer import external_initializers
@@ -72,25 +72,17 @@ def export_bundle(src: Path, out: Path, *, vision_tower: Path | None = None, ima
                   lora: Path | None = None, fast_decoder: bool = True, precision: Precision | str | None = None,
                   probes=None, threads: int | None = None) -> Manifest:
     """`src` is the checkpoint, or with `lora` the base checkpoint the PEFT adapter folder is merged onto.
-    `precision` int4/int8/fp16: the fp32 export is quantized (export/quantize.py) into the final bundle.
-    `verify`: every graph checked against the checkpoint, layer by layer (verify.py); `quality`: the quantized
-    graphs' agreement with the checkpoint in fp32 (quality.py); both in one layer-streamed pass, bounded memory."""
+
+    `precision` int4/int8/fp16 (quantize's defaults): each checkpoint weight is encoded as it is read, straight into
+    the quantized graphs (no fp32 copy on disk), by the same code `quantize` rewrites an fp32 bundle with, so both
+    write the same graph files. `verify`: every graph checked against the checkpoint, layer by layer (verify.py);
+    `quality`: the quantized graphs' agreement with the checkpoint in fp32 (quality.py); both in one layer-streamed
+    pass, in bounded memory at any size."""
+    cfg = None
     if precision is not None and Precision(precision) != Precision.FP32:
-        from .quantize import QuantConfig, export_quantized
+        from .quantize import QuantConfig
 
         cfg = QuantConfig(Precision(precision))  # validated before any work
-
-        def finish(folder: Path, manifest: Manifest) -> Manifest:
-            manifest = replace(manifest, source={k: v for k, v in manifest.source.items() if k != "quantized_from"})
-            manifest.write(folder)  # (the scratch fp32 bundle it came from is gone once this returns)
-            ckpt = open_source(src, lora, vision_tower=vision_tower, image_mode=image_mode)
-            return check_bundle(folder, manifest, ckpt, verify=verify, quality=quality, probes=probes,
-                                threads=threads, log=log)
-
-        return export_quantized(lambda dst: export_bundle(src, dst, vision_tower=vision_tower, image_mode=image_mode,
-                                                          max_context=max_context, verify=False, quality=False,
-                                                          log=log, lora=lora, fast_decoder=fast_decoder),
-                                out, cfg, finish=finish, log=log)
     t0 = time.perf_counter()
     ckpt = open_source(src, lora, vision_tower=vision_tower, image_mode=image_mode)
     log(f"checkpoint: {ckpt.layout} layout, {ckpt.text.layers} decoder layers, hidden {ckpt.text.hidden}, "
@@ -100,26 +92,28 @@ def export_bundle(src: Path, out: Path, *, vision_tower: Path | None = None, ima
         with task(log, "vision graph", total=ckpt.vision.kept_layers, unit="layers") as t:
             vfile, vdata = build_vision(ckpt.vision, lambda n: ckpt.vision_tensor(n).numpy(),
                                         lambda n: ckpt.projector_tensor(n).numpy(), tmp, progress=lambda i: t.advance())
-        with task(log, "decoder graph", total=ckpt.text.layers, unit="layers") as t:
-            dfile, ddata = build_decoder(ckpt.text, lambda n: ckpt.text_tensor(n).numpy(), tmp,
-                                         progress=lambda i: t.advance())
-        contrib = ()
-        if fast_decoder:  # onnxruntime contrib-op variant: the runtime's default on CPU (GQA, in-place KV cache)
-            with task(log, "contrib decoder graph", total=ckpt.text.layers, unit="layers") as t:
-                ffile, fdata = build_decoder_fast(ckpt.text, lambda n: ckpt.text_tensor(n).numpy(), tmp,
-                                                  max_positions=max_context or ckpt.text.max_context,
-                                                  shared=external_initializers(tmp / dfile), progress=lambda i: t.advance())
-            contrib = (GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.CONTRIB, ffile, (ddata, fdata),
-                                    attention=Attention.GQA),)
-        efile = _write_embeddings(ckpt, tmp)
-        write_tokenizer_json(ckpt.folder, tmp / names.TOKENIZER)
+        if cfg is None:
+            decoders = _fp32_decoders(ckpt, tmp, max_context, fast_decoder, log)
+        else:
+            decoders = _quantized_decoders(ckpt, tmp, cfg, max_context, str(src), log)
+        with task(log, "tokenizer", total=1, unit="files") as t:
+            write_tokenizer_json(ckpt.folder, tmp / names.TOKENIZER)
+            t.advance()
         tok_vocab = TextTokenizer.from_file(tmp / names.TOKENIZER).vocab_size
-        graphs = (
-            GraphVariant(names.ROLE_VISION, Precision.FP32, Flavor.STANDARD, vfile, vdata),
-            GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.STANDARD, dfile, (ddata,), attention=Attention.CONCAT),
-            *contrib,
-            GraphVariant(names.ROLE_EMBEDDINGS, Precision.FP32, Flavor.STANDARD, efile),
-        )
+        vis32 = GraphVariant(names.ROLE_VISION, Precision.FP32, Flavor.STANDARD, vfile, vdata)
+        vision = (vis32,)
+        if cfg is not None and cfg.resolved_vision() != Precision.FP32:  # the same vision step as `quantize`
+            from .quantize import write_vision
+
+            vis = write_vision(tmp / vfile, vis32, tmp, replace(cfg, vision=cfg.resolved_vision()),
+                               cfg.vision_defaulted, ckpt.preprocess, log)
+            if vis is not None and vis.precision == Precision.INT8:
+                for f in (vfile, *vdata):  # the int8 tower replaces the fp32 one (as quantize without --keep-source)
+                    (tmp / f).unlink()
+                vision = (vis,)
+            elif vis is not None:
+                vision = (vis32, vis)  # fp16 rides after fp32 (the CPU provider refuses fp16)
+        graphs = (*vision, *decoders)
         files = folder_entries(tmp, log)
         manifest = Manifest(
             model=model_dims(ckpt, max_context), preprocess=ckpt.preprocess, prompt=PromptConfig("mistral_instruct"),
@@ -130,11 +124,64 @@ def export_bundle(src: Path, out: Path, *, vision_tower: Path | None = None, ima
             exporter=_versions(),
         )
         manifest.write(tmp)
-        manifest = check_bundle(tmp, manifest, ckpt, verify=verify, quality=False, probes=probes, threads=threads,
-                                log=log)
+        manifest = check_bundle(tmp, manifest, ckpt, verify=verify, quality=quality and cfg is not None,
+                                probes=probes, threads=threads, log=log)
     size = sum(e.size for e in manifest.files.values())
     log(f"bundle written to {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
     return manifest
+
+
+def _fp32_decoders(ckpt: Checkpoint, tmp: Path, max_context: int | None, fast_decoder: bool, log: Log) -> tuple:
+    """The standard decoder graph, the contrib one sharing its weights, the fp32 embedding table."""
+    with task(log, "decoder graph", total=ckpt.text.layers, unit="layers") as t:
+        dfile, ddata = build_decoder(ckpt.text, lambda n: ckpt.text_tensor(n).numpy(), tmp,
+                                     progress=lambda i: t.advance())
+    contrib = ()
+    if fast_decoder:  # onnxruntime contrib-op variant: the runtime's default on CPU (GQA, in-place KV cache)
+        with task(log, "contrib decoder graph", total=ckpt.text.layers, unit="layers") as t:
+            ffile, fdata = build_decoder_fast(ckpt.text, lambda n: ckpt.text_tensor(n).numpy(), tmp,
+                                              max_positions=max_context or ckpt.text.max_context,
+                                              shared=external_initializers(tmp / dfile), progress=lambda i: t.advance())
+        contrib = (GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.CONTRIB, ffile, (ddata, fdata),
+                                attention=Attention.GQA),)
+    efile = _write_embeddings(ckpt, tmp)
+    return (GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.STANDARD, dfile, (ddata,), attention=Attention.CONCAT),
+            *contrib, GraphVariant(names.ROLE_EMBEDDINGS, Precision.FP32, Flavor.STANDARD, efile))
+
+
+def _quantized_decoders(ckpt: Checkpoint, tmp: Path, cfg, max_context: int | None, where: str, log: Log) -> tuple:
+    """The decoder graphs of `cfg` (quantize's plans: int4 + its int8 prefill graph by default) and the embedding
+    table, each weight read from the checkpoint once and encoded on the way: the fp32 graph's structure is built
+    first with every weight left unread (onnx_writer.LazyData), then quantize_graphs streams them."""
+    from .decoder_graph import decoder_model
+    from .decoder_graph_fast import decoder_fast_model
+    from .onnx_writer import LazyData, LazyTensor
+    from .quantize import _BITS, EmbeddingPrecision, GraphSource, decoder_plans, embedding_variant, quantize_table, write_plans
+
+    lazy = LazyData()
+
+    def tensor(name: str) -> LazyTensor:
+        return LazyTensor(ckpt.text_shape(name), lambda: ckpt.text_tensor(name).numpy())
+
+    if cfg.precision in _BITS:  # int4/int8 from the contrib (GroupQueryAttention) graph, as `quantize` does
+        model = decoder_fast_model(ckpt.text, tensor, lazy, max_positions=max_context or ckpt.text.max_context)
+        dec32 = GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.CONTRIB, names.DECODER_CONTRIB_GRAPH,
+                             (names.external_data_name(names.DECODER_CONTRIB_GRAPH),), attention=Attention.GQA)
+    else:  # fp16 from the standard graph (GPU providers, TensorRT)
+        model = decoder_model(ckpt.text, tensor, lazy)
+        dec32 = GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.STANDARD, names.DECODER_GRAPH,
+                             (names.external_data_name(names.DECODER_GRAPH),), attention=Attention.CONCAT)
+    cfg, plans = decoder_plans(cfg, GraphSource.lazy(dec32.file, model, lazy), dec32, where)
+    decoders = write_plans(plans, tmp, cfg, {dec32.file: dec32}, log)
+    log(f"writing {cfg.embeddings.value} embedding table ...")
+    table = ckpt.text_tensor("embed_tokens.weight").numpy()  # [V,H] fp32: one tensor
+    if cfg.embeddings == EmbeddingPrecision.FP32:
+        efile = _write_embeddings(ckpt, tmp)
+        emb = GraphVariant(names.ROLE_EMBEDDINGS, Precision.FP32, Flavor.STANDARD, efile)
+    else:
+        efile, edata = quantize_table(lambda r0, n: table[r0:r0 + n], *table.shape, tmp, cfg.embeddings)
+        emb = embedding_variant(cfg.embeddings, efile, edata)
+    return (*decoders, emb)
 
 
 def check_bundle(folder: Path, manifest: Manifest, ckpt: Checkpoint, *, verify: bool = True, quality: bool = True,
@@ -189,43 +236,3 @@ def _summary(file: str, g: dict) -> str:
 
 def describe(manifest: Manifest) -> dict:
     return {"model": asdict(manifest.model), "files": {k: v.size for k, v in manifest.files.items()}}
-
-
-def plan_export(src: Path, out: Path, *, lora: Path | None = None, vision_tower: Path | None = None,
-                image_mode: PadMode | None = None, fast_decoder: bool = True, log: Log = print) -> dict:
-    """--dry-run: open the checkpoint (headers only), print what would be written and the expected peak memory."""
-    import resource
-
-    ckpt = open_source(src, lora, vision_tower=vision_tower, image_mode=image_mode)
-    numel = lambda shape: int(np.prod(shape, dtype=np.int64))  # noqa: E731
-    vis = [numel(ckpt.vision_store.shape(ckpt.vision_prefix + n)) for n in ckpt.vision_names()]
-    vis += [numel(ckpt.store.shape(f"{p}.{k}")) for p in ckpt.projector_names.values() for k in ("weight", "bias")]
-    text = {n: numel(ckpt.text_shape(n)) for n in ckpt.text_names()}
-    emb = text.pop("embed_tokens.weight")
-    files = {  # fp32 bytes; graph protos and alignment padding are a few MB at most
-        names.VISION_GRAPH: 4 * sum(vis), names.DECODER_GRAPH: 4 * sum(text.values()),
-        names.EMBEDDINGS: 4 * emb, names.TOKENIZER: 2 << 20,
-    }
-    if fast_decoder:  # the contrib-op decoder shares the standard graph's weights; its own data is the RoPE table
-        files[names.DECODER_CONTRIB_GRAPH] = 2 * 4 * (ckpt.text.head_dim // 2) * ckpt.text.max_context
-    largest = 4 * max([*vis, *text.values(), emb])
-    # Streaming design: one tensor upcast to fp32, its transposed copy and its serialised bytes (+ B@A for
-    # LoRA), plus at most RELEASE_BYTES of memory-mapped checkpoint per open shard, on top of the imports.
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    peak = baseline + (4 if lora else 3) * largest + 2 * TensorStore.RELEASE_BYTES
-    total = sum(files.values())
-    log(f"dry run: {ckpt.layout} layout{' + LoRA ' + str(lora) if lora else ''}, projector: "
-        f"{ckpt.notes.get('projector', ckpt.layout)}; nothing written")
-    for name, size in files.items():
-        log(f"  would write {Path(out) / name}  ~{size / 1e9:.2f} GB (+ external data)" if name.endswith(".onnx")
-            else f"  would write {Path(out) / name}  ~{size / 1e9:.2f} GB")
-    import shutil
-
-    parent = next(p for p in (Path(out).absolute(), *Path(out).absolute().parents) if p.exists())
-    free = shutil.disk_usage(parent).free
-    log(f"  bundle total ~{total / 1e9:.2f} GB fp32; free disk needed ~{total / 1e9:.2f} GB next to {out}, "
-        f"{free / 1e9:.1f} GB free" + ("" if free > total else ": NOT ENOUGH, free space or pick another folder"))
-    log(f"  expected peak memory ~{peak / 1e9:.2f} GB (imports {baseline / 1e9:.2f} GB + largest tensor "
-        f"{largest / 1e9:.2f} GB x {4 if lora else 3}); --verify loads the fp32 graphs: ~{(baseline + total) / 1e9:.1f} GB")
-    return {"files": files, "total_bytes": total, "free_bytes": free, "largest_tensor_bytes": largest, "baseline_rss_bytes": baseline,
-            "peak_bytes": peak, "verify_peak_bytes": baseline + total}

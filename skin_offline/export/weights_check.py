@@ -1,15 +1,12 @@
 """Each weight a graph stores, checked against the checkpoint's tensor: exactly, whatever the codec.
 
 fp32 / fp16: the stored array equals the checkpoint's (transposed to [in,out] for MatMuls, cast for fp16).
-Quantized (MatMulNBits int4/int8, int8 QGEMM columns, the int8 embedding rows): the stored codes are what rounding
-the checkpoint's values by the stored scales gives (`round(w / s) + zero_point`, clipped), off by one only where
-w / s sits within 1e-3 of a rounding tie, and every scale is within what absmax (or the least-squares search, down
-to 0.6 x absmax) allows. Written here in NumPy from the formats' definitions, independently of the packers that
-wrote them (onnxruntime's `quantize_matmul_4bits/8bits`, codecs.py), so a packing or wiring mistake shows as codes
-that do not match; a wrong, stale or mutated weight is named with how many of its values differ.
-
-`dequantize` gives the weights the graph computes with, for the numeric checks (verify.py) that run the graph's
-structure against transformers with exactly those weights.
+Quantized MatMul weights (MatMulNBits int4/int8, int8 QGEMM columns): the stored tensors equal, byte for byte, what
+the weight's codec (codecs.py, the one the export used) makes of the checkpoint's tensor; a wrong, stale or mutated
+weight is named with how many of its values differ. That the codec's format means what onnxruntime's kernels read
+is checked apart: `dequantize` decodes the stored bytes here in NumPy from the formats' definitions, independently
+of the packers, and verify.py runs the graph against transformers on exactly those weights. The int8 embedding
+rows are checked from their definition (`round(w / s)` per row, clipped; a tie may round either way).
 """
 
 from __future__ import annotations
@@ -54,6 +51,7 @@ class StoredWeights:
     """Read a graph's stored initializers (seek/read from its external data) by checkpoint name."""
 
     def __init__(self, folder: Path, inits: dict[str, TensorProto], nbits_search: bool = False):
+        """`nbits_search`: the MatMulNBits weights were packed with --scale-search (manifest details)."""
         self.folder, self.inits, self.nbits_search = Path(folder), inits, nbits_search
 
     def read(self, name: str) -> np.ndarray:
@@ -73,6 +71,8 @@ class StoredWeights:
 
     def check(self, name: str, w: np.ndarray) -> WeightCheck:
         """`w`: the checkpoint's tensor, fp32, as the checkpoint stores it ([out,in] for linear weights)."""
+        from .codecs import NBits, QGemm
+
         kind = self.kind(name)
         if kind is None:
             return WeightCheck(name, "-", int(w.size), missing=True)
@@ -83,20 +83,30 @@ class StoredWeights:
             return WeightCheck(name, str(stored.dtype).replace("float", "fp"), int(w.size),
                                mismatched=int((stored != want).sum()) if stored.shape == want.shape else int(w.size))
         if kind == "qgemm":
-            q = self.read(name + names.QGEMM_WEIGHT_SUFFIX)  # [K,N] int8
-            s = self.read(name + names.Q_SCALES_SUFFIX)  # [N]
-            return _check_rows(name, "int8 per-column", w, q.T, s[:, None], -127, 127, 0, 127, None)
-        bits = int(kind[-1])
-        packed = self.read(name + names.Q_WEIGHT_SUFFIX.format(bits=bits))  # [N, K/bs, bs*bits/8]
-        n, kb, nbytes = packed.shape
-        bs = nbytes * 8 // bits
-        s = self.read(name + names.Q_SCALES_SUFFIX).reshape(n, kb)
-        zname = name + names.Q_ZERO_POINTS_SUFFIX
-        zp = _unpack(self.read(zname).reshape(n, -1), bits)[:, :kb] if zname in self.inits else None
-        codes = _unpack(packed.reshape(n * kb, nbytes), bits).reshape(n, kb, bs)
-        levels = (1 << bits) - 1
-        return _check_rows(name, f"int{bits} block {bs}" + ("" if zp is None else " asym"), w, codes, s, 0, levels,
-                           1 << (bits - 1), 1 << (bits - 1), zp, block=bs, search=self.nbits_search)
+            codec, stored_as = QGemm(), "int8 per-column"
+        else:
+            bits = int(kind[-1])
+            packed = self.inits[name + names.Q_WEIGHT_SUFFIX.format(bits=bits)]
+            bs = int(packed.dims[2]) * 8 // bits
+            symmetric = name + names.Q_ZERO_POINTS_SUFFIX not in self.inits
+            codec = NBits(bits, bs, symmetric, scale_search=self.nbits_search)
+            stored_as = f"int{bits} block {bs}" + ("" if symmetric else " asym")
+        res = WeightCheck(name, stored_as, int(w.size))
+        for tname, want in codec.encode(name, np.ascontiguousarray(w.T, np.float32)):  # [K,N] as the graph's MatMul
+            if tname not in self.inits:
+                res.missing = True
+                continue
+            got = self.read(tname)
+            if got.shape != want.shape or got.dtype != want.dtype:
+                res.mismatched = res.values
+            elif not np.array_equal(got, want):
+                if tname.endswith(names.Q_SCALES_SUFFIX):
+                    res.bad_scales += int((got != want).sum())
+                else:  # count values, not bytes (two int4 codes share a byte)
+                    per_byte = 2 if kind == "nbits4" else 1
+                    g, x = (_unpack(a.reshape(a.shape[0], -1), 4) if per_byte == 2 else a for a in (got, want))
+                    res.mismatched += int((g != x).sum())
+        return res
 
     def dequantize(self, name: str, like: np.ndarray) -> np.ndarray:
         """The weight the graph computes with, as [out,in] fp32 (checkpoint layout)."""
@@ -159,7 +169,8 @@ def _check_rows(name: str, stored_as: str, w: np.ndarray, codes: np.ndarray, sca
             bound = (np.maximum(x.max(-1, keepdims=True), 0) - np.minimum(x.min(-1, keepdims=True), 0)) / (qmax - qmin)
             lo = bound * (1 - 1e-5)
         a = np.abs(s)
-        res.bad_scales += int(((a > bound * (1 + 1e-5) + 1e-30) | (a < lo - 1e-30)).sum())
+        bad = (a > bound * (1 + 1e-5) + 1e-30) | (a < lo - 1e-30)
+        res.bad_scales += int((bad & (bound > 0)).sum())  # an all-zero block may carry any scale (its codes are 0)
     return res
 
 
