@@ -71,8 +71,9 @@ function addTurn(role, text) {
   body.className = "text";
   body.textContent = text;
   div.append(who, body);
-  $("conversation").append(div);
-  div.scrollIntoView({ block: "end" });
+  const conv = $("conversation");
+  conv.append(div);
+  conv.scrollTop = conv.scrollHeight;  // the box, not the page (see the streaming loop)
   return body;
 }
 
@@ -145,8 +146,12 @@ async function ask(ev) {
       if (choice.delta && choice.delta.content) {
         if (ttft === null) ttft = (performance.now() - t0) / 1000;
         answer += choice.delta.content;
+        // scroll the conversation box only (scrollIntoView would also scroll the page, so the Stop
+        // button would move under the pointer while tokens stream), and only if the reader is at its end
+        const conv = $("conversation");
+        const atEnd = conv.scrollHeight - conv.scrollTop - conv.clientHeight < 40;
         out.textContent = answer;
-        out.parentElement.scrollIntoView({ block: "end" });
+        if (atEnd) conv.scrollTop = conv.scrollHeight;
       }
       if (choice.finish_reason) finish = choice.finish_reason;
     }
