@@ -203,9 +203,18 @@ def test_decode_steps_pick_the_kernel_by_active_rows(llava_model, tmp_path, monk
     used = []
     pick = dec.session_for
     dec.session_for = lambda rows: used.append((rows, pick(rows) is dec.gemm_session)) or pick(rows)
-    jobs = _jobs(3)
-    streams = [m.engine.submit(m.prepare(img, q, max_new_tokens=8)) for img, q, _ in jobs]
-    for s in streams:
-        list(s)
+    # steps forced, not left to timing (a loaded machine admits slowly): all three answers are long, so
+    # while the last one decodes the other two are still in the batch (3 rows); then two are cancelled
+    # and the last decodes alone (1 row)
+    streams = [m.engine.submit(m.prepare(img, q, max_new_tokens=400)) for img, q, _ in _jobs(3)]
+    last = iter(streams[-1])
+    for _ in range(4):
+        next(last)
+    for s in streams[:2]:
+        s.cancel()
+        assert [r.finish_reason for r in s][-1] == FinishReason.CANCELLED  # not an early EOS: they overlapped
+    for _ in range(4):
+        next(last)
+    last.close()
     assert all(g == (rows >= 3) for rows, g in used)
     assert any(rows == 3 and g for rows, g in used) and any(rows == 1 and not g for rows, g in used)
