@@ -155,6 +155,7 @@ def test_cli_eval_classify_and_classify_eval(llava_model, vqa_set, tmp_path):
     s = json.loads((tmp_path / "cli" / "summary.json").read_text())
     assert s["answered"] == 3 and s["protocol"] == "greedy" and s["this_run"]["questions_per_minute"] > 0
     assert s["batch"] == 2
+    assert "note: --batch" not in r.stderr  # fp32: batched answers are identical, nothing to warn about
     # the row loop's progress: plain lines when stderr is not a terminal (here: CliRunner's buffer)
     assert "questions: 0/3 questions" in r.stderr and "questions: 3 questions in " in r.stderr, r.stderr
 

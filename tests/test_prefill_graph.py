@@ -148,3 +148,40 @@ def test_prefill_choices_and_memory_guard(hybrid, llava_model, monkeypatch):
     b = Bundle.load(hybrid, threads=1)
     assert b.decoder.gemm_session is None and len(b.notices) == 1 and "left unloaded" in b.notices[0]
     assert Bundle.load(hybrid, threads=1, prefill="int8").decoder.gemm_session is not None  # asked for: loaded
+
+
+def test_bench_measures_either_tier_of_a_hybrid_bundle(hybrid):
+    """`bench --prefill decoder|int8`: the int4-only tier and the hybrid timed on one bundle, each saying which
+    graph its prefill ran through."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from skin_offline.cli import app
+
+    seen = {}
+    for choice in ("decoder", "int8"):
+        r = CliRunner().invoke(app, ["bench", str(hybrid), "--runs", "1", "--warmup", "0", "--new-tokens", "2",
+                                     "--threads", "1", "--no-probe", "--json", "--device", "cpu", "--prefill", choice])
+        assert r.exit_code == 0, r.output
+        seen[choice] = json.loads(r.stdout)["model"]
+    assert seen["decoder"]["prefill"] == "int4" and seen["int8"]["prefill"] == "int8 qgemm"
+    bad = CliRunner().invoke(app, ["bench", str(hybrid), "--prefill", "fast"])
+    assert bad.exit_code == 2
+
+
+def test_eval_batch_on_a_quantized_bundle_says_answers_can_differ(hybrid, tmp_path):
+    from typer.testing import CliRunner
+
+    from skin_offline.cli import app
+
+    (tmp_path / "images").mkdir()
+    random_image(5).save(tmp_path / "images" / "a.png")
+    (tmp_path / "q.csv").write_text("image,question,answer\na.png,What is this?,A nevus.\na.png,Is it raised?,No.\n")
+    args = ["eval", str(hybrid), "--csv", str(tmp_path / "q.csv"), "--images", str(tmp_path / "images"), "--protocol",
+            "greedy", "--max-new-tokens", "3", "--threads", "1"]
+    r = CliRunner().invoke(app, [*args, "--batch", "2", "--out", str(tmp_path / "b2")])
+    assert r.exit_code == 0, r.output
+    assert "note: --batch 2 on an int4 bundle" in r.stderr and "can differ from --batch 1" in r.stderr
+    r = CliRunner().invoke(app, [*args, "--batch", "1", "--out", str(tmp_path / "b1")])
+    assert r.exit_code == 0 and "note: --batch" not in r.stderr

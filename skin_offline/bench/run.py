@@ -41,6 +41,7 @@ class BenchConfig:
     precision: str | None = None
     device: str = "auto"
     probe_bandwidth: bool = True
+    prefill: str | None = None  # Prefill value: which graph many-row calls run through (None: the bundle's default)
 
     def __post_init__(self):
         from ..errors import UsageError
@@ -153,7 +154,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda m: None) -> 
 
     threads = cfg.threads or default_threads()
     t0 = time.perf_counter()
-    bundle = Bundle.load(cfg.bundle, threads=threads, precision=cfg.precision, device=cfg.device)
+    bundle = Bundle.load(cfg.bundle, threads=threads, precision=cfg.precision, device=cfg.device, prefill=cfg.prefill)
     model = SkinVL(bundle, TextTokenizer.from_file(bundle.folder / names.TOKENIZER), feature_cache_size=0, prompt_cache_size=0)
     load_s = time.perf_counter() - t0
     facts = model_facts(model, threads)

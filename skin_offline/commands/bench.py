@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..manifest import Prefill
 from .options import Device, Precision, device_option, threads_option
 
 
@@ -23,6 +24,9 @@ def register(app, friendly) -> None:
         new_tokens: int = typer.Option(128, min=1, help="tokens to generate per run"),
         threads: Optional[int] = threads_option(),
         precision: Optional[Precision] = typer.Option(None, help="decoder precision the bundle carries"),
+        prefill: Optional[Prefill] = typer.Option(None, help="many-row calls through the bundle's int8 GEMM graph (int8) or the "
+                                                  "decoder itself (decoder: the int4-only tier); default: int8 when it "
+                                                  "is there and RAM holds it"),
         device: Device = device_option(),
         as_json: bool = typer.Option(False, "--json", help="print the full result as JSON"),
         chart: Optional[Path] = typer.Option(None, help="write a PNG chart of the stage breakdown"),
@@ -34,7 +38,8 @@ def register(app, friendly) -> None:
 
         cfg = BenchConfig(bundle=bundle, image=image, question=question or DEFAULT_QUESTION, runs=runs, warmup=warmup,
                           prompt_tokens=prompt_tokens, new_tokens=new_tokens, threads=threads,
-                          precision=precision.value if precision else None, device=device.value, probe_bandwidth=probe)
+                          precision=precision.value if precision else None, device=device.value, probe_bandwidth=probe,
+                          prefill=prefill.value if prefill else None)
         result = run_bench(cfg, log=(lambda m: None) if as_json else (lambda m: typer.echo(m, err=True)))
         if chart is not None:
             write_chart(result, chart)

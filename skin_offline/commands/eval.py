@@ -71,6 +71,12 @@ def register(app, friendly) -> None:
         show_notices(model)
         meta = {"bundle": str(bundle), "precision": model.manifest.pick(names.ROLE_DECODER, precision).precision.value,
                 "protocol": protocol.value, "seed": seed, "max_new_tokens": max_new_tokens, "batch": batch}
+        if batch > 1 and meta["precision"] != "fp32" and not quiet:
+            # quantized kernels sum a many-row call in another order than a one-row call (and a hybrid bundle's
+            # wide steps run its int8 GEMM graph), so near-tied greedy choices can flip: say so, do not hide it
+            typer.echo(f"note: --batch {batch} on an {meta['precision']} bundle: batched decode steps round differently "
+                       f"from single ones, so some answers can differ from --batch 1 (fp32 gives identical answers)",
+                       err=True)
         with progress_for(quiet) as progress:
             s = run_vqa(make_answer_fn(model, protocol, seed, max_new_tokens), rows, images, out, meta, progress, batch)
         typer.echo((out / "summary.md").read_text())
