@@ -22,21 +22,22 @@ from skin_offline.manifest import Precision
 PROBES = ProbeSet(image_seeds=(0, 1), num_questions=2, new_tokens=12)
 
 
-@pytest.fixture(scope="module")
-def quantized(llava_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("quality") / "int8"
-    r = quantize_bundle(llava_model.bundle_dir, out, QuantConfig("int8", vision="int8"), log=lambda m: None,
+def _quantize(llava_model, tmp_path_factory, precision: str):
+    out = tmp_path_factory.mktemp("quality") / precision
+    r = quantize_bundle(llava_model.bundle_dir, out, QuantConfig(precision, vision="int8"), log=lambda m: None,
                         probe_kw={"probes": PROBES, "threads": 1})
     return out, r.manifest
+
+
+@pytest.fixture(scope="module")
+def quantized(llava_model, tmp_path_factory):
+    return _quantize(llava_model, tmp_path_factory, "int8")
 
 
 @pytest.fixture(scope="module")
 def hybrid(llava_model, tmp_path_factory):
     """int4 decode graph + int8 QGEMM graph for many-row calls (the int4 default, Prefill.INT8)."""
-    out = tmp_path_factory.mktemp("quality") / "int4"
-    r = quantize_bundle(llava_model.bundle_dir, out, QuantConfig("int4", vision="int8"), log=lambda m: None,
-                        probe_kw={"probes": PROBES, "threads": 1})
-    return out, r.manifest
+    return _quantize(llava_model, tmp_path_factory, "int4")
 
 
 def _greedy(decoder, embed, prompt: np.ndarray, n: int) -> list[int]:
