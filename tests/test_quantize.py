@@ -8,9 +8,11 @@ fp32 token-identity with transformers stays covered by test_parity.py.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +158,7 @@ def _png(tmp_path: Path) -> Path:
 
 # --- a model large enough for sizes and memory to mean something ---------------------------------------
 @pytest.fixture(scope="module")
-def mid_bundle(tmp_path_factory) -> Path:
+def mid_bundle(tmp_path_factory) -> Iterator[Path]:
     """hidden 512, MLP 2048, 4 layers, vocab 32000: a 128 MB fp32 decoder (lm_head 65 MB of it)."""
     from skin_offline.export.factory import build_reference, preset, write_checkpoint
     from skin_offline.export.to_onnx import export_bundle
@@ -166,7 +168,9 @@ def mid_bundle(tmp_path_factory) -> Path:
     spec = preset("tiny", hidden=512, mlp=2048, layers=4, heads=4, kv_heads=2, init_std=0.04)
     ckpt = write_checkpoint(build_reference(spec), spec, root / "ckpt", "llava", find_mistral_tokenizer_model())
     export_bundle(ckpt, root / "b32", verify=False, fast_decoder=False, log=lambda m: None)
-    return root / "b32"
+    shutil.rmtree(ckpt)  # the tests below read only the bundle: free the disk for them
+    yield root / "b32"
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _data_theory(plan, block_size: int, symmetric: bool) -> float:
