@@ -349,6 +349,34 @@ def test_pixel_limit_applies_before_decoding():
     assert load(_NATIVE, max_pixels=48 * 32).shape == (32, 48, 3)
 
 
+def test_deflate_bomb_refused_before_pydicom_inflates_it(monkeypatch):
+    """pydicom inflates a deflated data set whole, into memory, before any tag is checked. A small file that
+    inflates past what the pixel limit allows is refused by our streamed count, and pydicom never reads it."""
+    from skin_offline.runtime.dicom import inflated_size_cap
+
+    ds = S.native(RGB, ts=uid.DeflatedExplicitVRLittleEndian)
+    ds.add_new(0x00090010, "LO", "SKIN OFFLINE TEST")
+    ds.add_new(0x00091010, "OB", bytes(4 << 20))  # 4 MiB of zeros: deflates to a few KB
+    data = S.write(ds)
+    assert len(data) < 64_000
+    limit = 48 * 32
+    assert inflated_size_cap(limit) < 4 << 20 < inflated_size_cap(10**6)
+
+    def no_pydicom(*a, **k):
+        raise AssertionError("pydicom read a deflate bomb")
+
+    with monkeypatch.context() as m:
+        m.setattr(pydicom, "dcmread", no_pydicom)
+        with pytest.raises(ImageError, match="deflated DICOM data set inflates to more than 1 MiB") as e:
+            load_image(data, max_pixels=limit)
+    assert "\n" not in str(e.value)
+    # the refusal is the size, not the file: under a limit that admits 4 MiB it reads exactly
+    assert np.array_equal(load(data, max_pixels=10**6), RGB)
+    # a corrupt deflate stream is one line too
+    with pytest.raises(ImageError, match="corrupt"):
+        load_image(data[:-2000] + bytes(range(256)) * 8)
+
+
 # ---------------------------------------------------------------- optional decoders missing
 
 def test_missing_codec_names_the_extra(monkeypatch):

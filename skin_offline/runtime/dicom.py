@@ -32,6 +32,7 @@ import re
 import struct
 import threading
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -206,6 +207,69 @@ def _parse_header(fp: BinaryIO) -> tuple[_Header, Dataset, bool | None]:
         burned_in=str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES",
     )
     return header, ds, has_pixels
+
+
+# File meta elements (group 0002, always explicit VR little endian) whose length field is 4 bytes.
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+def _deflated_data_set_offset(fp: BinaryIO) -> int | None:
+    """Where a deflated data set starts, or None when the file meta names another transfer syntax.
+
+    Walks the file meta (group 0002, always explicit VR little endian) by hand: pydicom cannot read the meta
+    without going on into the data set, which for a deflated file means inflating all of it."""
+    pos, ts = 132, b""  # after the preamble + "DICM" (checked by the loader)
+    while pos < (1 << 20):  # a file meta is a few hundred bytes
+        fp.seek(pos)
+        head = fp.read(8)
+        if len(head) < 8 or struct.unpack("<H", head[:2])[0] != 0x0002:
+            break
+        if head[4:6] in _LONG_VRS:
+            more = fp.read(4)
+            if len(more) < 4:
+                break
+            size, length = 12, struct.unpack("<I", more)[0]
+        else:
+            size, length = 8, struct.unpack("<H", head[6:8])[0]
+        if struct.unpack("<H", head[2:4])[0] == 0x0010:  # TransferSyntaxUID
+            ts = fp.read(min(length, 64)).rstrip(b"\x00 ")
+        pos += size + length
+    return pos if ts == uid.DeflatedExplicitVRLittleEndian.encode() else None
+
+
+def inflated_size_cap(max_pixels: int) -> int:
+    """Bytes a deflated data set may inflate to: the largest image the pixel limit lets through at 16 bits x 3
+    samples, with room for a few frames or tables (8 bytes a pixel), plus 1 MiB for the header."""
+    return 8 * max_pixels + (1 << 20)
+
+
+def _check_inflated_size(fp: BinaryIO, name: str, max_pixels: int) -> None:
+    """Refuse a deflate bomb before pydicom sees it.
+
+    pydicom inflates a deflated data set whole, into memory, before a single tag can be checked: a 20 MB upload of
+    zeros would inflate to ~20 GB. So inflate it here first, streaming and counting, keeping none of the output;
+    zlib's `max_length` bounds each step's output whatever the ratio."""
+    start = _deflated_data_set_offset(fp)
+    if start is None:
+        return
+    cap = inflated_size_cap(max_pixels)
+    inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    fp.seek(start)
+    try:
+        while not inflater.eof and (chunk := fp.read(1 << 20)):
+            while chunk and not inflater.eof:
+                total += len(inflater.decompress(chunk, 1 << 22))
+                if total > cap:
+                    from .image import MAX_PIXELS_ENV
+
+                    raise ImageError(f"{name}: deflated DICOM data set inflates to more than {cap >> 20} MiB, more "
+                                     f"than any image within the pixel limit needs; export the image uncompressed, "
+                                     f"or raise {MAX_PIXELS_ENV} if it is a genuine very large image")
+                chunk = inflater.unconsumed_tail
+    except zlib.error:
+        raise ImageError(f"{name}: corrupt deflated DICOM data set; export or copy the file again") from None
+    finally:
+        fp.seek(0)
 
 
 def _read_header(fp: BinaryIO, name: str) -> tuple[_Header, Dataset, bool | None]:
@@ -392,6 +456,7 @@ def read_dicom(fp: BinaryIO, name: str, *, frame: int, max_pixels: int) -> Dicom
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom's and the codecs' warnings may quote values
+            _check_inflated_size(fp, name, max_pixels)
             header, tags, has_pixels = _read_header(fp, name)
             _check(header, name, frame, max_pixels, has_pixels)
             plugin = _plugin(header, name)
