@@ -70,6 +70,16 @@ def _si(x: float, unit: str) -> str:
     return f"{x:.0f} B"
 
 
+def _rate(rate: float, unit: str) -> str:
+    """'2.4 layers/s', '1.2 MB/s'; below one item a second, seconds per item ('14.2 s/layer': a 7B layer's
+    verification), since '0.1 layers/s' says nothing."""
+    if not rate:
+        return ""
+    if unit != "B" and rate < 1:
+        return f"{1 / rate:.1f} s/{unit[:-1] if unit.endswith('s') else unit or 'item'}"
+    return f"{_si(rate, unit)}/s"
+
+
 def _count(done: float, total: float | None, unit: str) -> str:
     """'12/32 layers', '1.2 GB/4.0 GB', '7 rows' (no total)."""
     if not total:
@@ -117,7 +127,7 @@ class Task:
         """The plain-text status: 'decoder int4: 12/32 layers (38%), 0.8 layers/s, ETA 0:25'."""
         el = self.elapsed
         rate = self.completed / el if el > 0 else 0.0
-        rate_s = f"{_si(rate, self.unit)}/s" if rate else "-"
+        rate_s = _rate(rate, self.unit) or "-"
         if done:
             mem = f", peak RSS {self.peak_rss / 1e9:.2f} GB" if self.peak_rss else ""
             return f"{self.description}: {_si(self.completed, self.unit)} in {_duration(el)} ({rate_s}){mem}"
@@ -185,7 +195,7 @@ class Progress:
     def _fields(self, t: Task) -> dict:
         el = t.elapsed
         rate = t.completed / el if el > 0 and t.completed else 0.0
-        return {"count": _count(t.completed, t.total, t.unit), "rate": f"{_si(rate, t.unit)}/s" if rate else ""}
+        return {"count": _count(t.completed, t.total, t.unit), "rate": _rate(rate, t.unit)}
 
     def _start(self, t: Task) -> None:
         if self.trace_memory:
