@@ -191,6 +191,10 @@ def test_cli_lora_and_dry_run(base, tmp_path):
     manifest = _export(ckpt, tmp_path / "real", lora=tmp_path / "adapter")
     for f, e in manifest.files.items():
         assert abs(e.size - plan.files[f]) <= max(0.01 * e.size, 64 << 10), (f, e.size, plan.files[f])
+    # info names the merged adapter and where the projector came from
+    r = runner.invoke(app, ["info", str(tmp_path / "real")])
+    assert r.exit_code == 0, r.output
+    assert f"lora: {tmp_path / 'adapter'} (r 8, alpha 16.0," in r.output and "projector: non_lora_trainables" in r.output
 
 
 def test_checkpoint_with_only_tokenizer_json(tmp_path, tokenizer_model):

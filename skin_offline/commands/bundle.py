@@ -62,6 +62,9 @@ def register(app, friendly) -> None:
                        f"{format_details(g.details)}".rstrip())
         typer.echo(f"  source: {m.source.get('layout')} {m.source.get('path')}"
                    + (" (random weights)" if m.random_weights else ""))
+        if m.source.get("lora"):  # a merged adapter is half of what the bundle is
+            typer.echo(f"  lora: {m.source['lora']} (r {m.source.get('lora_r')}, alpha {m.source.get('lora_alpha')}, "
+                       f"{m.source.get('lora_targets')} weights merged); projector: {m.source.get('projector')}")
         if m.verification:
             from ..export.verify import format_verification
 
