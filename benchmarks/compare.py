@@ -113,8 +113,23 @@ def setup_peers_venv(cache: Path) -> None:
 # and in each run's report. GGML_NATIVE uses this CPU's own instruction set (AVX-512 / VNNI); on Intel CPUs with
 # AMX that also turns on ggml's AMX backend, which crashed here on the first decode (SIGSEGV in
 # ggml_backend_amx_mul_mat, llama-cpp-python 0.3.36): setup then rebuilds with the AMX paths off (smoke test).
+# GGML_AMX_*=OFF beside GGML_NATIVE=ON is not enough: -march=native defines __AMX_INT8__, which compiles the AMX
+# backend in regardless (seen: the same SIGSEGV). So the rebuild names this CPU's instruction sets one by one.
 NATIVE_FLAGS = "-DGGML_NATIVE=ON"
-NO_AMX_FLAGS = "-DGGML_NATIVE=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF"
+_GGML_ISA = {"avx": "AVX", "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "bmi2": "BMI2", "avx_vnni": "AVX_VNNI",
+             "avx512f": "AVX512", "avx512vbmi": "AVX512_VBMI", "avx512_vnni": "AVX512_VNNI",
+             "avx512_bf16": "AVX512_BF16"}
+
+
+def _no_amx_flags() -> str:
+    from skin_offline.runtime.kernels.policy import cpu_flags
+
+    have = cpu_flags()
+    return " ".join(["-DGGML_NATIVE=OFF", *(f"-DGGML_{v}=ON" for k, v in _GGML_ISA.items() if k in have),
+                     "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_BF16=OFF"])
+
+
+NO_AMX_FLAGS = _no_amx_flags()
 FLAGS_FILE = "llama-cmake-flags.txt"
 
 
