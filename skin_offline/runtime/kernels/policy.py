@@ -7,8 +7,9 @@ that carries both graphs (Prefill.INT8) runs calls of at least `gemm_min_rows` r
 prefill chunks, batched decode steps, teacher forcing; single-row decode through int4.
 
 The crossover is a property of the CPU: measured with benchmarks/kernels.py (one 4096x14336 weight, 2 threads)
-it sits between 2 and 4 rows on an Intel Xeon with AMX and near 16 on the AMD EPYC (AVX-512 VNNI, no AMX) of
-this project's machines; see benchmarks/README.md. SKIN_OFFLINE_GEMM_MIN_ROWS overrides it.
+it is 4 rows on an Intel Xeon with AMX (0.88x and 1.09x int4's time at 4 rows in two runs, 0.52x from 5 rows,
+0.15x at 600) and near 16 on the AMD EPYC (AVX-512 VNNI, no AMX) of this project's machines (a wash from 8 to 16,
+clear from 24); see benchmarks/README.md. SKIN_OFFLINE_GEMM_MIN_ROWS overrides it.
 """
 
 from __future__ import annotations
