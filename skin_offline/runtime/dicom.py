@@ -41,6 +41,7 @@ import pydicom
 from pydicom import config, uid
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, get_decoder, pixel_array
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 from ..errors import ImageError
 
@@ -209,15 +210,16 @@ def _parse_header(fp: BinaryIO) -> tuple[_Header, Dataset, bool | None]:
     return header, ds, has_pixels
 
 
-# File meta elements (group 0002, always explicit VR little endian) whose length field is 4 bytes.
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+# Explicit-VR elements whose length field is 4 bytes (pydicom's own list), as the bytes found in a file.
+_LONG_VRS = {str(vr).encode() for vr in EXPLICIT_VR_LENGTH_32}
 
 
 def _deflated_data_set_offset(fp: BinaryIO) -> int | None:
     """Where a deflated data set starts, or None when the file meta names another transfer syntax.
 
-    Walks the file meta (group 0002, always explicit VR little endian) by hand: pydicom cannot read the meta
-    without going on into the data set, which for a deflated file means inflating all of it."""
+    Walks the file meta (group 0002, always explicit VR little endian) by hand: pydicom's public reader of the
+    meta alone takes only a path, and dcmread goes on into the data set, which for a deflated file means
+    inflating all of it."""
     pos, ts = 132, b""  # after the preamble + "DICM" (checked by the loader)
     while pos < (1 << 20):  # a file meta is a few hundred bytes
         fp.seek(pos)
