@@ -71,12 +71,12 @@ def _si(x: float, unit: str) -> str:
 
 
 def _rate(rate: float, unit: str) -> str:
-    """'2.4 layers/s', '1.2 MB/s'; below one item a second, seconds per item ('14.2 s/layer': a 7B layer's
+    """'2.4 layers/s', '1.2 MB/s'; below one item a second, seconds per item ('14.2 s each': a 7B layer's
     verification), since '0.1 layers/s' says nothing."""
     if not rate:
         return ""
     if unit != "B" and rate < 1:
-        return f"{1 / rate:.1f} s/{unit[:-1] if unit.endswith('s') else unit or 'item'}"
+        return f"{1 / rate:.1f} s each"
     return f"{_si(rate, unit)}/s"
 
 

@@ -34,7 +34,7 @@ def test_lines_mode_says_stage_count_rate_and_eta():
 
 
 def test_slow_stages_say_seconds_per_item(monkeypatch):
-    """A 7B layer takes ~14 s to verify: '0.1 layers/s' would say nothing, '14.0 s/layer' does."""
+    """A 7B layer takes ~14 s to verify: '0.1 layers/s' would say nothing, '14.0 s each' does."""
     import skin_offline.progress as progress
 
     clock = iter(range(0, 1000, 7))  # every reading of the clock is 7 s later
@@ -43,8 +43,8 @@ def test_slow_stages_say_seconds_per_item(monkeypatch):
     p = Progress(Mode.LINES, stream=out, interval_s=0.0)
     with p.task("verification", total=32, unit="layers") as t:
         t.advance()
-    assert re.search(r"verification: 1/32 layers \(3%\), \d+\.\d s/layer, ETA \d+:\d\d", out.getvalue()), out.getvalue()
-    assert re.search(r"verification: 1 layers in \d+:\d\d \(\d+\.\d s/layer\)", out.getvalue()), out.getvalue()
+    assert re.search(r"verification: 1/32 layers \(3%\), \d+\.\d s each, ETA \d+:\d\d", out.getvalue()), out.getvalue()
+    assert re.search(r"verification: 1 layers in \d+:\d\d \(\d+\.\d s each\)", out.getvalue()), out.getvalue()
 
 
 def test_auto_is_lines_on_a_pipe_and_under_ci_quiet_is_silent(monkeypatch):
