@@ -39,9 +39,7 @@ def main() -> None:
     many = SkinVL.load(a.bundle, threads=a.threads, precision=a.precision, parallel=a.parallel)
     many.prompt_cache.max_entries = 0
     streams = [many.engine.submit(many.prepare(im, q, max_new_tokens=a.new_tokens)) for im, q in zip(images, questions)]
-    for s in streams:
-        list(s)
-    batched = [s.state.tokens for s in streams]
+    batched = [list(list(s)[-1].tokens) for s in streams]
     firsts = [next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), min(len(p), len(q)))
               for p, q in zip(alone, batched) if p != q]
     same = a.requests - len(firsts)

@@ -121,14 +121,14 @@ def filled_cache(dec, past: int, rng):
         for buf in cache.store.keys + cache.store.values:
             buf[:, :, :past] = rng.standard_normal(shape, dtype=np.float32).astype(dec.kv_dtype)
         cache.store.frontier = past
-        return StoreCache(cache.store, mask, True)
+        return StoreCache(cache.store, mask)
     kv = [rng.standard_normal(shape, dtype=np.float32).astype(dec.kv_dtype) for _ in range(2 * d.num_layers)]
     return HostCache(kv[0::2], kv[1::2], mask)
 
 
 def decode_round(dec, table: np.ndarray, past: int, steps: int, rng) -> dict:
     """`steps` greedy tokens from a `past`-token cache; per-token wall, session and Python times."""
-    from skin_offline.runtime.kernels.sampling import SamplingConfig, make_sampler
+    from skin_offline.runtime.sampling import SamplingConfig, make_sampler
 
     sampler = make_sampler(SamplingConfig())
     cache = filled_cache(dec, past, rng)

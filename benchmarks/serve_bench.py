@@ -108,8 +108,9 @@ class InProcess:
         from skin_offline.runtime.engine import Engine
         from skin_offline.runtime.pipeline import SkinVL
 
-        self.model = SkinVL.load(bundle, threads=threads)
-        self.engine = Engine(self.model, parallel=parallel, max_queue=8 * parallel)
+        self.model = m = SkinVL.load(bundle, threads=threads)
+        self.engine = Engine.for_bundle(m.bundle, m.tokenizer, m.vision, parallel=parallel, max_queue=8 * parallel,
+                                        prompt_cache=m.prompt_cache)
 
     def stream(self, img: bytes, q: str, max_tokens: int):
         t0 = time.perf_counter()

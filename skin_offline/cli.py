@@ -9,7 +9,6 @@ out-of-range configuration), 3 bad input (image/question), 4 bundle/checkpoint, 
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
 from functools import wraps
 
 import typer
@@ -58,31 +57,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run the Skin
                   cls=_OneLineUsageErrors)
 
 
-@contextmanager
-def _one_line_notices():
-    """PatientDataWarning (e.g. a DICOM header saying text is burned into the pixels) as one `warning: ...` line on
-    stderr, once per command (each turn of a chat reloads the image), instead of Python's two-line warning; other
-    warnings are shown as usual."""
-    import warnings
-
-    from .errors import PatientDataWarning
-
-    with warnings.catch_warnings():
-        shown, said = warnings.showwarning, set()
-
-        def show(message, category, filename, lineno, file=None, line=None):
-            if issubclass(category, PatientDataWarning):
-                if str(message) not in said:
-                    said.add(str(message))
-                    typer.echo(f"warning: {message}", err=True)
-            else:
-                shown(message, category, filename, lineno, file, line)
-
-        warnings.showwarning = show
-        warnings.simplefilter("always", PatientDataWarning)  # shown even under -W ignore / error; `said` dedupes
-        yield
-
-
 def friendly(fn):
     """Turn our named errors into one line + exit code; never a traceback for expected failures."""
 
@@ -92,8 +66,7 @@ def friendly(fn):
         import os
 
         try:
-            with _one_line_notices():
-                return fn(*a, **kw)
+            return fn(*a, **kw)
         except (typer.Exit, typer.Abort, click_errors.ClickException):  # not errors (usage errors: printed by the app)
             raise
         except SkinOfflineError as e:  # ConfigError (a ValueError too) lands here: a usage error, exit 2
@@ -127,7 +100,7 @@ COMMAND_MODULES: list[str] = [
     "bundle",  # info, verify
     "eval",  # eval, classify, classify-eval
     "bench",
-    "engines",  # build-engines
+    "tensorrt",  # build-engines (TensorRT engines)
     "serve",
 ]
 

@@ -62,11 +62,6 @@ class EngineClosed(SkinOfflineError):
     exit_code = 1
 
 
-class Cancelled(SkinOfflineError):
-    exit_code = 130
-
-
-class PatientDataWarning(UserWarning):
-    """The image may show patient data in its pixels (DICOM BurnedInAnnotation = YES): a notice, never a refusal.
-
-    The message never quotes any header value; the CLI prints it as one `warning: ...` line on stderr."""
+class ConstraintError(UsageError):
+    """A constraint (JSON schema, regex, choice, grammar) that cannot be used: names the field and the reason
+    (HTTP 400; CLI exit 2). Never quotes the constraint's text beyond what the library's reason says."""

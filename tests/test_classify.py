@@ -95,6 +95,58 @@ def test_ranking_stable_under_label_order(llava_model, image):
         assert [s.score for s in other.scores] == pytest.approx([s.score for s in base.scores], abs=1e-6)
 
 
+def _reference_ranking(rt, image, labels):
+    """What the runtime scored before label scoring moved into the engine (tests/decode_loop.py)."""
+    from decode_loop import embed_prompt, label_logprobs_with_decoder
+    from skin_offline.runtime.classify import canonical_labels, label_token_ids, question_for
+    from skin_offline.runtime.prompt import build_prompt_ids
+
+    names = canonical_labels(labels)
+    ids = build_prompt_ids(rt.tokenizer, question_for(names))
+    embeds = embed_prompt(rt, ids, rt.image_features(rt.pixels(image)))
+    lps = label_logprobs_with_decoder(rt.bundle.decoder, embeds, rt.bundle.embed,
+                                      [label_token_ids(rt.tokenizer, n) for n in names])
+    return dict(zip(names, lps))
+
+
+def _label_sets():
+    return json.loads(LABEL_FILE.read_text())["datasets"]
+
+
+def test_every_paper_label_set_scores_as_before_alone_and_batched(llava_model, image):
+    """Every label set of the paper, scored through the engine alone (one request) and all at once with a greedy
+    request sharing the decoder runs, equals the pre-engine computation within 1e-5 (fp32)."""
+    from skin_offline.runtime.pipeline import SkinVL
+
+    rt = llava_model.runtime
+    sets = _label_sets()
+    refs = {name: _reference_ranking(rt, image, labels) for name, labels in sets.items()}
+
+    def check(name, ranking):
+        ref = refs[name]
+        assert {s.label for s in ranking.scores} == set(ref)
+        for s in ranking.scores:
+            assert s.n_tokens == len(ref[s.label]), (name, s.label)
+            assert s.logprob == pytest.approx(ref[s.label].sum(), abs=1e-5), (name, s.label)
+
+    for name, labels in sets.items():
+        check(name, rt.classify(image, labels))
+    m = SkinVL(rt.bundle, rt.tokenizer, parallel=4)
+    try:
+        greedy = m.engine.submit(m.prepare(image, "Describe it.", max_new_tokens=30))
+        reqs = {name: m.prepare_scoring(image, labels) for name, labels in sets.items()}
+        streams = {name: m.engine.submit(req) for name, (req, _) in reqs.items()}
+        for name, stream in streams.items():
+            from skin_offline.runtime.classify import rank, question_for
+
+            last = list(stream)[-1]
+            labels = reqs[name][1]
+            check(name, rank(labels, list(last.label_logprobs), question_for(labels)))
+        assert list(list(greedy)[-1].tokens) == rt.ask(image, "Describe it.", max_new_tokens=30).token_ids
+    finally:
+        m.close()
+
+
 def test_batched_labels_equal_one_at_a_time(llava_model, image):
     rt = llava_model.runtime
     a = rt.classify(image, LABELS, batch_size=1)

@@ -51,7 +51,7 @@ def test_threads_match_sequential(shared_model):
     reqs = _requests()
     sequential = [_run(shared_model, r) for r in reqs]
     assert len(set(sequential)) >= len(reqs) - 2  # different requests give different answers
-    shared_model._features.clear()  # the threads start cold, racing on the feature cache too
+    shared_model.vision._cache.clear()  # the threads start cold, racing on the feature cache too
     barrier = threading.Barrier(8)
 
     def job(i, r):
@@ -67,7 +67,7 @@ def test_threads_match_sequential(shared_model):
 def test_same_image_many_threads(shared_model):
     img = random_image(7, size=(50, 41))
     want = shared_model.ask(img, "What is this lesion?", max_new_tokens=N_NEW).answer
-    shared_model._features.clear()
+    shared_model.vision._cache.clear()
     with ThreadPoolExecutor(max_workers=8) as pool:
         got = list(pool.map(lambda _: shared_model.ask(img, "What is this lesion?", max_new_tokens=N_NEW).answer,
                             range(8)))
@@ -82,7 +82,7 @@ def test_bounded_memory_and_cache(shared_model):
     def round_():
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda r: _run(shared_model, r), reqs))
-        assert len(shared_model._features) <= shared_model._cache_size
+        assert len(shared_model.vision._cache) <= shared_model.vision.cache_size
 
     round_()
     base = proc.memory_info().rss

@@ -18,8 +18,8 @@ from PIL import Image
 from pydicom import uid
 
 import dicom_samples as S
-from skin_offline.errors import ImageError, PatientDataWarning
-from skin_offline.runtime.image import ImageSource, load_image
+from skin_offline.errors import ImageError
+from skin_offline.runtime.image import ImageSource, load_image, read_image
 
 RGB = S.rgb_pixels()  # [32, 48, 3]
 
@@ -399,7 +399,7 @@ def test_missing_codec_names_the_extra(monkeypatch):
 
 def test_nothing_logged_or_warned_even_with_pydicom_debug(caplog, capfd):
     """With pydicom's debug logging on, reading a header logs every element with a preview of its value (the control
-    below finds planted data in it); our reads log nothing and warn nothing but the named burned-in notice."""
+    below finds planted data in it); our reads log nothing and warn nothing; the burned-in notice is data."""
     files = [S.write(S.native(RGB, BurnedInAnnotation="YES")), _compressed(uid.RLELossless),
              _jpeg_size_mismatch(), _without_pixels(), _NATIVE[:-100], _header_claims(PhotometricInterpretation="QWERTYUIOP")]
     pydicom.config.debug(True)
@@ -409,11 +409,12 @@ def test_nothing_logged_or_warned_even_with_pydicom_debug(caplog, capfd):
             control = caplog.text + capfd.readouterr().err
             assert any(secret in control for secret in S.SECRETS), control
             caplog.clear()
+            notices = []
             with warnings.catch_warnings(record=True) as seen:
                 warnings.simplefilter("always")
                 for data in files:
                     try:
-                        load_image(data)
+                        notices += read_image(data).notices
                     except ImageError as e:
                         _assert_no_secret(str(e))
     finally:
@@ -421,19 +422,21 @@ def test_nothing_logged_or_warned_even_with_pydicom_debug(caplog, capfd):
     out = capfd.readouterr()
     assert caplog.records == [], caplog.text
     _assert_no_secret(out.out, out.err, caplog.text)
-    assert [w.category for w in seen] == [PatientDataWarning]
-    _assert_no_secret(str(seen[0].message))
+    assert seen == []
+    assert len(notices) == 1 and "burned into the pixels" in notices[0]
+    _assert_no_secret(*notices)
 
 
 def test_burned_in_annotation_is_a_notice_not_a_refusal():
     data = S.write(S.native(RGB, BurnedInAnnotation="YES"))
-    with pytest.warns(PatientDataWarning, match="burned into the pixels") as rec:
-        assert np.array_equal(load(data), RGB)
-    assert len(rec) == 1 and "\n" not in str(rec[0].message)
+    got = read_image(data)
+    assert np.array_equal(np.asarray(got.image), RGB)
+    assert len(got.notices) == 1 and "burned into the pixels" in got.notices[0] and "\n" not in got.notices[0]
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # BurnedInAnnotation NO or absent: no warning at all
-        load(S.write(S.native(RGB, BurnedInAnnotation="NO")))
-        load(_NATIVE)
+        warnings.simplefilter("error")  # never a Python warning; BurnedInAnnotation NO or absent: no notice at all
+        assert read_image(S.write(S.native(RGB, BurnedInAnnotation="NO"))).notices == ()
+        assert read_image(_NATIVE).notices == ()
+        assert read_image(data).notices == got.notices
 
 
 def test_reads_only_image_tags(monkeypatch):
@@ -476,12 +479,11 @@ def _mutated(draw):
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_mutated(), st.integers(0, 2))
 def test_fuzz_dicom_only_one_line_errors_without_patient_data(data, frame):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PatientDataWarning)
-        try:
-            img = load_image(data, max_pixels=4_000_000, frame=frame)
-        except ImageError as e:
-            assert "\n" not in str(e)
-            _assert_no_secret(*_chain(e))
-        else:
-            assert img.mode == "RGB"
+    try:
+        got = read_image(data, max_pixels=4_000_000, frame=frame)
+    except ImageError as e:
+        assert "\n" not in str(e)
+        _assert_no_secret(*_chain(e))
+    else:
+        assert got.image.mode == "RGB"
+        _assert_no_secret(*got.notices)

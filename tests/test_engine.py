@@ -11,7 +11,7 @@ import pytest
 
 from conftest import random_image, reference_generate, reference_pixels
 from skin_offline import names
-from skin_offline.runtime.generate import FinishReason
+from skin_offline.runtime.response import FinishReason
 from skin_offline.runtime.pipeline import SkinVL
 from skin_offline.runtime.tokenizer import TextTokenizer
 
@@ -24,6 +24,11 @@ def _model(bundle_dir, flavor, parallel, **kw):
 
     b = Bundle.load(bundle_dir, threads=1, flavor=flavor)
     return SkinVL(b, TextTokenizer.from_file(b.folder / names.TOKENIZER), parallel=parallel, **kw)
+
+
+def _tokens(stream) -> list[int]:
+    """Drain a stream: its answer's token ids (from the last response)."""
+    return list(list(stream)[-1].tokens)
 
 
 def _jobs(n):
@@ -60,9 +65,7 @@ def test_concurrent_batch_equals_alone(llava_model, flavor, alone, parallel):
     m = _model(llava_model.bundle_dir, flavor, parallel)
     jobs = _jobs(8)
     streams = [m.engine.submit(m.prepare(img, q, max_new_tokens=n)) for img, q, n in jobs]  # all at once
-    for s in streams:
-        list(s)
-    assert {i: s.state.tokens for i, s in enumerate(streams)} == alone
+    assert {i: _tokens(s) for i, s in enumerate(streams)} == alone
     assert len({len(t) for t in alone.values()}) > 1  # rows finished at different steps
 
 
@@ -80,14 +83,13 @@ def test_arrivals_mid_decode_and_a_cancelled_row(llava_model, flavor, alone):
         if k == 2:
             rest = [m.engine.submit(m.prepare(img, q, max_new_tokens=n)) for img, q, n in jobs[2:]]
             doomed.cancel()
-    list(it)
-    for s in rest:
-        list(s)
-    assert first.state.tokens == alone[0]
-    assert doomed.state.finish_reason == FinishReason.CANCELLED and len(doomed.state.tokens) < 200
-    k = min(len(doomed.state.tokens), len(alone[1]))  # its own greedy answer, cut where it was cancelled
-    assert k >= 3 and doomed.state.tokens[:k] == alone[1][:k]
-    assert {i + 2: s.state.tokens for i, s in enumerate(rest)} == {i: alone[i] for i in range(2, 8)}
+        last = r
+    assert list(list(it)[-1].tokens) == alone[0]
+    cut = list(last.tokens)
+    assert last.finish_reason == FinishReason.CANCELLED and len(cut) < 200
+    k = min(len(cut), len(alone[1]))  # its own greedy answer, cut where it was cancelled
+    assert k >= 3 and cut[:k] == alone[1][:k]
+    assert {i + 2: _tokens(s) for i, s in enumerate(rest)} == {i: alone[i] for i in range(2, 8)}
     assert m.engine.stats().active == 0
 
 
@@ -115,9 +117,7 @@ def test_seeded_sampling_does_not_depend_on_the_batch(llava_model, flavor):
     want = [one.ask(img, q, seed=i, **kw).token_ids for i, (img, q, _) in enumerate(jobs)]
     many = _model(llava_model.bundle_dir, flavor, 5)
     streams = [many.engine.submit(many.prepare(img, q, seed=i, **kw)) for i, (img, q, _) in enumerate(jobs)]
-    for s in streams:
-        list(s)
-    assert [s.state.tokens for s in streams] == want
+    assert [_tokens(s) for s in streams] == want
     assert len({tuple(w) for w in want}) == len(want)
 
 
@@ -126,13 +126,11 @@ def test_chunked_prefill_equals_one_shot(llava_model, flavor, alone, chunk):
     from skin_offline.runtime.engine import Engine
 
     m = _model(llava_model.bundle_dir, flavor, 2, prompt_cache_size=0)
-    e = Engine(m, parallel=2, chunk_tokens=chunk, prompt_cache=m.prompt_cache)
+    e = Engine.for_bundle(m.bundle, m.tokenizer, m.vision, parallel=2, chunk_tokens=chunk, prompt_cache=m.prompt_cache)
     try:
         jobs = _jobs(3)
         streams = [e.submit(m.prepare(img, q, max_new_tokens=n)) for img, q, n in jobs]
-        for s in streams:
-            list(s)
-        assert [s.state.tokens for s in streams] == [alone[i] for i in range(3)]
+        assert [_tokens(s) for s in streams] == [alone[i] for i in range(3)]
     finally:
         assert e.close(timeout=30)
 
@@ -151,24 +149,41 @@ def test_prompt_cache_serves_other_slots(llava_model, flavor, alone):
 
 
 def test_memory_does_not_grow_with_requests(llava_model):
+    """RSS after 200 mixed requests (greedy, sampled, beam search, label scoring, cancelled) equals RSS after 20:
+    rows, prompt cache and feature cache are bounded, and nothing per request stays."""
     psutil = pytest.importorskip("psutil")
     m = _model(llava_model.bundle_dir, "contrib", 4)
     proc = psutil.Process()
 
     def burst(k):
-        streams = [m.engine.submit(m.prepare(random_image(300 + (j % 12)), QUESTIONS[j % 4], max_new_tokens=4 + j % 5))
-                   for j in range(k)]
+        streams = []
+        for j in range(k):
+            img, q = random_image(300 + (j % 12)), QUESTIONS[j % 4]
+            kind = j % 5
+            if kind == 0:
+                req = m.prepare(img, q, max_new_tokens=4 + j % 5)
+            elif kind == 1:
+                req = m.prepare(img, q, max_new_tokens=6, temperature=0.8, seed=j)
+            elif kind == 2:
+                req = m.prepare_beam(img, q, num_beams=3, max_new_tokens=5)
+            elif kind == 3:
+                req = m.prepare_scoring(img, ["melanoma", "nevus", "basal cell carcinoma"])[0]
+            else:
+                req = m.prepare(img, q, max_new_tokens=300)
+            streams.append(m.engine.submit(req))
+        streams[-1].cancel()  # the long one
         for s in streams:
             list(s)
 
     for _ in range(4):
-        burst(5)
+        burst(5)  # 20 requests
     base = proc.memory_info().rss
     for _ in range(36):
-        burst(5)  # 180 more requests
+        burst(5)  # 180 more
     grown = proc.memory_info().rss - base
-    assert grown < 16 << 20, grown  # slots, prompt cache and feature cache are bounded; nothing per request stays
+    assert grown < 16 << 20, grown
     assert len(m.prompt_cache) <= m.prompt_cache.max_entries
+    assert m.engine.stats().active == 0 and sorted(m.engine._free) == list(range(m.engine.slots.n))
 
 
 def test_old_gqa_bundle_refuses_parallel_with_the_fix(llava_model, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from conftest import random_image
 from skin_offline.errors import ContextLengthError, EngineBusy, EngineClosed, UsageError
 from skin_offline.runtime.engine import Engine
-from skin_offline.runtime.generate import FinishReason
+from skin_offline.runtime.response import FinishReason
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def model(llava_model):
 def test_submit_matches_ask_sync_and_async(model):
     img = random_image(3)
     want = model.ask(img, "What is this lesion?", max_new_tokens=20)
-    engine = Engine(model, parallel=2)
+    engine = Engine.for_bundle(model.bundle, model.tokenizer, model.vision, parallel=2)
     try:
         got = list(engine.submit(model.prepare(img, "What is this lesion?", max_new_tokens=20)))
         assert "".join(r.text for r in got) == want.answer
@@ -31,7 +31,8 @@ def test_submit_matches_ask_sync_and_async(model):
 
         async def consume():
             s = engine.submit(model.prepare(img, "What is this lesion?", max_new_tokens=20))
-            return [r async for r in s], s.state.tokens
+            out = [r async for r in s]
+            return out, list(out[-1].tokens)
 
         out, tokens = asyncio.run(consume())
         assert "".join(r.text for r in out) == want.answer and tokens == want.token_ids
@@ -52,7 +53,7 @@ def test_stop_strings_cut_the_answer(model):
 
 def test_cancel_and_busy_and_close(model):
     img = random_image(5)
-    engine = Engine(model, parallel=1, max_queue=1)
+    engine = Engine.for_bundle(model.bundle, model.tokenizer, model.vision, parallel=1, max_queue=1)
     try:
         first = engine.submit(model.prepare(img, "What is this lesion?", max_new_tokens=200))
         it = iter(first)
@@ -83,7 +84,7 @@ def test_prepare_refuses_before_admission(model):
 
 
 def test_closed_consumer_cancels(model):
-    engine = Engine(model, parallel=1)
+    engine = Engine.for_bundle(model.bundle, model.tokenizer, model.vision, parallel=1)
     try:
         s = engine.submit(model.prepare(random_image(7), "What is this lesion?", max_new_tokens=300))
         it = iter(s)

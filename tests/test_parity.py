@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from decode_loop import embed_prompt
 from conftest import assert_verified, random_image, reference_embeds, reference_generate, reference_pixels
 
 ATOL = 1e-4
@@ -45,7 +46,7 @@ def test_merged_embeddings_and_first_logits_match(models, layout):
     ids = build_prompt_ids(rt.tokenizer, QUESTIONS[0])
     pixels = rt.pixels(img)
     np.testing.assert_allclose(pixels, reference_pixels(img, m.spec.image_size), atol=1e-5)
-    embeds = rt.prompt_embeddings(ids, rt.image_features(pixels))
+    embeds = embed_prompt(rt, ids, rt.image_features(pixels))
     input_ids, ref_embeds = reference_embeds(m.ref, ids, pixels)
     with torch.no_grad():
         if ref_embeds is None:  # llava-hf: the model splices itself; compare its logits from input_ids
@@ -76,8 +77,8 @@ def test_greedy_tokens_identical_to_transformers(models, layout, case):
 
 def test_step_logits_match_generate(llava_model):
     """Every decode step's logits (not only the argmax) agree with transformers' generate."""
-    from skin_offline.runtime.generate import GenerationState, generate_step
-    from skin_offline.runtime.kernels.sampling import SamplingConfig, make_sampler
+    from decode_loop import generate_step
+    from skin_offline.runtime.sampling import SamplingConfig, make_sampler
     from skin_offline.runtime.prompt import build_prompt_ids
 
     m = llava_model
@@ -85,7 +86,7 @@ def test_step_logits_match_generate(llava_model):
     img = random_image(5)
     ids = build_prompt_ids(rt.tokenizer, QUESTIONS[1])
     pixels = reference_pixels(img, m.spec.image_size)
-    embeds = rt.prompt_embeddings(ids, rt.bundle.vision.encode(pixels)[0])
+    embeds = embed_prompt(rt, ids, rt.bundle.vision.encode(pixels)[0])
     seen = []
     base = make_sampler(SamplingConfig())
 
@@ -93,7 +94,7 @@ def test_step_logits_match_generate(llava_model):
         seen.append(logits.copy())
         return base(logits)
 
-    tokens = list(generate_step(rt.bundle.decoder, embeds, rt.bundle.embed, recording, 32, eos_id=2, state=GenerationState()))
+    tokens = list(generate_step(rt.bundle.decoder, embeds, rt.bundle.embed, recording, 32, eos_id=2))
     ref_tokens, ref_logits = reference_generate(m.ref, ids, pixels, 32)
     assert tokens == ref_tokens
     assert np.abs(np.stack(seen) - ref_logits[: len(seen)]).max() < ATOL

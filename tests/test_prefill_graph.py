@@ -9,6 +9,7 @@ from __future__ import annotations
 import onnx
 import pytest
 
+from decode_loop import embed_prompt
 from conftest import decoder_greedy_vs_reference, random_image
 from skin_offline import names
 from skin_offline.errors import BundleError
@@ -86,7 +87,7 @@ def test_chunked_prefill_across_graphs_equals_one_shot(llava_model):
     from skin_offline.runtime.prompt import build_prompt_ids
 
     ids = build_prompt_ids(rt.tokenizer, "Is the border regular?")
-    embeds = rt.prompt_embeddings(ids, rt.image_features(rt.pixels(random_image(2))))  # [1,S,H]
+    embeds = embed_prompt(rt, ids, rt.image_features(rt.pixels(random_image(2))))  # [1,S,H]
     one_logits, one_cache = dec.forward(embeds, dec.empty_cache())
     cache, start = dec.empty_cache(), 0
     for size in (1, 5, 1, 2, 7, 1, 10**6):

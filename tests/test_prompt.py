@@ -17,8 +17,8 @@ from skin_offline.export.tokenizer import find_mistral_tokenizer_model, write_to
 from skin_offline.runtime.prompt import (
     IMAGE_PLACEHOLDER,
     build_prompt_ids,
+    Prompt,
     check_context,
-    count_prompt_tokens,
     image_slot,
 )
 from skin_offline.runtime.tokenizer import TextTokenizer
@@ -221,7 +221,7 @@ def test_control_characters_removed(tok: TextTokenizer) -> None:
 
 def test_count_and_context(tok: TextTokenizer) -> None:
     ids = build_prompt_ids(tok, "What is this lesion?")
-    n = count_prompt_tokens(tok, "What is this lesion?", image_tokens=576)
+    n = Prompt.of(ids, image_tokens=576).length
     assert n == len(ids) - 1 + 576
     check_context(n, 2048 - n, 2048)
     with pytest.raises(ContextLengthError, match="max_new_tokens"):
@@ -230,3 +230,27 @@ def test_count_and_context(tok: TextTokenizer) -> None:
         check_context(3000, 1, 2048)
     with pytest.raises(PromptError, match="0 image slots"):
         image_slot([1, 2, 3])
+
+
+def test_prompt_splices_image_rows_at_the_placeholder_for_any_span(tok: TextTokenizer) -> None:
+    """Prompt.embeds: text rows from the table, the image's rows from the features, for every [start, end) span
+    (prefill chunks); the spans of any chunking concatenate to the whole prompt; positions tag the image rows."""
+    import numpy as np
+
+    ids = build_prompt_ids(tok, "What is this lesion?", history=[("First?", "An answer.")])
+    p = Prompt.of(ids, image_tokens=7)
+    table = np.arange(40000, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)  # [V,3]: row i = i
+    embed = lambda xs: table[np.asarray(xs, np.int64)]  # noqa: E731
+    feats = -np.arange(1, 8, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)  # [7,3]: -1 .. -7
+    full = p.embeds(embed, feats)
+    want = [float(t) for t in ids[:p.image_at]] + [-float(i) for i in range(1, 8)] + [float(t) for t in ids[p.image_at + 1:]]
+    assert full.shape == (p.length, 3) and full[:, 0].tolist() == want
+    for chunk in (1, 3, 7, 50):
+        parts = [p.embeds(embed, feats, s, min(s + chunk, p.length)) for s in range(0, p.length, chunk)]
+        assert np.array_equal(np.concatenate(parts), full)
+    assert p.embeds(embed, None, p.image_end, p.length).shape[0] == p.length - p.image_end  # no features needed
+    with pytest.raises(ValueError):
+        p.embeds(embed, None, 0, p.image_end)
+    pos = p.positions("sha")
+    assert len(pos) == p.length and pos[p.image_at] == ("sha", 0) and pos[p.image_end - 1] == ("sha", 6)
+    assert pos[:p.image_at] == list(ids[:p.image_at]) and pos[p.image_end:] == list(ids[p.image_at + 1:])

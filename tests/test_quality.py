@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from decode_loop import embed_prompt
 from skin_offline import names
 from skin_offline.export.quality import ProbeSet, format_report, probe_image
 from skin_offline.export.quantize import QuantConfig, quantize_bundle
@@ -97,7 +98,7 @@ def test_quality_numbers_recompute_from_the_graphs(which, precision, multi_row, 
                                                                torch.from_numpy(fq.reshape(1, -1)).double())))
         for q in questions:
             ids = build_prompt_ids(ref.tokenizer, q)
-            p32, pq = ref.prompt_embeddings(ids, f32), got.prompt_embeddings(ids, fq)
+            p32, pq = embed_prompt(ref, ids, f32), embed_prompt(got, ids, fq)
             mine = _greedy(got.bundle.decoder, got.bundle.embed, pq, n)  # the quantized answer, as a request runs
             got_all.append(_as_it_runs(got.bundle.decoder, got.bundle.embed, pq, mine))
             seq = np.concatenate([p32[0], ref.bundle.embed(mine[:-1])])[None]  # fp32 reads that same answer

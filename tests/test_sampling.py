@@ -1,11 +1,18 @@
-"""Sampling kernels vs transformers' logits warpers, and seeded reproducibility."""
+"""The one warper chain (runtime/sampling.py) vs transformers' logits warpers, and seeded reproducibility."""
 
 import numpy as np
 import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from skin_offline.runtime.kernels.sampling import SamplingConfig, filtered_distribution, make_sampler
+from skin_offline.runtime.sampling import SamplingConfig, log_softmax, make_sampler, warp
+
+
+def distribution(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
+    """[V] -> the probabilities the sampler draws from (0 for filtered tokens)."""
+    w = warp(logits[None], cfg)[0]
+    p = np.where(np.isfinite(w), np.exp(w - w.max()), 0.0)
+    return p / p.sum()
 
 
 def hf_distribution(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
@@ -27,10 +34,8 @@ def test_filtered_distribution_matches_hf_warpers(temperature, top_p, top_k, see
     logits = (rng.standard_normal(32000) * rng.choice([0.5, 3.0, 10.0])).astype(np.float32)
     cfg = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k)
     ref = hf_distribution(logits, cfg)
-    ids, probs = filtered_distribution(logits, cfg)
-    ours = np.zeros_like(ref)
-    ours[ids] = probs
-    assert set(ids.tolist()) == set(np.flatnonzero(ref > 0).tolist())
+    ours = distribution(logits, cfg)
+    assert set(np.flatnonzero(ours > 0).tolist()) == set(np.flatnonzero(ref > 0).tolist())
     np.testing.assert_allclose(ours, ref, atol=1e-9)
 
 
@@ -48,7 +53,9 @@ def test_seeded_sampling_is_reproducible_and_follows_the_distribution():
     draws1 = [s1(logits) for _ in range(4000)]
     assert draws1 == [s2(logits) for _ in range(4000)]
     assert a[0] == draws1[0]
-    ids, probs = filtered_distribution(logits, cfg)
+    probs = distribution(logits, cfg)
+    ids = np.flatnonzero(probs > 0)
+    probs = probs[ids]
     freq = np.bincount(draws1, minlength=50)[ids] / len(draws1)
     assert set(draws1) <= set(ids.tolist())
     assert np.abs(freq - probs).max() < 0.03  # 4000 draws: 3 sigma of a Bernoulli(p<=0.5) is <= 0.024
@@ -58,3 +65,23 @@ def test_invalid_config_rejected():
     for kw in ({"temperature": -1}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -2}):
         with pytest.raises(ValueError):
             SamplingConfig(**kw)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.2, 50, 0.9), (1.0, 0, 0.5), (0.7, 3, 1.0), (0.2, 50, 0.0001)])
+def test_beam_warping_matches_transformers(temperature, top_k, top_p):
+    """Inside beams the same chain runs on log-probs with min_tokens_to_keep = 2, as transformers' beam search."""
+    from transformers.generation.logits_process import LogitsProcessorList
+
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((4, 300)) * 3).astype(np.float32)
+    # no exact ties: torch.sort orders tied values in an unspecified way, so no rule could match it
+    logp = log_softmax(logits)
+    procs = LogitsProcessorList([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
+    if top_k:
+        procs.append(TopKLogitsWarper(top_k, min_tokens_to_keep=2))
+    if top_p < 1.0:
+        procs.append(TopPLogitsWarper(top_p, min_tokens_to_keep=2))
+    ref = procs(None, torch.from_numpy(logp)).numpy()
+    ours = warp(logp, SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p), min_keep=2)
+    assert np.array_equal(np.isinf(ours), np.isinf(ref))
+    assert np.allclose(ours[np.isfinite(ours)], ref[np.isfinite(ref)], atol=1e-9)

@@ -337,7 +337,7 @@ def test_health_503_while_loading(llava_model):
         check_error(request(port, "POST", "/v1/chat/completions", body), 503, "model_loading")
         assert request(port, "GET", "/v1/models").status == 200  # what is being loaded is known already
         model = llava_model.runtime
-        state.set_ready(model, Engine(model, parallel=1))
+        state.set_ready(model, Engine.for_bundle(model.bundle, model.tokenizer, model.vision, parallel=1))
         assert request(port, "GET", "/health").status == 200
         assert request(port, "POST", "/v1/chat/completions", body).status == 200
     finally:

@@ -121,7 +121,7 @@ def _nvpmodel_query() -> str | None:
 
 
 def gpu_summary() -> dict | None:
-    from ..runtime.trt_engines import gpu_info
+    from ..runtime.tensorrt import gpu_info
 
     g = gpu_info()
     return asdict(g) if g else None

@@ -9,14 +9,17 @@ from typing import Optional
 
 import typer
 
-from .options import (Device, Precision, bundle_option, device_option, frame_option, image_source, precision_option,
-                      threads_option, warn_if_random, show_notices)
+from .options import (Device, ImageNotices, Precision, bundle_option, device_option, frame_option, image_source,
+                      precision_option, threads_option, warn_if_random, show_notices)
 
 
-def print_stream(responses, prefill: bool = False) -> None:
-    """Answer text to stdout as it streams, then one stats line to stderr."""
+def print_stream(responses, prefill: bool = False, before=None) -> None:
+    """Answer text to stdout as it streams, then one stats line to stderr; `before()` runs once the request is
+    prepared (before its first response)."""
     last = None
-    for r in responses:
+    for i, r in enumerate(responses):
+        if i == 0 and before is not None:
+            before()
         sys.stdout.write(r.text)
         sys.stdout.flush()
         last = r
@@ -25,6 +28,34 @@ def print_stream(responses, prefill: bool = False) -> None:
     done = f"prefilled {t.prefilled_tokens} of {t.prompt_tokens}, " if prefill else ""
     typer.echo(f"[{t.new_tokens} tokens, {done}ttft {t.ttft_s:.2f}s, {t.decode_tokens_per_s:.1f} tok/s, "
                f"finish: {last.finish_reason}]", err=True)
+
+
+def read_constraint(json_schema: Optional[Path], regex: Optional[str], choice: Optional[list[str]],
+                    grammar: Optional[Path]):
+    """The one constraint option given (runtime/constraints.py) and its option name, or (None, "")."""
+    from ..errors import UsageError
+    from ..runtime.constraints import Choice, Grammar, JsonSchema, Regex
+
+    given = [(n, v) for n, v in (("--json-schema", json_schema), ("--regex", regex), ("--choice", choice),
+                                 ("--grammar", grammar)) if v]
+    if len(given) > 1:
+        raise UsageError(f"pass one constraint, not {' and '.join(n for n, _ in given)}")
+    if not given:
+        return None, ""
+    name, value = given[0]
+    if name in ("--json-schema", "--grammar"):
+        try:
+            text = Path(value).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"{name} {value}: cannot be read ({getattr(e, 'strerror', None) or e}); pass a "
+                             f"UTF-8 text file") from None
+        if name == "--grammar":
+            return Grammar(text), name
+        try:
+            return JsonSchema(json.loads(text)), name
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{name} {value}: not JSON ({e.msg} at line {e.lineno}); pass a JSON Schema file") from None
+    return (Regex(value) if name == "--regex" else Choice(value)), name
 
 
 def _interrupted() -> None:
@@ -49,22 +80,36 @@ def register(app, friendly) -> None:
         threads: Optional[int] = threads_option(),
         precision: Optional[Precision] = precision_option(),
         as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming text"),
+        json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="answer with JSON valid under this "
+                                                   "JSON Schema file (see README: Structured answers)"),
+        regex: Optional[str] = typer.Option(None, "--regex", help="answer with text that fully matches this regex"),
+        choice: Optional[list[str]] = typer.Option(None, "--choice", help="answer with exactly one of these (repeat)"),
+        grammar: Optional[Path] = typer.Option(None, "--grammar", help="answer in the language of this Lark grammar"),
+        top_logprobs: Optional[int] = typer.Option(None, "--top-logprobs", min=0, max=20, help="with --json: each "
+                                                   "token's log-probability and this many alternatives"),
         device: Device = device_option(),
     ):
         """Ask a question about an image; the answer streams to stdout."""
-        from ..runtime.kernels.sampling import SamplingConfig
-        from ..runtime.pipeline import SkinVL
+        from ..errors import UsageError
+        from ..runtime.pipeline import SkinVL, collect
+        from ..runtime.request import GenerationParams
 
-        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)  # checked before the slow load
-        model = SkinVL.load(bundle, threads=threads, precision=precision, device=device)
+        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                  logprobs=top_logprobs)
+        GenerationParams(**kw)  # checked before the slow load
+        if top_logprobs is not None and not as_json:
+            raise UsageError("--top-logprobs prints with the JSON answer: add --json")
+        constraint, field = read_constraint(json_schema, regex, choice, grammar)
+        model = SkinVL.load(bundle, threads=threads, precision=precision, device=device, parallel=1)
         warn_if_random(model.manifest)
         show_notices(model)
+        req = model.prepare(image_source(image, frame), question, constraint=constraint, constraint_field=field, **kw)
+        ImageNotices().show(req.notices)
         if as_json:
-            typer.echo(json.dumps(model.ask(image_source(image, frame), question, **kw).to_dict()))
+            typer.echo(json.dumps(collect(model.engine.submit(req)).to_dict(model.tokenizer)))
             return
         try:
-            print_stream(model.stream(image_source(image, frame), question, **kw))
+            print_stream(model.engine.submit(req))
         except KeyboardInterrupt:
             _interrupted()
 
@@ -83,14 +128,15 @@ def register(app, friendly) -> None:
         device: Device = device_option(),
     ):
         """Multi-turn conversation about one image: each follow-up reuses the KV cache and prefills only its own tokens."""
-        from ..runtime.kernels.sampling import SamplingConfig
         from ..runtime.pipeline import SkinVL
+        from ..runtime.request import GenerationParams
 
-        SamplingConfig(temperature=temperature, seed=seed)
-        model = SkinVL.load(bundle, threads=threads, precision=precision, device=device)
+        GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)  # before the slow load
+        model = SkinVL.load(bundle, threads=threads, precision=precision, device=device, parallel=1)
         warn_if_random(model.manifest)
         show_notices(model)
         conv = model.conversation(image_source(image, frame))
+        notices = ImageNotices()
         interactive = not question and sys.stdin.isatty()
         questions = iter(question) if question else (line.rstrip("\n") for line in sys.stdin)
         try:
@@ -103,7 +149,7 @@ def register(app, friendly) -> None:
                     break
                 if not q.strip():
                     continue
-                print_stream(conv.stream(q, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
-                             prefill=True)
+                turn = conv.stream(q, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+                print_stream(turn, prefill=True, before=lambda: notices.show(conv.notices))
         except KeyboardInterrupt:
             _interrupted()

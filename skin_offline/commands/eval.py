@@ -9,8 +9,8 @@ from typing import Optional
 import typer
 
 from ..eval.choices import ClassifyMethod, Protocol
-from .options import (Precision, frame_option, image_source, progress_for, quiet_option, show_notices, threads_option,
-                      warn_if_random)
+from .options import (ImageNotices, Precision, frame_option, image_source, progress_for, quiet_option, show_notices,
+                      threads_option, warn_if_random)
 
 
 def _labels(labels: Optional[str], label_set: Optional[str], labels_file: Optional[Path]) -> list[str]:
@@ -25,17 +25,26 @@ def _labels(labels: Optional[str], label_set: Optional[str], labels_file: Option
 
 
 def _generate_predictor(model, labels: list[str], protocol, seed: int, max_new_tokens: int):
-    """The paper's generate-then-match: ask the question (labels in set order), take the first label named."""
-    from ..eval.classify_eval import match_label
-    from ..eval.vqa import make_answer_fn
-    from ..runtime.classify import question_for
+    """The paper's generate protocol, constrained: the answer to the question (labels in set order) is exactly one of
+    the labels (a choice constraint, runtime/constraints.py), so no matching heuristic is needed. An answer cut by
+    max_new_tokens names no label."""
+    from dataclasses import replace
 
-    answer = make_answer_fn(model, protocol, seed, max_new_tokens)
-    question = question_for(labels)
+    from ..eval.classify_eval import NO_LABEL
+    from ..eval.vqa import PAPER_BEAMS
+    from ..runtime.classify import question_for
+    from ..runtime.constraints import Choice
+    from ..runtime.response import FinishReason
+
+    question, choice = question_for(labels), Choice(labels)
 
     def predict(image):
-        text, _, _ = answer(image, question, 0)
-        return match_label(text, labels), float("nan"), text
+        if protocol is Protocol.PAPER:  # sampling inside 5 beams; min_new_tokens 0: a label is a complete answer
+            cfg = replace(PAPER_BEAMS, seed=seed, max_new_tokens=max_new_tokens, min_new_tokens=0)
+            a = model.generate_beam(image, question, config=cfg, constraint=choice)
+        else:
+            a = model.ask(image, question, max_new_tokens=max_new_tokens, constraint=choice)
+        return (a.answer if a.finish_reason is FinishReason.STOP else NO_LABEL), float("nan"), a.answer
 
     return predict
 
@@ -56,7 +65,7 @@ def register(app, friendly) -> None:
         threads: Optional[int] = threads_option(),
         precision: Optional[Precision] = typer.Option(None, help="graph variant to run (default: the bundle's first)"),
         batch: int = typer.Option(1, min=1, help="questions answered at once: the engine decodes them together "
-                                  "(greedy protocol; the paper's beam search keeps its own batch of beams)"),
+                                  "(every protocol: the paper's beams are rows of the same decoder runs)"),
         quiet: bool = quiet_option(),
     ):
         """Answer the MM-Skin test questions and score them (BLEU, ROUGE, METEOR, token recall) per modality."""
@@ -93,7 +102,8 @@ def register(app, friendly) -> None:
         labels: Optional[str] = typer.Option(None, help="comma-separated candidate diagnoses"),
         label_set: Optional[str] = typer.Option(None, help="a label set of the paper (HAM10000, ISIC, PAD, ...)"),
         labels_file: Optional[Path] = typer.Option(None, help="label-set JSON (default: the paper's sets)"),
-        method: ClassifyMethod = typer.Option(ClassifyMethod.LIKELIHOOD, help="likelihood (rank every label) or generate (paper: answer, then match)"),
+        method: ClassifyMethod = typer.Option(ClassifyMethod.LIKELIHOOD, help="likelihood (rank every label) or generate "
+                                              "(the answer constrained to exactly one label)"),
         normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="mean (not sum) of the label tokens' log-probs"),
         protocol: Protocol = typer.Option(Protocol.GREEDY, help="decoding for --method generate: greedy or paper"),
         seed: int = typer.Option(0),
@@ -111,6 +121,7 @@ def register(app, friendly) -> None:
         show_notices(model)
         if method is ClassifyMethod.LIKELIHOOD:
             r = model.classify(image, names, normalize=normalize)
+            ImageNotices().show(r.notices)
             if as_json:
                 typer.echo(json.dumps(r.to_dict()))
                 return

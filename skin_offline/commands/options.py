@@ -34,7 +34,7 @@ def device_option():
 
 
 def threads_option():
-    return typer.Option(None, min=1, help="onnxruntime intra-op threads (default: onnxruntime's)")
+    return typer.Option(None, min=1, help="onnxruntime intra-op threads (default: the CPU count, at most 8)")
 
 
 def frame_option():
@@ -57,6 +57,19 @@ def warn_if_random(manifest: Manifest) -> None:
     if manifest.random_weights:
         typer.echo(RANDOM_WEIGHTS_WARNING, err=True)
 
+
+class ImageNotices:
+    """The image loader's notices (e.g. text burned into the pixels) as `warning: ...` lines on stderr, each once per
+    command (a chat reloads its image every turn)."""
+
+    def __init__(self) -> None:
+        self.said: set[str] = set()
+
+    def show(self, notices) -> None:
+        for n in notices:
+            if n not in self.said:
+                self.said.add(n)
+                typer.echo(f"warning: {n}", err=True)
 
 
 def show_notices(model) -> None:

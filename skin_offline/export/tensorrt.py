@@ -2,7 +2,7 @@
 
 Built through onnxruntime's TensorRT execution provider with its engine cache inside the bundle
 (`engines/<role>/`); the reasons (no extra dependency, one session code path, CUDA fallback for rejected
-nodes) and the profile / compatibility logic are in runtime/trt_engines.py, which the runtime shares.
+nodes) and the profile / compatibility logic are in runtime/tensorrt.py, which the runtime shares.
 TensorRT cannot run onnxruntime contrib ops (GroupQueryAttention, MatMulNBits, ...), so only STANDARD-flavor
 graphs are accepted, and each is checked node by node before anything is built.
 """
@@ -21,7 +21,7 @@ import numpy as np
 from .. import names
 from ..errors import BundleError, DeviceError, UsageError
 from ..manifest import Flavor, GraphVariant, Manifest, Precision, file_entry
-from ..runtime import trt_engines as te
+from ..runtime import tensorrt as te
 from ..runtime.devices import TRT_EP, TRT_INSTALL, Device, resolve
 
 STANDARD_DOMAINS = ("", "ai.onnx")

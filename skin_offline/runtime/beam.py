@@ -1,11 +1,12 @@
-"""Beam search over the KV-cached decoder, following transformers' `_beam_search` (v5) rule for rule.
+"""Beam search as an engine request, following transformers' `_beam_search` (v5) rule for rule.
 
-One prefill of the [1,S,H] prompt; its cache rows are repeated to `num_beams` rows, and every step
-reorders them with `KVCache.select` (a row gather, never a recompute). Per step, as in transformers:
+The prompt is prefilled once into the request's first row and forked to `num_beams` rows; every engine step
+decodes the beam rows in the same decoder run as every other request's rows, and a beam reorder is a row gather
+inside the request's rows (engine.py, slots.py): the cache is copied, never recomputed. Per step, as in transformers:
 
   log_probs = log_softmax(logits) -> min_new_tokens mask on EOS -> (sampling) temperature, top-k,
-  top-p (min_tokens_to_keep = 2) -> + running beam scores -> 2k candidates over [k*V] (top-k, or
-  sampled without replacement from softmax of the accumulated scores) -> the k best that did not
+  top-p (min_tokens_to_keep = 2; runtime/sampling.py's chain) -> + running beam scores -> 2k candidates over [k*V]
+  (top-k, or sampled without replacement from softmax of the accumulated scores) -> the k best that did not
   hit a stop (EOS or max length) keep running; the ones among the first k that did stop enter the
   finished pool with score / (generated length ** length_penalty), the pool keeping its k best.
   Stop when no running beam can still beat the worst finished one (the `early_stopping` heuristic),
@@ -24,8 +25,12 @@ from enum import Enum
 import numpy as np
 
 from ..errors import ConfigError
-from .decoder import Decoder
-from .generate import EmbedFn
+from .constraints import Matcher
+from .decoding import Outcome, Step
+from .detokenize import drop_answer_space
+from .response import FinishReason
+from .sampling import SamplingConfig, log_softmax, warp
+from .tokenizer import TextTokenizer
 
 _NEG = -1.0e9  # transformers' "impossible" score offset; kept so scores compare the same way
 
@@ -61,44 +66,6 @@ class BeamConfig:
             raise ConfigError(f"top_p must be in (0, 1] and top_k >= 0, not {self.top_p} and {self.top_k}")
 
 
-@dataclass(frozen=True)
-class BeamResult:
-    tokens: list[int]  # best hypothesis, EOS included when it finished with one
-    score: float  # its length-penalised sum of (warped) log-probs
-    finish_reason: str  # "stop" (EOS) or "length"
-    steps: int  # decoder steps run after the prefill
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    """[..., V] -> [..., V] in float64."""
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
-def warp(logp: np.ndarray, cfg: BeamConfig, min_keep: int = 2) -> np.ndarray:
-    """[k,V] log-probs -> warped, as transformers' Temperature -> TopK -> TopP warpers (filtered = -inf).
-
-    After top-k only a few dozen entries per row are finite, so top-p sorts those, not the vocabulary.
-    """
-    out = logp / cfg.temperature if cfg.temperature != 1.0 else logp.copy()
-    if cfg.top_k and cfg.top_k < out.shape[-1]:
-        k = max(cfg.top_k, min_keep)
-        top = np.argpartition(out, out.shape[-1] - k, axis=-1)[:, -k:]  # [k_rows,k] the k largest, unordered
-        kth = np.take_along_axis(out, top, axis=-1).min(axis=-1, keepdims=True)  # [k_rows,1]
-        out[out < kth] = -np.inf  # ties with the k-th value stay, as in transformers
-    if cfg.top_p < 1.0:
-        for row in out:  # a handful of beam rows
-            cand = np.flatnonzero(np.isfinite(row))
-            order = cand[np.argsort(row[cand], kind="stable")]  # ascending, like torch.sort(descending=False)
-            vals = row[order]
-            probs = np.exp(vals - vals[-1])
-            remove = np.cumsum(probs / probs.sum()) <= 1.0 - cfg.top_p
-            remove[-min_keep:] = False
-            row[order[remove]] = -np.inf
-    return out
-
-
 def _top(scores: np.ndarray, n: int) -> np.ndarray:
     """Indices of the n largest, best first (lowest index first on ties)."""
     idx = np.argpartition(-scores, n - 1)[:n] if n < scores.size else np.arange(scores.size)
@@ -120,65 +87,107 @@ def _sample_without_replacement(scores: np.ndarray, n: int, rng: np.random.Gener
     return picked[np.lexsort((picked, -scores[picked]))]
 
 
-def beam_search(decoder: Decoder, embeds: np.ndarray, embed: EmbedFn, cfg: BeamConfig, eos_id: int) -> BeamResult:
-    """[1,S,H] prompt embeddings -> the best hypothesis under `cfg`."""
-    k, n_cand = cfg.num_beams, 2 * cfg.num_beams  # transformers keeps (1 + #eos) * k candidates
-    rng = np.random.default_rng(cfg.seed)
-    logits, cache = decoder.forward(embeds, decoder.empty_cache())  # [1,1,V]
-    cache = cache.select(np.zeros(k, np.int64))  # the prompt's rows, once per beam
-    logits = np.repeat(logits[:, -1], k, axis=0)  # [k,V]
-    vocab = logits.shape[-1]
-    run_tokens = np.zeros((k, 0), np.int64)  # [k,t]
-    run_scores = np.full(k, _NEG)
-    run_scores[0] = 0.0  # only beam 0 is live at first, so the k beams do not pick the same tokens
-    fin_tokens: list[list[int]] = [[] for _ in range(k)]
-    fin_scores = np.full(k, _NEG)
-    fin_done = np.zeros(k, bool)
-    can_improve = True
-    steps = 0
-    for cur in range(cfg.max_new_tokens):
+class BeamSearch:
+    """The `Decoding` of a beam request (runtime/decoding.py): `num_beams` rows."""
+
+    def __init__(self, cfg: BeamConfig, eos_id: int, tokenizer: TextTokenizer, matcher: Matcher | None = None):
+        """`matcher` (runtime/constraints.py): every beam keeps to the constraint (its own copy, forked with it)."""
+        self.cfg, self.eos_id, self.tokenizer = cfg, eos_id, tokenizer
+        self.matchers = None if matcher is None else [matcher]  # per running beam (one until the first step)
+        self.rows = k = cfg.num_beams
+        self.warping = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.run_tokens = np.zeros((k, 0), np.int64)  # [k,t]
+        self.run_scores = np.full(k, _NEG)
+        self.run_scores[0] = 0.0  # only beam 0 is live at first, so the k beams do not pick the same tokens
+        self.fin_tokens: list[list[int]] = [[] for _ in range(k)]
+        self.fin_scores = np.full(k, _NEG)
+        self.fin_done = np.zeros(k, bool)
+        self.can_improve = True
+        self.cur = 0  # tokens chosen so far per beam
+        self.steps = 0  # decoder runs after the prefill
+
+    def start(self, logits: np.ndarray) -> Step:
+        """[V] after the prompt: every beam starts from it (the engine forks the prompt's row to the others)."""
+        step = self._advance(np.repeat(logits[None], self.rows, axis=0))
+        return step if step.finish is not None else Step(feed=step.feed, parents=(0,) * self.rows)
+
+    def step(self, logits: np.ndarray) -> Step:
+        self.steps += 1
+        return self._advance(logits)
+
+    def _advance(self, logits: np.ndarray) -> Step:
+        """[k,V] logits of the running beams -> the next tokens per beam and their parents, or the finish."""
+        cfg, eos, k = self.cfg, self.eos_id, self.rows
+        n_cand, cur = 2 * k, self.cur  # transformers keeps (1 + #eos) * k candidates
         logp = log_softmax(logits)  # [k,V]
+        vocab = logp.shape[-1]
+        if self.matchers is not None:  # each beam's own allowed tokens (all beams share beam 0's at the first step)
+            masks = [m.allowed() for m in self.matchers]
+            for r in range(k):
+                allowed = masks[r if len(masks) > 1 else 0]
+                logp[r, :len(allowed)][~allowed] = -np.inf
+                logp[r, len(allowed):] = -np.inf
         if cur < cfg.min_new_tokens:
-            logp[:, eos_id] = -np.inf
+            logp[:, eos] = -np.inf
         if cfg.do_sample:
-            logp = warp(logp, cfg)
-        acc = (logp + run_scores[:, None]).reshape(-1)  # [k*V]
-        idx = _sample_without_replacement(acc, n_cand, rng) if cfg.do_sample else _top(acc, n_cand)
+            logp = warp(logp, self.warping, min_keep=2)
+        acc = (logp + self.run_scores[:, None]).reshape(-1)  # [k*V]
+        idx = _sample_without_replacement(acc, n_cand, self.rng) if cfg.do_sample else _top(acc, n_cand)
         cand_scores, src, tok = acc[idx], idx // vocab, idx % vocab  # [2k] each
-        cand_tokens = np.concatenate([run_tokens[src], tok[:, None]], axis=1)  # [2k,t+1]
-        hits = (tok == eos_id) | (cur + 1 >= cfg.max_new_tokens)  # [2k]
+        cand_tokens = np.concatenate([self.run_tokens[src], tok[:, None]], axis=1)  # [2k,t+1]
+        hits = (tok == eos) | (cur + 1 >= cfg.max_new_tokens)  # [2k]
 
         # running beams: the k best candidates that did not stop
         nxt = _top(cand_scores + hits * _NEG, k)
-        run_tokens, run_scores, rows = cand_tokens[nxt], (cand_scores + hits * _NEG)[nxt], src[nxt]
+        self.run_tokens, self.run_scores, parents = cand_tokens[nxt], (cand_scores + hits * _NEG)[nxt], src[nxt]
+        if self.matchers is not None:  # fork each running beam's matcher from its parent's and advance it
+            forked = []
+            for j in nxt:
+                m = self.matchers[src[j] if len(self.matchers) > 1 else 0].copy()
+                if np.isfinite(cand_scores[j]) and tok[j] != eos:  # a -inf candidate is dead: never consumed
+                    m.consume(int(tok[j]))
+                forked.append(m)
+            self.matchers = forked
 
         # finished pool: candidates among the first k that stopped, length-penalised, merged by score
         just = hits & (np.arange(n_cand) < k)
         fscore = cand_scores / float(cur + 1) ** cfg.length_penalty
-        if cfg.early_stopping is EarlyStopping.EAGER and fin_done.all():
+        if cfg.early_stopping is EarlyStopping.EAGER and self.fin_done.all():
             fscore = fscore + _NEG
-        if not can_improve:
+        if not self.can_improve:
             fscore = fscore + _NEG
         fscore = fscore + (~just) * _NEG
-        merged = np.concatenate([fin_scores, fscore])
+        merged = np.concatenate([self.fin_scores, fscore])
         pick = _top(merged, k)
-        pool_tokens = fin_tokens + [list(map(int, t)) for t in cand_tokens]
-        fin_tokens = [pool_tokens[i] for i in pick]
-        fin_scores, fin_done = merged[pick], np.concatenate([fin_done, just])[pick]
+        pool_tokens = self.fin_tokens + [list(map(int, t)) for t in cand_tokens]
+        self.fin_tokens = [pool_tokens[i] for i in pick]
+        self.fin_scores, self.fin_done = merged[pick], np.concatenate([self.fin_done, just])[pick]
 
         # stopping rule for the whole search (transformers' _check_early_stop_heuristic)
         length = cfg.max_new_tokens if (cfg.early_stopping is EarlyStopping.NEVER and cfg.length_penalty > 0) else cur + 1
-        best_running = run_scores[0] / float(length) ** cfg.length_penalty
-        worst = np.where(fin_done, fin_scores.min(), _NEG)
-        can_improve = can_improve and bool(np.any(best_running > worst))
-        eager_done = cfg.early_stopping is EarlyStopping.EAGER and fin_done.all()
-        if not can_improve or eager_done or hits.all():
-            break
-        if not np.array_equal(rows, np.arange(k)):  # reorder the cache rows to the surviving beams' parents
-            cache = cache.select(rows)
-        logits, cache = decoder.forward(embed(run_tokens[:, -1].tolist())[:, None], cache)  # [k,1,H] -> [k,1,V]
-        logits = logits[:, -1]
-        steps += 1
-    best = fin_tokens[0]
-    reason = "stop" if best and best[-1] == eos_id else "length"
-    return BeamResult(best, float(fin_scores[0]), reason, steps)
+        best_running = self.run_scores[0] / float(length) ** cfg.length_penalty
+        worst = np.where(self.fin_done, self.fin_scores.min(), _NEG)
+        self.can_improve = self.can_improve and bool(np.any(best_running > worst))
+        eager_done = cfg.early_stopping is EarlyStopping.EAGER and self.fin_done.all()
+        self.cur += 1
+        if not self.can_improve or eager_done or hits.all():
+            best = self.fin_tokens[0]
+            reason = FinishReason.STOP if best and best[-1] == eos else FinishReason.LENGTH
+            text = self.tokenizer.decode([t for t in best if t != eos])
+            return Step(delta=drop_answer_space(text) if self.matchers is not None else text, finish=reason)
+        same = np.array_equal(parents, np.arange(k))
+        return Step(feed=tuple(int(t) for t in self.run_tokens[:, -1]),
+                    parents=None if same else tuple(int(p) for p in parents))
+
+    def prefetch(self) -> None:
+        for m in self.matchers or ():
+            m.prefetch()
+
+    @property
+    def best_score(self) -> float:
+        """The best hypothesis' length-penalised sum of (warped) log-probs."""
+        return float(self.fin_scores[0])
+
+    def outcome(self) -> Outcome:
+        return Outcome(tuple(self.fin_tokens[0]))

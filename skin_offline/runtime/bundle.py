@@ -17,11 +17,11 @@ import numpy as np
 
 from .. import names
 from ..errors import BundleError
-from ..manifest import Flavor, GraphVariant, Manifest, Precision, Prefill, sha256_file
+from ..manifest import Attention, Flavor, GraphVariant, Manifest, Precision, Prefill, sha256_file
 from .decoder import Decoder, make_decoder
 from .external_data import external_locations
 from .sessions import SessionFactory
-from .trt_engines import device_for_bundle, graph_providers
+from .tensorrt import device_for_bundle, graph_providers
 from .vision import VisionEncoder
 
 ENV_BUNDLE = "SKIN_OFFLINE_BUNDLE"
@@ -199,6 +199,14 @@ class Bundle:
             picked={names.ROLE_VISION: vis, names.ROLE_DECODER: dec, names.ROLE_EMBEDDINGS: emb,
                     **({"multi_row": partner} if partner is not None else {})},
         )
+
+    def check_parallel(self, parallel: int) -> None:
+        """Refuse `parallel` > 1 on a decoder that takes one length for every row (exported before batching)."""
+        dec = (self.picked or {}).get(names.ROLE_DECODER)
+        if parallel > 1 and dec is not None and dec.attention == Attention.GQA_UNIFORM:
+            raise BundleError(f"bundle {self.folder} was exported before batched decoding (its decoder takes one "
+                              f"length for every row); re-export it with `skin-offline export` to serve requests in "
+                              f"parallel, or run with parallel 1")
 
     def embed(self, ids) -> np.ndarray:
         """[n] token ids -> [n, H] float32 rows of the embedding table."""

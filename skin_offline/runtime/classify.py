@@ -1,14 +1,13 @@
 """Zero-shot diagnosis by likelihood: score every label as the answer to the paper's question.
 
-One prefill of image + question gives the KV cache of the shared prefix and the distribution of the
-first answer token; the labels' remaining tokens then continue from that cache. Labels are batched:
-the prefix rows are repeated with `KVCache.select`, and the labels advance one token per step, all
-rows together (right-padded: a finished row is fed a pad token whose logits are ignored, and no real
-token ever attends to it since it comes later). One token per step is the shape every decoder
-flavor accepts (onnxruntime's GroupQueryAttention refuses several new tokens on a batch > 1), and a
-step reads the weights once for all labels of a chunk instead of once per label, which is what
-costs time on a bandwidth-bound CPU. The chunk size bounds the memory of the repeated cache (one
-prompt-sized cache per row); batch_size=1 is the plain one-label-at-a-time loop.
+A scoring request (engine.py) prefills image + question once: the prompt's last logits give every label's first
+token. The labels' remaining tokens are then teacher-forced in waves: a wave forks the prompt's row to one row per
+label (at most the request's rows), and every engine step feeds each row its label's next token in the same decoder
+run as every other request's rows (right-padded: a finished row is fed a pad token whose logits are ignored, and no
+real token ever attends to it since it comes later). The next wave rewinds the rows to the prompt. One token per
+row per step is the shape every decoder flavor accepts (onnxruntime's GroupQueryAttention refuses several new
+tokens on a batch > 1), and a step reads the weights once for all rows, which is what costs time on a
+bandwidth-bound CPU.
 
 Label tokens: LLaVA's training turn is `... [/INST] {answer} </s>`, one sentencepiece call over the
 whole text, so the answer starts after a space and its first piece carries the word-start "▁".
@@ -28,10 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UsageError
-from .beam import log_softmax
-from .decoder import Decoder
-from .kv import KVCache
-from .generate import EmbedFn
+from .decoding import Outcome, Step
+from .response import FinishReason
+from .sampling import log_softmax
 from .tokenizer import TextTokenizer
 
 QUESTION_TEMPLATE = "This is a skin lesion image. From the following categories: {labels}, which one is the diagnosis?"
@@ -55,14 +53,18 @@ class Ranking:
     question: str
     scores: tuple[LabelScore, ...]  # best first
     normalized: bool
+    notices: tuple[str, ...] = ()  # what the image loader noticed (e.g. text burned into the pixels)
 
     @property
     def top(self) -> str:
         return self.scores[0].label
 
     def to_dict(self) -> dict:
-        return {"question": self.question, "normalized": self.normalized, "prediction": self.top,
-                "ranking": [s.to_dict() for s in self.scores]}
+        d = {"question": self.question, "normalized": self.normalized, "prediction": self.top,
+             "ranking": [s.to_dict() for s in self.scores]}
+        if self.notices:
+            d["notices"] = list(self.notices)
+        return d
 
 
 def canonical_labels(labels) -> list[str]:
@@ -86,30 +88,55 @@ def label_token_ids(tokenizer: TextTokenizer, label: str) -> list[int]:
     return tokenizer.encode(label)
 
 
-def label_logprobs(decoder: Decoder, first_logits: np.ndarray, cache: KVCache, embed: EmbedFn,
-                   labels_ids: list[list[int]], batch_size: int = 8) -> list[np.ndarray]:
-    """[V] logits after the prefix + the prefix cache -> per label, [n_tokens] log-probs of its tokens."""
-    first = log_softmax(first_logits)  # [V]
-    out: list[np.ndarray] = [np.array([first[ids[0]]]) for ids in labels_ids]
-    rest = [i for i, ids in enumerate(labels_ids) if len(ids) > 1]
-    for start in range(0, len(rest), batch_size):
-        chunk = rest[start:start + batch_size]
-        width = max(len(labels_ids[i]) - 1 for i in chunk)
-        feed = np.zeros((len(chunk), width), np.int64)  # [b,w] right-padded with id 0 (ignored)
-        for r, i in enumerate(chunk):
-            ids = labels_ids[i][:-1]  # the last token is predicted, never fed
-            feed[r, :len(ids)] = ids
-        rows = cache.select(np.zeros(len(chunk), np.int64))  # the prefix cache once per label row
-        for j in range(width):
-            logits, rows = decoder.forward(embed(feed[:, j])[:, None], rows)  # [b,1,H] -> [b,1,V]
-            logp = log_softmax(logits[:, -1])  # [b,V]
-            for r, i in enumerate(chunk):
-                if j + 1 < len(labels_ids[i]):
-                    out[i] = np.append(out[i], logp[r, labels_ids[i][j + 1]])
-    return out
+class LabelScoring:
+    """The `Decoding` of a label-scoring request (runtime/decoding.py): `rows` labels per wave."""
+
+    PAD = 0  # fed to rows whose label has ended; their logits are ignored
+
+    def __init__(self, labels_ids: list[list[int]], rows: int):
+        self.labels = labels_ids
+        self.rest = [i for i, ids in enumerate(labels_ids) if len(ids) > 1]  # labels with tokens to teacher-force
+        self.rows = max(1, min(rows, len(self.rest)))
+        self.logprobs: list[list[float]] = [[] for _ in labels_ids]
+        self.wave: list[int] = []  # label indices of the current wave, one per row
+        self.j = 0  # tokens fed per row in this wave
+        self.next = 0  # index in `rest` of the next wave's first label
+
+    def start(self, logits: np.ndarray) -> Step:
+        first = log_softmax(logits)  # [V]
+        for i, ids in enumerate(self.labels):
+            self.logprobs[i].append(float(first[ids[0]]))
+        return self._wave(0)
+
+    def _wave(self, start: int) -> Step:
+        self.wave, self.j, self.next = self.rest[start:start + self.rows], 0, start + self.rows
+        if not self.wave:
+            return Step(finish=FinishReason.STOP)
+        return Step(feed=self._feed(), restart=True)
+
+    def _feed(self) -> tuple[int, ...]:
+        # the last token of a label is predicted, never fed
+        return tuple(self.labels[i][self.j] if self.j < len(self.labels[i]) - 1 else self.PAD for i in self.wave)
+
+    def step(self, logits: np.ndarray) -> Step:
+        logp = log_softmax(logits)  # [n,V]
+        for r, i in enumerate(self.wave):
+            if self.j + 1 < len(self.labels[i]):
+                self.logprobs[i].append(float(logp[r, self.labels[i][self.j + 1]]))
+        self.j += 1
+        if self.j < max(len(self.labels[i]) - 1 for i in self.wave):
+            return Step(feed=self._feed())
+        return self._wave(self.next)
+
+    def outcome(self) -> Outcome:
+        return Outcome(label_logprobs=tuple(np.array(lp) for lp in self.logprobs))
+
+    def prefetch(self) -> None:
+        pass
 
 
-def rank(labels: list[str], token_logprobs: list[np.ndarray], question: str, normalize: bool = True) -> Ranking:
+def rank(labels: list[str], token_logprobs: list[np.ndarray], question: str, normalize: bool = True,
+         notices: tuple[str, ...] = ()) -> Ranking:
     """Labels (canonical order) + their tokens' log-probs -> Ranking, best first, with softmax probabilities."""
     sums = np.array([lp.sum() for lp in token_logprobs])
     scores = np.array([lp.mean() for lp in token_logprobs]) if normalize else sums
@@ -117,4 +144,4 @@ def rank(labels: list[str], token_logprobs: list[np.ndarray], question: str, nor
     probs = e / e.sum()
     order = sorted(range(len(labels)), key=lambda i: -scores[i])  # stable: ties keep the canonical order
     return Ranking(question, tuple(LabelScore(labels[i], float(scores[i]), float(sums[i]), len(token_logprobs[i]),
-                                              float(probs[i])) for i in order), normalize)
+                                              float(probs[i])) for i in order), normalize, notices)

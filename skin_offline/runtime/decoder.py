@@ -1,37 +1,32 @@
 """Decoder stage: embeddings + KV cache -> logits, for both decoder graph flavors and any float dtype.
 
-A cache (runtime/kv.py: one type per decoder) belongs to one generation; the session is shared and stateless, so
-many threads may run their own caches through one Decoder concurrently (onnxruntime's Run is thread-safe; each
-cache has its own IOBinding). The engine's slots (runtime/slots.py) are built on the same decoders.
+The request path runs decoders through the engine's slots (runtime/slots.py); `forward(embeds, cache)` is the
+functional form the slots of the standard graph, teacher forcing, export checks and tests use. Sessions are shared
+and stateless, so threads may run their own caches through one decoder (onnxruntime's Run is thread-safe).
 
 - `Decoder` (standard-op graph, TensorRT-friendly): the graph concatenates past and new keys, so each step
   returns fresh present arrays; the cache is plain NumPy.
-- `FastDecoder` (contrib graph with GroupQueryAttention): the cache lives in preallocated per-request buffers
-  [B,kvH,capacity,D] bound as both past input and present output (onnxruntime's past-present share-buffer mode),
-  so GQA writes each new key/value in place: no per-token allocation or copy of the cache. Buffers are
-  `np.empty`, so untouched capacity costs address space, not resident memory, and they return to a small pool
-  when the last cache using them is dropped.
+- `FastDecoder` (contrib graph with GroupQueryAttention): the cache lives in preallocated rows [R,kvH,C,D]
+  (kv.KVRows) bound as both past input and present output, so GQA writes each new key/value in place: no
+  per-token allocation or copy of the cache.
 - `DeviceDecoder` (standard graph on a GPU provider): presents are IO-bound outputs left on the device and
   bound as the next step's pasts, so the cache never crosses to the host per token; only the last position's
   logits are copied back. (The standard graph's Concat still allocates each step's presents on the device;
   the GQA share-buffer graph would avoid that, but onnxruntime's CUDA GQA is unverified here: no GPU.)
-
 """
 
 from __future__ import annotations
 
-import threading
-import weakref
+from typing import Any
 
 import numpy as np
 
 from .. import names
 from ..manifest import ModelDims
 from .kernels.policy import KernelPolicy
-from .kv import DeviceCache, HostCache, KVCache, KVStore, StoreCache
+from .kv import DeviceCache, HostCache, KVCache, KVRows, StoreCache
 
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
-_POOL_SIZE = 2  # idle stores kept per decoder: one per concurrent request is the common case
 
 
 def _np_dtype(ort_type: str):
@@ -90,94 +85,60 @@ class Decoder:
 
 
 class FastDecoder(Decoder):
-    """Contrib graph (GroupQueryAttention) with the cache in preallocated share-buffer stores and IO binding.
+    """Contrib graph (GroupQueryAttention): a cache lives in `KVRows` (kv.py) that GQA writes in place.
 
     `gemm_session`: a second graph with the same I/O and KV layout (a bundle's int8 QGEMM variant) that calls of
     many rows run through, as `policy` decides (runtime/kernels/policy.py); both write the same buffers, so a
     cache prefilled by one is continued by the other."""
 
-    def __init__(self, session, dims: ModelDims, capacity: int | None = None, gemm_session=None,
+    def __init__(self, session: Any, dims: ModelDims, capacity: int | None = None, gemm_session: Any = None,
                  policy: KernelPolicy | None = None):
         super().__init__(session, dims)
         self.gemm_session = gemm_session
         self.policy = policy or KernelPolicy.for_this_machine()
-        self.capacity = capacity or dims.max_context  # per-request buffer length (lazily committed pages)
+        self.capacity = capacity or dims.max_context  # buffer length per row (lazily committed pages)
         self.logits_dtype = _np_dtype(next(o.type for o in session.get_outputs() if o.name == names.LOGITS))
-        self._pool: list[tuple[list[np.ndarray], list[np.ndarray]]] = []
-        # reentrant: a garbage collection can start inside the locked region (np.empty, a tuple) and run a dead
-        # store's finalizer (_recycle) in the same thread; a plain Lock then deadlocks that thread and every other
-        # request (seen under server load about once per 9,000 requests)
-        self._lock = threading.RLock()
 
-    def session_for(self, rows: int):
+    def session_for(self, rows: int) -> Any:
         """The graph a call of `rows` rows (batch x new tokens) runs through."""
         return self.gemm_session if self.gemm_session is not None and self.policy.multi_row(rows) else self.session
 
-    # --- stores ---
-    def new_store(self, batch: int, capacity: int) -> KVStore:
-        with self._lock:
-            for j, (ks, vs) in enumerate(self._pool):
-                if ks[0].shape[0] == batch and ks[0].shape[2] >= capacity:
-                    keys, values = self._pool.pop(j)
-                    break
-            else:
-                shape = (batch, self.dims.num_kv_heads, capacity, self.dims.head_dim)  # [B,kvH,C,D]
-                keys = [np.empty(shape, self.kv_dtype) for _ in range(self.dims.num_layers)]
-                values = [np.empty(shape, self.kv_dtype) for _ in range(self.dims.num_layers)]
-        store = KVStore(self, keys, values)
-        weakref.finalize(store, self._recycle, keys, values)  # buffers outlive the store, back to the pool
-        return store
+    def rows(self, n: int, capacity: int | None = None) -> KVRows:
+        """`n` rows of KV memory for this decoder's graphs."""
+        return KVRows(self.dims, self.kv_dtype, n, capacity or self.capacity)
 
-    def _recycle(self, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
-        with self._lock:
-            if len(self._pool) < _POOL_SIZE:
-                self._pool.append((keys, values))
+    def run_rows(self, kv: KVRows, start: int, stop: int, embeds: np.ndarray, mask: np.ndarray,
+                 positions: np.ndarray, keep: int = 1) -> np.ndarray:
+        """One run over rows [start, stop) of `kv` -> [B,keep,V] logits; the graph is picked by the call's rows."""
+        session = self.session_for((stop - start) * embeds.shape[1])
+        return kv.run(session, start, stop, embeds, mask, positions, keep, self.embeds_dtype, self.logits_dtype)
 
-    def _writable_store(self, cache: KVCache, needed: int) -> KVStore:
-        """The store to extend `cache` in: its own when it is at the frontier and has room, else a copy."""
+    def _writable(self, cache: KVCache, needed: int) -> KVRows:
+        """The rows to extend `cache` in: its own when it is at their frontier and has room, else a copy."""
         store = getattr(cache, "store", None)
-        if store is not None and store.owner is self and store.frontier == cache.length and needed <= store.capacity:
+        if isinstance(store, KVRows) and store.frontier == cache.length and needed <= store.capacity \
+                and store.keys[0].dtype == self.kv_dtype:
             return store
         b, t = cache.mask.shape
-        capacity = max(self.capacity, -(-needed // 256) * 256)
-        fresh = self.new_store(b, capacity)
+        fresh = self.rows(b, max(self.capacity, -(-needed // 256) * 256))
         for dst, src in zip(fresh.keys + fresh.values, cache.keys + cache.values):
             dst[:, :, :t] = src  # copy-on-write of the prefix only (the tail of the buffer is never read)
         fresh.frontier = t
         return fresh
 
     def empty_cache(self, batch: int = 1) -> KVCache:
-        return StoreCache(self.new_store(batch, self.capacity), np.zeros((batch, 0), np.int64), True)
+        return StoreCache(self.rows(batch), np.zeros((batch, 0), np.int64))
 
-    # --- step ---
     def forward(self, embeds: np.ndarray, cache: KVCache, keep: int = 1) -> tuple[np.ndarray, KVCache]:
         """[B,S,H] embeddings after `cache` -> ([B,keep,V] logits of the last `keep` positions, new cache)."""
         b, s, _ = embeds.shape
         keep = max(1, min(keep, s))
         t = cache.length + s
-        store = self._writable_store(cache, t)
-        session = self.session_for(b * s)
-        bind = store.binding(session)
-        full = getattr(cache, "full", None)
-        full = bool(cache.mask.all()) if full is None else full
-        if s == 1 and keep == 1 and b == store.batch and full:  # decode step: refill pre-bound inputs
-            mask = store.ones[:b * t].reshape(b, t)  # [B,T] all ones, a view (never written)
-            np.copyto(store.step_embeds, embeds)
-            store.step_positions.fill(t - 1)
-            store.bind_step(session)
-        else:  # prefill, chunks, padded rows
-            mask, positions = _mask_and_positions(cache.mask, s)
-            bind.bind_cpu_input(names.INPUTS_EMBEDS, np.ascontiguousarray(embeds, self.embeds_dtype))
-            bind.bind_cpu_input(names.POSITION_IDS, positions)
-            bind.bind_cpu_input(names.NUM_LOGITS_TO_KEEP, np.array(keep, np.int64))
-            store.unbind_step(session)
-        bind.bind_cpu_input(names.ATTENTION_MASK, mask)
-        out = store.logits_buffer(b, keep, self.dims.vocab_size, self.logits_dtype)
-        bind.bind_ortvalue_output(names.LOGITS, out[1])
-        session.run_with_iobinding(bind)
-        store.frontier = t
-        # the buffer is rewritten next step: hand out a copy (V floats, ~10 us) so callers may keep it
-        return out[0].astype(np.float32, copy=True), StoreCache(store, mask, full)
+        kv = self._writable(cache, t)
+        mask, positions = _mask_and_positions(cache.mask, s)
+        logits = self.run_rows(kv, 0, b, embeds, mask, positions, keep)
+        kv.frontier = t
+        return logits, StoreCache(kv, mask)
 
 
 class DeviceDecoder(Decoder):

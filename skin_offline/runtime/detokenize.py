@@ -1,4 +1,4 @@
-"""Streaming detokenizer.
+"""Streaming detokenizer: token ids -> text deltas, cut at stop strings (the one place answers are decoded).
 
 Invariant: the concatenation of everything `add()` and `flush()` return equals
 `tokenizer.decode(all tokens)`. Text is held back while the decoded tail ends in an incomplete UTF-8
@@ -60,3 +60,40 @@ class StopText:
     def flush(self) -> str:
         out, self.held = self.held, ""
         return "" if self.stopped else out
+
+
+def drop_answer_space(text: str) -> str:
+    """A constrained answer's text: without the one space LLaVA's template puts before every answer, which the
+    constraint's grammar allows as a word-start piece or a byte (runtime/constraints.py) and the decoder may keep."""
+    return text[1:] if text.startswith(" ") else text
+
+
+class TokenStream:
+    """One answer's output side: token ids in, text deltas out, ending at EOS or the first stop string.
+
+    `answer_space`: drop one leading space (a constrained answer, see `drop_answer_space`); the concatenated deltas
+    then equal `drop_answer_space(decode(tokens))`."""
+
+    def __init__(self, tokenizer, eos_id: int, stop: tuple[str, ...] = (), answer_space: bool = False):
+        self.detok = StreamingDetokenizer(tokenizer)
+        self.stops = StopText(stop)
+        self.eos_id = eos_id
+        self.stopped = False  # EOS or a stop string was seen
+        self._lead = answer_space  # still to look at the answer's first character
+
+    def add(self, token: int) -> str:
+        if token == self.eos_id:
+            self.stopped = True
+            return self.flush()
+        delta = self.stops.add(self._strip(self.detok.add(token)))
+        self.stopped = self.stops.stopped
+        return delta
+
+    def _strip(self, delta: str) -> str:
+        if self._lead and delta:
+            self._lead = False
+            return drop_answer_space(delta)
+        return delta
+
+    def flush(self) -> str:
+        return self.stops.add(self._strip(self.detok.flush())) + self.stops.flush()

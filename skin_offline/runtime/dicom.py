@@ -44,6 +44,7 @@ from pydicom.pixels import apply_color_lut, get_decoder, pixel_array
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 from ..errors import ImageError
+from .pixel_limit import MAX_PIXELS_ENV
 
 CODECS_EXTRA = "pip install 'skin-offline[dicom-codecs]'"
 
@@ -262,8 +263,6 @@ def _check_inflated_size(fp: BinaryIO, name: str, max_pixels: int) -> None:
             while chunk and not inflater.eof:
                 total += len(inflater.decompress(chunk, 1 << 22))
                 if total > cap:
-                    from .image import MAX_PIXELS_ENV
-
                     raise ImageError(f"{name}: deflated DICOM data set inflates to more than {cap >> 20} MiB, more "
                                      f"than any image within the pixel limit needs; export the image uncompressed, "
                                      f"or raise {MAX_PIXELS_ENV} if it is a genuine very large image")
@@ -312,8 +311,6 @@ def _check(h: _Header, name: str, frame: int, max_pixels: int, has_pixels: bool 
         raise ImageError(f"{name}: DICOM image with {h.bits_stored} of {h.bits_allocated} bits per sample is not "
                          "supported (1 to 16 bits); export it as an 8- or 16-bit image")
     if h.rows * h.columns > max_pixels:
-        from .image import MAX_PIXELS_ENV
-
         raise ImageError(f"{name}: image too large ({h.columns}x{h.rows} = {h.rows * h.columns} pixels > limit "
                          f"{max_pixels}); downscale it or raise {MAX_PIXELS_ENV}")
     if frame >= h.frames:

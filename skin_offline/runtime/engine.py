@@ -1,21 +1,25 @@
-"""The request engine: continuous batching of prepared requests over `parallel` KV-cache slots.
+"""The request engine: every prepared request, whatever its decoding mode, advanced by one scheduler over KV rows.
 
-    engine = Engine(model, parallel=4, max_queue=16)
-    stream = engine.submit(model.prepare(image, question, max_new_tokens=128))   # EngineBusy when full
-    for r in stream: print(r.text, end="")        # or `async for r in stream` inside an event loop
-    stream.cancel()                                # the row stops at the next step; its slot is reused
+    engine = Engine.for_bundle(bundle, tokenizer, vision, parallel=4)
+    stream = engine.submit(request)                # EngineBusy when every slot and queue place is taken
+    for r in stream: print(r.text, end="")         # or `async for r in stream` inside an event loop
+    stream.cancel()                                # the request stops at the next step; its rows are reused
 
-One scheduler thread owns the slots (runtime/slots.py). Each turn of its loop it admits ready requests into free
-slots (copying the longest cached prefix of their prompt into the slot), runs ONE prefill chunk of the oldest
-request still prefilling (at batch 1, `chunk_tokens` positions at most), then ONE decode step for every row that
-is decoding, in one decoder run (each row at its own length). So a new request's prefill never freezes the
-running streams for longer than one chunk, rows leave the moment they finish (EOS, stop string, max tokens,
-context, cancel) and a waiting request takes the freed slot at once. A second thread runs the vision encoder
-for queued requests, off the decode loop. Admission is bounded (a slot or a queue place), so memory does not grow
-with the number of callers; slots are allocated once.
+A request holds the KV rows its mode needs (runtime/decoding.py): one for greedy or sampled answers, `num_beams`
+for beam search (runtime/beam.py), one per label of a wave for label scoring (runtime/classify.py). Each turn of the
+scheduler thread's loop it admits waiting requests (oldest first, once `parallel` allows another request and enough
+rows are free; a prompt-cache hit is copied into the first row), runs ONE prefill chunk of the oldest request still
+prefilling (at batch 1, `chunk_tokens` positions at most), then ONE decoder run for every decoding row of every
+request, each row at its own length. The rows' logits go back to their requests' modes, which choose the next
+tokens; a beam reorder or a new scoring wave is a copy between the request's own rows. So a new request's prefill
+never freezes running streams for longer than one chunk, requests leave the moment they finish (EOS, stop string,
+max tokens, context, cancel) and a waiting one takes the freed rows at once. A second thread runs the vision stage
+for queued requests, off the decode loop. Capacity has one owner: requests in flight are bounded by `parallel` plus
+`max_queue` waiting places (a server reserves a place before it reads a body: `reserve()`), so memory does not
+grow with the number of callers; rows are allocated once.
 
-The single-request path (`SkinVL.stream`) is this engine; every request's sampler is its own seeded Generator,
-so what else is in the batch never changes a seeded request's draws.
+Every request's sampler is its own seeded Generator, so what else is in the batch never changes a seeded request's
+draws.
 """
 
 from __future__ import annotations
@@ -23,33 +27,39 @@ from __future__ import annotations
 import atexit
 import collections
 import threading
-import weakref
 import time
+import weakref
 from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterator, Union
 
 import numpy as np
 
-from .. import names
-from ..errors import BundleError, EngineBusy, EngineClosed, UsageError
-from ..manifest import Attention
-from .generate import FinishReason, GenerationState, Response, TokenStream
-from .kernels.sampling import Sampler, make_sampler
+from ..errors import EngineBusy, EngineClosed, UsageError
+from .beam import BeamConfig, BeamSearch
+from .classify import LabelScoring
+from .decoding import Decoding, Sampling, Step
 from .kv import Snapshot
-from .prompt import IMAGE_PLACEHOLDER
+from .prompt import EmbedFn
 from .prompt_cache import PromptCache
-from .request import Request
+from .request import Request, Scoring
+from .response import FinishReason, Response, TokenLogprob
 from .slots import SlotTable, slot_table
+from .tokenizer import TextTokenizer
+from .vision import VisionStage
 
 # Positions per prefill chunk. The worst gap a running stream sees while another request is admitted is one chunk
 # plus one decode step; larger chunks prefill a little faster (benchmarks/concurrency.py measures both).
 DEFAULT_CHUNK_TOKENS = 128
+# KV rows per parallel request: the paper's 5 beams (eval --protocol paper), so `parallel` such requests run at once
+# (rows are np.empty: a row never used costs address space, not memory). Label scoring waves use as many.
+ROWS_PER_REQUEST = 5
 
 
 @dataclass(frozen=True)
 class EngineStats:
-    slots: int  # parallel requests the engine runs
-    active: int  # requests holding a slot (prefilling or decoding)
-    queued: int  # prepared requests waiting for a slot
+    slots: int  # requests the engine runs in parallel
+    active: int  # requests holding rows (prefilling or decoding)
+    queued: int  # requests admitted to the queue, not yet holding rows (incl. reserved places)
 
 
 class _Failure:
@@ -59,45 +69,62 @@ class _Failure:
         self.error = error
 
 
+_Item = Union[Response, _Failure]
+
+
 class Stream:
     """One submitted request: iterate it (sync or async) for its responses; `cancel()` to stop it early."""
 
-    def __init__(self, request: Request, cancel: threading.Event | None = None, state: GenerationState | None = None,
-                 wake=None):
+    def __init__(self, request: Request, cancel: threading.Event | None = None, wake: Callable[[], None] | None = None):
         self.request = request
-        self.state = state if state is not None else GenerationState()  # tokens, finish reason, snapshot
         self.cancelled = cancel if cancel is not None else threading.Event()
         self._wake_engine = wake
-        self._events: collections.deque = collections.deque()
+        self._events: collections.deque[_Item] = collections.deque()
         self._cond = threading.Condition()
-        self._loop = None  # asyncio consumer: woken with call_soon_threadsafe
-        self._wake = None
+        self._loop: Any = None  # asyncio consumer: woken with call_soon_threadsafe
+        self._wake: Any = None
+        self._on_done: list[Callable[[Response | None, BaseException | None], None]] = []
         self.done = False  # the last response (or a failure) has been queued for the consumer
+        self._final: _Item | None = None
 
     def cancel(self) -> None:
         self.cancelled.set()
         if self._wake_engine is not None:
             self._wake_engine()
 
+    def on_done(self, callback: Callable[[Response | None, BaseException | None], None]) -> None:
+        """Call `callback(last response, None)` or `(None, error)` once the request ends, in the engine's thread
+        (at once if it already has) -- whether or not anyone still reads the stream."""
+        with self._cond:
+            if not self.done:
+                self._on_done.append(callback)
+                return
+            last = self._final
+        callback(*((None, last.error) if isinstance(last, _Failure) else (last, None)))
+
     # --- producer side (engine threads) ---
-    def _push(self, item) -> None:
+    def _push(self, item: _Item) -> None:
         with self._cond:
             self._events.append(item)
-            if isinstance(item, _Failure) or item.finish_reason is not None:
-                self.done = True
+            final = isinstance(item, _Failure) or item.finish_reason is not None
+            if final:
+                self.done, self._final = True, item
+            callbacks, self._on_done = (self._on_done, []) if final else ([], self._on_done)
             self._cond.notify_all()
             loop, wake = self._loop, self._wake
+        for cb in callbacks:
+            cb(*((None, item.error) if isinstance(item, _Failure) else (item, None)))
         if loop is not None:
             loop.call_soon_threadsafe(wake.set)
 
     # --- consumer side ---
     @staticmethod
-    def _deliver(item) -> Response:
+    def _deliver(item: _Item) -> Response:
         if isinstance(item, _Failure):
             raise item.error
         return item
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Response]:
         try:
             while True:
                 with self._cond:
@@ -112,86 +139,105 @@ class Stream:
             if not self.done:
                 self.cancel()
 
-    async def _aiter(self):
+    async def batch(self, timeout: float | None = None) -> list[Response] | None:
+        """Every response available now (waiting for the first), or None after `timeout` seconds without one.
+        A failure is raised once the responses before it were returned."""
         import asyncio
 
         with self._cond:
-            self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+            if self._loop is None:
+                self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        while True:
+            with self._cond:
+                out: list[Response] = []
+                while self._events and not isinstance(self._events[0], _Failure):
+                    out.append(self._events.popleft())
+                if out:
+                    return out
+                if self._events:
+                    raise self._events.popleft().error  # type: ignore[union-attr]
+                self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                return None
+
+    async def _aiter(self) -> AsyncIterator[Response]:
         try:
             while True:
-                with self._cond:
-                    item = self._events.popleft() if self._events else None
-                    if item is None:
-                        self._wake.clear()
-                if item is None:
-                    await self._wake.wait()
-                    continue
-                r = self._deliver(item)
-                yield r
-                if r.finish_reason is not None:
-                    return
+                for r in await self.batch() or ():
+                    yield r
+                    if r.finish_reason is not None:
+                        return
         finally:
             if not self.done:
                 self.cancel()
 
-    def __aiter__(self):
+    def __aiter__(self) -> AsyncIterator[Response]:
         return self._aiter()
 
 
+class Reservation:
+    """A queue place held before its request is prepared (a server reserves one before reading the body)."""
+
+    def __init__(self, engine: "Engine"):
+        self._engine: Engine | None = engine
+
+    def release(self) -> None:
+        """Give the place back (no request will use it); a no-op once used or released."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine._unreserve()
+
+    def _use(self) -> None:
+        if self._engine is None:
+            raise UsageError("this reservation was already used or released; reserve another")
+        self._engine = None
+
+
 @dataclass(eq=False)
-class _Row:
+class _Job:
     """A request inside the engine."""
 
     stream: Stream
-    sampler: Sampler
-    out: TokenStream
-    image_at: int  # index of the image placeholder in the prompt ids
-    image_end: int  # positions up to and including the image rows
-    feats: np.ndarray | None = None  # [N,H], once the vision stage ran (None when a cached prefix covers the image)
-    slot: int = -1
-    done: int = 0  # prompt positions in the slot
-    last: int = -1  # the token to feed next
+    decoding: Decoding
+    snap: Snapshot | None = None  # the prompt-cache entry (or earlier turn) its prompt starts from
+    keep: int = 0  # positions of `snap` it reuses (0: prefill from scratch)
+    feats: np.ndarray | None = field(default=None, repr=False)  # [N,H] once the vision stage ran (None when keep covers it)
+    slots: list[int] = field(default_factory=list)  # its KV rows; the prompt is prefilled into the first
+    done: int = 0  # prompt positions in the first row
+    feed: tuple[int, ...] = ()  # tokens its rows feed at the next decoder run
     t_prefill: float | None = None
     t_first: float | None = None
-    snapshot: Snapshot | None = field(default=None, repr=False)  # what admission copied into the slot
 
     @property
     def req(self) -> Request:
         return self.stream.request
 
-    @property
-    def prompt_len(self) -> int:
-        return self.req.prompt_tokens
-
 
 class Engine:
-    def __init__(self, model, parallel: int = 1, max_queue: int | None = None,
-                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS, prompt_cache: PromptCache | None = None):
+    def __init__(self, slots: SlotTable, vision: VisionStage, embed: EmbedFn, tokenizer: TextTokenizer, eos_id: int,
+                 *, parallel: int = 1, max_queue: int | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                 prompt_cache: PromptCache | None = None, rows_per_request: int = ROWS_PER_REQUEST):
+        """`slots` (slots.slot_table) holds every KV row; `parallel` requests hold rows at once."""
         if parallel < 1:
             raise UsageError(f"parallel must be >= 1, got {parallel}")
         if chunk_tokens < 1:
             raise UsageError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-        self.model = model
+        self.slots, self.vision, self.embed, self.tokenizer, self.eos_id = slots, vision, embed, tokenizer, eos_id
         self.parallel = parallel
         self.max_queue = 4 * parallel if max_queue is None else max_queue
         self.chunk_tokens = chunk_tokens
-        picked = getattr(model.bundle, "picked", None) or {}
-        dec = picked.get(names.ROLE_DECODER)
-        if parallel > 1 and dec is not None and dec.attention == Attention.GQA_UNIFORM:
-            raise BundleError(f"bundle {model.bundle.folder} was exported before batched decoding (its decoder takes one "
-                              f"length for every row); re-export it with `skin-offline export` to serve requests in "
-                              f"parallel, or run with parallel 1")
-        self.slots: SlotTable = slot_table(model.bundle.decoder, parallel)
+        self.rows_per_request = rows_per_request
         self.prompt_cache = prompt_cache if prompt_cache is not None else PromptCache()
-        self._n_img = model.manifest.model.image_tokens
-        self._eos = model.manifest.tokens.eos_id
         self._cond = threading.Condition()
-        self._incoming: collections.deque[_Row] = collections.deque()  # waiting for the vision stage
-        self._ready: collections.deque[_Row] = collections.deque()  # waiting for a slot
-        self._waiting = 0  # rows not yet in a slot (incoming, in the vision stage, ready)
-        self._free = list(range(parallel))
-        self._prefilling: list[_Row] = []  # in a slot, prompt not done (oldest first)
-        self._decoding: dict[int, _Row] = {}  # slot -> row
+        self._incoming: collections.deque[_Job] = collections.deque()  # waiting for the vision stage
+        self._ready: collections.deque[_Job] = collections.deque()  # waiting for rows
+        self._in_vision = 0  # taken from _incoming, not yet in _ready
+        self._waiting = 0  # queue places taken: reserved, incoming, in the vision stage, ready
+        self._free = list(range(slots.n))
+        self._prefilling: list[_Job] = []  # holding rows, prompt not done (oldest first)
+        self._decoding: list[_Job] = []  # holding rows, decoding (admission order)
         self._closed = False
         self._threads = [threading.Thread(target=self._vision_loop, name="skin-offline-vision", daemon=True),
                          threading.Thread(target=self._loop, name="skin-offline-engine", daemon=True)]
@@ -202,27 +248,51 @@ class Engine:
         ref = weakref.ref(self)
         atexit.register(lambda: (e := ref()) is not None and e.close(cancel=True, timeout=10))
 
+    @classmethod
+    def for_bundle(cls, bundle: Any, tokenizer: TextTokenizer, vision: VisionStage, *, parallel: int = 1,
+                   rows_per_request: int = ROWS_PER_REQUEST, **kw: Any) -> "Engine":
+        """An engine over a loaded bundle's decoder (runtime/bundle.py), with `parallel x rows_per_request` rows."""
+        bundle.check_parallel(parallel)
+        return cls(slot_table(bundle.decoder, parallel * rows_per_request), vision, bundle.embed, tokenizer,
+                   bundle.manifest.tokens.eos_id, parallel=parallel, rows_per_request=rows_per_request, **kw)
+
     # --- API ---
+    def reserve(self) -> Reservation:
+        """A queue place for a request still to be prepared; raises EngineBusy when every place is taken."""
+        with self._cond:
+            self._take_place()
+        return Reservation(self)
+
     def submit(self, request: Request, *, cancel: threading.Event | None = None,
-               state: GenerationState | None = None) -> Stream:
-        """Queue a prepared request; raises EngineBusy when every slot and queue place is taken."""
-        stream = Stream(request, cancel, state, wake=self._notify)
-        ids = request.ids
-        at = ids.index(IMAGE_PLACEHOLDER)
-        row = _Row(stream, make_sampler(request.sampling), TokenStream(self.model.tokenizer, self._eos, request.params.stop),
-                   image_at=at, image_end=at + self._n_img)
-        stream.state.positions = request.positions
+               reservation: Reservation | None = None) -> Stream:
+        """Queue a prepared request; raises EngineBusy when every slot and queue place is taken (unless it holds a
+        `reservation`)."""
+        decoding = self._decoding_for(request)
+        if decoding.rows > self.slots.n:
+            if reservation is not None:
+                reservation.release()
+            raise UsageError(f"this request needs {decoding.rows} KV rows (one per beam or label); the engine has "
+                             f"{self.slots.n}: use fewer beams or load the model with a larger `parallel`")
+        stream = Stream(request, cancel, wake=self._notify)
+        job = _Job(stream, decoding)
         with self._cond:
             if self._closed:
+                if reservation is not None:
+                    reservation._use()
+                    self._waiting -= 1
                 raise EngineClosed("the engine is shutting down; not accepting new requests")
-            busy = len(self._prefilling) + len(self._decoding)
-            if self._waiting >= self.max_queue and busy + self._waiting >= self.parallel:
-                raise EngineBusy(f"all {self.parallel} slots are busy and {self._waiting} requests are waiting; "
-                                 f"retry later")
-            self._waiting += 1
-            self._incoming.append(row)
+            if reservation is not None:
+                reservation._use()  # its place becomes this request's
+            else:
+                self._take_place()
+            self._incoming.append(job)
             self._cond.notify_all()
         return stream
+
+    @property
+    def capacity(self) -> int:
+        """Requests in flight at most (running + waiting); past it submit and reserve raise EngineBusy."""
+        return self.parallel + self.max_queue
 
     def stats(self) -> EngineStats:
         with self._cond:
@@ -234,55 +304,83 @@ class Engine:
         with self._cond:
             self._closed = True
             if cancel:
-                for row in (*self._incoming, *self._ready, *self._prefilling, *self._decoding.values()):
-                    row.stream.cancelled.set()
+                for job in (*self._incoming, *self._ready, *self._prefilling, *self._decoding):
+                    job.stream.cancelled.set()
             self._cond.notify_all()
         deadline = None if timeout is None else time.monotonic() + timeout
         for t in self._threads:
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return not any(t.is_alive() for t in self._threads)
 
+    def _take_place(self) -> None:
+        """Count one more waiting request, or raise EngineBusy (with the condition held)."""
+        if self._closed:
+            raise EngineClosed("the engine is shutting down; not accepting new requests")
+        busy = len(self._prefilling) + len(self._decoding)
+        if self._waiting >= self.max_queue and busy + self._waiting >= self.parallel:
+            raise EngineBusy(f"all {self.parallel} slots are busy and {self._waiting} requests are waiting; "
+                             f"retry later")
+        self._waiting += 1
+
+    def _unreserve(self) -> None:
+        with self._cond:
+            self._waiting -= 1
+            self._cond.notify_all()
+
     def _notify(self) -> None:
         with self._cond:
             self._cond.notify_all()
+
+    def _decoding_for(self, req: Request) -> Decoding:
+        mode = req.mode
+        if isinstance(mode, BeamConfig):
+            return BeamSearch(mode, self.eos_id, self.tokenizer, req.matcher)
+        if isinstance(mode, Scoring):
+            return LabelScoring([list(x) for x in mode.labels_ids], min(mode.rows, self.rows_per_request))
+        return Sampling(mode.sampling, req.max_new_tokens, self.tokenizer, self.eos_id, mode.stop, req.matcher,
+                        mode.logprobs)
 
     # --- vision stage (its own thread) ---
     def _vision_loop(self) -> None:
         while True:
             with self._cond:
-                while not self._incoming and not (self._closed and self._waiting == 0):
+                while not self._incoming and not self._closed:
                     self._cond.wait()
                 if not self._incoming:
                     return
-                row = self._incoming.popleft()
-            if not row.stream.cancelled.is_set():
+                job = self._incoming.popleft()
+                self._in_vision += 1
+            if not job.stream.cancelled.is_set():
                 try:
-                    self._prepare_features(row)
+                    self._prepare_prompt(job)
                 except Exception as e:  # delivered to the consumer (e.g. an onnxruntime failure)
                     with self._cond:
                         self._waiting -= 1
-                    row.stream._push(_Failure(e))
+                        self._in_vision -= 1
+                        self._cond.notify_all()
+                    job.stream._push(_Failure(e))
                     continue
             with self._cond:
-                self._ready.append(row)
+                self._ready.append(job)
+                self._in_vision -= 1
                 self._cond.notify_all()
 
-    def _prepare_features(self, row: _Row) -> None:
-        """Image features, unless a cached prefix already covers the image."""
-        req = row.req
+    def _prepare_prompt(self, job: _Job) -> None:
+        """The longest cached prefix of the prompt (looked up once), and the image features unless it covers them."""
+        req = job.req
         extra = (req.reuse,) if req.reuse is not None else ()
-        _, keep = self.prompt_cache.best(req.positions, row.image_end, extra)
-        if keep == 0:
+        job.snap, job.keep = self.prompt_cache.best(req.positions, req.prompt.image_end, extra)
+        if job.keep == 0:
             t = time.perf_counter()
-            row.feats = self.model.image_features(req.pixels, req.image_key)
+            job.feats = self.vision.features(req.pixels, req.image_key)
             req.timings.vision_s = time.perf_counter() - t
 
     # --- the scheduler (its own thread) ---
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._prefilling or self._decoding or (self._ready and self._free) or self._cancels()):
-                    if self._closed and self._waiting == 0:
+                while not (self._prefilling or self._decoding or self._admissible() or self._cancels()):
+                    if self._closed and not (self._incoming or self._in_vision or self._ready):
                         return
                     self._cond.wait()
             self._reap()
@@ -292,154 +390,169 @@ class Engine:
             if self._decoding:
                 self._decode_step()
 
+    def _admissible(self) -> bool:
+        """The oldest ready request can take rows now (oldest first: a big request is not starved by small ones)."""
+        if not self._ready or len(self._prefilling) + len(self._decoding) >= self.parallel:
+            return False
+        return len(self._free) >= self._ready[0].decoding.rows
+
     def _cancels(self) -> bool:
-        return any(r.stream.cancelled.is_set() for r in self._ready)
+        return any(j.stream.cancelled.is_set() for j in self._ready)
 
     def _reap(self) -> None:
-        """Finish cancelled rows: waiting ones at once, running ones here, between two steps."""
+        """Finish cancelled requests: waiting ones at once, running ones here, between two steps."""
         with self._cond:
-            waiting = [r for r in self._ready if r.stream.cancelled.is_set()]
-            for r in waiting:
-                self._ready.remove(r)
+            waiting = [j for j in self._ready if j.stream.cancelled.is_set()]
+            for j in waiting:
+                self._ready.remove(j)
                 self._waiting -= 1
-        for r in waiting:
-            self._end(r, FinishReason.CANCELLED)
-        for r in [*self._prefilling, *self._decoding.values()]:
-            if r.stream.cancelled.is_set():
-                self._end(r, FinishReason.CANCELLED)
+        for j in waiting:
+            self._end(j, FinishReason.CANCELLED)
+        for j in [*self._prefilling, *self._decoding]:
+            if j.stream.cancelled.is_set():
+                self._end(j, FinishReason.CANCELLED)
 
     def _admit(self) -> None:
         while True:
             with self._cond:
-                if not (self._ready and self._free):
+                if not self._admissible():
                     return
-                row = self._ready.popleft()
+                job = self._ready.popleft()
                 self._waiting -= 1
-                slot = min(self._free)
-                self._free.remove(slot)
-            req = row.req
+                self._free.sort()
+                job.slots, self._free = self._free[:job.decoding.rows], self._free[job.decoding.rows:]
+            req = job.req
             try:
-                extra = (req.reuse,) if req.reuse is not None else ()
-                snap, keep = self.prompt_cache.best(req.positions, row.image_end, extra)
-                row.slot = slot
-                if keep:
-                    self.slots.load(slot, snap, keep)
-                elif row.feats is None:  # the cached prefix it was ready for was evicted meanwhile
-                    row.feats = self.model.image_features(req.pixels, req.image_key)
-                row.done = keep
-                req.timings.prefix_cached = keep > 0
-                req.timings.prefilled_tokens = req.prompt_tokens - keep
-                self._prefilling.append(row)
+                if job.keep:
+                    assert job.snap is not None
+                    self.slots.load(job.slots[0], job.snap, job.keep)
+                job.done = job.keep
+                req.timings.prefix_cached = job.keep > 0
+                req.timings.prefilled_tokens = req.prompt_tokens - job.keep
+                job.snap = None  # the slot holds its part now
+                self._prefilling.append(job)
             except Exception as e:
-                self._fail([row], e)
+                self._fail([job], e)
 
-    def _embeds(self, row: _Row, start: int, end: int) -> np.ndarray:
-        """Prompt positions [start, end) -> [end-start, H]: text ids before the image, its feature rows, text after."""
-        ids, at, n, embed = row.req.ids, row.image_at, self._n_img, self.model.bundle.embed
-        parts = []
-        if start < at:
-            parts.append(embed(ids[start:min(end, at)]))
-        if start < at + n and end > at:
-            parts.append(row.feats[max(start, at) - at:min(end, at + n) - at])
-        if end > at + n:
-            parts.append(embed(ids[max(start, at + n) - n + 1:end - n + 1]))  # ids after the placeholder
-        return np.concatenate(parts)
-
-    def _prefill_chunk(self, row: _Row) -> None:
-        start, total = row.done, row.prompt_len
+    def _prefill_chunk(self, job: _Job) -> None:
+        req = job.req
+        start, total, image_end = job.done, req.prompt_tokens, req.prompt.image_end
         end = min(total, start + self.chunk_tokens)
-        positions = row.req.positions
-        store_image = self.prompt_cache.max_entries > 0 and start < row.image_end < total \
-            and not self.prompt_cache.covers(positions[:row.image_end])
-        if store_image and end > row.image_end:
-            end = row.image_end  # a chunk boundary where the image ends, to keep "[INST] " + image for later questions
-        if row.t_prefill is None:
-            row.t_prefill = time.perf_counter()
+        store_image = self.prompt_cache.max_entries > 0 and start < image_end < total \
+            and not self.prompt_cache.covers(req.positions[:image_end])
+        if store_image and end > image_end:
+            end = image_end  # a chunk boundary where the image ends, to keep "[INST] " + image for later questions
+        if job.t_prefill is None:
+            job.t_prefill = time.perf_counter()
         try:
-            logits = self.slots.prefill(row.slot, self._embeds(row, start, end)[None])  # [V]
-            row.done = end
-            if store_image and end == row.image_end:
-                self.prompt_cache.put(self.slots.snapshot(row.slot, positions[:end]))
+            logits = self.slots.prefill(job.slots[0], req.prompt.embeds(self.embed, job.feats, start, end)[None])  # [V]
+            job.done = end
+            if store_image and end == image_end:
+                self.prompt_cache.put(self.slots.snapshot(job.slots[0], req.positions[:end]))
         except Exception as e:
-            self._fail([row], e)
+            self._fail([job], e)
             return
         if end == total:
-            self._prefilling.remove(row)
-            row.req.timings.prefill_s = time.perf_counter() - row.t_prefill
-            if self._emit(row, logits):
-                self._decoding[row.slot] = row
+            self._prefilling.remove(job)
+            req.timings.prefill_s = time.perf_counter() - job.t_prefill
+            job.feats = None
+            self._advance(job, job.decoding.start, logits)
 
     def _decode_step(self) -> None:
-        rows = sorted(self._decoding.values(), key=lambda r: r.slot)
+        jobs = list(self._decoding)
+        rows = [s for j in jobs for s in j.slots[:len(j.feed)]]
         try:
-            embeds = self.model.bundle.embed([r.last for r in rows])[:, None]  # [B,1,H]
-            logits = self.slots.decode([r.slot for r in rows], embeds)  # [B,V]
+            embeds = self.embed([t for j in jobs for t in j.feed])[:, None]  # [B,1,H]
+            logits = self.slots.decode(rows, embeds)  # [B,V]
         except Exception as e:
-            self._fail(rows, e)
+            self._fail(jobs, e)
             return
-        for r, lg in zip(rows, logits):
-            if not self._emit(r, lg):
-                self._decoding.pop(r.slot, None)
+        at = 0
+        for j in jobs:
+            n = len(j.feed)
+            self._advance(j, j.decoding.step, logits[at:at + n])
+            at += n
 
-    def _emit(self, row: _Row, logits: np.ndarray) -> bool:
-        """Sample the next token from [V] logits and stream it; False when the row has finished."""
-        token = row.sampler(logits)
-        state, timings = row.stream.state, row.req.timings
-        state.tokens.append(token)
-        now = time.perf_counter()
-        if row.t_first is None:
-            row.t_first = now
-            timings.ttft_s = now - row.req.t_start
-        timings.new_tokens += 1
-        timings.decode_s = now - row.t_first
-        row.last = token
-        delta = row.out.add(token)
-        finish = row.out.finish
-        if finish is None and len(state.tokens) >= row.req.max_new_tokens:
-            finish, delta = FinishReason.LENGTH, delta + row.out.flush()
-        if finish is not None:
-            self._end(row, finish, delta)
-            return False
-        if delta:
-            row.stream._push(Response(delta, token))
-        return True
-
-    def _release(self, row: _Row) -> None:
-        """Keep what the row's slot holds (prompt + the answer tokens fed back) for later requests, free the slot."""
-        if row.slot < 0:
-            return
-        n = self.slots.length(row.slot)
-        positions = (list(row.req.positions) + row.stream.state.tokens)[:n]
-        if n and (self.prompt_cache.max_entries > 0 or row.req.keep_snapshot):
-            snap = self.slots.snapshot(row.slot, positions)
-            self.prompt_cache.put(snap)
-            row.stream.state.snapshot = snap
-        self.slots.release(row.slot)
-        if row in self._prefilling:
-            self._prefilling.remove(row)
-        self._decoding.pop(row.slot, None)
-        with self._cond:
-            self._free.append(row.slot)
-            self._cond.notify_all()
-        row.slot = -1
-
-    def _end(self, row: _Row, reason: FinishReason, delta: str = "") -> None:
-        row.stream.state.finish_reason = reason
+    def _advance(self, job: _Job, decide: Callable[[np.ndarray], Step], logits: np.ndarray) -> None:
+        """Let the request's mode choose from its rows' logits, then stream, end, or arrange its rows for the next run."""
         try:
-            self._release(row)
-        finally:
-            row.stream._push(Response(delta, None, reason, row.req.timings))
+            step = decide(logits)
+            timings = job.req.timings
+            now = time.perf_counter()
+            if job.t_first is None:
+                job.t_first = now
+                timings.ttft_s = now - job.req.t_start
+            timings.decode_s = now - job.t_first
+            if step.token is not None:
+                timings.new_tokens += 1
+            if step.finish is not None:
+                if job in self._decoding:
+                    self._decoding.remove(job)
+                self._end(job, step.finish, step.delta, step.logprobs)
+                return
+            self._arrange(job, step)
+            job.feed = step.feed
+            job.decoding.prefetch()  # e.g. constraint masks, computed while the decoder runs
+        except Exception as e:
+            self._fail([job], e)
+            return
+        if job not in self._decoding:
+            self._decoding.append(job)
+        if step.delta or step.logprobs:
+            job.stream._push(Response(step.delta, step.token, logprobs=step.logprobs))
 
-    def _fail(self, rows: list[_Row], error: BaseException) -> None:
-        for row in rows:
+    def _arrange(self, job: _Job, step: Step) -> None:
+        """Rows for the next run: back to the prompt (a new scoring wave), or a gather (beams), before feeding."""
+        rows, n = job.slots, len(step.feed)
+        if step.restart:
+            p = job.req.prompt_tokens
+            self.slots.truncate(rows[0], p)
+            self.slots.copy(rows[1:n], [rows[0]] * (n - 1), p)
+        elif step.parents is not None:
+            moved = [(rows[j], rows[p]) for j, p in enumerate(step.parents) if p != j]
+            if moved:
+                self.slots.copy([d for d, _ in moved], [s for _, s in moved], self.slots.length(moved[0][1]))
+
+    def _release(self, job: _Job) -> Snapshot | None:
+        """Keep what the first row holds (prompt + the answer tokens fed back) for later requests, free the rows;
+        the snapshot when the request asked for it."""
+        if not job.slots:
+            return None
+        snap = None
+        first, fed = job.slots[0], job.decoding.outcome().first_row
+        n = min(self.slots.length(first), job.req.prompt_tokens + len(fed))
+        if n and (self.prompt_cache.max_entries > 0 or job.req.keep_snapshot):
+            snap = self.slots.snapshot(first, (list(job.req.positions) + list(fed))[:n])
+            self.prompt_cache.put(snap)
+        self._free_rows(job)
+        return snap if job.req.keep_snapshot else None
+
+    def _free_rows(self, job: _Job) -> None:
+        for s in job.slots:
+            self.slots.release(s)
+        if job in self._prefilling:
+            self._prefilling.remove(job)
+        if job in self._decoding:
+            self._decoding.remove(job)
+        with self._cond:
+            self._free.extend(job.slots)
+            self._cond.notify_all()
+        job.slots = []
+
+    def _end(self, job: _Job, reason: FinishReason, delta: str = "", logprobs: tuple[TokenLogprob, ...] = ()) -> None:
+        snap = None
+        try:
+            snap = self._release(job)
+        finally:
+            out = job.decoding.outcome()
+            if out.tokens:
+                job.req.timings.new_tokens = len(out.tokens)
+            job.stream._push(Response(delta, None, reason, job.req.timings, out.tokens, snap, out.label_logprobs,
+                                      logprobs))
+
+    def _fail(self, jobs: list[_Job], error: BaseException) -> None:
+        for job in jobs:
             try:
-                self.slots.release(row.slot) if row.slot >= 0 else None
+                self._free_rows(job)
             finally:
-                if row in self._prefilling:
-                    self._prefilling.remove(row)
-                if row.slot >= 0:
-                    self._decoding.pop(row.slot, None)
-                    with self._cond:
-                        self._free.append(row.slot)
-                row.slot = -1
-                row.stream._push(_Failure(error))
+                job.stream._push(_Failure(error))

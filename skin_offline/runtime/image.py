@@ -1,10 +1,10 @@
 """Image loading and CLIP preprocessing for SkinVL (runtime: numpy + PIL + pydicom).
 
-`load_image` is the one loader: path / bytes / PIL image / ImageSource (a source plus a frame number). The format is
+`read_image` is the one loader: path / bytes / PIL image / ImageSource (a source plus a frame number). The format is
 recognised by content, never by extension. Documented handling:
 - JPEG, PNG, WebP, GIF, BMP, TIFF (tiled, BigTIFF), AVIF, JPEG 2000: Pillow.
 - DICOM (Part 10: 128-byte preamble + "DICM"): `dicom.py` (pydicom), without reading or echoing patient data.
-  A header saying BurnedInAnnotation = YES raises a PatientDataWarning after the image is loaded (never a refusal).
+  A header saying BurnedInAnnotation = YES adds a notice to the loaded image (never a refusal).
 - HEIC/HEIF: pillow-heif, registered with Pillow only when such a file arrives and only if installed (the optional
   `heif` extra: its wheels bundle GPL-licensed codecs); without it, a one-line error naming the extra.
 - Multi-frame files (DICOM, TIFF pages, animated GIF/WebP/APNG, HEIF image sequences): frame 0 unless `frame` asks
@@ -20,7 +20,7 @@ recognised by content, never by extension. Documented handling:
   round(v / 257), so 65535 -> 255; PIL's convert would clip every value above 255 to white.
   'I' values outside [0, 65535] are clipped. 16-bit RGB(A) TIFF, which Pillow cuts to its high bytes, is scaled the
   same way (see _tiff16); 16-bit RGB(A) PNGs already decode with rounding in PIL.
-- Images larger than `max_pixels` (default 100 MP, env SKIN_OFFLINE_MAX_PIXELS) are refused
+- Images larger than `max_pixels` (default 100 MP, env SKIN_OFFLINE_MAX_PIXELS, pixel_limit.py) are refused
   before decoding. Pillow's own bomb guard (2 x Image.MAX_IMAGE_PIXELS, about 179 MP) still
   applies on top and is reported the same way; its warning is silenced.
 Every failure is an `ImageError` with a one-line message naming the source and the problem.
@@ -40,11 +40,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import ImageError, PatientDataWarning
+from ..errors import ImageError
 from ..manifest import PadMode, PreprocessConfig
+from .pixel_limit import MAX_PIXELS_ENV, max_pixels_from_env
 
-DEFAULT_MAX_PIXELS = 100_000_000
-MAX_PIXELS_ENV = "SKIN_OFFLINE_MAX_PIXELS"
 HEIF_EXTRA = "pip install 'skin-offline[heif]'"
 _CONVERT_HINT = "convert it to JPEG or PNG"
 
@@ -83,19 +82,6 @@ def _check_frame(frame) -> int:
     if isinstance(frame, bool) or not isinstance(frame, int) or frame < 0:
         raise ImageError(f"frame must be a whole number from 0 (the first frame), not {frame!r}")
     return frame
-
-
-def _max_pixels_from_env() -> int:
-    raw = os.environ.get(MAX_PIXELS_ENV)
-    if raw is None:
-        return DEFAULT_MAX_PIXELS
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise ImageError(f"{MAX_PIXELS_ENV}={raw!r} is not a positive integer; set it to a pixel count such as 100000000")
-    return value
 
 
 # ---------------------------------------------------------------- recognising formats by content
@@ -330,8 +316,17 @@ def _decode(src, name: str, frame: int, limit: int, notices: list[str]) -> Image
         img.close()
 
 
-def load_image(src, max_pixels: int | None = None, *, frame: int | None = None) -> Image.Image:
-    """Open a path / bytes / PIL image / ImageSource as an 8-bit RGB PIL image (see module docstring).
+@dataclass(frozen=True)
+class LoadedImage:
+    """A decoded image and what its loader noticed for the user (e.g. a DICOM header saying text is burned into the
+    pixels): one-liners that never quote a header value, carried to the front end as data."""
+
+    image: Image.Image  # 8-bit RGB
+    notices: tuple[str, ...] = ()
+
+
+def read_image(src, max_pixels: int | None = None, *, frame: int | None = None) -> LoadedImage:
+    """Open a path / bytes / PIL image / ImageSource as an 8-bit RGB PIL image and its notices (see module docstring).
 
     `frame` (default: the ImageSource's, else 0) picks a frame of a multi-frame image."""
     if isinstance(src, ImageSource):
@@ -339,7 +334,7 @@ def load_image(src, max_pixels: int | None = None, *, frame: int | None = None) 
         src = src.src
     frame = _check_frame(0 if frame is None else frame)
     name = _describe(src)
-    limit = _max_pixels_from_env() if max_pixels is None else int(max_pixels)
+    limit = max_pixels_from_env() if max_pixels is None else int(max_pixels)
     notices: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -358,9 +353,12 @@ def load_image(src, max_pixels: int | None = None, *, frame: int | None = None) 
             raise ImageError(
                 f"{name}: corrupt or truncated image ({detail}); re-export or copy the file again"
             ) from None
-    for notice in notices:  # outside catch_warnings, which would swallow it
-        warnings.warn(notice, PatientDataWarning, stacklevel=2)
-    return img
+    return LoadedImage(img, tuple(notices))
+
+
+def load_image(src, max_pixels: int | None = None, *, frame: int | None = None) -> Image.Image:
+    """`read_image` without its notices: the pixels only (for code that shows no notices to a user)."""
+    return read_image(src, max_pixels, frame=frame).image
 
 
 def expand_to_square(img: Image.Image, color) -> Image.Image:

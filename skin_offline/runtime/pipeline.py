@@ -5,41 +5,45 @@
     for r in model.stream("lesion.jpg", "Describe it."): print(r.text, end="")
     chat = model.conversation("lesion.jpg")          # multi-turn: each follow-up prefills only its own tokens
     chat.ask("What is this lesion?"); chat.ask("Is it benign?")
+    model.generate_beam("lesion.jpg", "Describe it.", num_beams=5)     # beam search (runtime/beam.py)
+    model.classify("lesion.jpg", ["melanoma", "nevus"])                # zero-shot labels (runtime/classify.py)
 
-Data path, top to bottom: image -> pixels (image.py) -> features (vision.py) -> prompt ids (prompt.py) -> a
-prepared request (request.py) -> the engine (engine.py): embeddings with the features spliced in, chunked
-prefill into a KV-cache slot (slots.py, decoder.py), batched decode -> sampling (kernels/sampling.py) ->
-streamed text (detokenize.py).
+Every mode is prepared here (`prepare`, `prepare_beam`, `prepare_scoring`: runtime/request.py) and run by the
+model's one engine (runtime/engine.py), which decodes up to `parallel` requests together; the request path is
+listed in runtime/__init__.py.
 
-Thread safety: one SkinVL may be shared by any number of threads. Every request goes through the model's engine,
-which runs up to `parallel` of them at once in one batch (the rest wait for a slot) with their own samplers and
-KV rows. Image features are cached (small LRU keyed by pixel content) under a lock, and the engine's prompt cache
-keeps the KV of recent prompts, so a second question about the same image skips the vision encoder and the
-image's prefill.
+Thread safety: one SkinVL may be shared by any number of threads. Every request goes through the engine, with its
+own sampler and KV rows; image features are cached by pixel content (vision.py) and the engine's prompt cache keeps
+the KV of recent prompts, so a second question about the same image skips the vision encoder and the image's
+prefill.
 """
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import ContextLengthError
+from .. import names
+from ..errors import ConstraintError, ContextLengthError
 from ..manifest import Precision, Prefill
+from .beam import BeamConfig
 from .bundle import Bundle
-from .generate import FinishReason, GenerationState, Response, Timings
-from .image import load_image, preprocess
+from .classify import Ranking, canonical_labels, label_token_ids, question_for, rank
+from .constraints import Constraint, Matcher, Vocabulary
+from .engine import Engine, Stream
+from .image import load_image, preprocess, read_image
 from .kv import Snapshot
-from .prompt import IMAGE_PLACEHOLDER, build_prompt_ids, check_context
+from .prompt import Prompt, build_prompt_ids, check_context
 from .prompt_cache import PromptCache
-from .request import GenerationParams, Request
+from .request import GenerationParams, Mode, Request, Scoring
+from .response import FinishReason, Response, Timings, TokenLogprob, logprob_content
 from .tokenizer import TextTokenizer
+from .vision import VisionStage, pixel_key
 
 
 @dataclass(frozen=True)
@@ -49,10 +53,18 @@ class Answer:
     finish_reason: FinishReason
     timings: Timings
     prompt_tokens: int
+    notices: tuple[str, ...] = ()  # what the image loader noticed (e.g. text burned into the pixels)
+    logprobs: tuple[TokenLogprob, ...] | None = None  # when asked: per answer token (EOS excluded)
 
-    def to_dict(self) -> dict:
-        return {"answer": self.answer, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
-                "prompt_tokens": self.prompt_tokens, "timings": self.timings.to_dict()}
+    def to_dict(self, tokenizer: TextTokenizer | None = None) -> dict[str, Any]:
+        """JSON-ready; with a `tokenizer`, logprobs in OpenAI's `logprobs.content` shape."""
+        d: dict[str, Any] = {"answer": self.answer, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+                             "prompt_tokens": self.prompt_tokens, "timings": self.timings.to_dict()}
+        if self.logprobs is not None and tokenizer is not None:
+            d["logprobs"] = {"content": logprob_content(tokenizer, self.logprobs)}
+        if self.notices:
+            d["notices"] = list(self.notices)
+        return d
 
 
 class SkinVL:
@@ -61,37 +73,33 @@ class SkinVL:
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.tokenizer = tokenizer
-        self._features: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._cache_size = feature_cache_size
+        self.vision = VisionStage(bundle.vision, feature_cache_size)
+        self.vocabulary = Vocabulary(bundle.folder / names.TOKENIZER, bundle.manifest.tokens.eos_id)  # constraints
         # KV of recent prompts (+ answers): a new question about the same image prefills only its own tokens
         # (~170 MB per 650-token entry at 7B with an fp32 cache, hence few entries and a byte budget)
         self.prompt_cache = PromptCache(max_entries=prompt_cache_size)
         self.parallel, self.max_queue = parallel, max_queue
-        self._engine = None
+        self._engine: Engine | None = None
         self._lock = threading.Lock()
 
     @classmethod
     def load(cls, bundle: str | Path | None = None, *, threads: int | None = None,
-             precision: Precision | str | None = None, check_hashes: bool = False, device=None,
+             precision: Precision | str | None = None, check_hashes: bool = False, device: Any = None,
              prefill: Prefill | str | None = None, parallel: int = 4, max_queue: int | None = None) -> "SkinVL":
         # device: auto (default) | cpu | cuda | tensorrt (runtime/devices.py); unavailable -> DeviceError, no fallback
         # prefill: int8 | decoder | None (auto): the graph many-row calls run through (runtime/bundle.py)
-        # parallel: requests decoded together (engine slots; untouched slots cost address space, not memory)
+        # parallel: requests decoded together (engine slots; untouched rows cost address space, not memory)
         b = Bundle.load(bundle, threads=threads, precision=precision, check_hashes=check_hashes, device=device,
                         prefill=prefill)
-        from .. import names
-
         return cls(b, TextTokenizer.from_file(b.folder / names.TOKENIZER), parallel=parallel, max_queue=max_queue)
 
     @property
-    def engine(self):
+    def engine(self) -> Engine:
         """The model's request engine (runtime/engine.py), started on first use."""
         with self._lock:
             if self._engine is None:
-                from .engine import Engine
-
-                self._engine = Engine(self, parallel=self.parallel, max_queue=self.max_queue,
-                                      prompt_cache=self.prompt_cache)
+                self._engine = Engine.for_bundle(self.bundle, self.tokenizer, self.vision, parallel=self.parallel,
+                                                 max_queue=self.max_queue, prompt_cache=self.prompt_cache)
             return self._engine
 
     def close(self, timeout: float | None = None) -> None:
@@ -102,133 +110,141 @@ class SkinVL:
             engine.close(cancel=True, timeout=timeout)
 
     # --- stages ---
-    def pixels(self, image) -> np.ndarray:
+    def pixels(self, image: Any) -> np.ndarray:
         """path / bytes / PIL image / ImageSource -> [1,3,S,S] float32."""
         return preprocess(load_image(image), self.manifest.preprocess)
 
     def image_features(self, pixels: np.ndarray, key: str | None = None) -> np.ndarray:
         """[1,3,S,S] -> [N,H], memoised by pixel content (`key`: its sha256 when already computed)."""
-        key = key or hashlib.sha256(pixels.tobytes()).hexdigest()
-        with self._lock:
-            if key in self._features:
-                self._features.move_to_end(key)
-                return self._features[key]
-        feats = self.bundle.vision.encode(pixels)[0]
-        with self._lock:
-            self._features[key] = feats
-            while len(self._features) > self._cache_size:
-                self._features.popitem(last=False)
-        return feats
-
-    def prompt_embeddings(self, ids: list[int], feats: np.ndarray) -> np.ndarray:
-        """prompt ids with one IMAGE_PLACEHOLDER + [N,H] features -> [1, len(ids)-1+N, H]."""
-        parts, start = [], 0
-        for i, t in enumerate(ids):
-            if t == IMAGE_PLACEHOLDER:
-                parts += [self.bundle.embed(ids[start:i]), feats]
-                start = i + 1
-        parts.append(self.bundle.embed(ids[start:]))
-        return np.concatenate(parts)[None]
+        return self.vision.features(pixels, key)
 
     # --- requests ---
-    def prepare(self, image, question: str, *, history: Sequence[tuple[str, str]] = (), max_new_tokens: int = 256,
-                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                stop: Sequence[str] = (), reuse: Snapshot | None = None, strict_context: bool = False,
-                keep_snapshot: bool = False) -> Request:
-        """Everything a request needs before it runs, checked in the caller's thread (runtime/request.py).
-
-        The prompt must leave room for one new token; `max_new_tokens` is clipped to the context left, or with
-        `strict_context` a prompt + max_new_tokens over the context is refused with both numbers (servers).
-        `reuse`: a snapshot of an earlier turn whose positions this prompt may share (Conversation passes it)."""
+    def _request(self, image: Any, question: str, mode: Mode, max_new_tokens: int, *,
+                 history: Sequence[tuple[str, str]] = (), strict_context: bool = False, reuse: Snapshot | None = None,
+                 keep_snapshot: bool = False, constraint: Constraint | None = None,
+                 constraint_field: str = "constraint") -> Request:
+        """The prompt, pixels and limits every mode shares, checked in the caller's thread."""
         t0 = time.perf_counter()
-        params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                  seed=seed, stop=tuple(stop))
-        ids = build_prompt_ids(self.tokenizer, question, history)
-        pixels = self.pixels(image)
+        matcher: Matcher | None = None
+        if constraint is not None:  # checked before the image is read: the cheap refusal first
+            matcher = self.vocabulary.compile(constraint, constraint_field).matcher()
         n_img = self.manifest.model.image_tokens
-        n_prompt = len(ids) - 1 + n_img
+        prompt = Prompt.of(build_prompt_ids(self.tokenizer, question, history), n_img)
+        loaded = read_image(image)
+        pixels = preprocess(loaded.image, self.manifest.preprocess)
         limit = self.manifest.model.max_context
-        if n_prompt >= limit:
+        if prompt.length >= limit:
             raise ContextLengthError(
-                f"prompt is {n_prompt} tokens ({n_img} image + text) but the context is {limit}; "
+                f"prompt is {prompt.length} tokens ({n_img} image + text) but the context is {limit}; "
                 f"shorten the question{' or start a new conversation' if history else ''}"
             )
         if strict_context:
-            check_context(n_prompt, max_new_tokens, limit)
-        key = hashlib.sha256(pixels.tobytes()).hexdigest()
-        req = Request(ids=ids, pixels=pixels, image_key=key, positions=positional_ids(ids, n_img, key),
-                      prompt_tokens=n_prompt, max_new_tokens=min(max_new_tokens, limit - n_prompt), params=params,
-                      reuse=reuse, keep_snapshot=keep_snapshot, t_start=t0)
+            check_context(prompt.length, max_new_tokens, limit)
+        key = pixel_key(pixels)
+        req = Request(prompt=prompt, pixels=pixels, image_key=key, positions=prompt.positions(key), mode=mode,
+                      max_new_tokens=min(max_new_tokens, limit - prompt.length), notices=loaded.notices,
+                      matcher=matcher, reuse=reuse, keep_snapshot=keep_snapshot, t_start=t0)
         req.timings.preprocess_s = time.perf_counter() - t0
-        req.timings.prompt_tokens = n_prompt
+        req.timings.prompt_tokens = prompt.length
         return req
 
-    def stream(self, image, question: str, *, cancel: threading.Event | None = None,
-               state: GenerationState | None = None, **kw) -> Iterator[Response]:
+    def prepare(self, image: Any, question: str, *, history: Sequence[tuple[str, str]] = (), max_new_tokens: int = 256,
+                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                stop: Sequence[str] = (), reuse: Snapshot | None = None, strict_context: bool = False,
+                keep_snapshot: bool = False, constraint: Constraint | None = None, logprobs: int | None = None,
+                constraint_field: str = "constraint") -> Request:
+        """A greedy or sampled answer, ready for `engine.submit` (runtime/request.py).
+
+        The prompt must leave room for one new token; `max_new_tokens` is clipped to the context left, or with
+        `strict_context` a prompt + max_new_tokens over the context is refused with both numbers (servers).
+        `reuse`: a snapshot of an earlier turn whose positions this prompt may share (Conversation passes it).
+        `constraint` (runtime/constraints.py): the answer keeps to it (refused here, naming `constraint_field`, when
+        it cannot be used); `logprobs`: each token's log-probability and that many alternatives on the responses."""
+        params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                  seed=seed, stop=tuple(stop), logprobs=logprobs)
+        if constraint is not None and params.stop:
+            raise ConstraintError(f"{constraint_field}: stop strings cannot be combined with a constraint (a stop "
+                                  f"string could cut the answer short of valid); drop `stop`")
+        return self._request(image, question, params, max_new_tokens, history=history, strict_context=strict_context,
+                             reuse=reuse, keep_snapshot=keep_snapshot, constraint=constraint,
+                             constraint_field=constraint_field)
+
+    def prepare_beam(self, image: Any, question: str, config: BeamConfig | None = None, *,
+                     constraint: Constraint | None = None, **kw: Any) -> Request:
+        """A beam-search answer (runtime/beam.py): `config`, or its fields as keywords; max_new_tokens (and
+        min_new_tokens) are clipped to the context left. With a `constraint` every beam keeps to it."""
+        cfg = config if config is not None else BeamConfig(**kw)
+        if constraint is not None and cfg.min_new_tokens:
+            raise ConstraintError(f"constraint: min_new_tokens ({cfg.min_new_tokens}) cannot be combined with a "
+                                  f"constraint (a complete answer must be able to end); set it to 0")
+        req = self._request(image, question, cfg, cfg.max_new_tokens, constraint=constraint)
+        if req.max_new_tokens < cfg.max_new_tokens:
+            req.mode = replace(cfg, max_new_tokens=req.max_new_tokens,
+                               min_new_tokens=min(cfg.min_new_tokens, req.max_new_tokens))
+        return req
+
+    def prepare_scoring(self, image: Any, labels: Sequence[str], batch_size: int = 8) -> tuple[Request, list[str]]:
+        """Scores of `labels` as the answer to the paper's question (runtime/classify.py): the request and the labels
+        in the canonical order its scores come in."""
+        names = canonical_labels(labels)
+        ids = tuple(tuple(label_token_ids(self.tokenizer, n)) for n in names)
+        try:
+            req = self._request(image, question_for(names), Scoring(ids, batch_size), max(len(x) for x in ids),
+                                strict_context=True)
+        except ContextLengthError as e:
+            raise ContextLengthError(f"{e} (the question lists every label; pass fewer or shorter labels)") from None
+        return req, names
+
+    def stream(self, image: Any, question: str, *, cancel: threading.Event | None = None,
+               **kw: Any) -> Iterator[Response]:
         """Answer `question` about `image`, streaming; keywords as `prepare` (history, max_new_tokens, sampling,
         stop, reuse). Setting `cancel` (or closing the iterator) stops the request at the engine's next step."""
-        return iter(self.engine.submit(self.prepare(image, question, **kw), cancel=cancel, state=state))
+        return iter(self.engine.submit(self.prepare(image, question, **kw), cancel=cancel))
 
-    def conversation(self, image) -> "Conversation":
+    def ask(self, image: Any, question: str, **kw: Any) -> Answer:
+        return collect(self.engine.submit(self.prepare(image, question, **kw)))
+
+    def generate_beam(self, image: Any, question: str, config: BeamConfig | None = None, *,
+                      constraint: Constraint | None = None, **kw: Any) -> Answer:
+        """Beam search answer (runtime/beam.py); `config` a BeamConfig, or its fields as keywords."""
+        return collect(self.engine.submit(self.prepare_beam(image, question, config, constraint=constraint, **kw)))
+
+    def classify(self, image: Any, labels: Sequence[str], *, normalize: bool = True, batch_size: int = 8) -> Ranking:
+        """Rank `labels` by the likelihood of each as the answer to the paper's question (runtime/classify.py)."""
+        req, names = self.prepare_scoring(image, labels, batch_size)
+        last = _last(self.engine.submit(req))
+        return rank(names, list(last.label_logprobs), question_for(names), normalize, req.notices)
+
+    def conversation(self, image: Any) -> "Conversation":
         """A multi-turn chat about one image; each follow-up reuses the previous turns' KV cache."""
         return Conversation(self, image)
 
-    def ask(self, image, question: str, **kw) -> Answer:
-        state = GenerationState()
-        return collect(self.stream(image, question, state=state, **kw), state)
 
-    def _prompt(self, image, question: str, new_tokens: int) -> tuple[Request, np.ndarray]:
-        """A prepared request whose prompt + `new_tokens` must fit the context, and its [1,S,H] embeddings."""
-        req = self.prepare(image, question, max_new_tokens=new_tokens, strict_context=True)
-        return req, self.prompt_embeddings(req.ids, self.image_features(req.pixels, req.image_key))
-
-    def generate_beam(self, image, question: str, config=None, **kw) -> Answer:
-        """Beam search answer (runtime/beam.py); `config` a BeamConfig, or its fields as keywords. Beams keep
-        their own batch shape (one row per beam) on the decoder directly, after the shared prepare step."""
-        from .beam import BeamConfig, beam_search
-
-        cfg = config if config is not None else BeamConfig(**kw)
-        req = self.prepare(image, question, max_new_tokens=cfg.max_new_tokens)
-        if req.max_new_tokens < cfg.max_new_tokens:  # clipped to the context left
-            cfg = replace(cfg, max_new_tokens=req.max_new_tokens, min_new_tokens=min(cfg.min_new_tokens, req.max_new_tokens))
-        embeds = self.prompt_embeddings(req.ids, self.image_features(req.pixels, req.image_key))  # [1,S,H]
-        res = beam_search(self.bundle.decoder, embeds, self.bundle.embed, cfg, self.manifest.tokens.eos_id)
-        eos = self.manifest.tokens.eos_id
-        timings = Timings(prompt_tokens=req.prompt_tokens, new_tokens=len(res.tokens),
-                          decode_s=time.perf_counter() - req.t_start)
-        text = self.tokenizer.decode([t for t in res.tokens if t != eos])
-        return Answer(text, res.tokens, FinishReason(res.finish_reason), timings, req.prompt_tokens)
-
-    def classify(self, image, labels, *, normalize: bool = True, batch_size: int = 8):
-        """Rank `labels` by the likelihood of each as the answer to the paper's question (runtime/classify.py)."""
-        from . import classify as zs
-
-        names = zs.canonical_labels(labels)
-        labels_ids = [zs.label_token_ids(self.tokenizer, n) for n in names]
-        question = zs.question_for(names)
-        try:
-            req, embeds = self._prompt(image, question, max(len(x) for x in labels_ids))
-        except ContextLengthError as e:
-            raise ContextLengthError(f"{e} (the question lists every label; pass fewer or shorter labels)") from None
-        logits, cache = self.bundle.decoder.forward(embeds, self.bundle.decoder.empty_cache())  # one prefill
-        lps = zs.label_logprobs(self.bundle.decoder, logits[0, -1], cache, self.bundle.embed, labels_ids, batch_size)
-        return zs.rank(names, lps, question, normalize)
+def _last(stream: Stream) -> Response:
+    last = None
+    for r in stream:
+        last = r
+    assert last is not None and last.timings is not None
+    return last
 
 
-def collect(responses: Iterator[Response], state: GenerationState) -> Answer:
-    """Drain a stream into one Answer (text deltas joined; tokens from the generation state)."""
-    text, last = [], None
+def collect(stream: Stream) -> Answer:
+    """Drain a request's stream into one Answer (text deltas joined; tokens and timings from the last response)."""
+    return _answer(stream, stream.request)
+
+
+def _answer(responses: Iterator[Response] | Stream, req: Request | None, notices: tuple[str, ...] = ()) -> Answer:
+    text: list[str] = []
+    logprobs: list[TokenLogprob] = []
+    last = None
     for r in responses:
         text.append(r.text)
+        logprobs += r.logprobs
         last = r
-    return Answer("".join(text), state.tokens, last.finish_reason, last.timings, last.timings.prompt_tokens)
-
-
-def positional_ids(ids: list[int], image_tokens: int, image_key: str) -> list:
-    """Prompt ids with the image slot expanded to one entry per feature row (tagged with the image's hash),
-    so two prompts can be compared position by position."""
-    slot = ids.index(IMAGE_PLACEHOLDER)
-    return [*ids[:slot], *((image_key, i) for i in range(image_tokens)), *ids[slot + 1:]]
+    assert last is not None and last.finish_reason is not None and last.timings is not None
+    asked = req is not None and isinstance(req.mode, GenerationParams) and req.mode.logprobs is not None
+    return Answer("".join(text), list(last.tokens), last.finish_reason, last.timings, last.timings.prompt_tokens,
+                  req.notices if req is not None else notices, tuple(logprobs) if asked else None)
 
 
 class Conversation:
@@ -240,24 +256,33 @@ class Conversation:
     prefills only its own question and the few tokens where the re-tokenized answer differs from the generated
     ids (the template's " </s>" after the answer)."""
 
-    def __init__(self, model: SkinVL, image):
+    def __init__(self, model: SkinVL, image: Any):
         self.model = model
         self.image = image
         self.history: list[tuple[str, str]] = []
         self._last: Snapshot | None = None
+        self.notices: tuple[str, ...] = ()  # the image loader's notices, as of the latest turn
+        self.request: Request | None = None  # the latest turn's request
         self._lock = threading.Lock()  # one turn at a time: each extends the previous one's cache
 
-    def stream(self, question: str, *, state: GenerationState | None = None, **kw) -> Iterator[Response]:
-        state = state if state is not None else GenerationState()
+    def prepare(self, question: str, **kw: Any) -> Request:
+        """This turn's request (history and the previous turn's KV included); run it with `run`."""
+        return self.model.prepare(self.image, question, history=tuple(self.history), reuse=self._last,
+                                  keep_snapshot=True, **kw)
+
+    def stream(self, question: str, **kw: Any) -> Iterator[Response]:
         with self._lock:
-            answer = []
-            for r in self.model.stream(self.image, question, history=tuple(self.history), state=state,
-                                       reuse=self._last, keep_snapshot=True, **kw):
+            req = self.prepare(question, **kw)
+            self.notices, self.request = req.notices, req
+            answer, last = [], None
+            for r in self.model.engine.submit(req):
                 answer.append(r.text)
+                last = r
                 yield r
-            self._last = state.snapshot or self._last
+            if last is not None and last.snapshot is not None:
+                self._last = last.snapshot
             self.history.append((question, "".join(answer)))  # what the user saw (cut at a stop string)
 
-    def ask(self, question: str, **kw) -> Answer:
-        state = GenerationState()
-        return collect(self.stream(question, state=state, **kw), state)
+    def ask(self, question: str, **kw: Any) -> Answer:
+        responses = list(self.stream(question, **kw))
+        return _answer(iter(responses), self.request)

@@ -21,13 +21,19 @@ not even the "</s>" separator, exactly as LLaVA skips empty messages.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import Enum
+from typing import Any
+
+import numpy as np
 
 from ..errors import ContextLengthError, PromptError
 from .tokenizer import TextTokenizer
 
 IMAGE_PLACEHOLDER = -200  # LLaVA's IMAGE_TOKEN_INDEX: replaced by the image features at run time
+
+EmbedFn = Callable[[Sequence[int]], np.ndarray]  # [n] token ids -> [n, H] rows of the embedding table
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f]")  # C0 controls except \t (09) and \n (0a)
 _SURROGATE = re.compile("[\ud800-\udfff]")  # not encodable as UTF-8; the tokenizer would raise TypeError
@@ -101,10 +107,50 @@ def image_slot(ids: Sequence[int]) -> int:
     return slots[0]
 
 
-def count_prompt_tokens(tokenizer: TextTokenizer, question: str, image_tokens: int,
-                        history: Sequence[tuple[str, str]] = ()) -> int:
-    """Sequence length the decoder prefills: text ids plus the image's feature rows."""
-    return len(build_prompt_ids(tokenizer, question, history)) - 1 + image_tokens
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt's ids and its image span, located once: decoder position p is text id ids[p] before the image,
+    feature row p - image_at inside it, and text id ids[p - image_tokens + 1] after it."""
+
+    ids: tuple[int, ...]  # BOS + prompt ids, IMAGE_PLACEHOLDER once
+    image_at: int  # index of the placeholder in `ids` = first decoder position of the image
+    image_tokens: int  # feature rows the placeholder stands for
+
+    @classmethod
+    def of(cls, ids: Sequence[int], image_tokens: int) -> "Prompt":
+        return cls(tuple(ids), image_slot(ids), image_tokens)
+
+    @property
+    def length(self) -> int:
+        """Decoder positions the prompt fills: text ids plus the image's feature rows."""
+        return len(self.ids) - 1 + self.image_tokens
+
+    @property
+    def image_end(self) -> int:
+        """Positions up to and including the image's rows ("<s>[INST] " + image: shared by every question)."""
+        return self.image_at + self.image_tokens
+
+    def positions(self, image_key: str) -> list[Any]:
+        """One entry per decoder position, image rows tagged (image sha256, row), so two prompts compare position by
+        position (prompt_cache.py)."""
+        at, n = self.image_at, self.image_tokens
+        return [*self.ids[:at], *((image_key, i) for i in range(n)), *self.ids[at + 1:]]
+
+    def embeds(self, embed: EmbedFn, feats: np.ndarray | None, start: int = 0, end: int | None = None) -> np.ndarray:
+        """Positions [start, end) -> [end-start, H]: text rows from the table, the image's rows from `feats` [N,H]
+        (only read when the span overlaps the image). The one place image features are spliced into a prompt."""
+        end = self.length if end is None else end
+        at, n, ids = self.image_at, self.image_tokens, self.ids
+        parts = []
+        if start < at:
+            parts.append(embed(ids[start:min(end, at)]))
+        if start < at + n and end > at:
+            if feats is None:
+                raise ValueError("the prompt span covers the image but no image features were given")
+            parts.append(feats[max(start, at) - at:min(end, at + n) - at])
+        if end > at + n:
+            parts.append(embed(ids[max(start, at + n) - n + 1:end - n + 1]))  # ids after the placeholder
+        return np.concatenate(parts)
 
 
 def check_context(prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:

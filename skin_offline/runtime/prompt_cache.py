@@ -1,6 +1,6 @@
 """Snapshots of finished prompts, found again by their longest shared prefix (llama-server's prompt cache idea).
 
-Every position of a snapshot is tagged (runtime/pipeline.positional_ids): text ids, (image sha256, row) for the
+Every position of a snapshot is tagged (runtime/prompt.Prompt.positions): text ids, (image sha256, row) for the
 image's feature rows, generated ids. A new request reuses the entry that shares the most leading positions with
 its own prompt, provided the shared part covers the whole image (reusing only "[INST] " would still need the
 vision encoder and saves nothing). That one rule serves a second question about the same image (the entry of the

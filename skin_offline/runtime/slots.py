@@ -1,7 +1,9 @@
-"""The engine's slots: `n` rows of KV cache, one running request each, prefilled one request at a time and
-decoded together (one decoder run per engine step for every decoding row).
+"""The engine's slots: `n` rows of KV cache. A request holds one row (sampling) or several (beams, label scores);
+prompts are prefilled one chunk at a time into a request's first row, then every decoding row of every request
+advances in one decoder run per engine step. `copy` forks a prompt into a request's other rows and reorders
+beams (a row gather: the keys are copied, never recomputed); `truncate` rewinds a row to its prompt.
 
-- `InPlaceSlots` (GroupQueryAttention graphs, the CPU default): one preallocated buffer [n, kvH, C, D] per layer
+- `InPlaceSlots` (GroupQueryAttention graphs, the CPU default): the rows of one kv.KVRows [n, kvH, C, D] per layer
   (np.empty: untouched capacity costs address space, not memory). A prefill chunk runs at batch 1 on its row's
   view (GQA refuses several new tokens with a past at batch > 1); a decode step runs rows [0, hi) at once, each
   row right-padded after its own length, which the graph reads per row from the mask. Rows in [0, hi) that are
@@ -15,11 +17,10 @@ decoded together (one decoder run per engine step for every decoding row).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from .. import names
 from .decoder import Decoder, FastDecoder
 from .kv import HostCache, KVCache, Snapshot
 
@@ -33,9 +34,13 @@ class SlotTable(Protocol):
 
     def decode(self, slots: list[int], embeds: np.ndarray) -> np.ndarray: ...  # [B,1,H] -> [B,V]
 
+    def copy(self, dst: list[int], src: list[int], length: int) -> None: ...  # rows dst[j] := src[j][:length]
+
+    def truncate(self, slot: int, length: int) -> None: ...  # keep the first `length` positions
+
     def load(self, slot: int, snap: Snapshot, length: int) -> None: ...  # the snapshot's first `length` positions
 
-    def snapshot(self, slot: int, positions) -> Snapshot: ...  # copy of the row's first len(positions) positions
+    def snapshot(self, slot: int, positions: Sequence[Any]) -> Snapshot: ...  # the row's first len(positions)
 
     def release(self, slot: int) -> None: ...
 
@@ -46,55 +51,13 @@ def slot_table(decoder: Decoder, n: int) -> SlotTable:
 
 class InPlaceSlots:
     def __init__(self, dec: FastDecoder, n: int, capacity: int | None = None):
-        d = dec.dims
         self.dec, self.n = dec, n
-        self.capacity = capacity or d.max_context
-        shape = (n, d.num_kv_heads, self.capacity, d.head_dim)  # [n,kvH,C,D]
-        self.keys = [np.empty(shape, dec.kv_dtype) for _ in range(d.num_layers)]
-        self.values = [np.empty(shape, dec.kv_dtype) for _ in range(d.num_layers)]
+        self.kv = dec.rows(n, capacity or dec.dims.max_context)  # [n,kvH,C,D] per layer
+        self.capacity = self.kv.capacity
         self.lengths = np.zeros(n, np.int64)
-        self._bindings: dict[tuple[int, int, int], tuple[object, list]] = {}  # (start, stop, session) -> binding
-        self._logits: dict[int, tuple[np.ndarray, object]] = {}  # batch -> [B,1,V] buffer and its OrtValue
 
     def length(self, slot: int) -> int:
         return int(self.lengths[slot])
-
-    def _binding(self, start: int, stop: int, session):
-        """An IOBinding of rows [start, stop) of every layer's buffer as past and present (views: no copy)."""
-        key = (start, stop, id(session))
-        if key not in self._bindings:
-            import onnxruntime as ort
-
-            bind, keep = session.io_binding(), []
-            for i in range(self.dec.dims.num_layers):
-                for buf, past, present in ((self.keys[i], names.past_key(i), names.present_key(i)),
-                                           (self.values[i], names.past_value(i), names.present_value(i))):
-                    ov = ort.OrtValue.ortvalue_from_numpy(buf[start:stop])  # contiguous: batch is the outer axis
-                    bind.bind_ortvalue_input(past, ov)
-                    bind.bind_ortvalue_output(present, ov)  # same memory: GQA writes in place
-                    keep.append(ov)
-            self._bindings[key] = (bind, keep)
-        return self._bindings[key][0]
-
-    def _run(self, start: int, stop: int, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
-             rows: int) -> np.ndarray:
-        """One decoder run over buffer rows [start, stop) -> [B,1,V] logits (a copy)."""
-        session = self.dec.session_for(rows)
-        bind = self._binding(start, stop, session)
-        b = stop - start
-        bind.bind_cpu_input(names.INPUTS_EMBEDS, np.ascontiguousarray(embeds, self.dec.embeds_dtype))
-        bind.bind_cpu_input(names.ATTENTION_MASK, mask)
-        bind.bind_cpu_input(names.POSITION_IDS, positions)
-        bind.bind_cpu_input(names.NUM_LOGITS_TO_KEEP, np.array(1, np.int64))
-        if b not in self._logits:
-            import onnxruntime as ort
-
-            arr = np.empty((b, 1, self.dec.dims.vocab_size), self.dec.logits_dtype)
-            self._logits[b] = (arr, ort.OrtValue.ortvalue_from_numpy(arr))
-        arr, ov = self._logits[b]
-        bind.bind_ortvalue_output(names.LOGITS, ov)
-        session.run_with_iobinding(bind)
-        return arr.astype(np.float32, copy=True)
 
     def prefill(self, slot: int, embeds: np.ndarray) -> np.ndarray:
         s = embeds.shape[1]
@@ -104,7 +67,7 @@ class InPlaceSlots:
             raise ValueError(f"slot {slot} holds {t0} positions; {s} more exceed its capacity {self.capacity}")
         mask = np.ones((1, t), np.int64)  # [1,T]
         positions = np.arange(t0, t, dtype=np.int64)[None]  # [1,S]
-        logits = self._run(slot, slot + 1, embeds, mask, positions, rows=s)
+        logits = self.dec.run_rows(self.kv, slot, slot + 1, embeds, mask, positions)
         self.lengths[slot] = t
         return logits[0, -1]
 
@@ -117,19 +80,25 @@ class InPlaceSlots:
         full[slots] = embeds
         pos = self.lengths[:hi].copy()  # every row writes its new key at its own length
         mask = (np.arange(pos.max() + 1)[None, :] <= pos[:, None]).astype(np.int64)  # [hi, max+1], right-padded
-        logits = self._run(0, hi, full, mask, pos[:, None], rows=hi)
+        logits = self.dec.run_rows(self.kv, 0, hi, full, mask, pos[:, None])
         self.lengths[slots] += 1
         return logits[slots, -1]
 
+    def copy(self, dst: list[int], src: list[int], length: int) -> None:
+        self.kv.copy_rows(dst, src, length)
+        self.lengths[dst] = length
+
+    def truncate(self, slot: int, length: int) -> None:
+        if not 0 <= length <= self.lengths[slot]:
+            raise ValueError(f"slot {slot} holds {self.lengths[slot]} positions, cannot keep {length}")
+        self.lengths[slot] = length  # what lies past it is overwritten by the next run
+
     def load(self, slot: int, snap: Snapshot, length: int) -> None:
-        for dst, src in zip(self.keys + self.values, snap.keys + snap.values):
-            dst[slot, :, :length] = src[:, :length]
+        self.kv.load(slot, snap, length)
         self.lengths[slot] = length
 
-    def snapshot(self, slot: int, positions) -> Snapshot:
-        n = len(positions)
-        return Snapshot(tuple(positions), tuple(np.array(k[slot, :, :n]) for k in self.keys),
-                        tuple(np.array(v[slot, :, :n]) for v in self.values))
+    def snapshot(self, slot: int, positions: Sequence[Any]) -> Snapshot:
+        return self.kv.snapshot(slot, positions)
 
     def release(self, slot: int) -> None:
         self.lengths[slot] = 0
@@ -185,12 +154,24 @@ class PaddedSlots:
         self.lengths[list(rows)] += 1
         return logits[:, -1]
 
+    def copy(self, dst: list[int], src: list[int], length: int) -> None:
+        self._unbatch()
+        sources = [self.caches[s] for s in src]  # read every source before any write (a gather)
+        for d, c in zip(dst, sources):
+            self.caches[d] = c.truncate(length)  # caches are values: rows may share one
+            self.lengths[d] = length
+
+    def truncate(self, slot: int, length: int) -> None:
+        self._unbatch()
+        self.caches[slot] = self.caches[slot].truncate(length)
+        self.lengths[slot] = length
+
     def load(self, slot: int, snap: Snapshot, length: int) -> None:
         self.release(slot)
         self.caches[slot] = snap.as_cache(length)
         self.lengths[slot] = length
 
-    def snapshot(self, slot: int, positions) -> Snapshot:
+    def snapshot(self, slot: int, positions: Sequence[Any]) -> Snapshot:
         if self._batch is not None and slot in self._batch[0]:
             self._unbatch()
         return Snapshot.of(self.caches[slot], positions)

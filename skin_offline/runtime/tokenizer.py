@@ -88,6 +88,17 @@ class TextTokenizer:
         return "".join(out)
 
 
+def token_bytes(tokenizer: TextTokenizer, token: int) -> bytes:
+    """The bytes one token adds to the text (its piece's "▁" as a space; a byte-fallback piece its byte; control ids
+    nothing): what an OpenAI logprobs entry reports as `bytes`."""
+    byte = tokenizer._byte.get(token)
+    if byte is not None:
+        return bytes([byte])
+    if token < 0 or token >= tokenizer.vocab_size or token in tokenizer._skip:
+        return b""
+    return tokenizer._pieces[token].replace(_SPACE, " ").encode("utf-8")
+
+
 def _utf8_len(lead: int) -> int:
     if lead < 0x80:
         return 1

@@ -24,12 +24,12 @@ from starlette.staticfiles import StaticFiles
 
 from .. import names
 from ..errors import SkinOfflineError
+from ..runtime.engine import Reservation
 from . import schemas as S
 from .completions import Completion, generation_kwargs
 from .config import ServeConfig
 from .errors import SERVER, APIError, busy, from_exception, from_validation
 from .messages import to_chat
-from . import notices
 from .metrics import CONTENT_TYPE, Metrics
 from .middleware import Auth, BodyLimit, HostCheck, RequestLog, error_response
 from .security import is_loopback, loopback_hosts
@@ -70,13 +70,13 @@ class ModelInfo:
 
 
 class ServerState:
-    """Shared by the routes: the model once loaded, admission, live completions, metrics."""
+    """Shared by the routes: the model once loaded, live completions, metrics. Capacity is the engine's: a chat
+    request reserves a queue place in it before its body is read."""
 
     def __init__(self, config: ServeConfig, info: ModelInfo):
         self.config, self.info = config, info
         self.model = None
         self.engine = None
-        self.admitted = 0  # chat requests between admission and the end of their engine row
         self.closing = False
         self.live: set[Completion] = set()
         self.metrics = Metrics(self)
@@ -90,26 +90,18 @@ class ServerState:
     def set_ready(self, model, engine) -> None:
         self.model, self.engine = model, engine
 
-    def admit(self):
-        """A place for one chat request (running or waiting), or 503: memory stays bounded by `capacity`,
-        whatever the number of clients, since bodies are read only after admission."""
+    def admit(self) -> Reservation:
+        """A place for one chat request in the engine (running or waiting), or 503: memory stays bounded by the
+        engine's capacity, whatever the number of clients, since bodies are read only after admission."""
         c = self.config
         if self.closing:
             raise busy("the server is shutting down; retry against a running server", "server_shutting_down", c.retry_after_s)
         if self.engine is None:
             raise busy("the model is still loading; retry in a moment", "model_loading", c.retry_after_s)
-        if self.admitted >= c.capacity:
-            raise busy(f"all {c.parallel} slots are busy and the queue is full ({c.capacity} requests admitted); "
-                       f"retry later", "server_busy", c.retry_after_s)
-        self.admitted += 1
-        released = False
-
-        def release():
-            nonlocal released
-            if not released:
-                released = True
-                self.admitted -= 1
-        return release
+        try:
+            return self.engine.reserve()
+        except SkinOfflineError as e:
+            raise from_exception(e, c.retry_after_s) from None
 
     async def shutdown(self) -> None:
         """Refuse new requests, let in-flight ones finish for the grace period, then cancel what is left."""
@@ -155,41 +147,40 @@ def _check_model(state: ServerState, requested: str | None) -> None:
 
 async def chat_completions(request: Request) -> Response:
     state: ServerState = request.app.state.server
-    release = state.admit()
+    place = state.admit()
     try:
         try:
             body = await request.body()
         except ClientDisconnect:
-            release()
+            place.release()
             return Response(status_code=499)
         # parsing, base64 and image decoding in a worker thread: a 20 MB body must not stall other streams
-        req, prepared, found = await anyio.to_thread.run_sync(partial(_build, state, body), limiter=state.prepare_limiter)
+        req, prepared = await anyio.to_thread.run_sync(partial(_build, state, body), limiter=state.prepare_limiter)
         try:
-            stream = state.engine.submit(prepared)
+            stream = state.engine.submit(prepared, reservation=place)
         except SkinOfflineError as e:
             raise from_exception(e, state.config.retry_after_s) from None
     except BaseException:
-        release()
+        place.release()  # a no-op once the request holds it
         raise
-    completion = Completion(state, stream, request.scope["state"]["record"], req, release, found)
+    completion = Completion(state, stream, request.scope["state"]["record"], req)
     if req.stream:
         return completion.sse_response()
     return await completion.json_response(request.receive)
 
 
 def _build(state: ServerState, body: bytes):
-    """Body -> (request, prepared engine request, image notices), or an APIError naming the problem."""
+    """Body -> (request, prepared engine request: its image notices included), or an APIError naming the problem."""
     req = _parse(body)
     req.check_supported()
     _check_model(state, req.model)
     chat = to_chat(req.messages, files=state.config.allow_files, max_bytes=state.config.max_body_bytes)
     kw = generation_kwargs(req, state.info.context_length)
-    with notices.collecting() as found:  # what the image loader notices goes to this request (notices.py)
-        try:
-            prepared = state.model.prepare(chat.image, chat.question, history=chat.history, **kw)
-        except SkinOfflineError as e:
-            raise from_exception(e, state.config.retry_after_s) from None
-    return req, prepared, found
+    try:
+        prepared = state.model.prepare(chat.image, chat.question, history=chat.history, **kw)
+    except SkinOfflineError as e:
+        raise from_exception(e, state.config.retry_after_s) from None
+    return req, prepared
 
 
 async def models(request: Request) -> Response:

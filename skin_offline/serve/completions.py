@@ -1,21 +1,21 @@
 """One chat completion through the engine: engine responses -> a JSON body or Server-Sent Events.
 
-A pump task drains the engine stream for as long as the row runs, independent of the HTTP response: when the
-client leaves, the response side only calls `abandon()` (which cancels the row) and the pump sees the row's
-last response, so the log line and metrics say how many tokens the row made after the disconnect and how
-long it took to stop."""
+The response side reads the engine's stream directly (responses that queued up while the loop was busy go out in
+one SSE write). The log line and metrics come from the stream's end (`Stream.on_done`, whether or not the client is
+still there): when the client leaves, the response side only calls `abandon()` (which cancels the row), and the end
+still says how many tokens the row made after the disconnect and how long it took to stop."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-from dataclasses import dataclass
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import SkinOfflineError
-from ..runtime.generate import FinishReason
+from ..runtime.response import FinishReason
+from ..runtime.response import Response as EngineResponse
 from . import schemas as S
 from .errors import SERVER, APIError, from_exception
 
@@ -27,17 +27,14 @@ def generation_kwargs(req: S.ChatCompletionRequest, default_max_tokens: int) -> 
     default of 1). Without max_tokens the answer may use all the context left (OpenAI's and llama.cpp's
     behaviour); an explicit max_tokens that does not fit is a 400 with both numbers."""
     limit = req.token_limit
+    constraint = req.constraint()
     return dict(
         max_new_tokens=default_max_tokens if limit is None else limit, strict_context=limit is not None,
         temperature=0.0 if req.temperature is None else float(req.temperature),
         top_p=1.0 if req.top_p is None else float(req.top_p), top_k=req.top_k or 0, seed=req.seed,
-        stop=req.stop_list,
+        stop=req.stop_list, logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        constraint=constraint[0] if constraint else None, constraint_field=constraint[1] if constraint else "constraint",
     )
-
-
-@dataclass
-class _Failed:
-    error: BaseException
 
 
 def _timings(t) -> S.Timings:
@@ -61,37 +58,33 @@ def _shutdown_error() -> APIError:
 
 
 class Completion:
-    def __init__(self, state, stream, record, req: S.ChatCompletionRequest, release, notices=()):
+    def __init__(self, state, stream, record, req: S.ChatCompletionRequest):
         self.state, self.stream, self.record, self.req = state, stream, record, req
+        notices = stream.request.notices
         self.notices = list(notices) or None  # e.g. "text burned into the pixels": for the client, not the log
         self.id = "chatcmpl-" + record.id.removeprefix("req-")
         self.created = int(time.time())
         self.model_id = state.model_id
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.final = None  # the engine's last Response
+        self.final: EngineResponse | None = None  # the engine's last Response
         self.cancelled_at: tuple[float, int] | None = None  # (time, tokens generated) when the client left
-        self._release = release
         record.pending += 1  # the log line waits for the row too
         record.fields.update(stream=int(req.stream))
+        if stream.request.matcher is not None:  # its kind only: a schema can carry patient-identifying values
+            record.fields["constraint"] = stream.request.matcher.kind
         if notices:
             record.fields["notices"] = len(notices)
-        state.live.add(self)  # holds the pump task too; shutdown cancels what is still here
-        self.task = asyncio.get_running_loop().create_task(self._pump())
+        state.live.add(self)  # shutdown cancels what is still here
+        loop = asyncio.get_running_loop()
+
+        def ended(last, error):  # in the engine's thread
+            try:
+                loop.call_soon_threadsafe(self._finish, last)
+            except RuntimeError:  # the event loop is gone (the server stopped): nothing left to log to
+                pass
+
+        stream.on_done(ended)
 
     # --- engine side ---
-    async def _pump(self) -> None:
-        try:
-            async for r in self.stream:
-                if r.finish_reason is not None:
-                    self.final = r
-                self.queue.put_nowait(r)
-        except BaseException as e:  # noqa: BLE001 (delivered to the response side, logged by type)
-            self.queue.put_nowait(_Failed(e))
-            if not isinstance(e, Exception):
-                raise
-        finally:
-            self._finish()
-
     def abandon(self) -> None:
         """The client left: cancel the row (it stops within one engine step) and note when."""
         if self.final is None and self.cancelled_at is None:
@@ -99,8 +92,9 @@ class Completion:
             self.cancelled_at = (time.perf_counter(), self.stream.request.timings.new_tokens)
             self.stream.cancel()
 
-    def _finish(self) -> None:
-        rec, m, r = self.record, self.state.metrics, self.final
+    def _finish(self, r: EngineResponse | None) -> None:
+        rec, m = self.record, self.state.metrics
+        self.final = r
         try:
             if r is not None:
                 t = r.timings
@@ -124,29 +118,35 @@ class Completion:
                 rec.fields["finish"] = "error"
         finally:
             self.state.live.discard(self)
-            self._release()
             rec.done()
 
     # --- response side ---
-    def _error(self, failed: _Failed) -> APIError:
-        e = failed.error
+    def _error(self, e: Exception) -> APIError:
         if isinstance(e, SkinOfflineError):
             return from_exception(e)
         return APIError(500, f"internal error ({self.record.id}): {type(e).__name__}", SERVER, None, "internal_error")
 
-    async def _next(self):
-        item = await self.queue.get()
-        if isinstance(item, _Failed):
-            raise self._error(item)
-        return item
+    async def _batch(self, timeout: float | None = None) -> list[EngineResponse] | None:
+        try:
+            return await self.stream.batch(timeout)
+        except Exception as e:  # the row failed in the engine: one error shape
+            raise self._error(e) from None
 
     async def _collect(self):
-        parts = []
+        parts, logprobs = [], []
         while True:
-            r = await self._next()
-            parts.append(r.text)
-            if r.finish_reason is not None:
-                return "".join(parts), r
+            for r in await self._batch() or ():
+                parts.append(r.text)
+                logprobs += r.logprobs
+                if r.finish_reason is not None:
+                    return "".join(parts), logprobs, r
+
+    def _logprobs(self, entries) -> S.ChoiceLogprobs | None:
+        if not self.req.logprobs:
+            return None
+        from ..runtime.response import logprob_content
+
+        return S.ChoiceLogprobs(content=logprob_content(self.state.model.tokenizer, entries))
 
     async def json_response(self, receive) -> Response:
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
@@ -159,12 +159,13 @@ class Completion:
             self.abandon()
             getter.cancel()
             return Response(status_code=499)
-        text, r = getter.result()  # raises APIError on a failed row
+        text, logprobs, r = getter.result()  # raises APIError on a failed row
         if r.finish_reason == FinishReason.CANCELLED:
             raise _shutdown_error()
         body = S.ChatCompletion(
             id=self.id, created=self.created, model=self.model_id, usage=_usage(r.timings), timings=_timings(r.timings),
-            choices=[S.Choice(message=S.AssistantOut(content=text), finish_reason=r.finish_reason.value)],
+            choices=[S.Choice(message=S.AssistantOut(content=text), finish_reason=r.finish_reason.value,
+                              logprobs=self._logprobs(logprobs))],
             warnings=self.notices,
         )
         return JSONResponse(body.model_dump(mode="json", exclude=None if self.notices else {"warnings"}))
@@ -172,10 +173,11 @@ class Completion:
     def sse_response(self) -> StreamingResponse:
         return StreamingResponse(self._events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
-    def _chunk(self, delta: S.Delta | None, finish=None, usage=None, timings=None, warnings=None) -> bytes:
+    def _chunk(self, delta: S.Delta | None, finish=None, usage=None, timings=None, warnings=None,
+               logprobs=None) -> bytes:
         chunk = S.ChatCompletionChunk(
             id=self.id, created=self.created, model=self.model_id,
-            choices=[] if delta is None else [S.ChunkChoice(delta=delta, finish_reason=finish)],
+            choices=[] if delta is None else [S.ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)],
             usage=usage, timings=timings, warnings=warnings,
         )
         exclude = set() if self.req.include_usage else {"usage"}
@@ -185,11 +187,10 @@ class Completion:
             exclude.add("warnings")
         return _sse(chunk.model_dump(mode="json", exclude=exclude))
 
-    def _render(self, item) -> tuple[bytes, bool]:
+    def _render(self, item: EngineResponse) -> tuple[bytes, bool]:
         """One engine response -> its SSE bytes, and whether the stream is over."""
-        if isinstance(item, _Failed):
-            return _sse(self._error(item).body()), True
-        out = [self._chunk(S.Delta(content=item.text))] if item.text else []
+        lp = self._logprobs(item.logprobs) if item.logprobs else None
+        out = [self._chunk(S.Delta(content=item.text), logprobs=lp)] if item.text or lp else []
         if item.finish_reason is None:
             return b"".join(out), False
         if item.finish_reason == FinishReason.CANCELLED:  # the server is shutting down
@@ -201,19 +202,19 @@ class Completion:
         return b"".join(out), True
 
     async def _events(self):
-        getter = None
         delivered = False
         try:
             yield self._chunk(S.Delta(role="assistant", content=""), warnings=self.notices)
             while not delivered:
-                getter = getter or asyncio.ensure_future(self.queue.get())
-                done, _ = await asyncio.wait({getter}, timeout=self.state.config.keepalive_s)
-                if not done:  # SSE comment: clients ignore it; it keeps proxies and idle timers from closing us
+                try:
+                    items = await self._batch(self.state.config.keepalive_s)
+                except APIError as e:
+                    yield _sse(e.body())
+                    delivered = True
+                    break
+                if items is None:  # SSE comment: clients ignore it; it keeps proxies and idle timers from closing us
                     yield b": keep-alive\n\n"
                     continue
-                items, getter = [getter.result()], None
-                while not self.queue.empty():  # what else arrived meanwhile goes out in the same write
-                    items.append(self.queue.get_nowait())
                 out = []
                 for item in items:
                     piece, delivered = self._render(item)
@@ -223,8 +224,6 @@ class Completion:
                 if any(out):
                     yield b"".join(out)
         finally:  # a disconnect cancels this generator (Starlette listens for http.disconnect)
-            if getter is not None:
-                getter.cancel()
             if not delivered:
                 self.abandon()
 

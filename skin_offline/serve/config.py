@@ -20,7 +20,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     parallel: int = 1
-    max_queue: int | None = None  # None: the engine's default (4 x parallel)
+    max_queue: int | None = None  # None: the engine's default (4 x parallel); the engine owns capacity
     api_key: str | None = None
     allow_files: Path | None = None  # image paths / file:// URLs only inside this folder (resolved)
     cors_origins: tuple[str, ...] = ()
@@ -59,11 +59,6 @@ class ServeConfig:
             if not root.is_dir():
                 raise UsageError(f"--allow-files {root}: not a folder; pass the folder images may be read from")
             object.__setattr__(self, "allow_files", root.resolve(strict=True))
-
-    @property
-    def capacity(self) -> int:
-        """Chat requests admitted at once (running + waiting); past it a request gets 503 + Retry-After."""
-        return self.parallel + (4 * self.parallel if self.max_queue is None else self.max_queue)
 
 
 def check_origin(origin: str) -> None:

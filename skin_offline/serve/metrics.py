@@ -21,8 +21,8 @@ class _EngineCollector:
             ("skin_offline_slots", "requests the engine runs in parallel", stats.slots if stats else 0),
             ("skin_offline_active_slots", "requests running now", stats.active if stats else 0),
             ("skin_offline_queue_depth", "prepared requests waiting for a slot", stats.queued if stats else 0),
-            ("skin_offline_admitted_requests", "chat requests admitted by the HTTP layer (running, waiting or being prepared)",
-             self.state.admitted),
+            ("skin_offline_admitted_requests", "requests admitted by the engine (running, waiting or being prepared)",
+             stats.active + stats.queued if stats else 0),
             ("skin_offline_ready", "1 once the model is loaded", 1 if engine is not None else 0),
         ):
             g = GaugeMetricFamily(name, doc)

@@ -65,6 +65,30 @@ class StreamOptions(_Strict):
     include_obfuscation: StrictBool | None = None  # accepted, ignored (no padding fields are sent)
 
 
+class JsonSchemaFormat(_Strict):
+    name: StrictStr = Field(min_length=1, max_length=64)
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # OpenAI: optional (then any JSON object)
+    strict: StrictBool | None = None  # accepted: answers always keep to the schema (llguidance), strict or not
+    description: StrictStr | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's `response_format`: text (the default), any JSON object, or JSON valid under a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` extension (its current name; the older `guided_*` fields are not read): exactly
+    one of these constrains the answer."""
+
+    json_: dict[str, Any] | None = Field(None, alias="json")
+    regex: StrictStr | None = None
+    choice: list[StrictStr] | None = None
+    grammar: StrictStr | None = None  # a Lark grammar (llguidance's dialect)
+
+
 class ChatCompletionRequest(_Strict):
     messages: list[Message] = Field(min_length=1)
     model: StrictStr | None = None  # None: the one model this server has
@@ -84,7 +108,8 @@ class ChatCompletionRequest(_Strict):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -106,17 +131,27 @@ class ChatCompletionRequest(_Strict):
 
         if self.n not in (None, 1):
             no("n", "must be 1: this server returns one choice per request (send n requests instead)")
-        if self.logprobs:
-            no("logprobs", "is not supported by this server")
-        if self.top_logprobs is not None:
-            no("top_logprobs", "is not supported by this server")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            no("top_logprobs", "must be from 0 to 20")
+        if self.top_logprobs is not None and not self.logprobs:
+            no("top_logprobs", "needs logprobs: true")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) not in (None, 0, 0.0):
                 no(name, "is not supported (only 0); LLaVA's evaluation decodes without penalties")
         if self.logit_bias:
             no("logit_bias", "is not supported by this server")
-        if self.response_format not in (None, {"type": "text"}):
-            no("response_format", "is not supported: only {\"type\": \"text\"} (no JSON mode or schemas)")
+        rf = self.response_format
+        if rf is not None and rf.type == "json_schema" and rf.json_schema is None:
+            no("response_format.json_schema", "is required with type json_schema ({\"name\": ..., \"schema\": {...}})")
+        if rf is not None and rf.type != "json_schema" and rf.json_schema is not None:
+            no("response_format.json_schema", f"is only read with type json_schema, not {rf.type}")
+        so = self.structured_outputs
+        if so is not None:
+            given = [k for k in ("json", "regex", "choice", "grammar") if getattr(so, "json_" if k == "json" else k) is not None]
+            if len(given) != 1:
+                no("structured_outputs", f"takes exactly one of json, regex, choice, grammar (got {len(given)})")
+            if rf is not None and rf.type != "text":
+                no("structured_outputs", "and response_format both constrain the answer; send one of them")
         if self.tools or self.functions:
             no("tools" if self.tools else "functions", "are not supported: SkinVL has no tool calling")
         if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
@@ -134,6 +169,26 @@ class ChatCompletionRequest(_Strict):
             no("stop", f"takes at most {MAX_STOP} strings")
         if any(not s for s in stops):
             no("stop", "strings must not be empty")
+
+    def constraint(self) -> tuple[Any, str] | None:
+        """The answer's constraint (runtime/constraints.py) and the field it came from, or None (free text)."""
+        from ..runtime.constraints import Choice, Grammar, JsonObject, JsonSchema, Regex
+
+        rf, so = self.response_format, self.structured_outputs
+        if rf is not None and rf.type == "json_object":
+            return JsonObject(), "response_format"
+        if rf is not None and rf.type == "json_schema" and rf.json_schema is not None:
+            js = rf.json_schema
+            return (JsonObject() if js.schema_ is None else JsonSchema(js.schema_, js.name)), "response_format.json_schema.schema"
+        if so is None:
+            return None
+        if so.json_ is not None:
+            return JsonSchema(so.json_), "structured_outputs.json"
+        if so.regex is not None:
+            return Regex(so.regex), "structured_outputs.regex"
+        if so.choice is not None:
+            return Choice(so.choice), "structured_outputs.choice"
+        return Grammar(so.grammar or ""), "structured_outputs.grammar"
 
     @property
     def stop_list(self) -> list[str]:
@@ -168,13 +223,32 @@ class Timings(BaseModel):
 class AssistantOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: None = None  # OpenAI's; the official client's `parse` reads it
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """The model's own log-probabilities (log-softmax of its logits, before temperature, top-k/top-p and constraint
+    masks), per answer token."""
+
+    content: list[TokenLogprob]
+    refusal: None = None
 
 
 class Choice(BaseModel):
     index: int = 0
     message: AssistantOut
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -201,7 +275,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -16,7 +16,6 @@ from pathlib import Path
 import uvicorn
 
 from ..errors import UsageError
-from . import notices
 from .app import ModelInfo, ServerState, create_app, start_loader
 from .config import ServeConfig
 
@@ -85,7 +84,6 @@ def serve(config: ServeConfig, bundle: Path, *, threads=None, precision=None, de
 
     info = ModelInfo.from_bundle(bundle, precision, config.model_id)  # a bad bundle fails here, before binding
     configure_logging()
-    notices.install()
     sock = bind(config.host, config.port)
     port = sock.getsockname()[1]
     cfg = config if port == config.port else _with_port(config, port)
@@ -103,7 +101,8 @@ def serve(config: ServeConfig, bundle: Path, *, threads=None, precision=None, de
         return model, model.engine  # the model's own engine: one prompt cache for every client
 
     def on_ready():
-        out(f"ready in {time.perf_counter() - t0:.1f}s: {cfg.parallel} slot(s), {cfg.capacity} requests admitted at most")
+        engine = state.engine
+        out(f"ready in {time.perf_counter() - t0:.1f}s: {cfg.parallel} slot(s), {engine.capacity} requests admitted at most")
 
     def on_error(e):
         failure.append(e)

@@ -1,1 +1,1 @@
-"""NumPy hot paths of the runtime (sampling); small pure functions that touch only what they need."""
+"""Kernel choice: which decoder graph (onnxruntime kernel family) runs a call (policy.py)."""
