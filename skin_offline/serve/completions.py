@@ -149,6 +149,7 @@ class Completion:
                 return "".join(parts), r
 
     async def json_response(self, receive) -> Response:
+        report = await self._report_request() if self.req.dicom_sr else None
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
         getter = asyncio.ensure_future(self._collect())
         try:
@@ -165,9 +166,25 @@ class Completion:
         body = S.ChatCompletion(
             id=self.id, created=self.created, model=self.model_id, usage=_usage(r.timings), timings=_timings(r.timings),
             choices=[S.Choice(message=S.AssistantOut(content=text), finish_reason=r.finish_reason.value)],
-            warnings=self.notices,
+            warnings=self.notices, dicom_sr=await self._report(report, text, r) if report else None,
         )
-        return JSONResponse(body.model_dump(mode="json", exclude=None if self.notices else {"warnings"}))
+        absent = {k for k in ("warnings", "dicom_sr") if getattr(body, k) is None}
+        return JSONResponse(body.model_dump(mode="json", exclude=absent or None))
+
+    async def _report_request(self):
+        """`dicom_sr`: the image must be a DICOM file (skin_offline/sr/server.py); else a 400 and the row stops."""
+        from ..sr import server as sr
+
+        try:
+            return await asyncio.to_thread(sr.prepare, self.req, self.state.config)
+        except APIError:
+            self.abandon()
+            raise
+
+    async def _report(self, report, text: str, r) -> str:
+        from ..sr import server as sr
+
+        return await asyncio.to_thread(sr.report_base64, report, self.state.model, text, r.finish_reason)
 
     def sse_response(self) -> StreamingResponse:
         return StreamingResponse(self._events(), media_type="text/event-stream", headers=SSE_HEADERS)
