@@ -53,7 +53,8 @@ CUT = "The answer was cut at the length limit: it is incomplete."
 _DERMOSCOPY_SOP = "1.2.840.10008.5.1.4.1.1.77.1.7"
 # the source's Modality as the Image Library's modality descriptor (CID 29 codes are the Modality values)
 _MODALITIES = {"XC": codes.DCM.ExternalCameraPhotography, "DMS": codes.DCM.Dermoscopy}
-# UT/ST allow TAB, LF, FF, CR and no other control character (PS3.5 6.1.3); ESC only for ISO 2022, never in UTF-8
+# Text values may hold LF, FF and CR and no other control character (ESC only for ISO 2022 escapes, never in UTF-8);
+# dciodvfy refuses TAB in UT too, so a TAB becomes a space
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
 
 
@@ -73,8 +74,9 @@ class Turn:
 
 
 def text_value(s: str) -> str:
-    """A str as a DICOM text value: control characters DICOM forbids (the model may emit them) become U+FFFD."""
-    return _CONTROL.sub("\ufffd", s)
+    """A str as a DICOM text value: TAB becomes a space, other control characters DICOM forbids (the model may emit
+    them) become U+FFFD."""
+    return _CONTROL.sub("\ufffd", s.replace("\t", " "))
 
 
 _TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
