@@ -87,9 +87,16 @@ def report_bytes(ds) -> bytes:
     from ..runtime.dicom import quietly
 
     buf = io.BytesIO()
-    with quietly():
-        ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    try:
+        with quietly():
+            ds.save_as(buf, enforce_file_format=True)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001  pydicom's messages may quote values: dropped, never shown
+        kind = type(e).__name__
+    else:
+        return buf.getvalue()
+    raise ReportError(f"could not encode the DICOM Structured Report ({kind}); report it")
 
 
 def write_report(ds, path: Path | str, *, force: bool = False) -> Path:
