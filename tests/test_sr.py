@@ -23,12 +23,12 @@ from pydicom import uid
 import dicom_samples as S
 import test_dicom as D
 from sr_helpers import (MF_GREY_BYTE_SC, MF_TRUE_COLOUR_SC, assert_patient_study_copied, assert_references,
-                        assert_valid, dciodvfy, read_back, stored, texts)
+                        assert_valid, dciodvfy, read_back, require_highdicom, stored, texts)
 from skin_offline.errors import ImageError, SkinOfflineError, UsageError
 from skin_offline.runtime.image import ImageSource, load_image
 
-sr = pytest.importorskip("skin_offline.sr")  # the dicom-sr extra (highdicom): the Makefile installs it
-pytest.importorskip("highdicom")
+require_highdicom()
+from skin_offline import sr  # noqa: E402
 
 QUESTION = "What is this lesion? Describe its colour and border."
 RGB = S.rgb_pixels()
