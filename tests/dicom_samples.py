@@ -250,6 +250,18 @@ def ybr_422_bytes(ybr: np.ndarray) -> tuple[bytes, np.ndarray]:
     return packed.tobytes(), full
 
 
+def clinical(**extra) -> dict:
+    """Header values an image stored in a PACS has (study and series UIDs, valid study date/time, a complete Other
+    Patient IDs item), besides the planted PATIENT data: `native(arr, **clinical())`. The plain samples keep an
+    invalid date and an incomplete Other Patient IDs item on purpose (leak tests); a report copies those exactly."""
+    other = Dataset()
+    other.PatientID = PATIENT["PatientID"]
+    other.TypeOfPatientID = "TEXT"
+    return {"StudyInstanceUID": uid.generate_uid(), "SeriesInstanceUID": uid.generate_uid(), "StudyDate": "20260105",
+            "StudyTime": "101500", "StudyID": "S-4471", "PatientSex": "F", "ReferringPhysicianName": "Grey^Meredith",
+            "OtherPatientIDsSequence": Sequence([other]), "SeriesNumber": 3, "InstanceNumber": 1, **extra}
+
+
 def with_attrs(ds: Dataset, **attrs) -> Dataset:
     """Set header values, including invalid ones, without pydicom's validation warning (it would quote them)."""
     with warnings.catch_warnings():

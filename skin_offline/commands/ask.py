@@ -13,21 +13,41 @@ from .options import (Device, ImageNotices, Precision, bundle_option, device_opt
                       precision_option, threads_option, warn_if_random, show_notices)
 
 
-def print_stream(responses, prefill: bool = False, before=None) -> None:
+def print_stream(responses, prefill: bool = False, before=None):
     """Answer text to stdout as it streams, then one stats line to stderr; `before()` runs once the request is
-    prepared (before its first response)."""
-    last = None
+    prepared (before its first response). Returns (answer text, last response)."""
+    last, parts = None, []
     for i, r in enumerate(responses):
         if i == 0 and before is not None:
             before()
         sys.stdout.write(r.text)
         sys.stdout.flush()
+        parts.append(r.text)
         last = r
     sys.stdout.write("\n")
     t = last.timings
     done = f"prefilled {t.prefilled_tokens} of {t.prompt_tokens}, " if prefill else ""
     typer.echo(f"[{t.new_tokens} tokens, {done}ttft {t.ttft_s:.2f}s, {t.decode_tokens_per_s:.1f} tok/s, "
                f"finish: {last.finish_reason}]", err=True)
+    return "".join(parts), last
+
+
+def _report_target(image: Path, frame: int, sr: Optional[Path], force: bool):
+    """--sr: everything checked before the slow load; the SR writer (pydicom, highdicom) imported only when asked for."""
+    if sr is None:
+        return None
+    from ..sr.cli import ReportTarget
+
+    return ReportTarget.prepare(image, frame, sr, force)
+
+
+def _sr_option():
+    return typer.Option(None, "--sr", metavar="OUT.dcm", help="also write the answer as a DICOM Structured Report, "
+                        "filed with the DICOM image's patient and study (README 'Filing the answer in a PACS')")
+
+
+def _force_option():
+    return typer.Option(False, "--force", help="overwrite the --sr file if it exists")
 
 
 def read_constraint(json_schema: Optional[Path], regex: Optional[str], choice: Optional[list[str]],
@@ -88,9 +108,12 @@ def register(app, friendly) -> None:
         top_logprobs: Optional[int] = typer.Option(None, "--top-logprobs", min=0, max=20, help="with --json: each "
                                                    "token's log-probability and this many alternatives"),
         device: Device = device_option(),
+        sr: Optional[Path] = _sr_option(),
+        force: bool = _force_option(),
     ):
         """Ask a question about an image; the answer streams to stdout."""
         from ..errors import UsageError
+        from ..runtime.constraints import structured_value
         from ..runtime.pipeline import SkinVL, collect
         from ..runtime.request import GenerationParams
 
@@ -100,18 +123,24 @@ def register(app, friendly) -> None:
         if top_logprobs is not None and not as_json:
             raise UsageError("--top-logprobs prints with the JSON answer: add --json")
         constraint, field = read_constraint(json_schema, regex, choice, grammar)
+        report = _report_target(image, frame, sr, force)
         model = SkinVL.load(bundle, threads=threads, precision=precision, device=device, parallel=1)
         warn_if_random(model.manifest)
         show_notices(model)
         req = model.prepare(image_source(image, frame), question, constraint=constraint, constraint_field=field, **kw)
         ImageNotices().show(req.notices)
         if as_json:
-            typer.echo(json.dumps(collect(model.engine.submit(req)).to_dict(model.tokenizer)))
-            return
-        try:
-            print_stream(model.engine.submit(req))
-        except KeyboardInterrupt:
-            _interrupted()
+            answer = collect(model.engine.submit(req))
+            typer.echo(json.dumps(answer.to_dict(model.tokenizer)))
+            text, finish = answer.answer, answer.finish_reason
+        else:
+            try:
+                text, last = print_stream(model.engine.submit(req))
+            except KeyboardInterrupt:
+                _interrupted()
+            finish = last.finish_reason
+        if report:
+            report.write(model, [(question, text, finish, structured_value(req.matcher, text, finish))])
 
     @app.command()
     @friendly
@@ -126,12 +155,16 @@ def register(app, friendly) -> None:
         threads: Optional[int] = threads_option(),
         precision: Optional[Precision] = precision_option(),
         device: Device = device_option(),
+        sr: Optional[Path] = _sr_option(),
+        force: bool = _force_option(),
     ):
-        """Multi-turn conversation about one image: each follow-up reuses the KV cache and prefills only its own tokens."""
+        """Multi-turn conversation about one image: each follow-up reuses the KV cache and prefills only its own tokens.
+        With --sr, one DICOM SR holding every question and answer is written when the conversation ends."""
         from ..runtime.pipeline import SkinVL
         from ..runtime.request import GenerationParams
 
         GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)  # before the slow load
+        report, turns = _report_target(image, frame, sr, force), []
         model = SkinVL.load(bundle, threads=threads, precision=precision, device=device, parallel=1)
         warn_if_random(model.manifest)
         show_notices(model)
@@ -150,6 +183,9 @@ def register(app, friendly) -> None:
                 if not q.strip():
                     continue
                 turn = conv.stream(q, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-                print_stream(turn, prefill=True, before=lambda: notices.show(conv.notices))
+                text, last = print_stream(turn, prefill=True, before=lambda: notices.show(conv.notices))
+                turns.append((q, text, last.finish_reason))
         except KeyboardInterrupt:
-            _interrupted()
+            _interrupted()  # no report: the conversation was abandoned
+        if report:
+            report.write(model, turns)

@@ -81,6 +81,14 @@ def kind(c: Constraint) -> str:
     return KINDS[type(c)]
 
 
+def structured_value(matcher: "Matcher | None", text: str, finish: Any) -> Any:
+    """What a complete constrained answer means to software: the parsed JSON of a JSON answer, the text of a regex /
+    choice / grammar answer; None for free text or an answer cut short (`finish` is not STOP: never claimed valid)."""
+    if matcher is None or str(finish) != "stop":
+        return None
+    return json.loads(text) if matcher.kind in ("json_schema", "json_object") else text
+
+
 def _answer_grammar(c: Constraint, field_name: str) -> dict[str, Any]:
     """The constraint as one llguidance grammar entry named "answer"."""
     import llguidance

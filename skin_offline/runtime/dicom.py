@@ -33,6 +33,7 @@ import struct
 import threading
 import warnings
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -94,7 +95,7 @@ class _DropWhileReading(logging.Filter):
     A logger's filters do not see records propagated from its children, so the filter sits on every logger of
     these packages (`_hush`, before each read, also catches loggers created since)."""
 
-    PACKAGES = ("pydicom", "openjpeg", "pylibjpeg", "jpeg_ls", "gdcm")
+    PACKAGES = ("pydicom", "openjpeg", "pylibjpeg", "jpeg_ls", "gdcm", "highdicom")
 
     def __init__(self) -> None:
         super().__init__()
@@ -467,3 +468,31 @@ def read_dicom(fp: BinaryIO, name: str, *, frame: int, max_pixels: int) -> Dicom
             return DicomImage(pixels, header.burned_in)
     finally:
         _quiet.local.reading = False
+
+
+@contextmanager
+def quietly():
+    """No warning and no log record from pydicom, highdicom or the codecs while this thread works on a header
+    (both may quote element values): for callers outside this module that read or write DICOM (skin_offline.sr)."""
+    _hush()
+    was = getattr(_quiet.local, "reading", False)
+    _quiet.local.reading = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        _quiet.local.reading = was
+
+
+def read_header_dataset(fp: BinaryIO, name: str, *, max_pixels: int) -> Dataset:
+    """Every element of a Part 10 file before its pixel data (patient, study, series, SOP...), read as quietly and
+    as guarded as the pixels: for a DICOM SR about this image, the one place that copies patient data (skin_offline.sr).
+    Any failure is a one-line ImageError without header values."""
+    with quietly():
+        _check_inflated_size(fp, name, max_pixels)
+        fp.seek(0)
+        ds = _attempt(pydicom.dcmread, fp, stop_before_pixels=True)
+        if ds is _FAILED:
+            raise ImageError(f"{name}: corrupt or truncated DICOM header; export or copy the file again")
+        return ds

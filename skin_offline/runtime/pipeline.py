@@ -34,7 +34,7 @@ from ..manifest import Precision, Prefill
 from .beam import BeamConfig
 from .bundle import Bundle
 from .classify import Ranking, canonical_labels, label_token_ids, question_for, rank
-from .constraints import Constraint, Matcher, Vocabulary
+from .constraints import Constraint, Matcher, Vocabulary, structured_value
 from .engine import Engine, Stream
 from .image import load_image, preprocess, read_image
 from .kv import Snapshot
@@ -55,6 +55,7 @@ class Answer:
     prompt_tokens: int
     notices: tuple[str, ...] = ()  # what the image loader noticed (e.g. text burned into the pixels)
     logprobs: tuple[TokenLogprob, ...] | None = None  # when asked: per answer token (EOS excluded)
+    structured: Any = None  # a complete constrained answer, parsed (JSON value, or the text of regex/choice/grammar)
 
     def to_dict(self, tokenizer: TextTokenizer | None = None) -> dict[str, Any]:
         """JSON-ready; with a `tokenizer`, logprobs in OpenAI's `logprobs.content` shape."""
@@ -62,6 +63,8 @@ class Answer:
                              "prompt_tokens": self.prompt_tokens, "timings": self.timings.to_dict()}
         if self.logprobs is not None and tokenizer is not None:
             d["logprobs"] = {"content": logprob_content(tokenizer, self.logprobs)}
+        if self.structured is not None:
+            d["structured"] = self.structured
         if self.notices:
             d["notices"] = list(self.notices)
         return d
@@ -243,8 +246,10 @@ def _answer(responses: Iterator[Response] | Stream, req: Request | None, notices
         last = r
     assert last is not None and last.finish_reason is not None and last.timings is not None
     asked = req is not None and isinstance(req.mode, GenerationParams) and req.mode.logprobs is not None
-    return Answer("".join(text), list(last.tokens), last.finish_reason, last.timings, last.timings.prompt_tokens,
-                  req.notices if req is not None else notices, tuple(logprobs) if asked else None)
+    answer = "".join(text)
+    return Answer(answer, list(last.tokens), last.finish_reason, last.timings, last.timings.prompt_tokens,
+                  req.notices if req is not None else notices, tuple(logprobs) if asked else None,
+                  structured_value(req.matcher if req is not None else None, answer, last.finish_reason))
 
 
 class Conversation:

@@ -155,7 +155,7 @@ async def chat_completions(request: Request) -> Response:
             place.release()
             return Response(status_code=499)
         # parsing, base64 and image decoding in a worker thread: a 20 MB body must not stall other streams
-        req, prepared = await anyio.to_thread.run_sync(partial(_build, state, body), limiter=state.prepare_limiter)
+        req, prepared, report = await anyio.to_thread.run_sync(partial(_build, state, body), limiter=state.prepare_limiter)
         try:
             stream = state.engine.submit(prepared, reservation=place)
         except SkinOfflineError as e:
@@ -163,24 +163,30 @@ async def chat_completions(request: Request) -> Response:
     except BaseException:
         place.release()  # a no-op once the request holds it
         raise
-    completion = Completion(state, stream, request.scope["state"]["record"], req)
+    completion = Completion(state, stream, request.scope["state"]["record"], req, report)
     if req.stream:
         return completion.sse_response()
     return await completion.json_response(request.receive)
 
 
 def _build(state: ServerState, body: bytes):
-    """Body -> (request, prepared engine request: its image notices included), or an APIError naming the problem."""
+    """Body -> (request, prepared engine request: its image notices included, the DICOM SR's source when it asked for
+    one), or an APIError naming the problem."""
     req = _parse(body)
     req.check_supported()
     _check_model(state, req.model)
     chat = to_chat(req.messages, files=state.config.allow_files, max_bytes=state.config.max_body_bytes)
+    report = None
+    if req.dicom_sr:  # the image must be a DICOM file a report can reference: refused before a place is taken
+        from ..sr import server as sr
+
+        report = sr.prepare(chat)
     kw = generation_kwargs(req, state.info.context_length)
     try:
         prepared = state.model.prepare(chat.image, chat.question, history=chat.history, **kw)
     except SkinOfflineError as e:
         raise from_exception(e, state.config.retry_after_s) from None
-    return req, prepared
+    return req, prepared, report
 
 
 async def models(request: Request) -> Response:

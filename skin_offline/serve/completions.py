@@ -58,8 +58,9 @@ def _shutdown_error() -> APIError:
 
 
 class Completion:
-    def __init__(self, state, stream, record, req: S.ChatCompletionRequest):
+    def __init__(self, state, stream, record, req: S.ChatCompletionRequest, report=None):
         self.state, self.stream, self.record, self.req = state, stream, record, req
+        self.report = report  # sr.server.ReportRequest when the request asked for `dicom_sr`
         notices = stream.request.notices
         self.notices = list(notices) or None  # e.g. "text burned into the pixels": for the client, not the log
         self.id = "chatcmpl-" + record.id.removeprefix("req-")
@@ -166,9 +167,18 @@ class Completion:
             id=self.id, created=self.created, model=self.model_id, usage=_usage(r.timings), timings=_timings(r.timings),
             choices=[S.Choice(message=S.AssistantOut(content=text), finish_reason=r.finish_reason.value,
                               logprobs=self._logprobs(logprobs))],
-            warnings=self.notices,
+            warnings=self.notices, dicom_sr=await self._report(text, r) if self.report else None,
         )
-        return JSONResponse(body.model_dump(mode="json", exclude=None if self.notices else {"warnings"}))
+        absent = {k for k in ("warnings", "dicom_sr") if getattr(body, k) is None}
+        return JSONResponse(body.model_dump(mode="json", exclude=absent or None))
+
+    async def _report(self, text: str, r) -> str:
+        """`dicom_sr`: this conversation as a DICOM SR (skin_offline/sr/server.py), base64."""
+        from ..runtime.constraints import structured_value
+        from ..sr import server as sr
+
+        structured = structured_value(self.stream.request.matcher, text, r.finish_reason)
+        return await asyncio.to_thread(sr.report_base64, self.report, self.state.model, text, r.finish_reason, structured)
 
     def sse_response(self) -> StreamingResponse:
         return StreamingResponse(self._events(), media_type="text/event-stream", headers=SSE_HEADERS)

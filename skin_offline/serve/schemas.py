@@ -97,6 +97,7 @@ class ChatCompletionRequest(_Strict):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: StrictInt | None = Field(None, ge=0)  # llama.cpp / vLLM extension
+    dicom_sr: StrictBool = False  # skin-offline extension: also return the answer as a DICOM SR (skin_offline/sr)
     seed: StrictInt | None = Field(None, ge=0, lt=2**64)
     stop: StrictStr | list[StrictStr] | None = None
     stream: StrictBool = False
@@ -159,6 +160,8 @@ class ChatCompletionRequest(_Strict):
                "is not supported: SkinVL has no tool calling")
         if self.modalities not in (None, ["text"]):
             no("modalities", "must be [\"text\"]: SkinVL answers in text only")
+        if self.dicom_sr and self.stream:
+            no("dicom_sr", "needs stream: false: the report comes with the whole answer")
         if self.stream_options is not None and not self.stream:
             no("stream_options", "is only allowed with stream: true")
         if self.max_tokens is not None and self.max_completion_tokens is not None \
@@ -260,6 +263,7 @@ class ChatCompletion(BaseModel):
     usage: Usage
     timings: Timings | None = None
     warnings: list[str] | None = None  # skin-offline's: notices about the image (DICOM burned-in annotation)
+    dicom_sr: str | None = None  # skin-offline's: base64 DICOM SR of the answer, when the request asked for it
 
 
 class Delta(BaseModel):
