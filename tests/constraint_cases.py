@@ -5,6 +5,11 @@ random-weight model (which otherwise emits arbitrary tokens) can finish them."""
 
 from __future__ import annotations
 
+import json
+import re
+
+from skin_offline.runtime.constraints import Choice, JsonObject, JsonSchema, Regex
+
 S = {"type": "string", "maxLength": 12}
 
 SCHEMAS: list[dict] = [
@@ -91,3 +96,26 @@ GRAMMARS = [  # llguidance's Lark dialect, kept inside what the `lark` package p
     'start: item (", " item)? (", " item)?\nitem: "red" | "brown" | "black"\n',
     'start: "(" pair ")"\npair: LETTER "=" DIGIT\nLETTER: /[a-c]/\nDIGIT: /[0-9]/\n',
 ]
+
+
+def valid(c, text: str) -> bool:
+    """Whether `text` is in the constraint's language, judged by an independent library."""
+    import jsonschema
+    import lark
+
+    if isinstance(c, (JsonSchema, JsonObject)):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return False
+        schema = c.schema if isinstance(c, JsonSchema) else {"type": "object"}
+        return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker()).is_valid(value)
+    if isinstance(c, Regex):
+        return re.fullmatch(c.pattern, text) is not None
+    if isinstance(c, Choice):
+        return text in c.options
+    try:
+        lark.Lark(c.lark, start="start", parser="earley").parse(text)
+        return True
+    except lark.exceptions.LarkError:
+        return False

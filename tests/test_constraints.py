@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from constraint_cases import CHOICES, CLINIC_FORM, GRAMMARS, REGEXES, SCHEMAS
+from constraint_cases import CHOICES, CLINIC_FORM, GRAMMARS, REGEXES, SCHEMAS, valid
 from conftest import random_image, reference_embeds
 from skin_offline import names
 from skin_offline.errors import ConstraintError
@@ -39,29 +39,6 @@ def model(llava_model):
     m = SkinVL(b, TextTokenizer.from_file(b.folder / names.TOKENIZER), parallel=8)
     yield m
     m.close()
-
-
-def valid(c, text: str) -> bool:
-    """Whether `text` is in the constraint's language, judged by an independent library."""
-    import jsonschema
-    import lark
-
-    if isinstance(c, (JsonSchema, JsonObject)):
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            return False
-        schema = c.schema if isinstance(c, JsonSchema) else {"type": "object"}
-        return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker()).is_valid(value)
-    if isinstance(c, Regex):
-        return re.fullmatch(c.pattern, text) is not None
-    if isinstance(c, Choice):
-        return text in c.options
-    try:
-        lark.Lark(c.lark, start="start", parser="earley").parse(text)
-        return True
-    except lark.exceptions.LarkError:
-        return False
 
 
 def suite():
