@@ -54,7 +54,7 @@ class BeamConfig:
     top_p: float = 1.0
     seed: int | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.num_beams < 1:
             raise ConfigError(f"num_beams must be >= 1, not {self.num_beams}")
         if self.max_new_tokens < 1 or self.min_new_tokens < 0:

@@ -10,7 +10,8 @@ minutes in a desktop tool that opens it daily).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ def default_bundle_path() -> Path:
 HASH_AT_LOAD_MAX_BYTES = 64 << 20
 
 
-def check_files(folder: Path, manifest: Manifest, hashes: bool, on_bytes=None) -> None:
+def check_files(folder: Path, manifest: Manifest, hashes: bool, on_bytes: Callable[[int], Any] | None = None) -> None:
     """Every listed file present, inside the folder, of its recorded size; sha256 checked for all (`hashes`) or for
     the small ones. `on_bytes(n)` is called as bytes are hashed (progress)."""
     root = folder.resolve()
@@ -87,7 +88,7 @@ def _decoder_flavor(manifest: Manifest, prec: Precision | None, flavor: Flavor |
     return Flavor.CONTRIB if has and cpu else Flavor.STANDARD
 
 
-def _load_table(folder: Path, manifest: Manifest, emb) -> tuple[np.ndarray, np.ndarray | None]:
+def _load_table(folder: Path, manifest: Manifest, emb: GraphVariant) -> tuple[np.ndarray, np.ndarray | None]:
     """The memory-mapped embedding table [V,H] (fp32/fp16/int8) and, for int8, its per-row scales [V]."""
     try:
         table = np.load(folder / emb.file, mmap_mode="r")
@@ -117,7 +118,7 @@ def _available_memory() -> int | None:
 
 
 def _multi_row_graph(folder: Path, manifest: Manifest, dec: GraphVariant, prefill: Prefill | None,
-                     first_provider) -> tuple[GraphVariant | None, tuple[str, ...]]:
+                     first_provider: Any) -> tuple[GraphVariant | None, tuple[str, ...]]:
     """The int8 QGEMM graph many-row calls should run through, if any, and a notice when it is left unloaded."""
     provider = first_provider[0] if isinstance(first_provider, tuple) else first_provider
     partner = manifest.multi_row_partner(dec) if provider == "CPUExecutionProvider" else None
@@ -147,7 +148,7 @@ class Bundle:
     embeddings: np.ndarray  # [V, H] memory-mapped (float32, float16, or int8 with row scales)
     embedding_scales: np.ndarray | None = None  # [V] float32 per-row scales of an int8 table
     notices: tuple[str, ...] = ()  # one-line facts a front end should show (e.g. a graph left unloaded)
-    picked: dict = None  # role -> the GraphVariant loaded for it (+ "multi_row" when the int8 GEMM graph is loaded)
+    picked: dict[str, GraphVariant] = field(default_factory=dict)  # role -> the GraphVariant loaded for it (+ "multi_row" when the int8 GEMM graph is loaded)
 
     def loaded_files(self) -> set[str]:
         """The bundle files this Bundle's sessions and table read."""
@@ -156,7 +157,7 @@ class Bundle:
     @classmethod
     def load(cls, folder: Path | str | None = None, *, threads: int | None = None, precision: Precision | str | None = None,
              check_hashes: bool = False, sessions: SessionFactory | None = None,
-             flavor: Flavor | str | None = None, device=None, allow_cpu_fp16: bool = False,
+             flavor: Flavor | str | None = None, device: Any = None, allow_cpu_fp16: bool = False,
              prefill: Prefill | str | None = None) -> "Bundle":
         """`prefill`: INT8 runs many-row calls through the bundle's int8 QGEMM graph (error if it has none), DECODER
         through the decode graph; None (auto) loads the QGEMM graph when the bundle has one and RAM holds it."""
@@ -208,7 +209,7 @@ class Bundle:
                               f"length for every row); re-export it with `skin-offline export` to serve requests in "
                               f"parallel, or run with parallel 1")
 
-    def embed(self, ids) -> np.ndarray:
+    def embed(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """[n] token ids -> [n, H] float32 rows of the embedding table."""
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.embeddings.shape[0]):
@@ -219,7 +220,7 @@ class Bundle:
         return rows
 
 
-def verify_bundle(folder: Path, log=None) -> Manifest:
+def verify_bundle(folder: Path, log: Any = None) -> Manifest:
     """Full integrity check: every file present, right size, right sha256 (a `hashing` task on `log` when it is a
     progress.Progress)."""
     from ..progress import task

@@ -23,6 +23,7 @@ depend on how the caller ordered them; ties in score are broken by that same ord
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -67,7 +68,7 @@ class Ranking:
         return d
 
 
-def canonical_labels(labels) -> list[str]:
+def canonical_labels(labels: Sequence[str]) -> list[str]:
     """Cleaned, de-duplicated labels in canonical (case-folded) order; raises on an unusable list."""
     clean = [str(x).strip() for x in labels]
     if any(not x for x in clean):

@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import ConstraintError
 
 MAX_CONSTRAINT_BYTES = 64 << 10  # a schema / grammar / choice list bigger than this is refused before compiling
-_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}  # compact, one form
+_JSON_OPTIONS: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}  # compact, one form
 INSTALL_HINT = "pip install 'skin-offline[structured]'"
 
 

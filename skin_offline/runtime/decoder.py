@@ -29,7 +29,7 @@ from .kv import DeviceCache, HostCache, KVCache, KVRows, StoreCache
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
-def _np_dtype(ort_type: str):
+def _np_dtype(ort_type: str) -> np.dtype:
     try:
         return np.dtype(_ORT_DTYPES[ort_type])
     except KeyError:
@@ -50,7 +50,7 @@ def _mask_and_positions(cache_mask: np.ndarray, s: int) -> tuple[np.ndarray, np.
 class Decoder:
     """Runs either graph flavor through plain session.run (the standard graph's presents are new arrays)."""
 
-    def __init__(self, session, dims: ModelDims):
+    def __init__(self, session: Any, dims: ModelDims):
         self.session = session
         self.dims = dims
         types = {i.name: i.type for i in session.get_inputs()}
@@ -147,7 +147,7 @@ class DeviceDecoder(Decoder):
     Per step only the new token's embedding, mask and positions go host -> device and [B,keep,V] logits come
     back. Works on any provider: with `device_type="cpu"` the tests run this exact binding logic on the CPU."""
 
-    def __init__(self, session, dims: ModelDims, device_type: str = "cuda", device_id: int = 0):
+    def __init__(self, session: Any, dims: ModelDims, device_type: str = "cuda", device_id: int = 0):
         super().__init__(session, dims)
         self.device_type, self.device_id = device_type, device_id
         self._pasts = [n for i in range(dims.num_layers) for n in (names.past_key(i), names.past_value(i))]
@@ -175,7 +175,7 @@ class DeviceDecoder(Decoder):
         return out[0].numpy().astype(np.float32, copy=False), DeviceCache(list(out[1:]), mask)
 
 
-def _session_device(session) -> tuple[str, int] | None:
+def _session_device(session: Any) -> tuple[str, int] | None:
     """('cuda', id) when the session's first provider keeps tensors on an NVIDIA GPU, else None (CPU)."""
     first = session.get_providers()[0]
     if first in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
@@ -184,7 +184,7 @@ def _session_device(session) -> tuple[str, int] | None:
     return None
 
 
-def make_decoder(session, dims: ModelDims, share_buffer: bool, gemm_session=None) -> Decoder:
+def make_decoder(session: Any, dims: ModelDims, share_buffer: bool, gemm_session: Any = None) -> Decoder:
     """FastDecoder for graphs whose attention is GroupQueryAttention (Flavor.CONTRIB), with the multi-row graph
     when the bundle carries one; for the standard graph DeviceDecoder on a GPU provider (cache stays on the
     device), plain Decoder on the CPU."""

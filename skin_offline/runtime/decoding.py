@@ -96,7 +96,7 @@ class Sampling:
             finish, delta = FinishReason.STOP, delta + ("" if self.out.stopped else self.out.flush())
         elif len(self.tokens) >= self.max_new_tokens:
             finish, delta = FinishReason.LENGTH, delta + self.out.flush()
-        logprobs = ()
+        logprobs: tuple[TokenLogprob, ...] = ()
         if delta or finish is not None:
             logprobs, self._held = tuple(self._held), []
         return Step(feed=() if finish is not None else (token,), delta=delta, token=token, finish=finish,

@@ -7,9 +7,11 @@ sequence (U+FFFD from byte-fallback pieces) and emitted once the following token
 
 from __future__ import annotations
 
+from .tokenizer import TextTokenizer
+
 
 class StreamingDetokenizer:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: TextTokenizer):
         self.tokenizer = tokenizer
         self.tokens: list[int] = []
         self.emitted = ""
@@ -74,7 +76,7 @@ class TokenStream:
     `answer_space`: drop one leading space (a constrained answer, see `drop_answer_space`); the concatenated deltas
     then equal `drop_answer_space(decode(tokens))`."""
 
-    def __init__(self, tokenizer, eos_id: int, stop: tuple[str, ...] = (), answer_space: bool = False):
+    def __init__(self, tokenizer: TextTokenizer, eos_id: int, stop: tuple[str, ...] = (), answer_space: bool = False):
         self.detok = StreamingDetokenizer(tokenizer)
         self.stops = StopText(stop)
         self.eos_id = eos_id

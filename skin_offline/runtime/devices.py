@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import DeviceError, UsageError
 
@@ -85,6 +86,7 @@ def resolve(device: "Device | str | None" = None, *, available: list[str] | None
     if PROVIDER[device] not in available:
         raise _missing(device, available)
     cuda = (CUDA_EP, dict(cuda_options or {}))
+    providers: tuple[Any, ...]
     if device is Device.CPU:
         providers = (CPU_EP,)
     elif device is Device.CUDA:
@@ -95,7 +97,7 @@ def resolve(device: "Device | str | None" = None, *, available: list[str] | None
     return DeviceChoice(device, providers)
 
 
-def check_session(session, choice: DeviceChoice, graph: str) -> None:
+def check_session(session: Any, choice: DeviceChoice, graph: str) -> None:
     """Refuse a session onnxruntime built without the requested provider (e.g. CUDA libraries not found)."""
     got = session.get_providers()
     if choice.primary not in got:

@@ -35,7 +35,7 @@ import warnings
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 import pydicom
@@ -172,7 +172,7 @@ def _int(ds: Dataset, keyword: str, default: int | None = None) -> int | None:
 _FAILED = object()
 
 
-def _attempt(fn, *args, **kwargs):
+def _attempt(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """fn(*args, **kwargs), or _FAILED if it raised anything but our own error or MemoryError.
 
     pydicom and the codecs raise a dozen exception types, and some messages quote element values; the caller raises
@@ -471,7 +471,7 @@ def read_dicom(fp: BinaryIO, name: str, *, frame: int, max_pixels: int) -> Dicom
 
 
 @contextmanager
-def quietly():
+def quietly() -> Iterator[None]:
     """No warning and no log record from pydicom, highdicom or the codecs while this thread works on a header
     (both may quote element values): for callers outside this module that read or write DICOM (skin_offline.sr)."""
     _hush()

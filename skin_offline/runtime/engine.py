@@ -150,8 +150,9 @@ class Stream:
         while True:
             with self._cond:
                 out: list[Response] = []
-                while self._events and not isinstance(self._events[0], _Failure):
-                    out.append(self._events.popleft())
+                while self._events and isinstance(head := self._events[0], Response):
+                    self._events.popleft()
+                    out.append(head)
                 if out:
                     return out
                 if self._events:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import BundleError
 
@@ -32,7 +33,7 @@ class _Malformed(Exception):
     pass
 
 
-def _varint(buf, pos: int, end: int) -> tuple[int, int]:
+def _varint(buf: bytes | mmap.mmap, pos: int, end: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= end or shift > 63:
@@ -45,7 +46,7 @@ def _varint(buf, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf, pos: int, end: int):
+def _fields(buf: bytes | mmap.mmap, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
     """Yield (field number, wire type, start, stop) of each field in buf[pos:end]."""
     while pos < end:
         tag, pos = _varint(buf, pos, end)
@@ -69,7 +70,7 @@ def _fields(buf, pos: int, end: int):
         raise _Malformed
 
 
-def _entry(buf, start: int, stop: int) -> tuple[bytes, bytes]:
+def _entry(buf: bytes | mmap.mmap, start: int, stop: int) -> tuple[bytes, bytes]:
     key = value = b""
     for f, w, s, e in _fields(buf, start, stop):
         if w == 2 and f == 1:
@@ -79,7 +80,7 @@ def _entry(buf, start: int, stop: int) -> tuple[bytes, bytes]:
     return key, value
 
 
-def _walk(buf, kind: str, start: int, stop: int, depth: int, out: list[str]) -> None:
+def _walk(buf: bytes | mmap.mmap, kind: str, start: int, stop: int, depth: int, out: list[str]) -> None:
     if depth > _MAX_DEPTH:
         raise _Malformed
     if kind == "tensor":

@@ -78,7 +78,7 @@ class ImageSource:
         _check_frame(self.frame)
 
 
-def _check_frame(frame) -> int:
+def _check_frame(frame: Any) -> int:
     if isinstance(frame, bool) or not isinstance(frame, int) or frame < 0:
         raise ImageError(f"frame must be a whole number from 0 (the first frame), not {frame!r}")
     return frame
@@ -122,7 +122,7 @@ def _sniff(head: bytes) -> str | None:
     return None
 
 
-def _describe(src) -> str:
+def _describe(src: Any) -> str:
     if isinstance(src, (bytes, bytearray, memoryview)):
         return "<image bytes>"
     if isinstance(src, Image.Image):
@@ -130,7 +130,7 @@ def _describe(src) -> str:
     return str(src)
 
 
-def _read(src, name: str) -> tuple[io.BytesIO | Path, bytes]:
+def _read(src: Any, name: str) -> tuple[io.BytesIO | Path, bytes]:
     """Validate a path / bytes source: (what to open, its first 256 bytes)."""
     if isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
@@ -218,13 +218,13 @@ _WIDE_BASES = ("RGB", "RGBA", "RGBX")  # not 'RGBa' (premultiplied: its unpacker
 _OTHER_ORDER = {"L": "B", "B": "L", "N": "B" if sys.byteorder == "little" else "L"}
 
 
-def _rawmode(tile) -> str | None:
+def _rawmode(tile: Any) -> str | None:
     args = tile.args
     raw = args if isinstance(args, str) else (args[0] if isinstance(args, tuple) and args else None)
     return raw if isinstance(raw, str) else None
 
 
-def _low_byte_tiles(tiles) -> list | None:
+def _low_byte_tiles(tiles: Any) -> list[Any] | None:
     """The tiles with each 16-bit colour raw mode swapped for the other byte order; None if not all such."""
     out = []
     for t in tiles or ():
@@ -278,10 +278,10 @@ def _check_size(img: Image.Image, name: str, limit: int) -> None:
 def _decode_pil(img: Image.Image, fp: io.BytesIO | Path | None, name: str, frame: int, limit: int) -> Image.Image:
     _seek(img, name, frame)
     _check_size(img, name, limit)  # from the header: nothing decoded yet
-    wide = fp is not None and _low_byte_tiles(img.tile) is not None
+    wide = fp is not None and _low_byte_tiles(getattr(img, "tile", None)) is not None
     img.load()  # full decode now, so truncated/corrupt data fails here
     upright = _upright(img)
-    if wide:
+    if wide and fp is not None:
         upright = _with_low_bytes(upright, fp, name, frame)
     return _to_rgb(upright)
 
@@ -303,7 +303,7 @@ def _decode_dicom(fp: io.BytesIO | Path, name: str, frame: int, limit: int, noti
     return _to_rgb(Image.fromarray(d.pixels))  # [H,W,3] -> RGB, [H,W] -> L -> RGB
 
 
-def _decode(src, name: str, frame: int, limit: int, notices: list[str]) -> Image.Image:
+def _decode(src: Any, name: str, frame: int, limit: int, notices: list[str]) -> Image.Image:
     if isinstance(src, Image.Image):
         return _decode_pil(src, None, name, frame, limit)
     fp, head = _read(src, name)
@@ -325,7 +325,7 @@ class LoadedImage:
     notices: tuple[str, ...] = ()
 
 
-def read_image(src, max_pixels: int | None = None, *, frame: int | None = None) -> LoadedImage:
+def read_image(src: Any, max_pixels: int | None = None, *, frame: int | None = None) -> LoadedImage:
     """Open a path / bytes / PIL image / ImageSource as an 8-bit RGB PIL image and its notices (see module docstring).
 
     `frame` (default: the ImageSource's, else 0) picks a frame of a multi-frame image."""
@@ -356,12 +356,12 @@ def read_image(src, max_pixels: int | None = None, *, frame: int | None = None) 
     return LoadedImage(img, tuple(notices))
 
 
-def load_image(src, max_pixels: int | None = None, *, frame: int | None = None) -> Image.Image:
+def load_image(src: Any, max_pixels: int | None = None, *, frame: int | None = None) -> Image.Image:
     """`read_image` without its notices: the pixels only (for code that shows no notices to a user)."""
     return read_image(src, max_pixels, frame=frame).image
 
 
-def expand_to_square(img: Image.Image, color) -> Image.Image:
+def expand_to_square(img: Image.Image, color: tuple[int, int, int]) -> Image.Image:
     """LLaVA's expand2square: centre the image on a square canvas of its longer side."""
     w, h = img.size
     if w == h:
@@ -413,6 +413,6 @@ def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     return np.ascontiguousarray(x[None])  # [1, 3, S, S]
 
 
-def pixel_values_from(src, cfg: PreprocessConfig, max_pixels: int | None = None) -> np.ndarray:
+def pixel_values_from(src: Any, cfg: PreprocessConfig, max_pixels: int | None = None) -> np.ndarray:
     """load_image + preprocess: float32 [1, 3, crop, crop]."""
     return preprocess(load_image(src, max_pixels=max_pixels), cfg)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from typing import Any, Sequence
 
 from .kv import Snapshot
 
@@ -29,7 +30,7 @@ class PromptCache:
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self._entries.values())
 
-    def best(self, positions, at_least: int, extra: tuple[Snapshot, ...] = ()) -> tuple[Snapshot | None, int]:
+    def best(self, positions: Sequence[Any], at_least: int, extra: tuple[Snapshot, ...] = ()) -> tuple[Snapshot | None, int]:
         """The snapshot (cached, or one of `extra`) sharing the most leading positions with `positions`, and how
         many it shares; (None, 0) unless that is at least `at_least`."""
         with self._lock:
@@ -46,7 +47,7 @@ class PromptCache:
                 self._entries.move_to_end(best.positions)
         return best, n
 
-    def covers(self, positions) -> bool:
+    def covers(self, positions: Sequence[Any]) -> bool:
         """An entry already holds all of `positions` (no need to store them again)."""
         with self._lock:
             return any(s.length >= len(positions) and s.positions[:len(positions)] == tuple(positions)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from ..errors import BundleError
 
@@ -20,7 +21,7 @@ def default_threads() -> int:
 
 
 class SessionFactory:
-    def __init__(self, threads: int | None = None, providers: list | None = None, device=None):
+    def __init__(self, threads: int | None = None, providers: list[Any] | None = None, device: Any = None):
         from .devices import DeviceChoice, resolve
 
         self.threads = threads or default_threads()
@@ -28,7 +29,7 @@ class SessionFactory:
         self.device = device if isinstance(device, DeviceChoice) else resolve(device) if device is not None else None
         self.providers = providers or (list(self.device.providers) if self.device else ["CPUExecutionProvider"])
 
-    def options(self):
+    def options(self) -> Any:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -44,7 +45,7 @@ class SessionFactory:
         so.enable_cpu_mem_arena = False
         return so
 
-    def create(self, path: Path, providers: list | None = None):
+    def create(self, path: Path, providers: list[Any] | None = None) -> Any:
         import onnxruntime as ort
 
         try:

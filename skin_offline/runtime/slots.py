@@ -107,7 +107,7 @@ class InPlaceSlots:
 class PaddedSlots:
     def __init__(self, dec: Decoder, n: int):
         self.dec, self.n = dec, n
-        self.caches: list[KVCache | None] = [None] * n
+        self.caches: list[KVCache] = [dec.empty_cache() for _ in range(n)]
         self.lengths = np.zeros(n, np.int64)
         self._batch: tuple[tuple[int, ...], KVCache, np.ndarray] | None = None  # (rows, cache, left pads)
 
@@ -129,8 +129,7 @@ class PaddedSlots:
     def prefill(self, slot: int, embeds: np.ndarray) -> np.ndarray:
         if self._batch is not None and slot in self._batch[0]:
             self._unbatch()
-        cache = self.caches[slot] if self.caches[slot] is not None else self.dec.empty_cache()
-        logits, self.caches[slot] = self.dec.forward(embeds, cache)
+        logits, self.caches[slot] = self.dec.forward(embeds, self.caches[slot])
         self.lengths[slot] = self.caches[slot].length
         return logits[0, -1]
 
@@ -141,11 +140,12 @@ class PaddedSlots:
             lengths = np.array([self.caches[r].length for r in rows])
             width = int(lengths.max())
             pads = width - lengths
-            keys, values = [], []
-            for i in range(self.dec.dims.num_layers):
-                for out, src in ((keys, lambda c: c.keys[i]), (values, lambda c: c.values[i])):
-                    parts = [np.pad(src(self.caches[r]), ((0, 0), (0, 0), (int(p), 0), (0, 0))) for r, p in zip(rows, pads)]
-                    out.append(np.concatenate(parts))  # [B,kvH,width,D], left-padded
+            def left_padded(per_row: list[np.ndarray]) -> np.ndarray:  # -> [B,kvH,width,D]
+                return np.concatenate([np.pad(a, ((0, 0), (0, 0), (int(p), 0), (0, 0))) for a, p in zip(per_row, pads)])
+
+            caches = [self.caches[r] for r in rows]
+            keys = [left_padded([c.keys[i] for c in caches]) for i in range(self.dec.dims.num_layers)]
+            values = [left_padded([c.values[i] for c in caches]) for i in range(self.dec.dims.num_layers)]
             mask = (np.arange(width)[None, :] >= pads[:, None]).astype(np.int64)  # [B,width]
             self._batch = (rows, HostCache(keys, values, mask), pads)
         _, cache, pads = self._batch
@@ -179,5 +179,5 @@ class PaddedSlots:
     def release(self, slot: int) -> None:
         if self._batch is not None and slot in self._batch[0]:
             self._unbatch()
-        self.caches[slot] = None
+        self.caches[slot] = self.dec.empty_cache()
         self.lengths[slot] = 0

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .. import names
 from ..errors import DeviceError
@@ -52,7 +53,8 @@ def decoder_profiles(dims: ModelDims, max_context: int, max_batch: int = 1) -> l
     prompt = min(dims.image_tokens + PREFILL_OPT_TEXT, max_context - 1)
     past_opt = min(prompt + DECODE_OPT_NEW // 2, max_context - 1)
 
-    def shapes(s, total, past):  # each argument: (min, opt, max)
+    def shapes(s: tuple[int, int, int], total: tuple[int, int, int], past: tuple[int, int, int]) -> Profile:
+        # each argument: (min, opt, max)
         d = {names.INPUTS_EMBEDS: tuple((b, x, H) for b, x in zip((1, 1, B), s)),
              names.ATTENTION_MASK: tuple((b, x) for b, x in zip((1, 1, B), total)),
              names.POSITION_IDS: tuple((b, x) for b, x in zip((1, 1, B), s))}
@@ -212,7 +214,7 @@ def check_compatible(record: EngineRecord | None, trt_version: str | None, gpu: 
 
 # --- runtime: which providers a bundle's sessions get ---------------------------------------------
 
-def device_for_bundle(device, folder: Path):
+def device_for_bundle(device: Any, folder: Path) -> Any:
     """Resolve --device for this bundle: TensorRT needs engines built here; `auto` skips incompatible ones."""
     from .devices import Device, parse_device, resolve
 
@@ -229,7 +231,7 @@ def device_for_bundle(device, folder: Path):
     return choice
 
 
-def graph_providers(choice, folder: Path, role: str, variant) -> list | None:
+def graph_providers(choice: Any, folder: Path, role: str, variant: Any) -> list[Any] | None:
     """Providers for one graph: the TensorRT options recorded for `role` (engine cache, profiles), else None."""
     from ..manifest import Flavor
     from .devices import TRT_EP, Device
@@ -241,7 +243,7 @@ def graph_providers(choice, folder: Path, role: str, variant) -> list | None:
                           f"pick a standard-op precision (--precision fp32/fp16) or use --device cuda")
     record = read_record(folder)
     g = record.graphs.get(role) if record else None
-    if g is None or g.get("file") != variant.file:
+    if record is None or g is None or g.get("file") != variant.file:
         built = g.get("file") if g else "nothing"
         raise DeviceError(f"the bundle's TensorRT {role} engine was built from {built}, not {variant.file}; "
                           f"run `skin-offline build-engines {folder}` for this precision")

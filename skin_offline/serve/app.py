@@ -10,6 +10,7 @@ import threading
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any, AsyncIterator, Callable
 
 import anyio
 from pydantic import ValidationError
@@ -24,7 +25,9 @@ from starlette.staticfiles import StaticFiles
 
 from .. import names
 from ..errors import SkinOfflineError
-from ..runtime.engine import Reservation
+from ..runtime.engine import Engine, Reservation
+from ..runtime.pipeline import SkinVL
+from ..runtime.request import Request as PreparedRequest
 from . import schemas as S
 from .completions import Completion, generation_kwargs
 from .config import ServeConfig
@@ -75,8 +78,8 @@ class ServerState:
 
     def __init__(self, config: ServeConfig, info: ModelInfo):
         self.config, self.info = config, info
-        self.model = None
-        self.engine = None
+        self.model: SkinVL | None = None
+        self.engine: Engine | None = None
         self.closing = False
         self.live: set[Completion] = set()
         self.metrics = Metrics(self)
@@ -87,7 +90,7 @@ class ServerState:
     def model_id(self) -> str:
         return self.info.id
 
-    def set_ready(self, model, engine) -> None:
+    def set_ready(self, model: SkinVL, engine: Engine) -> None:
         self.model, self.engine = model, engine
 
     def admit(self) -> Reservation:
@@ -156,6 +159,7 @@ async def chat_completions(request: Request) -> Response:
             return Response(status_code=499)
         # parsing, base64 and image decoding in a worker thread: a 20 MB body must not stall other streams
         req, prepared, report = await anyio.to_thread.run_sync(partial(_build, state, body), limiter=state.prepare_limiter)
+        assert state.engine is not None  # admitted: the engine runs
         try:
             stream = state.engine.submit(prepared, reservation=place)
         except SkinOfflineError as e:
@@ -169,7 +173,7 @@ async def chat_completions(request: Request) -> Response:
     return await completion.json_response(request.receive)
 
 
-def _build(state: ServerState, body: bytes):
+def _build(state: ServerState, body: bytes) -> tuple[S.ChatCompletionRequest, PreparedRequest, Any]:
     """Body -> (request, prepared engine request: its image notices included, the DICOM SR's source when it asked for
     one), or an APIError naming the problem."""
     req = _parse(body)
@@ -182,6 +186,7 @@ def _build(state: ServerState, body: bytes):
 
         report = sr.prepare(chat)
     kw = generation_kwargs(req, state.info.context_length)
+    assert state.model is not None  # admitted: the model is loaded
     try:
         prepared = state.model.prepare(chat.image, chat.question, history=chat.history, **kw)
     except SkinOfflineError as e:
@@ -218,11 +223,13 @@ async def index(request: Request) -> Response:
     return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
 
 
-async def _api_error(request, exc: APIError):
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
     return error_response(exc)
 
 
-async def _http_error(request, exc: HTTPException):
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
         e = APIError(404, "unknown route; this server has POST /v1/chat/completions, GET /v1/models, /health, "
                           "/metrics and the web page at /", code="not_found")
@@ -234,18 +241,18 @@ async def _http_error(request, exc: HTTPException):
     return error_response(e)
 
 
-async def _internal_error(request, exc: Exception):
+async def _internal_error(request: Request, exc: Exception) -> Response:
     rid = request.scope.get("state", {}).get("record")
     return error_response(APIError(500, f"internal error ({rid.id if rid else 'no id'}); the server log has its location",
                                    SERVER, None, "internal_error"))
 
 
-def create_app(state: ServerState, on_startup=None):
+def create_app(state: ServerState, on_startup: Callable[[asyncio.AbstractEventLoop], None] | None = None) -> RequestLog:
     """The ASGI app. `on_startup(loop)` runs when the server starts (the background model load)."""
     c = state.config
 
     @contextlib.asynccontextmanager
-    async def lifespan(app):
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if on_startup is not None:
             on_startup(asyncio.get_running_loop())
         yield
@@ -274,33 +281,38 @@ def create_app(state: ServerState, on_startup=None):
     return RequestLog(app, state.metrics)
 
 
-def start_loader(state: ServerState, load, on_error, on_ready=None) -> "callable":
-    """on_startup hook: load the model in a daemon thread (so /health answers 503 meanwhile and Ctrl-C
-    during a long load exits), then hand it to the loop."""
+class Loader:
+    """on_startup hook: load the model in a daemon thread (so /health answers 503 meanwhile and Ctrl-C during a long
+    load exits), then hand it to the loop. After the server stops, `thread`, `result` and `late` (what could not be
+    delivered to a stopped loop) say how the load ended."""
 
-    def on_startup(loop):
-        def work():
+    def __init__(self, state: ServerState, load: Callable[[], tuple[Any, Engine]],
+                 on_error: Callable[[BaseException], None], on_ready: Callable[[], None] | None = None):
+        self.state, self.load, self.on_error, self.on_ready = state, load, on_error, on_ready
+        self.thread: threading.Thread | None = None
+        self.result: tuple[Any, Engine] | None = None
+        self.late: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+
+    def __call__(self, loop: asyncio.AbstractEventLoop) -> None:
+        def work() -> None:
             try:
-                model, engine = load()
+                model, engine = self.load()
             except BaseException as e:  # noqa: BLE001 (reported by the command after the server stops)
-                deliver(on_error, e)
+                deliver(self.on_error, e)
                 return
-            on_startup.result = (model, engine)
+            self.result = (model, engine)
 
-            def ready():
-                state.set_ready(model, engine)
-                if on_ready is not None:
-                    on_ready()
+            def ready() -> None:
+                self.state.set_ready(model, engine)
+                if self.on_ready is not None:
+                    self.on_ready()
             deliver(ready)
 
-        def deliver(fn, *args):
+        def deliver(fn: Callable[..., None], *args: Any) -> None:
             try:
                 loop.call_soon_threadsafe(fn, *args)
             except RuntimeError:  # the server stopped while loading: the caller finds .result / the error here
-                on_startup.late.append((fn, args))
+                self.late.append((fn, args))
 
-        on_startup.thread = threading.Thread(target=work, name="skin-offline-load", daemon=True)
-        on_startup.thread.start()
-
-    on_startup.thread, on_startup.result, on_startup.late = None, None, []
-    return on_startup
+        self.thread = threading.Thread(target=work, name="skin-offline-load", daemon=True)
+        self.thread.start()

@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any, AsyncIterator, Literal, Sequence
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive
 
 from ..errors import SkinOfflineError
-from ..runtime.response import FinishReason
+from ..runtime.engine import Stream
+from ..runtime.response import FinishReason, Timings, TokenLogprob
 from ..runtime.response import Response as EngineResponse
 from . import schemas as S
 from .errors import SERVER, APIError, from_exception
@@ -22,7 +25,7 @@ from .errors import SERVER, APIError, from_exception
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
-def generation_kwargs(req: S.ChatCompletionRequest, default_max_tokens: int) -> dict:
+def generation_kwargs(req: S.ChatCompletionRequest, default_max_tokens: int) -> dict[str, Any]:
     """Request fields -> SkinVL.prepare keywords. Greedy unless `temperature` > 0 (as `ask`, unlike OpenAI's
     default of 1). Without max_tokens the answer may use all the context left (OpenAI's and llama.cpp's
     behaviour); an explicit max_tokens that does not fit is a 400 with both numbers."""
@@ -37,18 +40,23 @@ def generation_kwargs(req: S.ChatCompletionRequest, default_max_tokens: int) -> 
     )
 
 
-def _timings(t) -> S.Timings:
+def _timings(t: Timings) -> S.Timings:
     return S.Timings(ttft_s=round(t.ttft_s, 6), prefill_s=round(t.prefill_s, 6),
                      decode_tokens_per_s=round(t.decode_tokens_per_s, 3), prompt_tokens=t.prompt_tokens,
                      prefilled_tokens=t.prefilled_tokens, new_tokens=t.new_tokens)
 
 
-def _usage(t) -> S.Usage:
+def _usage(t: Timings) -> S.Usage:
     return S.Usage(prompt_tokens=t.prompt_tokens, completion_tokens=t.new_tokens,
                    total_tokens=t.prompt_tokens + t.new_tokens)
 
 
-def _sse(obj) -> bytes:
+def _finish(r: EngineResponse) -> Literal["stop", "length"]:
+    """OpenAI's finish_reason of a last response that was not cancelled."""
+    return "length" if r.finish_reason is FinishReason.LENGTH else "stop"
+
+
+def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
 
 
@@ -58,7 +66,7 @@ def _shutdown_error() -> APIError:
 
 
 class Completion:
-    def __init__(self, state, stream, record, req: S.ChatCompletionRequest, report=None):
+    def __init__(self, state: Any, stream: Stream, record: Any, req: S.ChatCompletionRequest, report: Any = None):
         self.state, self.stream, self.record, self.req = state, stream, record, req
         self.report = report  # sr.server.ReportRequest when the request asked for `dicom_sr`
         notices = stream.request.notices
@@ -77,7 +85,7 @@ class Completion:
         state.live.add(self)  # shutdown cancels what is still here
         loop = asyncio.get_running_loop()
 
-        def ended(last, error):  # in the engine's thread
+        def ended(last: EngineResponse | None, error: BaseException | None) -> None:  # in the engine's thread
             try:
                 loop.call_soon_threadsafe(self._finish, last)
             except RuntimeError:  # the event loop is gone (the server stopped): nothing left to log to
@@ -97,7 +105,7 @@ class Completion:
         rec, m = self.record, self.state.metrics
         self.final = r
         try:
-            if r is not None:
+            if r is not None and r.timings is not None and r.finish_reason is not None:
                 t = r.timings
                 rec.fields.update(prompt_tokens=t.prompt_tokens, completion_tokens=t.new_tokens,
                                   ttft=f"{t.ttft_s:.3f}s", tok_s=f"{t.decode_tokens_per_s:.1f}")
@@ -133,8 +141,9 @@ class Completion:
         except Exception as e:  # the row failed in the engine: one error shape
             raise self._error(e) from None
 
-    async def _collect(self):
-        parts, logprobs = [], []
+    async def _collect(self) -> tuple[str, list[TokenLogprob], EngineResponse]:
+        parts: list[str] = []
+        logprobs: list[TokenLogprob] = []
         while True:
             for r in await self._batch() or ():
                 parts.append(r.text)
@@ -142,14 +151,15 @@ class Completion:
                 if r.finish_reason is not None:
                     return "".join(parts), logprobs, r
 
-    def _logprobs(self, entries) -> S.ChoiceLogprobs | None:
+    def _logprobs(self, entries: Sequence[TokenLogprob]) -> S.ChoiceLogprobs | None:
         if not self.req.logprobs:
             return None
         from ..runtime.response import logprob_content
 
-        return S.ChoiceLogprobs(content=logprob_content(self.state.model.tokenizer, entries))
+        content = [S.TokenLogprob.model_validate(e) for e in logprob_content(self.state.model.tokenizer, entries)]
+        return S.ChoiceLogprobs(content=content)
 
-    async def json_response(self, receive) -> Response:
+    async def json_response(self, receive: Receive) -> Response:
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
         getter = asyncio.ensure_future(self._collect())
         try:
@@ -163,16 +173,17 @@ class Completion:
         text, logprobs, r = getter.result()  # raises APIError on a failed row
         if r.finish_reason == FinishReason.CANCELLED:
             raise _shutdown_error()
+        assert r.timings is not None  # the last response carries them
         body = S.ChatCompletion(
             id=self.id, created=self.created, model=self.model_id, usage=_usage(r.timings), timings=_timings(r.timings),
-            choices=[S.Choice(message=S.AssistantOut(content=text), finish_reason=r.finish_reason.value,
+            choices=[S.Choice(message=S.AssistantOut(content=text), finish_reason=_finish(r),
                               logprobs=self._logprobs(logprobs))],
             warnings=self.notices, dicom_sr=await self._report(text, r) if self.report else None,
         )
         absent = {k for k in ("warnings", "dicom_sr") if getattr(body, k) is None}
         return JSONResponse(body.model_dump(mode="json", exclude=absent or None))
 
-    async def _report(self, text: str, r) -> str:
+    async def _report(self, text: str, r: EngineResponse) -> str:
         """`dicom_sr`: this conversation as a DICOM SR (skin_offline/sr/server.py), base64."""
         from ..runtime.constraints import structured_value
         from ..sr import server as sr
@@ -183,8 +194,9 @@ class Completion:
     def sse_response(self) -> StreamingResponse:
         return StreamingResponse(self._events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
-    def _chunk(self, delta: S.Delta | None, finish=None, usage=None, timings=None, warnings=None,
-               logprobs=None) -> bytes:
+    def _chunk(self, delta: S.Delta | None, finish: Literal["stop", "length"] | None = None, usage: S.Usage | None = None,
+               timings: S.Timings | None = None, warnings: list[str] | None = None,
+               logprobs: S.ChoiceLogprobs | None = None) -> bytes:
         chunk = S.ChatCompletionChunk(
             id=self.id, created=self.created, model=self.model_id,
             choices=[] if delta is None else [S.ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)],
@@ -205,13 +217,14 @@ class Completion:
             return b"".join(out), False
         if item.finish_reason == FinishReason.CANCELLED:  # the server is shutting down
             return b"".join([*out, _sse(_shutdown_error().body())]), True
-        out.append(self._chunk(S.Delta(), finish=item.finish_reason.value, timings=_timings(item.timings)))
+        assert item.timings is not None  # the last response carries them
+        out.append(self._chunk(S.Delta(), finish=_finish(item), timings=_timings(item.timings)))
         if self.req.include_usage:
             out.append(self._chunk(None, usage=_usage(item.timings)))
         out.append(b"data: [DONE]\n\n")
         return b"".join(out), True
 
-    async def _events(self):
+    async def _events(self) -> AsyncIterator[bytes]:
         delivered = False
         try:
             yield self._chunk(S.Delta(role="assistant", content=""), warnings=self.notices)
@@ -238,6 +251,6 @@ class Completion:
                 self.abandon()
 
 
-async def _wait_disconnect(receive) -> None:
+async def _wait_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 from urllib.parse import urlsplit
 
 from ..errors import UsageError
@@ -30,7 +31,7 @@ class ServeConfig:
     shutdown_grace_s: float = 5.0  # SIGTERM / Ctrl-C: in-flight requests may finish this long, then are cancelled
     retry_after_s: int = 1  # Retry-After on 503 (queue full, loading)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
         if not 0 <= self.port <= 65535:
             raise UsageError(f"--port must be 0-65535, got {self.port}")
@@ -71,9 +72,9 @@ def check_origin(origin: str) -> None:
         raise UsageError(f"--cors-origin {origin!r} is not an origin; write scheme://host[:port], e.g. http://localhost:3000")
 
 
-def read_api_key(key: str | None, key_file: Path | None, env: dict | None = None) -> str | None:
+def read_api_key(key: str | None, key_file: Path | None, env: Mapping[str, str] | None = None) -> str | None:
     """--api-key, --api-key-file or $SKIN_OFFLINE_API_KEY (at most one of the two flags)."""
-    env = os.environ if env is None else env
+    environ: Mapping[str, str] = os.environ if env is None else env
     if key is not None and key_file is not None:
         raise UsageError("give --api-key or --api-key-file, not both")
     if key_file is not None:
@@ -86,4 +87,4 @@ def read_api_key(key: str | None, key_file: Path | None, env: dict | None = None
         return key
     if key is not None:
         return key
-    return env.get(API_KEY_ENV) or None
+    return environ.get(API_KEY_ENV) or None

@@ -22,6 +22,7 @@ import binascii
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 from .errors import APIError
@@ -42,7 +43,7 @@ def _bad(param: str, message: str, code: str = "invalid_value") -> APIError:
     return APIError(400, message, "invalid_request_error", param, code)
 
 
-def _text(content, param: str) -> str:
+def _text(content: str | list[Any] | None, param: str) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
@@ -98,8 +99,11 @@ def _data_url(url: str, param: str) -> bytes:
     return data
 
 
-def to_chat(messages, *, files: Path | None, max_bytes: int) -> Chat:
-    system, turns, image, image_param = [], [], None, None  # turns: [(role, text)] after the system messages
+def to_chat(messages: Sequence[Any], *, files: Path | None, max_bytes: int) -> Chat:
+    system: list[str] = []
+    turns: list[tuple[str, str]] = []  # (role, text) after the system messages
+    image: str | None = None
+    image_param: str | None = None
     for i, m in enumerate(messages):
         if isinstance(m, SystemMessage):
             if turns:
@@ -134,5 +138,6 @@ def to_chat(messages, *, files: Path | None, max_bytes: int) -> Chat:
     if sys_text:
         texts[0] = f"{sys_text}\n\n{texts[0]}"
     history = tuple(zip(texts[0:-1:2], texts[1:-1:2]))
+    assert image_param is not None
     data = decode_image_url(image, image_param, files, max_bytes)
     return Chat(image=data, history=history, question=texts[-1])

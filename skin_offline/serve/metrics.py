@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
@@ -11,10 +13,10 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class _EngineCollector:
     """Slots, active rows and queue depth read from the engine at scrape time (no bookkeeping to drift)."""
 
-    def __init__(self, state):
+    def __init__(self, state: Any):
         self.state = state
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         engine = self.state.engine
         stats = engine.stats() if engine is not None else None
         for name, doc, value in (
@@ -31,7 +33,7 @@ class _EngineCollector:
 
 
 class Metrics:
-    def __init__(self, state):
+    def __init__(self, state: Any):
         disable_created_metrics()  # no *_created series: scrapers do not need them and they double the output
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry

@@ -13,8 +13,10 @@ import traceback
 from dataclasses import dataclass, field
 
 from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import SERVER, APIError
+from .metrics import Metrics
 from .security import KeyCheck
 
 log = logging.getLogger("skin_offline.serve")
@@ -65,24 +67,24 @@ class RequestLog:
     """Outermost layer: request id, one log line, metrics by route and status, and the last-resort 500
     (an unexpected exception is logged as its type and code location only)."""
 
-    def __init__(self, app, metrics):
+    def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app = app
         self.metrics = metrics
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         rec = RequestRecord("req-" + secrets.token_hex(6), scope["method"], route_label(scope["path"]))
         scope.setdefault("state", {})["record"] = rec
         started = False
 
-        async def counting_receive():
+        async def counting_receive() -> Message:
             msg = await receive()
             if msg["type"] == "http.request":
                 rec.bytes_in += len(msg.get("body", b""))
             return msg
 
-        async def tagged_send(msg):
+        async def tagged_send(msg: Message) -> None:
             nonlocal started
             if msg["type"] == "http.response.start":
                 started = True
@@ -110,10 +112,10 @@ class RequestLog:
 class HostCheck:
     """On a loopback bind, only Host headers naming this machine (see security.loopback_hosts)."""
 
-    def __init__(self, app, allowed: set[str] | None):
+    def __init__(self, app: ASGIApp, allowed: set[str] | None):
         self.app, self.allowed = app, allowed
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.allowed is not None:
             host = dict(scope["headers"]).get(b"host")
             if host is not None and host.decode("latin-1").lower() not in self.allowed:
@@ -127,11 +129,11 @@ class HostCheck:
 class Auth:
     """`Authorization: Bearer KEY` on every route except the page, its assets and /health."""
 
-    def __init__(self, app, key: str | None):
+    def __init__(self, app: ASGIApp, key: str | None):
         self.app = app
         self.check = KeyCheck(key) if key else None
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.check is not None:
             path = scope["path"]
             if not (path in OPEN_PATHS or path.startswith(STATIC_PREFIX)):
@@ -156,10 +158,10 @@ def too_large(limit: int) -> BodyTooLarge:
 class BodyLimit:
     """Refuse a body over `limit` bytes: at once from Content-Length, else while it streams in."""
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app: ASGIApp, limit: int):
         self.app, self.limit = app, limit
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
@@ -175,7 +177,7 @@ class BodyLimit:
                 return await error_response(too_large(self.limit))(scope, receive, send)
         seen = 0
 
-        async def limited():
+        async def limited() -> Message:
             nonlocal seen
             msg = await receive()
             if msg["type"] == "http.request":

@@ -6,7 +6,7 @@ the answer (`user`, `metadata`, `store`, ...) are accepted and ignored."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, NoReturn, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_serializer
 
@@ -127,7 +127,7 @@ class ChatCompletionRequest(_Strict):
 
     def check_supported(self) -> None:
         """Refuse what SkinVL cannot honour (a 400 naming the field), never ignore it."""
-        def no(param: str, why: str):
+        def no(param: str, why: str) -> NoReturn:
             raise APIError(400, f"'{param}' {why}", "invalid_request_error", param, "unsupported_parameter")
 
         if self.n not in (None, 1):
@@ -271,7 +271,7 @@ class Delta(BaseModel):
     content: str | None = None
 
     @model_serializer(mode="wrap")
-    def _drop_none(self, handler):  # OpenAI sends {"role": ...} once, then {"content": ...}
+    def _drop_none(self, handler: Any) -> dict[str, Any]:  # OpenAI sends {"role": ...} once, then {"content": ...}
         return {k: v for k, v in handler(self).items() if v is not None}
 
 

@@ -6,17 +6,21 @@ a waiting JSON request gets 503), the engine closes, and the process exits 0. A 
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import uvicorn
 
 from ..errors import UsageError
-from .app import ModelInfo, ServerState, create_app, start_loader
+from ..runtime.engine import Engine
+from ..runtime.pipeline import SkinVL
+from .app import Loader, ModelInfo, ServerState, create_app
 from .config import ServeConfig
 
 LOG_FORMAT = "%(asctime)s %(levelname).1s %(message)s"
@@ -53,20 +57,19 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: ServerState):
         super().__init__(config)
         self.state = state
-        self.loop = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
-    async def startup(self, sockets=None):
-        import asyncio
-
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         await super().startup(sockets=sockets)
 
-    def handle_exit(self, sig, frame) -> None:
+    def handle_exit(self, sig: int, frame: Any) -> None:
         first = not self.should_exit
         super().handle_exit(sig, frame)
         self._captured_signals.clear()  # a handled signal is a clean stop: exit 0
-        if first and self.loop is not None:
-            self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self.state.shutdown()))
+        loop = self.loop
+        if first and loop is not None:
+            loop.call_soon_threadsafe(lambda: loop.create_task(self.state.shutdown()))
 
 
 def configure_logging() -> None:
@@ -79,9 +82,8 @@ def configure_logging() -> None:
         lg.propagate = False
 
 
-def serve(config: ServeConfig, bundle: Path, *, threads=None, precision=None, device=None, out=print) -> None:
-    from ..runtime.pipeline import SkinVL
-
+def serve(config: ServeConfig, bundle: Path, *, threads: int | None = None, precision: str | None = None,
+          device: Any = None, out: Callable[[str], None] = print) -> None:
     info = ModelInfo.from_bundle(bundle, precision, config.model_id)  # a bad bundle fails here, before binding
     configure_logging()
     sock = bind(config.host, config.port)
@@ -89,24 +91,26 @@ def serve(config: ServeConfig, bundle: Path, *, threads=None, precision=None, de
     cfg = config if port == config.port else _with_port(config, port)
     state = ServerState(cfg, info)
     failure: list[BaseException] = []
-    server = None
+    server: _Server | None = None
 
     t0 = time.perf_counter()
 
-    def load():
+    def load() -> tuple[SkinVL, Engine]:
         model = SkinVL.load(bundle, threads=threads, precision=precision, device=device, parallel=cfg.parallel,
                             max_queue=cfg.max_queue)
         for n in model.bundle.notices:
             out(f"note: {n}")
         return model, model.engine  # the model's own engine: one prompt cache for every client
 
-    def on_ready():
+    def on_ready() -> None:
         engine = state.engine
+        assert engine is not None
         out(f"ready in {time.perf_counter() - t0:.1f}s: {cfg.parallel} slot(s), {engine.capacity} requests admitted at most")
 
-    def on_error(e):
+    def on_error(e: BaseException) -> None:
         failure.append(e)
-        server.should_exit = True
+        if server is not None:
+            server.should_exit = True
 
     url = _url(cfg.host if cfg.host not in ("0.0.0.0", "::") else socket.gethostname(), port)
     warn = "RANDOM WEIGHTS (demo): answers are meaningless" if info.random_weights else info.provenance
@@ -119,16 +123,16 @@ def serve(config: ServeConfig, bundle: Path, *, threads=None, precision=None, de
         f"  listening on {cfg.host}:{port}, {access}; files: {cfg.allow_files or 'refused'}; "
         f"CORS: {', '.join(cfg.cors_origins) or 'off'}; loading the model...",
     ]
-    loader = start_loader(state, load, on_error, on_ready)
+    loader = Loader(state, load, on_error, on_ready)
 
-    def on_startup(loop):  # signal handlers are in place by now: Ctrl-C from here on is a clean stop (exit 0)
+    def on_startup(loop: asyncio.AbstractEventLoop) -> None:  # signal handlers are in place by now: Ctrl-C from here on is a clean stop (exit 0)
         for line in banner:
             out(line)
         loader(loop)
 
     app = create_app(state, on_startup=on_startup)
     uv = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", http="h11", ws="none", loop="asyncio",
-                        server_header=False, timeout_keep_alive=5, timeout_graceful_shutdown=cfg.shutdown_grace_s + 15)
+                        server_header=False, timeout_keep_alive=5, timeout_graceful_shutdown=int(cfg.shutdown_grace_s + 15))
     server = _Server(uv, state)
     try:
         server.run(sockets=[sock])
