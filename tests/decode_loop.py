@@ -32,6 +32,14 @@ def generate_step(decoder: Decoder, embeds: np.ndarray, embed: Callable, sampler
         logits, cache = decoder.forward(embed([token])[None], cache)  # [1,1,H] -> [1,1,V]
 
 
+def gather(cache, rows: list[int]):
+    """Batch rows of a functional cache, reordered / repeated (copies on the host)."""
+    from skin_offline.runtime.kv import HostCache
+
+    idx = np.asarray(rows, np.int64)
+    return HostCache([k[idx] for k in cache.keys], [v[idx] for v in cache.values], cache.mask[idx])
+
+
 def beam_with_decoder(decoder: Decoder, embeds: np.ndarray, embed: Callable, cfg, eos_id: int, tokenizer):
     """runtime/beam.py's search driven over a decoder's functional cache (no engine), so its rules can be checked
     with any stand-in EOS id: (tokens, finish reason, decoder runs after the prefill)."""
@@ -41,8 +49,10 @@ def beam_with_decoder(decoder: Decoder, embeds: np.ndarray, embed: Callable, cfg
     logits, cache = decoder.forward(embeds, decoder.empty_cache())  # [1,1,V]
     step = search.start(logits[0, -1])
     while step.finish is None:
-        if step.parents is not None:
-            cache = cache.select(np.array(step.parents))  # a row gather, as the engine's slots do
+        if step.restart:  # every beam starts from the prompt
+            cache = gather(cache, [0] * len(step.feed))
+        elif step.parents is not None:
+            cache = gather(cache, list(step.parents))  # a row gather, as the engine's slots do
         logits, cache = decoder.forward(embed(list(step.feed))[:, None], cache)  # [k,1,H] -> [k,1,V]
         step = search.step(logits[:, -1])
     return list(search.outcome().tokens), step.finish, search.steps

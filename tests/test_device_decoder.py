@@ -60,16 +60,17 @@ def test_cache_stays_ortvalues_between_steps_and_equals_host_decoder(llava_model
     assert np.abs(ld[0, 0] - ref).max() < ATOL
 
 
-def test_select_prefix_reuse_and_beam_rows(llava_model, decoders):
+def test_prefix_reuse_and_gathered_rows(llava_model, decoders):
+    from decode_loop import gather
+
     host, dev = decoders
     rng = np.random.default_rng(4)
     a = llava_model.runtime.bundle.embed(rng.integers(3, 32000, 10))[None]
     _, prefix = dev.forward(a[:, :6], dev.empty_cache())
-    assert prefix.select(np.zeros(1, np.int64)) is prefix  # identity: shared, device caches are never written
     la, _ = dev.forward(a[:, 6:], prefix, keep=4)
-    la2, _ = dev.forward(a[:, 6:], prefix, keep=4)  # the same prefix continued twice
+    la2, _ = dev.forward(a[:, 6:], prefix, keep=4)  # the same prefix continued twice: device caches are values
     assert np.array_equal(la, la2)
-    rows = prefix.select(np.array([0, 0, 0]))  # beam rows: gathered on the host, uploaded by the next step
+    rows = gather(prefix, [0, 0, 0])  # rows gathered on the host, uploaded by the next step
     lr, cr = dev.forward(np.repeat(a[:, 6:7], 3, axis=0), rows)
     assert cr.device_kv is not None and lr.shape[0] == 3
     lh, _ = host.forward(a[:, :7], host.empty_cache())

@@ -38,7 +38,7 @@ def test_provider_lists_in_priority_order():
     assert names(resolve("cuda", available=WITH_TRT)) == [CUDA_EP, CPU_EP]
     assert names(resolve("tensorrt", available=WITH_TRT)) == [TRT_EP, CUDA_EP, CPU_EP]
     trt = resolve("tensorrt", available=WITH_TRT, trt_options={"trt_fp16_enable": "True"})
-    assert trt.providers[0] == (TRT_EP, {"trt_fp16_enable": "True"}) and trt.is_gpu
+    assert trt.providers[0] == (TRT_EP, {"trt_fp16_enable": "True"}) and trt.device is Device.TENSORRT
 
 
 @pytest.mark.parametrize("device,needs", [("cuda", CUDA_EP), ("tensorrt", TRT_EP)])

@@ -109,17 +109,20 @@ def test_prefix_continued_twice_keeps_both_continuations(llava_model, fast):
     assert ca.store is cache.store and cb.store is not cache.store  # linear decode stays in place
 
 
-def test_select_rows_reorders_the_cache(llava_model, fast):
-    """Beam-search style: batch rows selected (reordered, repeated) then decoded equal each sequence alone."""
+def test_gathered_rows_continue_like_each_sequence_alone(llava_model, fast):
+    """Batch rows gathered (reordered, repeated: beam rows over the functional API) then decoded equal each
+    sequence alone: a host cache of other rows is copied into fresh KV rows before it is continued."""
+    from decode_loop import gather
+
     x, y = _embeds(llava_model, 10, 4), _embeds(llava_model, 10, 5)
     _, cache = fast.forward(np.concatenate([x[:, :9], y[:, :9]]), fast.empty_cache(2))  # [2,9,H]
-    picked = cache.select(np.array([1, 0, 1]))
+    picked = gather(cache, [1, 0, 1])
     nxt = np.concatenate([y[:, 9:], x[:, 9:], y[:, 9:]])  # [3,1,H]
     logits, new = fast.forward(nxt, picked)
     ref_x, ref_y = _ref_logits(llava_model, x)[0, -1], _ref_logits(llava_model, y)[0, -1]
     for row, ref in zip(logits[:, -1], (ref_y, ref_x, ref_y)):
         assert np.abs(row - ref).max() < ATOL
-    assert new.length == 10 and picked.store is not cache.store
+    assert new.length == 10 and new.store is not cache.store
 
 
 def test_fast_decoder_feeds_float16_graphs(llava_model, tmp_path):

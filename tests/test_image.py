@@ -18,7 +18,6 @@ from skin_offline.runtime.image import (
     MAX_PIXELS_ENV,
     expand_to_square,
     load_image,
-    pixel_values_from,
     preprocess,
 )
 
@@ -100,7 +99,7 @@ SIZES = [(1, 1), (7, 333), (333, 7), (513, 211), (211, 513), (336, 336), (1000, 
 def test_parity_rgb(tmp_path, wh, size, crop, mode):
     cfg = PreprocessConfig(mode=mode, size=size, crop_size=crop)
     path = save(random_image(*wh, "RGB"), tmp_path / "x.png")
-    ours = pixel_values_from(path, cfg)
+    ours = preprocess(load_image(path), cfg)
     ref = reference(path, cfg)
     assert ours.dtype == np.float32 and ours.shape == (1, 3, crop, crop) == ref.shape
     assert np.abs(ours - ref).max() <= TOL
@@ -114,11 +113,11 @@ def test_parity_modes(tmp_path, pil_mode, wh, size, mode):
     cfg = PreprocessConfig(mode=mode, size=size, crop_size=size)
     img = random_image(*wh, pil_mode)
     path = save(img, tmp_path / "x.jpg", "JPEG") if pil_mode == "CMYK" else save(img, tmp_path / "x.png")
-    ours = pixel_values_from(path, cfg)
+    ours = preprocess(load_image(path), cfg)
     assert np.abs(ours - reference(path, cfg)).max() <= TOL
-    assert np.array_equal(pixel_values_from(path.read_bytes(), cfg), ours)  # bytes: same route
+    assert np.array_equal(preprocess(load_image(path.read_bytes()), cfg), ours)  # bytes: same route
     if pil_mode != "CMYK":  # PNG is lossless, so the in-memory image must give the same result
-        assert np.array_equal(pixel_values_from(img, cfg), ours)
+        assert np.array_equal(preprocess(load_image(img), cfg), ours)
 
 
 def test_transparency_key_ignored_like_llava(tmp_path):
@@ -322,7 +321,7 @@ def test_reliability(tmp_path, case):
         img = load_image(src, **kwargs)
         assert img.mode == "RGB"
         assert expect(img) is not False
-        x = pixel_values_from(src, PreprocessConfig(size=56, crop_size=56), **kwargs)
+        x = preprocess(load_image(src, **kwargs), PreprocessConfig(size=56, crop_size=56))
         assert x.shape == (1, 3, 56, 56) and np.isfinite(x).all()
 
 

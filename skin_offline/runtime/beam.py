@@ -110,7 +110,7 @@ class BeamSearch:
     def start(self, logits: np.ndarray) -> Step:
         """[V] after the prompt: every beam starts from it (the engine forks the prompt's row to the others)."""
         step = self._advance(np.repeat(logits[None], self.rows, axis=0))
-        return step if step.finish is not None else Step(feed=step.feed, parents=(0,) * self.rows)
+        return step if step.finish is not None else Step(feed=step.feed, restart=True)
 
     def step(self, logits: np.ndarray) -> Step:
         self.steps += 1
@@ -183,11 +183,6 @@ class BeamSearch:
     def prefetch(self) -> None:
         for m in self.matchers or ():
             m.prefetch()
-
-    @property
-    def best_score(self) -> float:
-        """The best hypothesis' length-penalised sum of (warped) log-probs."""
-        return float(self.fin_scores[0])
 
     def outcome(self) -> Outcome:
         return Outcome(tuple(self.fin_tokens[0]))

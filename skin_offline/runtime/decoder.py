@@ -163,7 +163,7 @@ class DeviceDecoder(Decoder):
         if isinstance(cache, DeviceCache):  # last step's presents, still on the device
             for name, ov in zip(self._pasts, cache.device_kv):
                 bind.bind_ortvalue_input(name, ov)
-        else:  # empty, or a host cache (select() gathered rows): uploaded once here
+        else:  # empty, or a host cache (a truncated or gathered one): uploaded once here
             host = [a for i in range(self.dims.num_layers) for a in (cache.keys[i], cache.values[i])]
             for name, arr in zip(self._pasts, host):
                 bind.bind_cpu_input(name, np.ascontiguousarray(arr, self.kv_dtype))

@@ -26,7 +26,7 @@ from .tokenizer import TextTokenizer
 class Step:
     feed: tuple[int, ...] = ()  # next token per row (rows [0, len(feed)) of the request); () once finished
     parents: tuple[int, ...] | None = None  # before feeding, row j takes the contents of row parents[j]
-    restart: bool = False  # before feeding, every row goes back to the prompt (copies of the first row's prompt)
+    restart: bool = False  # before feeding, every row is at the prompt (a copy of the first row's; beams fork so)
     delta: str = ""  # text to stream
     token: int | None = None  # the token this step chose (a streamed answer's; None for beams and scores)
     finish: FinishReason | None = None

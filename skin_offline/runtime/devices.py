@@ -44,10 +44,6 @@ class DeviceChoice:
         p = self.providers[0]
         return p if isinstance(p, str) else p[0]
 
-    @property
-    def is_gpu(self) -> bool:
-        return self.device in (Device.CUDA, Device.TENSORRT)
-
 
 def parse_device(value: "Device | str | None") -> Device:
     if value is None:

@@ -51,7 +51,8 @@ from .vision import VisionStage
 # plus one decode step; larger chunks prefill a little faster (benchmarks/concurrency.py measures both).
 DEFAULT_CHUNK_TOKENS = 128
 # KV rows per parallel request: the paper's 5 beams (eval --protocol paper), so `parallel` such requests run at once
-# (rows are np.empty: a row never used costs address space, not memory). Label scoring waves use as many.
+# (rows are np.empty: a row never used costs address space, not memory). A label-scoring wave takes up to its
+# request's `rows` (8 by default) of them.
 ROWS_PER_REQUEST = 5
 
 
@@ -207,6 +208,7 @@ class _Job:
     feats: np.ndarray | None = field(default=None, repr=False)  # [N,H] once the vision stage ran (None when keep covers it)
     slots: list[int] = field(default_factory=list)  # its KV rows; the prompt is prefilled into the first
     done: int = 0  # prompt positions in the first row
+    forked: int = 1  # its first rows that hold the prompt (copied from the first once its prefill is done)
     feed: tuple[int, ...] = ()  # tokens its rows feed at the next decoder run
     t_prefill: float | None = None
     t_first: float | None = None
@@ -219,7 +221,7 @@ class _Job:
 class Engine:
     def __init__(self, slots: SlotTable, vision: VisionStage, embed: EmbedFn, tokenizer: TextTokenizer, eos_id: int,
                  *, parallel: int = 1, max_queue: int | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                 prompt_cache: PromptCache | None = None, rows_per_request: int = ROWS_PER_REQUEST):
+                 prompt_cache: PromptCache | None = None):
         """`slots` (slots.slot_table) holds every KV row; `parallel` requests hold rows at once."""
         if parallel < 1:
             raise UsageError(f"parallel must be >= 1, got {parallel}")
@@ -229,7 +231,6 @@ class Engine:
         self.parallel = parallel
         self.max_queue = 4 * parallel if max_queue is None else max_queue
         self.chunk_tokens = chunk_tokens
-        self.rows_per_request = rows_per_request
         self.prompt_cache = prompt_cache if prompt_cache is not None else PromptCache()
         self._cond = threading.Condition()
         self._incoming: collections.deque[_Job] = collections.deque()  # waiting for the vision stage
@@ -255,7 +256,7 @@ class Engine:
         """An engine over a loaded bundle's decoder (runtime/bundle.py), with `parallel x rows_per_request` rows."""
         bundle.check_parallel(parallel)
         return cls(slot_table(bundle.decoder, parallel * rows_per_request), vision, bundle.embed, tokenizer,
-                   bundle.manifest.tokens.eos_id, parallel=parallel, rows_per_request=rows_per_request, **kw)
+                   bundle.manifest.tokens.eos_id, parallel=parallel, **kw)
 
     # --- API ---
     def reserve(self) -> Reservation:
@@ -337,7 +338,7 @@ class Engine:
         if isinstance(mode, BeamConfig):
             return BeamSearch(mode, self.eos_id, self.tokenizer, req.matcher)
         if isinstance(mode, Scoring):
-            return LabelScoring([list(x) for x in mode.labels_ids], min(mode.rows, self.rows_per_request))
+            return LabelScoring([list(x) for x in mode.labels_ids], min(mode.rows, self.slots.n))
         return Sampling(mode.sampling, req.max_new_tokens, self.tokenizer, self.eos_id, mode.stop, req.matcher,
                         mode.logprobs)
 
@@ -503,16 +504,21 @@ class Engine:
             job.stream._push(Response(step.delta, step.token, logprobs=step.logprobs))
 
     def _arrange(self, job: _Job, step: Step) -> None:
-        """Rows for the next run: back to the prompt (a new scoring wave), or a gather (beams), before feeding."""
-        rows, n = job.slots, len(step.feed)
+        """Rows for the next run: every row at the prompt (beams forked, a new scoring wave), or a gather (a beam
+        reorder), before feeding. Rows that hold the prompt already are only rewound, and a gather copies the answer
+        positions only: every row of a request holds the same prompt."""
+        rows, n, p = job.slots, len(step.feed), job.req.prompt_tokens
         if step.restart:
-            p = job.req.prompt_tokens
-            self.slots.truncate(rows[0], p)
-            self.slots.copy(rows[1:n], [rows[0]] * (n - 1), p)
+            held = min(n, job.forked)
+            for r in rows[:held]:
+                self.slots.truncate(r, p)
+            if n > held:
+                self.slots.copy(rows[held:n], [rows[0]] * (n - held), p)
+            job.forked = max(job.forked, n)
         elif step.parents is not None:
-            moved = [(rows[j], rows[p]) for j, p in enumerate(step.parents) if p != j]
+            moved = [(rows[j], rows[q]) for j, q in enumerate(step.parents) if q != j]
             if moved:
-                self.slots.copy([d for d, _ in moved], [s for _, s in moved], self.slots.length(moved[0][1]))
+                self.slots.copy([d for d, _ in moved], [s for _, s in moved], self.slots.length(moved[0][1]), start=p)
 
     def _release(self, job: _Job) -> Snapshot | None:
         """Keep what the first row holds (prompt + the answer tokens fed back) for later requests, free the rows;

@@ -412,7 +412,3 @@ def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     x = (x - mean) / std
     return np.ascontiguousarray(x[None])  # [1, 3, S, S]
 
-
-def pixel_values_from(src: Any, cfg: PreprocessConfig, max_pixels: int | None = None) -> np.ndarray:
-    """load_image + preprocess: float32 [1, 3, crop, crop]."""
-    return preprocess(load_image(src, max_pixels=max_pixels), cfg)

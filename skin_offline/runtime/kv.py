@@ -38,8 +38,6 @@ class KVCache(Protocol):
 
     def truncate(self, length: int) -> "KVCache": ...
 
-    def select(self, rows: np.ndarray) -> "KVCache": ...  # reorder / repeat batch rows (copies)
-
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -128,13 +126,13 @@ class KVRows:
         session.run_with_iobinding(bind)
         return out[0].astype(np.float32, copy=True)
 
-    def copy_rows(self, dst: Sequence[int], src: Sequence[int], length: int) -> None:
-        """Rows dst[j] := rows src[j], positions [0, length) (a gather: every source is read before any write)."""
+    def copy_rows(self, dst: Sequence[int], src: Sequence[int], length: int, start: int = 0) -> None:
+        """Rows dst[j] := rows src[j], positions [start, length) (a gather: every source is read before any write)."""
         if not len(dst):
             return
         d, s = np.asarray(dst, np.int64), np.asarray(src, np.int64)
         for buf in (*self.keys, *self.values):
-            buf[d, :, :length] = buf[s, :, :length]  # the right side is a copy of the prefixes only
+            buf[d, :, start:length] = buf[s, :, start:length]  # the right side copies just those positions
 
     def snapshot(self, row: int, positions: Sequence[Any]) -> Snapshot:
         n = len(positions)
@@ -167,10 +165,6 @@ class HostCache:
         return HostCache([k[:, :, :length] for k in self.keys], [v[:, :, :length] for v in self.values],
                          self.mask[:, :length])
 
-    def select(self, rows: np.ndarray) -> "HostCache":
-        rows = np.asarray(rows, dtype=np.int64)
-        return HostCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.mask[rows])
-
 
 class DeviceCache:
     def __init__(self, device_kv: list[Any], mask: np.ndarray):
@@ -183,7 +177,7 @@ class DeviceCache:
         return int(self.mask.shape[1])
 
     def _download(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        if self._host is None:  # device -> host, once (row gathers, truncation, snapshots)
+        if self._host is None:  # device -> host, once (truncation, snapshots)
             arrays = [ov.numpy() for ov in self.device_kv]
             self._host = (arrays[0::2], arrays[1::2])
         return self._host
@@ -202,12 +196,6 @@ class DeviceCache:
             return self
         return HostCache([k[:, :, :length] for k in self.keys], [v[:, :, :length] for v in self.values],
                          self.mask[:, :length])  # uploaded again by the next forward: once per turn
-
-    def select(self, rows: np.ndarray) -> KVCache:
-        rows = np.asarray(rows, dtype=np.int64)
-        if np.array_equal(rows, np.arange(self.mask.shape[0])):
-            return self  # device caches are never written in place: the identity selection can share them
-        return HostCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.mask[rows])
 
 
 class StoreCache:
@@ -233,13 +221,3 @@ class StoreCache:
         """No copy: continuing it copies the prefix first (copy-on-write, the store's frontier is past it)."""
         _check_truncate(self, length)
         return self if length == self.length else StoreCache(self.store, self.mask[:, :length])
-
-    def select(self, rows: np.ndarray) -> "StoreCache":
-        rows = np.asarray(rows, dtype=np.int64)
-        t = self.length
-        old = self.store
-        new = KVRows(old.dims, old.keys[0].dtype, len(rows), old.capacity)
-        for dst, src in zip(new.keys + new.values, old.keys + old.values):
-            dst[:, :, :t] = src[rows, :, :t]  # prefix rows only: the tails stay untouched
-        new.frontier = t
-        return StoreCache(new, self.mask[rows])

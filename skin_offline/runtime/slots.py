@@ -34,7 +34,8 @@ class SlotTable(Protocol):
 
     def decode(self, slots: list[int], embeds: np.ndarray) -> np.ndarray: ...  # [B,1,H] -> [B,V]
 
-    def copy(self, dst: list[int], src: list[int], length: int) -> None: ...  # rows dst[j] := src[j][:length]
+    def copy(self, dst: list[int], src: list[int], length: int, start: int = 0) -> None: ...
+    # rows dst[j] := rows src[j] up to `length`; positions before `start` are known to be equal already
 
     def truncate(self, slot: int, length: int) -> None: ...  # keep the first `length` positions
 
@@ -84,8 +85,8 @@ class InPlaceSlots:
         self.lengths[slots] += 1
         return logits[slots, -1]
 
-    def copy(self, dst: list[int], src: list[int], length: int) -> None:
-        self.kv.copy_rows(dst, src, length)
+    def copy(self, dst: list[int], src: list[int], length: int, start: int = 0) -> None:
+        self.kv.copy_rows(dst, src, length, start)
         self.lengths[dst] = length
 
     def truncate(self, slot: int, length: int) -> None:
@@ -154,7 +155,7 @@ class PaddedSlots:
         self.lengths[list(rows)] += 1
         return logits[:, -1]
 
-    def copy(self, dst: list[int], src: list[int], length: int) -> None:
+    def copy(self, dst: list[int], src: list[int], length: int, start: int = 0) -> None:
         self._unbatch()
         sources = [self.caches[s] for s in src]  # read every source before any write (a gather)
         for d, c in zip(dst, sources):
