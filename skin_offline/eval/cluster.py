@@ -23,6 +23,7 @@ every case (see benchmarks/README.md "Ray evaluation" for the measurement).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -119,6 +120,16 @@ class EvalActor:
         return done
 
 
+def _loopback(address: str) -> bool:
+    import ipaddress
+
+    host = address.split("://")[-1].rpartition(":")[0].strip("[]")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _probe(address: str) -> None:
     """Fail within CONNECT_TIMEOUT_S with one line when a named cluster does not answer: ray.init itself waits minutes
     for an unreachable GCS address (measured: > 150 s with Ray 2.60)."""
@@ -141,8 +152,19 @@ def _probe(address: str) -> None:
             pass
     except (OSError, ValueError) as e:
         why = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
-        raise ClusterError(f"cannot reach the Ray cluster at {address} ({why} within {CONNECT_TIMEOUT_S:.0f} s); "
+        at = address if target == address else f"{address} = {target}"
+        raise ClusterError(f"cannot reach the Ray cluster at {at} ({why} within {CONNECT_TIMEOUT_S:.0f} s); "
                            f"check the address and that `ray start --head` runs there") from None
+
+
+# Ray's head always starts a small web process (even with include_dashboard=False) whose usage-stats module asks the
+# cloud metadata service (169.254.169.254, metadata.google.internal) what machine it runs on, whether or not usage
+# stats are enabled (ray 2.60 dashboard/modules/usage_stats/usage_stats_head.py `run`). It does so with `requests`,
+# which honours the proxy variables: the processes a local Ray starts get a proxy on a closed loopback port, so
+# those probes end on 127.0.0.1 (measured with strace: benchmarks/README.md "Ray evaluation").
+DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: nothing listens there
+_NO_NETWORK_ENV = {"HTTP_PROXY": DEAD_PROXY, "HTTPS_PROXY": DEAD_PROXY, "http_proxy": DEAD_PROXY,
+                   "https_proxy": DEAD_PROXY, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
 
 
 def connect(address: str | None) -> None:
@@ -150,22 +172,55 @@ def connect(address: str | None) -> None:
     import logging
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # never send usage statistics (this process and what it starts)
-    if address is None:
-        # Ray picks the machine's outward IP and binds its servers to it; this makes a local Ray use 127.0.0.1
-        # (read when ray is imported: set before the first import)
+    if address is None or _loopback(address):
+        # Ray picks the machine's outward IP (a UDP "connect" to 8.8.8.8) and binds its servers to it, and turns a
+        # loopback address into that IP; this keeps a local Ray, or one named by 127.0.0.1, on 127.0.0.1 (read when
+        # ray is imported: set before the first import)
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    else:
+    if address is not None:
         _probe(address)
     import ray
 
     kw = dict(log_to_driver=False,  # workers' stdout/stderr stay in the nodes' Ray logs (actors print nothing)
               logging_level=logging.ERROR)  # Ray's own start-up lines would mix with the command's output
+    saved = {}
     if address is None:
         kw["include_dashboard"] = False
+        saved = {k: os.environ.get(k) for k in _NO_NETWORK_ENV}
+        os.environ.update(_NO_NETWORK_ENV)  # inherited by the processes ray.init starts; restored below
     try:
-        ray.init(address, **kw)
-    except ConnectionError as e:
-        raise ClusterError(f"cannot connect to the Ray cluster at {address}: {' '.join(str(e).split())}") from None
+        # joining a cluster starts no process here, so stderr can be held: Ray's C++ core writes a warning line a
+        # second while it retries a refused connection (~20 s); the outcome is reported as one line instead
+        with contextlib.nullcontext() if address is None else _held_stderr():
+            ray.init(address, **kw)
+    except (ConnectionError, ray.exceptions.AuthenticationError) as e:
+        hint = ("; if the cluster uses token authentication (Ray's default), set RAY_AUTH_MODE=token and give this "
+                "machine the cluster's token (RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)"
+                if os.environ.get("RAY_AUTH_MODE") != "token" else "")
+        raise ClusterError(f"cannot connect to the Ray cluster at {address}: {' '.join(str(e).split())}{hint}") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _held_stderr():
+    """File descriptor 2 pointed at a temporary file (dropped afterwards) for the duration."""
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _capacity(threads: int) -> tuple[int, int]:
