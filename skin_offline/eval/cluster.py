@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -120,6 +121,26 @@ class EvalActor:
         return done
 
 
+_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_user_loopback_env = os.environ.get(_LOOPBACK_ENV)
+
+
+def _loopback_only(on: bool) -> None:
+    """Ray picks the machine's outward IP (a UDP "connect" to 8.8.8.8), binds its servers to it and turns a loopback
+    address into it; with Ray's own switch for machines without clusters (its name says Windows/macOS; it works
+    anywhere) a local Ray, or one named by 127.0.0.1, stays on 127.0.0.1. The processes a local Ray starts read the
+    variable; this process reads it when ray is imported, so an already imported ray is told again."""
+    if on:
+        os.environ[_LOOPBACK_ENV] = "0"
+    elif _user_loopback_env is None:
+        os.environ.pop(_LOOPBACK_ENV, None)
+    else:
+        os.environ[_LOOPBACK_ENV] = _user_loopback_env
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = constants.env_bool(_LOOPBACK_ENV, not constants.IS_WINDOWS_OR_OSX)
+
+
 def _loopback(address: str) -> bool:
     import ipaddress
 
@@ -172,11 +193,7 @@ def connect(address: str | None) -> None:
     import logging
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # never send usage statistics (this process and what it starts)
-    if address is None or _loopback(address):
-        # Ray picks the machine's outward IP (a UDP "connect" to 8.8.8.8) and binds its servers to it, and turns a
-        # loopback address into that IP; this keeps a local Ray, or one named by 127.0.0.1, on 127.0.0.1 (read when
-        # ray is imported: set before the first import)
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    _loopback_only(address is None or _loopback(address))
     if address is not None:
         _probe(address)
     import ray
@@ -209,7 +226,6 @@ def connect(address: str | None) -> None:
 @contextlib.contextmanager
 def _held_stderr():
     """File descriptor 2 pointed at a temporary file (dropped afterwards) for the duration."""
-    import sys
     import tempfile
 
     sys.stderr.flush()
@@ -295,8 +311,10 @@ class Cluster:
             # waits while actors load the bundle; a restart (killed while loading) is waited for too
             self.infos = ray.get([a.info.options(max_task_retries=-1).remote() for a in self.actors])
         except ray.exceptions.RayActorError as e:
-            raise ClusterError(f"an actor died while loading the bundle (out of memory on its node?): "
-                               f"{type(e).__name__}; see `ray logs` on the cluster") from None
+            # Ray's message ends with the cause's own last line ("ModuleNotFoundError: ...") when there is one
+            cause = next((ln.strip() for ln in reversed(str(e).splitlines()) if ln.strip()), type(e).__name__)
+            raise ClusterError(f"an actor died while starting (out of memory on its node? skin-offline missing or "
+                               f"another version there?): {cause[:300]}") from None
         bad = next((i for i in self.infos if i.problem), None)
         if bad is not None:
             err = ClusterError(bad.problem)
