@@ -90,7 +90,7 @@ def head():
     family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         pass
     for pid in family:  # what SIGTERM left behind (ray start stops its children, not always in time)
@@ -128,7 +128,7 @@ def data(tmp_path_factory):
     with open(root / "many.csv", "w", newline="") as f:  # a longer run, for killing things mid-way
         w = csv.writer(f)
         w.writerow(["image", "question", "answer", "modality"])
-        w.writerows((q[0], f"{q[1]} ({k})", q[2], q[3]) for k in range(8) for q in QUESTIONS if q[0] != "missing.png")
+        w.writerows((q[0], f"{q[1]} ({k})", q[2], q[3]) for k in range(6) for q in QUESTIONS if q[0] != "missing.png")
     with open(root / "labels.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "label", "sex"])
@@ -192,12 +192,12 @@ def test_classify_eval_on_ray_equals_local(llava_model, data, head, tmp_path, me
     from skin_offline.eval.choices import ClassifyMethod, Protocol
     from skin_offline.eval.classify_eval import ClassifyJob, read_label_rows, run_classify_eval
 
-    # generate: the paper protocol, seeded (every row asks the same question: the seed is what varies nothing)
-    job = ClassifyJob(tuple(LABELS), ClassifyMethod(method), True, Protocol.PAPER, 5, 256)
+    # generate: the paper's generate-then-match, greedy (the seeded paper protocol is covered by `eval` above)
+    job = ClassifyJob(tuple(LABELS), ClassifyMethod(method), True, Protocol.GREEDY, 5, 256)
     rows = read_label_rows(data / "labels.csv", LABELS)
     local = run_classify_eval(job.predictor(llava_model.runtime), rows, LABELS, data / "images", tmp_path / "local")
     r = _cli(["classify-eval", str(llava_model.bundle_dir), "--csv", str(data / "labels.csv"), "--images",
-              str(data / "images"), "--labels", ",".join(LABELS), "--method", method, "--protocol", "paper", "--seed",
+              str(data / "images"), "--labels", ",".join(LABELS), "--method", method, "--protocol", "greedy", "--seed",
               "5", "--threads", "1", "--out", str(tmp_path / "ray"), "--ray", head["address"]], head["env"])
     assert r.returncode == 0, r.stderr
     assert _answers(tmp_path / "ray" / "predictions.csv") == _answers(tmp_path / "local" / "predictions.csv")
@@ -219,13 +219,13 @@ def _wait_rows(path: Path, n: int, proc, timeout=120) -> None:
 @pytest.fixture(scope="module")
 def many_local(llava_model, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("many-local")
-    _local_eval(llava_model.bundle_dir, data, out, "paper", "many.csv", tokens=24)
+    _local_eval(llava_model.bundle_dir, data, out, "paper", "many.csv", tokens=16)
     return _answers(out / "predictions.csv")
 
 
 def test_actor_killed_mid_run_is_replaced_and_every_row_written_once(llava_model, data, head, tmp_path, many_local):
     out = tmp_path / "ray"
-    args = _eval_args(llava_model.bundle_dir, data, out, "paper", "many.csv", tokens=24,
+    args = _eval_args(llava_model.bundle_dir, data, out, "paper", "many.csv", tokens=16,
                       extra=["--ray", head["address"], "--actors", "2"])
     proc = subprocess.Popen([*CLI, *args], env=head["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_rows(out / "predictions.csv", 3, proc)
@@ -237,12 +237,11 @@ def test_actor_killed_mid_run_is_replaced_and_every_row_written_once(llava_model
     assert _answers(out / "predictions.csv") == many_local  # every row exactly once, as the local run answered it
     s = json.loads((out / "summary.json").read_text())
     assert s["ray"]["actor_restarts"] >= 1 and s["errors"] == 0
-    assert victims[0] not in _actor_pids(head) or True  # (the replacement may reuse nothing; checked by the answers)
 
 
 def test_driver_killed_mid_run_rerun_resumes(llava_model, data, head, tmp_path, many_local):
     out = tmp_path / "ray"
-    args = _eval_args(llava_model.bundle_dir, data, out, "paper", "many.csv", tokens=24,
+    args = _eval_args(llava_model.bundle_dir, data, out, "paper", "many.csv", tokens=16,
                       extra=["--ray", head["address"], "--actors", "2"])
     proc = subprocess.Popen([*CLI, *args], env=head["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_rows(out / "predictions.csv", 4, proc)
@@ -328,7 +327,7 @@ def test_unreachable_address_and_missing_bundle_are_one_line(llava_model, data, 
     assert r.returncode == 4, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: bundle {gone} not found on node "), r.stderr
-    assert "(127.0.0.1)" in lines[0] and "same absolute path" in lines[0]
+    assert "(127.0.0.1, node " in lines[0] and "same absolute path" in lines[0]
     assert not (tmp_path / "out" / "predictions.csv").exists()
 
     r = _cli([*args, "--actors", "2"], head["env"])

@@ -66,19 +66,21 @@ class Failed:
 
 @dataclass
 class ActorInfo:
-    node: str  # "hostname (ip)"
+    node: str  # "hostname (ip, node 1a2b3c4d)": two nodes of one machine differ by Ray's node id
     pid: int
     problem: str = ""  # why it cannot work (bundle missing on its node, unreadable, ...): one line
     problem_exit: int = BundleError.exit_code  # the exit code of the error it stands for
     precision: str = ""
     random_weights: bool = False
     notices: list[str] = field(default_factory=list)
+    load_s: float = 0.0  # SkinVL.load on the actor
 
 
 def _node_name() -> str:
     import ray
 
-    return f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+    return (f"{socket.gethostname()} ({ray.util.get_node_ip_address()}, "
+            f"node {ray.get_runtime_context().get_node_id()[:8]})")
 
 
 class EvalActor:
@@ -97,7 +99,9 @@ class EvalActor:
             from .. import names
             from ..runtime.pipeline import SkinVL
 
+            t0 = time.perf_counter()
             model = SkinVL.load(bundle, threads=threads, precision=precision, parallel=batch)
+            self.info_.load_s = round(time.perf_counter() - t0, 3)
             self.info_.precision = model.manifest.pick(names.ROLE_DECODER, precision).precision.value
             self.info_.random_weights = bool(model.manifest.random_weights)
             self.info_.notices = list(model.bundle.notices)
@@ -280,8 +284,10 @@ class Cluster:
             raise
         where = "a local Ray" if self.spec.address is None else f"Ray at {self.spec.address}"
         nodes = sorted({i.node for i in self.infos})
+        self.stats["ready_s"] = round(time.perf_counter() - t0, 3)
+        self.stats["actor_load_s"] = [i.load_s for i in self.infos]
         self.log(f"ray: {len(self.actors)} actor(s) x {self.spec.threads} thread(s) on {len(nodes)} node(s) of {where}, "
-                 f"ready in {time.perf_counter() - t0:.1f} s")
+                 f"ready in {self.stats['ready_s']:.1f} s")
         return self
 
     def __exit__(self, *_) -> None:
