@@ -2,6 +2,7 @@
 
     python benchmarks/ray_eval.py setup DIR [--rows 24]         # bench-preset checkpoint -> int8 bundle + a synthetic set
     python benchmarks/ray_eval.py run DIR [--rounds 3] [--protocol paper] [--max-new-tokens 32]
+        [--configs local:2,ray:1x2,ray:2x1] [--bare] [--json out.json]
     python benchmarks/ray_eval.py two-node DIR                   # `ray start --head` + a second `ray start --address`
 
 `run` starts one Ray head for the whole call (`ray start --head`, 127.0.0.1, token authentication, this machine's
@@ -185,20 +186,27 @@ def cmd_setup(a) -> None:
     d = Path(a.dir)
     d.mkdir(parents=True, exist_ok=True)
     if not (d / "bundle" / "manifest.json").exists():
-        subprocess.run([SKIN, "make-demo-checkpoint", str(d / "ckpt"), "--layout", "llava", "--preset", "bench"], check=True)
+        subprocess.run([SKIN, "make-demo-checkpoint", str(d / "ckpt"), "--layout", "llava", "--preset", a.preset], check=True)
         subprocess.run([SKIN, "export", str(d / "ckpt"), str(d / "bundle"), "--precision", a.precision, "--quiet"],
                        check=True)
     sys.path.insert(0, str(REPO))
     from skin_offline.eval.synthetic import write_synthetic_set
 
     write_synthetic_set(MM_SKIN, d / "set", rows=a.rows)
-    print(f"bench-preset {a.precision} bundle and a {a.rows}-row synthetic set in {d}")
+    print(f"{a.preset}-preset {a.precision} bundle and a {a.rows}-row synthetic set in {d}")
 
 
-CONFIGS = [  # (name, threads per process/actor, actors or None for local)
-    ("local T=1", 1, None), ("ray 1 x 1", 1, 1),
-    ("local T=2", 2, None), ("ray 1 x 2", 2, 1), ("ray 2 x 1", 1, 2),
-]
+def parse_configs(text: str) -> list[tuple[str, int, int | None]]:
+    """"local:2,ray:1x2,ray:2x1" -> [(name, threads per process/actor, actors or None for local), ...]."""
+    out = []
+    for item in text.split(","):
+        kind, _, spec = item.strip().partition(":")
+        if kind == "local":
+            out.append((f"local T={int(spec)}", int(spec), None))
+        else:
+            actors, _, threads = spec.partition("x")
+            out.append((f"ray {int(actors)} x {int(threads)}", int(threads), int(actors)))
+    return out
 
 
 def cmd_run(a) -> None:
@@ -207,11 +215,12 @@ def cmd_run(a) -> None:
     env = ray_env(tmp)
     port = free_port()
     head = RayNode(env, os.cpu_count() or 2, head=True, port=port)
-    results: dict[str, list[dict]] = {name: [] for name, _, _ in CONFIGS}
+    configs = parse_configs(a.configs)
+    results: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
     try:
         wait_port(port)
         for rnd in range(a.rounds):
-            order = CONFIGS if rnd % 2 == 0 else CONFIGS[::-1]  # alternate the order: no configuration always first
+            order = configs if rnd % 2 == 0 else configs[::-1]  # alternate the order: no configuration always first
             for name, threads, actors in order:
                 out = Path(tempfile.mkdtemp(prefix="out", dir=tmp))
                 r = run_eval(d, out, env, threads, a, f"127.0.0.1:{port}" if actors else None, actors, head)
@@ -220,24 +229,27 @@ def cmd_run(a) -> None:
                       f"load {r['load_s']:4.1f} s  rss {r['rss_gb']:.2f} GB  pss {r['pss_gb']:.2f} GB", flush=True)
     finally:
         head.stop()
-    # one bare `--ray` (a Ray started by the command itself, the head above gone) for the start-up cost
-    out = Path(tempfile.mkdtemp(prefix="out", dir=tmp))
-    bare = run_eval(d, out, env, 1, a, "local", 2, head)
+    bare = None
+    if a.bare:  # one bare `--ray` (a Ray started by the command itself, the head above gone): its start-up cost
+        out = Path(tempfile.mkdtemp(prefix="out", dir=tmp))
+        bare = run_eval(d, out, env, 1, a, "local", 2, head)
     med = {name: {k: statistics.median(r[k] for r in rs) for k in ("qpm", "wall_s", "load_s", "rss_gb", "pss_gb")}
            for name, rs in results.items()}
-    base = {1: med["local T=1"]["qpm"], 2: med["local T=2"]["qpm"]}
-    print(f"\n{a.rounds} rounds, {results['local T=1'][0]['answered']} questions each, protocol {a.protocol}, "
-          f"max {a.max_new_tokens} new tokens; medians")
+    base = {t: med[name]["qpm"] for name, t, actors in configs if actors is None}
+    print(f"\n{a.rounds} rounds, {next(iter(results.values()))[0]['answered']} questions each, protocol {a.protocol}, "
+          f"max {a.max_new_tokens} new tokens, bundle {d / 'bundle'}; medians")
     print("| configuration | questions/min | vs local, same total threads | whole command (s) | bundle load per actor (s) "
           "| peak RSS per process/actor (GB) | peak PSS (GB) |")
     print("|---|---|---|---|---|---|---|")
-    for name, threads, actors in CONFIGS:
+    for name, threads, actors in configs:
         m = med[name]
         total = threads * (actors or 1)
-        print(f"| {name} | {m['qpm']:.2f} | {m['qpm'] / base[total]:.3f} | {m['wall_s']:.1f} | "
+        ratio = f"{m['qpm'] / base[total]:.3f}" if total in base else "-"
+        print(f"| {name} | {m['qpm']:.2f} | {ratio} | {m['wall_s']:.1f} | "
               f"{m['load_s'] if actors else float('nan'):.1f} | {m['rss_gb']:.2f} | {m['pss_gb']:.2f} |")
-    print(f"\nbare --ray (a local Ray started by the command, 2 actors x 1 thread): ready in {bare['ready_s']:.1f} s, "
-          f"whole command {bare['wall_s']:.1f} s, {bare['qpm']:.2f} questions/min")
+    if bare:
+        print(f"\nbare --ray (a local Ray started by the command, 2 actors x 1 thread): ready in {bare['ready_s']:.1f} s, "
+              f"whole command {bare['wall_s']:.1f} s, {bare['qpm']:.2f} questions/min")
     if a.json:
         Path(a.json).write_text(json.dumps({"results": results, "medians": med, "bare": bare}, indent=2))
 
@@ -274,6 +286,7 @@ def main() -> None:
     s.add_argument("dir")
     s.add_argument("--rows", type=int, default=24)
     s.add_argument("--precision", default="int8")
+    s.add_argument("--preset", default="bench", choices=["bench", "tiny"])
     for name in ("run", "two-node"):
         r = sub.add_parser(name)
         r.add_argument("dir")
@@ -281,6 +294,9 @@ def main() -> None:
         r.add_argument("--max-new-tokens", type=int, default=32)
         if name == "run":
             r.add_argument("--rounds", type=int, default=3)
+            r.add_argument("--configs", default="local:2,ray:1x2,ray:2x1",
+                           help="local:THREADS and ray:ACTORSxTHREADS, comma-separated")
+            r.add_argument("--bare", action="store_true", help="also time one bare --ray (Ray started by the command)")
             r.add_argument("--json")
     a = p.parse_args()
     {"setup": cmd_setup, "run": cmd_run, "two-node": cmd_two_node}[a.cmd](a)
