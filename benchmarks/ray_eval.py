@@ -16,7 +16,7 @@ splits pages shared between processes, e.g. the weights' page cache), and the ra
 the same total threads. The machine is shared: the rounds interleave so drift hits every configuration alike.
 
 `two-node` starts a head with 1 CPU and a second node (`ray start --address`, 1 CPU, its own resources) on this
-machine and runs `--actors 2 --threads 1`: Ray's SPREAD puts one actor on each node; summary.json's
+machine, on its network address (Ray allows a second node only there), and runs `--actors 2 --threads 1`: Ray's SPREAD puts one actor on each node; summary.json's
 `ray.rows_per_node` shows the rows each answered.
 """
 
@@ -92,11 +92,11 @@ class RayNode:
                 pass
 
 
-def wait_port(port: int, timeout: float = 120) -> None:
+def wait_port(port: int, timeout: float = 120, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.5)
     raise SystemExit(f"no Ray head on port {port} after {timeout:.0f} s")
@@ -257,16 +257,21 @@ def cmd_run(a) -> None:
 def cmd_two_node(a) -> None:
     d = Path(a.dir)
     tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")
+    # Ray refuses a second node under its loopback-only switch, so these two nodes use the machine's address, as
+    # the nodes of a real cluster do (the head's ports are then reachable from the network for the run)
     env = ray_env(tmp)
+    del env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
+    ip = subprocess.run([sys.executable, "-c", "from ray._private.services import get_node_ip_address as g; print(g())"],
+                        env=env, capture_output=True, text=True, check=True).stdout.strip()
     port = free_port()
     head = RayNode(env, 1, head=True, port=port, resources={"node_a": 1})
     second = None
     try:
-        wait_port(port)
-        second = RayNode(env, 1, head=False, address=f"127.0.0.1:{port}", resources={"node_b": 1})
-        wait_nodes(env, f"127.0.0.1:{port}", 2)
+        wait_port(port, host=ip)
+        second = RayNode(env, 1, head=False, address=f"{ip}:{port}", resources={"node_b": 1})
+        wait_nodes(env, f"{ip}:{port}", 2)
         out = Path(tempfile.mkdtemp(prefix="out", dir=tmp))
-        r = run_eval(d, out, env, 1, a, f"127.0.0.1:{port}", 2, head)
+        r = run_eval(d, out, env, 1, a, f"{ip}:{port}", 2, head)
     finally:
         if second is not None:
             second.stop()

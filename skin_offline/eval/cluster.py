@@ -17,8 +17,9 @@ the same absolute path); the CSV and images stay with the driver, which sends ea
 row (nothing else to share). Actors print and log nothing: rows, questions, answers and image names go back to
 the driver only; Ray's logs hold counts and process events.
 
-Network: a local Ray (no ADDRESS) binds to 127.0.0.1 only; usage-stats reporting and the dashboard are off in
-every case (see benchmarks/README.md "Ray evaluation" for the measurement).
+Network: a local Ray (no ADDRESS) binds to 127.0.0.1 only, with usage-stats reporting and the dashboard off and
+Ray's cloud-metadata probes sent to a closed loopback port (see `connect`; measured with strace: benchmarks/README.md
+"Ray evaluation"); with an ADDRESS this process talks to that cluster only, its own usage-stats reporting off.
 """
 
 from __future__ import annotations
@@ -85,11 +86,10 @@ def _node_name() -> str:
 
 class EvalActor:
     """One Ray actor: loads the bundle once, then answers rows with the same per-row code as a local run. It prints
-    nothing and keeps nothing but a count (rows, questions, answers and paths go back to the driver only)."""
+    and logs nothing (rows, questions, answers and paths go back to the driver only)."""
 
     def __init__(self, bundle: str, threads: int, precision: str | None, batch: int, job: Callable):
         self.info_ = ActorInfo(node=_node_name(), pid=os.getpid())
-        self.answered = 0
         if not (Path(bundle) / "manifest.json").is_file():
             # reported by the driver as one line; raising here would bury it in a traceback
             self.info_.problem = (f"bundle {bundle} not found on node {self.info_.node}; every node must see the "
@@ -113,15 +113,11 @@ class EvalActor:
     def info(self) -> ActorInfo:
         return self.info_
 
-    def count(self) -> int:
-        return self.answered
-
     def answer(self, row, image: bytes) -> Done | Failed:
         try:
             done = answer_row(row, image, self.work)
         except Exception as e:  # returned, not raised: Ray would log the traceback (it may quote a row's data)
             return Failed(describe(e))
-        self.answered += 1
         return done
 
 
@@ -213,7 +209,9 @@ def connect(address: str | None) -> None:
         # joining a cluster starts no process here, so stderr can be held: Ray's C++ core writes a warning line a
         # second while it retries a refused connection (~20 s); the outcome is reported as one line instead
         with contextlib.nullcontext() if address is None else _held_stderr():
-            ray.init(address, **kw)
+            # "local": always a new Ray here; a bare ray.init() would join a cluster `ray start` left recorded in
+            # Ray's temp folder, and wait minutes on one that is gone
+            ray.init(address or "local", **kw)
     except (ConnectionError, ray.exceptions.AuthenticationError) as e:
         hint = ("; if the cluster uses token authentication (Ray's default), set RAY_AUTH_MODE=token and give this "
                 "machine the cluster's token (RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)"
