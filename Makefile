@@ -12,7 +12,7 @@ DEMO_IMAGE := .cache/demo-lesion.png
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[export,eval,bench,serve,structured,test,heif,dicom-codecs,dicom-sr]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[export,eval,bench,serve,structured,test,heif,dicom-codecs,dicom-sr,cluster]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)

@@ -132,15 +132,6 @@ def test_classification_metrics_by_hand():
     assert mat == [[1, 1, 0, 1], [0, 2, 0, 0], [0, 1, 0, 0]]
 
 
-def test_match_label_is_first_in_set_order():
-    from skin_offline.eval.classify_eval import NO_LABEL, match_label
-
-    labels = ["melanoma", "nevus", "melanoma metastasis"]
-    assert match_label("This is a benign NEVUS, not melanoma.", labels) == "melanoma"
-    assert match_label("Likely a nevus.", labels) == "nevus"
-    assert match_label("I cannot tell.", labels) == NO_LABEL
-
-
 def test_cli_eval_classify_and_classify_eval(llava_model, vqa_set, tmp_path):
     from typer.testing import CliRunner
 
@@ -220,3 +211,34 @@ def test_eval_batch_equals_one_at_a_time(llava_model, vqa_set):
     many = run_vqa(answer, rows, vqa_set / "images", vqa_set / "many", batch=4)
     assert sorted(_predictions(vqa_set / "many" / "predictions.csv")) == sorted(_predictions(vqa_set / "one" / "predictions.csv"))
     assert many["metrics"] == one["metrics"] and many["this_run"]["answered"] == 5
+
+
+def test_a_failing_row_is_an_error_row_and_a_rerun_tries_it_again(llava_model, vqa_set):
+    """A question the model cannot take (too long for the context: a PromptError) fails its row only: an error
+    row (its `error` column says why, no prediction), left out of the metrics and counted; a rerun answers
+    only that row again, and its new line is the one that counts."""
+    from skin_offline.errors import ContextLengthError
+    from skin_offline.eval.vqa import Protocol, make_answer_fn, read_questions, run_vqa
+
+    rows = read_questions(vqa_set / "q.csv", vqa_set / "modality.csv")
+    real = make_answer_fn(llava_model.runtime, Protocol.GREEDY, seed=7, max_new_tokens=6)
+    calls = []
+
+    def answer(image, question, row, fail=True):
+        calls.append(row)
+        if row == 1 and fail:
+            raise ContextLengthError("prompt of 9000 tokens + 6 new tokens exceeds the context of 4096")
+        return real(image, question, row)
+
+    first = run_vqa(answer, rows, vqa_set / "images", vqa_set / "out")
+    recs = {r["row"]: r for r in csv.DictReader(open(vqa_set / "out" / "predictions.csv", newline=""))}
+    assert recs["1"]["error"].startswith("ContextLengthError: prompt of 9000 tokens") and recs["1"]["prediction"] == ""
+    assert recs["1"]["question"] == rows[1].question and all(not recs[i]["error"] for i in ("0", "2", "3", "5"))
+    assert first["errors"] == 1 and first["answered"] == 4 and first["metrics"]["all"]["n"] == 4
+    assert any("1 row(s) failed" in n for n in first["notes"])
+
+    calls.clear()
+    again = run_vqa(lambda *a: answer(*a, fail=False), rows, vqa_set / "images", vqa_set / "out")
+    assert calls == [1] and again["errors"] == 0 and again["answered"] == 5
+    clean = _run(llava_model.runtime, vqa_set, "clean", Protocol.GREEDY)
+    assert again["metrics"] == clean["metrics"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -9,8 +10,10 @@ from typing import Optional
 import typer
 
 from ..eval.choices import ClassifyMethod, Protocol
-from .options import (ImageNotices, Precision, frame_option, image_source, progress_for, quiet_option, show_notices,
-                      threads_option, warn_if_random)
+from typer.core import TyperCommand
+
+from .options import (RANDOM_WEIGHTS_WARNING, ImageNotices, Precision, frame_option, image_source, progress_for,
+                      quiet_option, show_notices, threads_option, warn_if_random)
 
 
 def _labels(labels: Optional[str], label_set: Optional[str], labels_file: Optional[Path]) -> list[str]:
@@ -24,33 +27,70 @@ def _labels(labels: Optional[str], label_set: Optional[str], labels_file: Option
     return [x.strip() for x in labels.split(",") if x.strip()]
 
 
-def _generate_predictor(model, labels: list[str], protocol, seed: int, max_new_tokens: int):
-    """The paper's generate protocol, constrained: the answer to the question (labels in set order) is exactly one of
-    the labels (a choice constraint, runtime/constraints.py), so no matching heuristic is needed. An answer cut by
-    max_new_tokens names no label."""
-    from dataclasses import replace
+LOCAL_RAY = "local"
 
-    from ..eval.classify_eval import NO_LABEL
-    from ..eval.vqa import PAPER_BEAMS
-    from ..runtime.classify import question_for
-    from ..runtime.constraints import Choice
-    from ..runtime.response import FinishReason
 
-    question, choice = question_for(labels), Choice(labels)
+class _RayOption(TyperCommand):
+    """`--ray` takes an optional ADDRESS, which typer's parser cannot express: a bare `--ray` (the last word, or
+    followed by something that is not an address: an option, the bundle) is given the value `local` before
+    parsing. Addresses are `local`, `auto`, `host:port` and `ray://host:port`."""
 
-    def predict(image):
-        if protocol is Protocol.PAPER:  # sampling inside 5 beams; min_new_tokens 0: a label is a complete answer
-            cfg = replace(PAPER_BEAMS, seed=seed, max_new_tokens=max_new_tokens, min_new_tokens=0)
-            a = model.generate_beam(image, question, config=cfg, constraint=choice)
-        else:
-            a = model.ask(image, question, max_new_tokens=max_new_tokens, constraint=choice)
-        return (a.answer if a.finish_reason is FinishReason.STOP else NO_LABEL), float("nan"), a.answer
+    def parse_args(self, ctx, args):
+        args = list(args)
+        for i, a in enumerate(args):
+            if a == "--":
+                break
+            if a == "--ray":
+                nxt = args[i + 1] if i + 1 < len(args) else None
+                if nxt is None or not (nxt in (LOCAL_RAY, "auto") or ":" in nxt):
+                    args.insert(i + 1, LOCAL_RAY)
+                break
+        return super().parse_args(ctx, args)
 
-    return predict
+
+def ray_option():
+    return typer.Option(None, "--ray", metavar="[ADDRESS]",
+                        help="run the rows on Ray: alone, a local Ray on this machine; `auto` or HOST:PORT or "
+                             "ray://HOST:PORT joins a running cluster (the bundle must be at the same path on every "
+                             "node; see README 'Evaluating on a cluster')")
+
+
+def actors_option():
+    return typer.Option(None, min=1, help="with --ray: Ray actors, each loading the bundle once (default: as many "
+                                          "as the cluster's CPUs allow at --threads each)")
+
+
+def _cluster(ray: Optional[str], actors: Optional[int], threads: Optional[int], batch: int, bundle: Path,
+             precision, job, progress):
+    """The Ray cluster for `--ray` (None without it; --actors alone is a usage error)."""
+    from ..errors import UsageError
+
+    if ray is None:
+        if actors is not None:
+            raise UsageError("--actors needs --ray (the actors are Ray's); drop it or add --ray")
+        return None
+    from ..eval.cluster import Cluster, ClusterSpec
+
+    spec = ClusterSpec(address=None if ray == LOCAL_RAY else ray, actors=actors, threads=threads or 1, batch=batch)
+    return Cluster(spec, bundle, precision, job, log=progress)
+
+
+def _say_errors(n: int, out: Path) -> None:
+    if n:
+        typer.echo(f"warning: {n} row(s) failed; the error column of {out / 'predictions.csv'} says why, and a rerun "
+                   f"tries them again", err=True)
+
+
+def _check_ray(cluster) -> None:
+    """The one-time notices a local load shows, from the actors' view of the bundle."""
+    if cluster.info.random_weights:
+        typer.echo(RANDOM_WEIGHTS_WARNING, err=True)
+    for n in cluster.info.notices:
+        typer.echo(f"note: {n}", err=True)
 
 
 def register(app, friendly) -> None:
-    @app.command("eval")
+    @app.command("eval", cls=_RayOption)
     @friendly
     def eval_cmd(
         bundle: Path = typer.Argument(..., help="bundle folder"),
@@ -67,28 +107,44 @@ def register(app, friendly) -> None:
         batch: int = typer.Option(1, min=1, help="questions answered at once: the engine decodes them together "
                                   "(every protocol: the paper's beams are rows of the same decoder runs)"),
         quiet: bool = quiet_option(),
+        ray: Optional[str] = ray_option(),
+        actors: Optional[int] = actors_option(),
     ):
         """Answer the MM-Skin test questions and score them (BLEU, ROUGE, METEOR, token recall) per modality."""
-        from ..eval.vqa import make_answer_fn, read_questions, run_vqa
-        from ..runtime.pipeline import SkinVL
+        from ..eval.runlog import local_source
+        from ..eval.vqa import VQAJob, evaluate_vqa, read_questions
 
         from .. import names
 
         rows = read_questions(csv, modality_csv, limit)
-        model = SkinVL.load(bundle, threads=threads, precision=precision, parallel=batch)
-        warn_if_random(model.manifest)
-        show_notices(model)
-        meta = {"bundle": str(bundle), "precision": model.manifest.pick(names.ROLE_DECODER, precision).precision.value,
-                "protocol": protocol.value, "seed": seed, "max_new_tokens": max_new_tokens, "batch": batch}
-        if batch > 1 and meta["precision"] != "fp32" and not quiet:
-            # quantized kernels sum a many-row call in another order than a one-row call (and a hybrid bundle's
-            # wide steps run its int8 GEMM graph), so near-tied greedy choices can flip: say so, do not hide it
-            typer.echo(f"note: --batch {batch} on an {meta['precision']} bundle: batched decode steps round differently "
-                       f"from single ones, so some answers can differ from --batch 1 (fp32 gives identical answers)",
-                       err=True)
+        job = VQAJob(protocol, seed, max_new_tokens)
         with progress_for(quiet) as progress:
-            s = run_vqa(make_answer_fn(model, protocol, seed, max_new_tokens), rows, images, out, meta, progress, batch)
+            cluster = _cluster(ray, actors, threads, batch, bundle, precision, job, progress)
+            with cluster or contextlib.nullcontext():
+                if cluster is None:
+                    from ..runtime.pipeline import SkinVL
+
+                    model = SkinVL.load(bundle, threads=threads, precision=precision, parallel=batch)
+                    warn_if_random(model.manifest)
+                    show_notices(model)
+                    source = local_source(job(model), batch)
+                    chosen = model.manifest.pick(names.ROLE_DECODER, precision).precision.value
+                else:
+                    _check_ray(cluster)
+                    source, chosen = cluster.source, cluster.info.precision
+                meta = {"bundle": str(bundle), "precision": chosen, "protocol": protocol.value, "seed": seed,
+                        "max_new_tokens": max_new_tokens, "batch": batch}
+                if cluster is not None:
+                    meta["ray"] = cluster.stats  # filled in as rows arrive: rows per node, restarts
+                if batch > 1 and chosen != "fp32" and not quiet:
+                    # quantized kernels sum a many-row call in another order than a one-row call (and a hybrid
+                    # bundle's wide steps run its int8 GEMM graph), so near-tied greedy choices can flip: say so
+                    typer.echo(f"note: --batch {batch} on an {chosen} bundle: batched decode steps round "
+                               f"differently from single ones, so some answers can differ from --batch 1 (fp32 gives "
+                               f"identical answers)", err=True)
+                s = evaluate_vqa(source, rows, images, out, meta, progress)
         typer.echo((out / "summary.md").read_text())
+        _say_errors(s["errors"], out)
         if s["this_run"]["questions_per_minute"]:
             typer.echo(f"[{s['this_run']['answered']} answered this run, {s['this_run']['questions_per_minute']:.1f} "
                        f"questions/minute; results in {out}]", err=True)
@@ -128,13 +184,15 @@ def register(app, friendly) -> None:
             for i, s in enumerate(r.scores, 1):
                 typer.echo(f"{i:2d}. {s.label:40s} {100 * s.probability:6.2f}%  (score {s.score:.4f}, {s.n_tokens} tokens)")
         else:
-            label, _, text = _generate_predictor(model, names, protocol, seed, 256)(image)
+            from ..eval.classify_eval import generate_predictor
+
+            label, _, text = generate_predictor(model, names, protocol, seed, 256)(image)
             if as_json:
                 typer.echo(json.dumps({"prediction": label, "answer": text}))
                 return
             typer.echo(f"{label}\n[answer: {text}]")
 
-    @app.command("classify-eval")
+    @app.command("classify-eval", cls=_RayOption)
     @friendly
     def classify_eval_cmd(
         bundle: Path = typer.Argument(..., help="bundle folder"),
@@ -154,27 +212,31 @@ def register(app, friendly) -> None:
         threads: Optional[int] = threads_option(),
         precision: Optional[Precision] = typer.Option(None),
         quiet: bool = quiet_option(),
+        ray: Optional[str] = ray_option(),
+        actors: Optional[int] = actors_option(),
     ):
         """Zero-shot classification metrics: accuracy, balanced accuracy, macro-F1, confusion matrix, slices."""
-        from ..eval.classify_eval import read_label_rows, run_classify_eval
-        from ..runtime.pipeline import SkinVL
+        from ..eval.classify_eval import ClassifyJob, evaluate_classify, read_label_rows
+        from ..eval.runlog import local_source
 
         names = _labels(labels, label_set, labels_file)
         rows = read_label_rows(csv, names, image_col, label_col, limit)
-        model = SkinVL.load(bundle, threads=threads, precision=precision)
-        warn_if_random(model.manifest)
-        show_notices(model)
-        if method is ClassifyMethod.LIKELIHOOD:
-            def predict(path):
-                r = model.classify(path, names, normalize=normalize)
-                return r.top, r.scores[0].probability
-        else:
-            gen = _generate_predictor(model, names, protocol, seed, 256)
-
-            def predict(path):
-                return gen(path)[:2]
+        job = ClassifyJob(tuple(names), method, normalize, protocol, seed, 256)
         meta = {"bundle": str(bundle), "method": method.value, "normalized": normalize, "label_set": label_set}
         with progress_for(quiet) as progress:
-            s = run_classify_eval(predict, rows, names, images, out, meta, progress)
+            cluster = _cluster(ray, actors, threads, 1, bundle, precision, job, progress)
+            with cluster or contextlib.nullcontext():
+                if cluster is None:
+                    from ..runtime.pipeline import SkinVL
+
+                    model = SkinVL.load(bundle, threads=threads, precision=precision)
+                    warn_if_random(model.manifest)
+                    show_notices(model)
+                    source = local_source(job(model))
+                else:
+                    _check_ray(cluster)
+                    source, meta["ray"] = cluster.source, cluster.stats
+                s = evaluate_classify(source, rows, names, images, out, meta, progress)
         typer.echo((out / "summary.md").read_text())
+        _say_errors(s["errors"], out)
         typer.echo(f"[{s['classified']} classified; confusion matrix in {out}/confusion.csv and .png]", err=True)

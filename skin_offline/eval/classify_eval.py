@@ -4,7 +4,8 @@ accuracy, macro-F1, per-class precision/recall, confusion matrix (CSV + PNG) and
 Definitions (as scikit-learn's defaults, written out to avoid a heavy dependency for a few sums):
 balanced accuracy = mean recall over the classes present in the ground truth; macro-F1 = mean F1 over
 the classes present in the ground truth or the predictions; a class never predicted has precision 0.
-A `generate` answer that names no label counts as wrong and appears as the column NO_LABEL.
+A `generate` answer is constrained to the label set; one cut by its token limit names no label, counts as wrong and
+appears as the column NO_LABEL.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UsageError
-from .runlog import ResultLog, read_csv, require_columns, run_rows
+from .choices import ClassifyMethod, Protocol
+from .runlog import ERROR_FIELD, ResultLog, Source, WorkFn, local_source, read_csv, require_columns, run_rows
 
 NO_LABEL = "(no label)"
 LABEL_SETS = Path(__file__).with_name("data") / "zero_shot_labels.json"
 SLICE_COLUMNS = {"age": ("age", "age_approx"), "sex": ("sex", "gender"),
                  "skin_type": ("skin_type", "fitzpatrick", "fitzpatrick_scale", "skin_tone")}
-FIELDS = ["image", "label", "prediction", "probability", "age", "sex", "skin_type", "seconds"]
+FIELDS = ["image", "label", "prediction", "probability", "age", "sex", "skin_type", "seconds", ERROR_FIELD]
 
 
 def label_set(name: str, path: Path = LABEL_SETS) -> list[str]:
@@ -30,12 +32,6 @@ def label_set(name: str, path: Path = LABEL_SETS) -> list[str]:
     if name not in sets:
         raise UsageError(f"unknown label set {name!r}; choose one of {', '.join(sets)}")
     return list(sets[name])
-
-
-def match_label(answer: str, labels: list[str]) -> str:
-    """Paper's generate-then-match: the first label (label-set order) contained in the answer, case-insensitive."""
-    low = answer.lower()
-    return next((lab for lab in labels if lab.lower() in low), NO_LABEL)
 
 
 @dataclass(frozen=True)
@@ -133,19 +129,86 @@ def write_confusion(out: Path, classes: list[str], cols: list[str], m: list[list
 PredictFn = Callable[[Path], tuple[str, float]]  # image -> (predicted label, its probability or nan)
 
 
+def generate_predictor(model, labels: list[str], protocol: Protocol, seed: int, max_new_tokens: int = 256):
+    """The paper's generate protocol, constrained: the answer to the question (labels in set order) is exactly one of
+    the labels (a choice constraint, runtime/constraints.py), so no matching heuristic is needed; an answer cut by
+    max_new_tokens names no label. Returns image -> (label, nan, the answer's text)."""
+    from dataclasses import replace
+
+    from ..runtime.classify import question_for
+    from ..runtime.constraints import Choice
+    from ..runtime.response import FinishReason
+    from .vqa import PAPER_BEAMS
+
+    question, choice = question_for(labels), Choice(labels)
+
+    def predict(image):
+        if protocol is Protocol.PAPER:  # sampling inside 5 beams; min_new_tokens 0: a label is a complete answer
+            cfg = replace(PAPER_BEAMS, seed=seed, max_new_tokens=max_new_tokens, min_new_tokens=0)
+            a = model.generate_beam(image, question, config=cfg, constraint=choice)
+        else:
+            a = model.ask(image, question, max_new_tokens=max_new_tokens, constraint=choice)
+        return (a.answer if a.finish_reason is FinishReason.STOP else NO_LABEL), float("nan"), a.answer
+
+    return predict
+
+
+def row_worker(predict: PredictFn) -> WorkFn:
+    """The per-row work of `classify-eval`: classify the row's image, as a results record."""
+
+    def work(r: LabelRow, image) -> dict:
+        label, prob = predict(image)
+        return {"image": r.image, "label": r.label, "prediction": label, "probability": f"{prob:.6f}", **r.slices}
+
+    return work
+
+
+@dataclass(frozen=True)
+class ClassifyJob:
+    """Everything a row's prediction depends on besides the model, small and picklable: a Ray actor builds its
+    work from it exactly as a local run does (`ClassifyJob(...)(model)`)."""
+
+    labels: tuple[str, ...]
+    method: ClassifyMethod = ClassifyMethod.LIKELIHOOD
+    normalize: bool = True
+    protocol: Protocol = Protocol.GREEDY
+    seed: int = 0
+    max_new_tokens: int = 256
+
+    def predictor(self, model) -> PredictFn:
+        labels = list(self.labels)
+        if self.method is ClassifyMethod.LIKELIHOOD:
+            def predict(image):
+                r = model.classify(image, labels, normalize=self.normalize)
+                return r.top, r.scores[0].probability
+
+            return predict
+        gen = generate_predictor(model, labels, self.protocol, self.seed, self.max_new_tokens)
+        return lambda image: gen(image)[:2]
+
+    def __call__(self, model) -> WorkFn:
+        return row_worker(self.predictor(model))
+
+
 def run_classify_eval(predict: PredictFn, rows: list[LabelRow], classes: list[str], images: Path, out: Path,
                       meta: dict | None = None, progress=None) -> dict:
+    """Classify the pending rows in this process, then score; see evaluate_classify."""
+    return evaluate_classify(local_source(row_worker(predict)), rows, classes, images, out, meta, progress)
+
+
+def evaluate_classify(source: Source, rows: list[LabelRow], classes: list[str], images: Path, out: Path,
+                      meta: dict | None = None, progress=None) -> dict:
+    """Classify the pending rows through `source` (resumable), then write the metrics, confusion matrix and
+    summary; returns the summary."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log = ResultLog(out / "predictions.csv", FIELDS, ("image", "label"))
-
-    def work(r: LabelRow, path: Path) -> dict:
-        label, prob = predict(path)
-        return {"image": r.image, "label": r.label, "prediction": label, "probability": f"{prob:.6f}", **r.slices}
-
-    run = run_rows(rows, images, log, lambda r: {"image": r.image, "label": r.label}, work, "images", progress)
+    run = run_rows(rows, images, log, lambda r: {"image": r.image, "label": r.label}, source, "images", progress)
     recs, missing, answered, t_run = run.records, run.missing, run.answered, run.seconds
     if not recs:
+        if run.errors:
+            raise UsageError(f"no image could be classified: all {len(run.errors)} row(s) failed (the error column "
+                             f"of {log.path} says why)")
         raise UsageError(f"no image could be classified: {len(missing)} missing under {images}; check --images")
     truth, pred = [r["label"] for r in recs], [r["prediction"] for r in recs]
     result = classification_metrics(truth, pred, classes)
@@ -161,7 +224,8 @@ def run_classify_eval(predict: PredictFn, rows: list[LabelRow], classes: list[st
             idx = [i for i, x in enumerate(values) if x == v]
             s = classification_metrics([truth[i] for i in idx], [pred[i] for i in idx], classes)
             slices[key][v] = {k: s[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1")}
-    summary = {**(meta or {}), "images": len(rows), "classified": len(recs), "missing_images": sorted(set(missing)),
+    summary = {**(meta or {}), "images": len(rows), "classified": len(recs), "errors": len(run.errors),
+               "missing_images": sorted(set(missing)),
                "classes": classes, "metrics": result, "confusion": {"columns": cols, "matrix": m}, "slices": slices,
                "this_run": {"classified": answered, "seconds": round(t_run, 3),
                             "images_per_minute": round(60 * answered / t_run, 3) if t_run > 0 else None}}
@@ -172,8 +236,9 @@ def run_classify_eval(predict: PredictFn, rows: list[LabelRow], classes: list[st
 
 def _markdown(s: dict) -> str:
     m = s["metrics"]
+    failed = f" {s['errors']} failed (error column of predictions.csv; a rerun tries them again)." if s["errors"] else ""
     lines = ["# Zero-shot classification", "", f"{s['classified']} of {s['images']} images classified, "
-             f"{len(s['missing_images'])} missing.", "", "| n | accuracy | balanced accuracy | macro-F1 |", "|---|---|---|---|",
+             f"{len(s['missing_images'])} missing.{failed}", "", "| n | accuracy | balanced accuracy | macro-F1 |", "|---|---|---|---|",
              f"| {m['n']} | {100 * m['accuracy']:.2f} | {100 * m['balanced_accuracy']:.2f} | {100 * m['macro_f1']:.2f} |",
              "", "| class | support | precision | recall | F1 |", "|---|---|---|---|---|"]
     lines += [f"| {c} | {v['support']} | {100 * v['precision']:.2f} | {100 * v['recall']:.2f} | {100 * v['f1']:.2f} |"

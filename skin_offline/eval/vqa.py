@@ -1,6 +1,7 @@
 """MM-Skin VQA evaluation: answer every question, write predictions row by row, score per modality.
 
-    run_vqa(model, rows, images_dir, out_dir, Protocol.PAPER)
+    run_vqa(make_answer_fn(model, Protocol.PAPER), rows, images_dir, out_dir)      # this process
+    evaluate_vqa(cluster.source, rows, images_dir, out_dir)                          # Ray actors, VQAJob(...) each
 
 Protocols: `paper` reproduces VQA_test.py's decoding (sampling inside 5 beams, temperature 0.2,
 top-p 0.9, transformers' default top-k 50, min 20 / max 256 new tokens), seeded per row (seed + row
@@ -19,12 +20,12 @@ from ..errors import UsageError
 from ..runtime.beam import BeamConfig
 from . import metrics
 from .choices import Protocol
-from .runlog import ResultLog, read_csv, require_columns, run_rows
+from .runlog import ERROR_FIELD, ResultLog, Source, WorkFn, local_source, read_csv, require_columns, run_rows
 
 PAPER_BEAMS = BeamConfig(num_beams=5, max_new_tokens=256, min_new_tokens=20, do_sample=True, temperature=0.2,
                          top_p=0.9, top_k=50)
 MODALITIES = ("clinical", "dermoscopy", "pathology")
-FIELDS = ["image", "question", "answer", "modality", "prediction", "finish_reason", "new_tokens", "seconds"]
+FIELDS = ["image", "question", "answer", "modality", "prediction", "finish_reason", "new_tokens", "seconds", ERROR_FIELD]
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,30 @@ def make_answer_fn(model, protocol: Protocol, seed: int = 0, max_new_tokens: int
     return answer
 
 
+def row_worker(answer: AnswerFn) -> WorkFn:
+    """The per-row work of `eval`: answer the row's question about its image, as a results record."""
+
+    def work(r: VQARow, image) -> dict:
+        text, finish, n = answer(image, r.question, r.index)
+        return {"image": r.image, "question": r.question, "answer": r.answer, "modality": r.modality,
+                "prediction": text, "finish_reason": finish, "new_tokens": n}
+
+    return work
+
+
+@dataclass(frozen=True)
+class VQAJob:
+    """Everything a row's answer depends on besides the model, small and picklable: a Ray actor builds its work
+    from it exactly as a local run does (`VQAJob(...)(model)`), so both answer a row the same way."""
+
+    protocol: Protocol
+    seed: int = 0
+    max_new_tokens: int = 256
+
+    def __call__(self, model) -> WorkFn:
+        return row_worker(make_answer_fn(model, self.protocol, self.seed, self.max_new_tokens))
+
+
 def score(records: list[dict[str, str]]) -> dict[str, dict]:
     """Metrics over all records and per modality (those present)."""
     groups: dict[str, list[dict[str, str]]] = {"all": records}
@@ -90,27 +115,36 @@ def markdown_table(scores: dict[str, dict]) -> str:
 
 def run_vqa(answer: AnswerFn, rows: list[VQARow], images: Path, out: Path, meta: dict | None = None,
             progress=None, batch: int = 1) -> dict:
-    """Answer the pending rows (resumable), then write summary.json / summary.md; returns the summary."""
+    """Answer the pending rows in this process (`batch` at once), then score; see evaluate_vqa."""
+    return evaluate_vqa(local_source(row_worker(answer), batch), rows, images, out, meta, progress)
+
+
+def evaluate_vqa(source: Source, rows: list[VQARow], images: Path, out: Path, meta: dict | None = None,
+                 progress=None) -> dict:
+    """Answer the pending rows through `source` (resumable), then write summary.json / summary.md; returns the
+    summary."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log = ResultLog(out / "predictions.csv", FIELDS, ("image", "question"))
-
-    def work(r: VQARow, path: Path) -> dict:
-        text, finish, n = answer(path, r.question, r.index)
-        return {"image": r.image, "question": r.question, "answer": r.answer, "modality": r.modality,
-                "prediction": text, "finish_reason": finish, "new_tokens": n}
-
-    run = run_rows(rows, images, log, lambda r: {"image": r.image, "question": r.question}, work, "questions",
-                   progress, batch)
+    run = run_rows(rows, images, log, lambda r: {"image": r.image, "question": r.question}, source, "questions",
+                   progress)
     records, missing, answered, t_run = run.records, run.missing, run.answered, run.seconds
     if not records:
+        if run.errors:
+            raise UsageError(f"no question could be answered: all {len(run.errors)} answerable row(s) failed "
+                             f"(the error column of {log.path} says why)")
         raise UsageError(f"no question could be answered: {len(missing)} image(s) missing under {images}; check --images")
     scores = score(records)
+    notes = [] if metrics.meteor_available() else [metrics.METEOR_UNAVAILABLE]
+    if run.errors:
+        notes.append(f"{len(run.errors)} row(s) failed and are left out of the metrics (error column of "
+                     f"predictions.csv); a rerun tries them again")
     summary = {
         **(meta or {}),
-        "questions": len(rows), "answered": len(records), "missing_images": sorted(set(missing)),
+        "questions": len(rows), "answered": len(records), "errors": len(run.errors),
+        "missing_images": sorted(set(missing)),
         "metrics": scores,
-        "notes": [] if metrics.meteor_available() else [metrics.METEOR_UNAVAILABLE],
+        "notes": notes,
         "this_run": {"answered": answered, "seconds": round(t_run, 3),
                      "questions_per_minute": round(60 * answered / t_run, 3) if t_run > 0 else None},
     }
