@@ -303,3 +303,32 @@ def test_server_conversation_refusals_and_patient_data(server, sources):
     text = ("".join(seen) + server.log()).lower()
     for secret in S.SECRETS:
         assert secret.lower() not in text, secret
+
+
+def test_constrained_answer_files_its_structured_value(llava_model, sources, tmp_path):
+    """`ask --json-schema ... --sr`: the SR holds the answer and its parsed JSON (one item per key), as printed; a
+    choice answer's text is its structured value; the server path carries the same."""
+    schema = {"type": "object", "properties": {"next": {"enum": ["urgent", "routine", "no action"]},
+                                               "size_mm": {"type": "integer", "minimum": 0, "maximum": 40}},
+              "required": ["next", "size_mm"], "additionalProperties": False}
+    (tmp_path / "form.json").write_text(json.dumps(schema))
+    out = tmp_path / "form-sr.dcm"
+    r = cli("ask", sources / "IM000001", QUESTION, "--bundle", llava_model.bundle_dir, "--max-new-tokens", 40,
+            "--sr", out, "--json-schema", tmp_path / "form.json", "--json")
+    assert_clean(r)
+    assert r.returncode == 0, r.stderr
+    printed = json.loads(r.stdout)
+    assert printed["finish_reason"] == "stop" and printed["structured"] == json.loads(printed["answer"])
+    assert_valid(out)
+    _, _, groups = read_back(out)
+    assert texts(groups[0], "Answer") == [printed["answer"]]
+    [as_json] = texts(groups[0], "Structured answer (JSON)")
+    assert json.loads(as_json) == printed["structured"]
+    assert texts(groups[0], "Structured answer field") == [f"{k}: {json.dumps(v)}" for k, v in printed["structured"].items()]
+    out2 = tmp_path / "choice-sr.dcm"
+    r = cli("ask", sources / "IM000001", QUESTION, "--bundle", llava_model.bundle_dir, "--sr", out2,
+            "--choice", "urgent", "--choice", "routine")
+    assert r.returncode == 0, r.stderr
+    _, _, groups = read_back(out2)
+    answer = r.stdout.strip()
+    assert answer in ("urgent", "routine") and texts(groups[0], "Structured answer (JSON)") == [json.dumps(answer)]
