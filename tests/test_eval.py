@@ -178,6 +178,14 @@ def test_cli_eval_classify_and_classify_eval(llava_model, vqa_set, tmp_path):
     assert rows[0][1:] == ["melanoma", "nevus"] and sum(int(x) for row in rows[1:] for x in row[1:]) == 3
     with Image.open(tmp_path / "zs" / "confusion.png") as png:
         assert png.size[0] > 100 and np.asarray(png).std() > 0
+    # --batch: the images' label rows share decoder runs; fp32 predictions and probabilities equal one at a time
+    r = runner.invoke(app, ["classify-eval", bundle, "--csv", str(tmp_path / "labels.csv"), "--images", str(vqa_set / "images"),
+                            "--labels", "melanoma,nevus", "--out", str(tmp_path / "zs2"), "--batch", "3"])
+    assert r.exit_code == 0, r.output
+    with open(tmp_path / "zs" / "predictions.csv", newline="") as f1, open(tmp_path / "zs2" / "predictions.csv", newline="") as f2:
+        one, many = list(csv.DictReader(f1)), list(csv.DictReader(f2))
+    assert [(x["row"], x["prediction"]) for x in one] == [(x["row"], x["prediction"]) for x in many]
+    assert all(abs(float(a["probability"]) - float(b["probability"])) < 1e-5 for a, b in zip(one, many))
 
 
 def test_synthetic_set_covers_every_row(tmp_path):

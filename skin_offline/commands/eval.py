@@ -211,6 +211,8 @@ def register(app, friendly) -> None:
         seed: int = typer.Option(0),
         threads: Optional[int] = threads_option(),
         precision: Optional[Precision] = typer.Option(None),
+        batch: int = typer.Option(1, min=1, help="images classified at once: their label rows share the engine's "
+                                  "decoder runs"),
         quiet: bool = quiet_option(),
         ray: Optional[str] = ray_option(),
         actors: Optional[int] = actors_option(),
@@ -222,17 +224,18 @@ def register(app, friendly) -> None:
         names = _labels(labels, label_set, labels_file)
         rows = read_label_rows(csv, names, image_col, label_col, limit)
         job = ClassifyJob(tuple(names), method, normalize, protocol, seed, 256)
-        meta = {"bundle": str(bundle), "method": method.value, "normalized": normalize, "label_set": label_set}
+        meta = {"bundle": str(bundle), "method": method.value, "normalized": normalize, "label_set": label_set,
+                "batch": batch}
         with progress_for(quiet) as progress:
-            cluster = _cluster(ray, actors, threads, 1, bundle, precision, job, progress)
+            cluster = _cluster(ray, actors, threads, batch, bundle, precision, job, progress)
             with cluster or contextlib.nullcontext():
                 if cluster is None:
                     from ..runtime.pipeline import SkinVL
 
-                    model = SkinVL.load(bundle, threads=threads, precision=precision)
+                    model = SkinVL.load(bundle, threads=threads, precision=precision, parallel=batch)
                     warn_if_random(model.manifest)
                     show_notices(model)
-                    source = local_source(job(model))
+                    source = local_source(job(model), batch)
                 else:
                     _check_ray(cluster)
                     source, meta["ray"] = cluster.source, cluster.stats
