@@ -32,22 +32,41 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".h
 Embed = Callable[[list[int]], np.ndarray]  # ids -> [n,H] fp32
 
 
+# Default sizes by model scale (decoder parameters per layer): both 128 sequences. A small model gets 8 images x 16
+# whole turns (~11k positions; seconds of work); a 7B-class one (218M per layer) 2 images x 64 turns with answers cut
+# at 24 tokens (~6.6k positions): the pass's forward alone costs 2 x params x positions (92 TFLOP at 7B), which has to
+# fit the export's time bound on 2 CPU cores (README "int4 quality" gives the measured time).
+LARGE_LAYER_PARAMS = 50_000_000
+SMALL_DEFAULT = (8, 16, None)
+LARGE_DEFAULT = (2, 64, 24)
+
+
 @dataclass(frozen=True)
 class CalibrationSpec:
-    """How many calibration sequences: `images` prefixes x `per_image` question/answer suffixes."""
+    """How many calibration sequences: `images` prefixes x `per_image` question/answer suffixes (answers cut at
+    `max_answer_tokens`); None: the default for the model's size (`resolved`)."""
 
-    images: int = 8
-    per_image: int = 16
+    images: int | None = None
+    per_image: int | None = None
+    max_answer_tokens: int | None = None
     image_dir: Path | None = None  # export --calibration-images: the clinic's photos instead of generated ones
+
+    def resolved(self, layer_params: int) -> "CalibrationSpec":
+        if self.images is not None and self.per_image is not None:
+            return self
+        images, per_image, cut = LARGE_DEFAULT if layer_params > LARGE_LAYER_PARAMS else SMALL_DEFAULT
+        return CalibrationSpec(self.images or images, self.per_image or per_image,
+                               self.max_answer_tokens if self.max_answer_tokens is not None else cut, self.image_dir)
 
     @property
     def sequences(self) -> int:
-        return self.images * self.per_image
+        return (self.images or SMALL_DEFAULT[0]) * (self.per_image or SMALL_DEFAULT[1])
 
     def describe(self, images_used: int) -> dict:
         """The manifest's record: what was calibrated on, never which files."""
+        cut = f", answers cut at {self.max_answer_tokens} tokens" if self.max_answer_tokens else ""
         return {"text": f"MM-Skin_test.csv rows listed in skin_offline/export/data/calibration.json "
-                        f"({self.sequences} of {len(load_pairs()[0])} question/answer pairs)",
+                        f"({self.sequences} of {len(load_pairs()[0])} question/answer pairs{cut})",
                 "images": (f"{images_used} images from --calibration-images" if self.image_dir is not None
                            else f"{images_used} generated lesion-like images (probe_image seeds "
                                 f"{CALIBRATION_SEED}-{CALIBRATION_SEED + images_used - 1})"),
@@ -85,17 +104,21 @@ def calibration_images(spec: CalibrationSpec) -> list:
     return images
 
 
-def sequence_ids(tok, question: str, answer: str) -> tuple[list[int], list[int]]:
+def sequence_ids(tok, question: str, answer: str, max_answer_tokens: int | None = None) -> tuple[list[int], list[int]]:
     """(ids before the image, ids after it) of one training turn, as the runtime builds prompts (prompt.py) plus the
-    answer as it stands in the turn and EOS."""
+    answer as it stands in the turn and EOS (an answer cut at `max_answer_tokens` has no EOS)."""
     from ..runtime.prompt import IMAGE_PLACEHOLDER, build_prompt_ids
 
-    ids = build_prompt_ids(tok, question) + tok.answer_ids(answer) + [tok.eos_id]
+    answer_ids = tok.answer_ids(answer) + [tok.eos_id]
+    if max_answer_tokens is not None:
+        answer_ids = answer_ids[:max_answer_tokens]
+    ids = build_prompt_ids(tok, question) + answer_ids
     slot = ids.index(IMAGE_PLACEHOLDER)
     return ids[:slot], ids[slot + 1:]
 
 
-def calibration_groups(tok, embed: Embed, feats: np.ndarray, per_image: int, offset: int = 0) -> list:
+def calibration_groups(tok, embed: Embed, feats: np.ndarray, per_image: int, offset: int = 0,
+                       max_answer_tokens: int | None = None) -> list:
     """One layerstream.Group per image of `feats` [I,N,H]: prefix = BOS "[INST] " + features, suffixes = `per_image`
     question/answer turns (the shipped pairs, in order from `offset`, cycling)."""
     from .layerstream import Group
@@ -106,7 +129,7 @@ def calibration_groups(tok, embed: Embed, feats: np.ndarray, per_image: int, off
         pre, suffixes = None, []
         for j in range(per_image):
             q, a = pairs[(offset + i * per_image + j) % len(pairs)]
-            before, after = sequence_ids(tok, q, a)
+            before, after = sequence_ids(tok, q, a, max_answer_tokens)
             pre = before
             suffixes.append(embed(after))
         groups.append(Group(np.concatenate([embed(pre), feats[i]]), suffixes))
@@ -135,7 +158,9 @@ def build_calibrator(cfg, stack, weights_of, embed: Embed, tok, vision_graph: Pa
     from .gptq import Grid
     from .quantize import _BITS
 
-    spec = cfg.calibration
+    c = stack.cfg
+    spec = cfg.calibration.resolved(layer_params(c.hidden_size, c.intermediate_size, c.num_attention_heads,
+                                                 c.num_key_value_heads, c.head_dim))
     images = calibration_images(spec)
     if log is not None:
         log(f"calibrating int4 on {spec.sequences} sequences over {len(images)} "
@@ -145,18 +170,23 @@ def build_calibrator(cfg, stack, weights_of, embed: Embed, tok, vision_graph: Pa
     del images
     # fewer readable clinic images than asked: the same number of sequences, more of them per image
     per_image = -(-spec.sequences // n_images)
-    groups = calibration_groups(tok, embed, feats, per_image)
+    groups = calibration_groups(tok, embed, feats, per_image, max_answer_tokens=spec.max_answer_tokens)
     return Calibrator(stack, weights_of, groups, Grid(_BITS[cfg.precision], cfg.block_size), cfg.method_spec(),
                       source=spec.describe(n_images))
 
 
+def layer_params(hidden: int, mlp: int, heads: int, kv_heads: int, head_dim: int) -> int:
+    return hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * mlp
+
+
 def calibration_positions(tok, spec: CalibrationSpec, image_tokens: int) -> int:
-    """Positions the calibrated pass runs (export --dry-run): each image's prefix once, every suffix."""
+    """Positions the calibrated pass runs (export --dry-run) for a resolved spec: each image's prefix once, every
+    suffix."""
     _, pairs = load_pairs()
     total = 0
     for i in range(spec.images):
         for j in range(spec.per_image):
-            before, after = sequence_ids(tok, *pairs[(i * spec.per_image + j) % len(pairs)])
+            before, after = sequence_ids(tok, *pairs[(i * spec.per_image + j) % len(pairs)], spec.max_answer_tokens)
             total += len(after)
         total += len(before) + image_tokens
     return total

@@ -231,14 +231,15 @@ def _calibration_cost(ckpt, cfg):
 
     from ..runtime.tokenizer import TextTokenizer
     from .calibrate import measure_gflops, pass_cost
-    from .calibration import calibration_positions
+    from .calibration import calibration_positions, layer_params
     from .tokenizer import token_config, write_tokenizer_json
 
     with tempfile.TemporaryDirectory() as d:
         tj = write_tokenizer_json(ckpt.folder, Path(d) / names.TOKENIZER)
         tok = TextTokenizer.from_file(tj, token_config(ckpt.folder, tj))
-        positions = calibration_positions(tok, cfg.calibration, ckpt.vision.image_tokens)
-    t = ckpt.text
+        t = ckpt.text
+        spec = cfg.calibration.resolved(layer_params(t.hidden, t.mlp, t.heads, t.kv_heads, t.head_dim))
+        positions = calibration_positions(tok, spec, ckpt.vision.image_tokens)
     cost = pass_cost(t.hidden, t.mlp, t.heads, t.kv_heads, t.head_dim, t.layers, positions, cfg.method_spec())
     return cost, cost.seconds(measure_gflops())
 
