@@ -127,7 +127,9 @@ def main() -> None:
     print(f"fp32 reference: {sum(map(len, answers))} answer tokens, {time.perf_counter() - t0:.0f}s", flush=True)
     specs = {"rtn": MethodSpec(gptq=False, scale_search=False), "search": MethodSpec(gptq=False, scale_search=True),
              "gptq-absmax": MethodSpec(gptq=True, scale_search=False), "gptq": MethodSpec(),
-             "gptq-noact": MethodSpec(act_order=False)}
+             "gptq-noact": MethodSpec(act_order=False),
+             # what a 7B export gets: GPTQ on q/k/v/o/gate/up, down_proj (K 14336 there) rounded on searched scales
+             "gptq-nodown": MethodSpec(gptq_max_inputs=1024)}
     results, calib = {}, None
     for m in a.methods:
         t0 = time.perf_counter()

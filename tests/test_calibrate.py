@@ -115,6 +115,9 @@ def test_calibration_data_is_held_apart_and_large_enough():
 
     assert ProbeSet().num_questions <= len(QUALITY_ROWS) and CALIBRATION_SEED > max(ProbeSet().image_seeds)
     assert CalibrationSpec().sequences >= 128
+    for layer_params in (3_500_000, 218_000_000):  # the proxy's layers, Mistral-7B's
+        spec = CalibrationSpec().resolved(layer_params)
+        assert spec.images * spec.per_image >= 128 and spec.images >= 1
 
 
 def test_calibration_sequences_are_training_turns_with_image_positions(llava_model):

@@ -132,6 +132,7 @@ class Calibrator:
                 codes, scales, dq = self._quantize(mods[lin].weight.data, h)
                 res.codes[lin], res.scales[lin] = codes, scales
                 mods[lin].weight = torch.nn.Parameter(torch.from_numpy(dq), requires_grad=False)
+                weights.pop(lin + ".weight", None)  # the checkpoint's copy goes as its dequantized one comes
             del h
 
         with torch.no_grad():

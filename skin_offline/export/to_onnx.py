@@ -190,7 +190,6 @@ def _quantized_decoders(ckpt: Checkpoint, tmp: Path, cfg, max_context: int | Non
         dec32 = GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.STANDARD, names.DECODER_GRAPH,
                              (names.external_data_name(names.DECODER_GRAPH),), attention=Attention.CONCAT)
     cfg, plans = decoder_plans(cfg, GraphSource.lazy(dec32.file, model, lazy), dec32, where)
-    table = ckpt.text_tensor("embed_tokens.weight").numpy()  # [V,H] fp32: one tensor
     calibrator = None
     if calib is not None:
         from .calibration import build_calibrator
@@ -198,12 +197,15 @@ def _quantized_decoders(ckpt: Checkpoint, tmp: Path, cfg, max_context: int | Non
 
         tok, vision_graph, threads = calib
         stack = CheckpointStack(ckpt)
+        table = ckpt.text_tensor("embed_tokens.weight").numpy()  # [V,H]: the calibration rows, then dropped
         calibrator = build_calibrator(cfg, stack, stack.weights, lambda ids: table[np.asarray(ids, np.int64)], tok,
                                       vision_graph, ckpt.preprocess, threads, log)
+        del table
     with _torch_threads(calib[2] if calib else None):
         decoders = write_plans(plans, tmp, cfg, {dec32.file: dec32}, log, calibrator)
     del calibrator
     log(f"writing {cfg.embeddings.value} embedding table ...")
+    table = ckpt.text_tensor("embed_tokens.weight").numpy()  # [V,H] fp32: one tensor
     if cfg.embeddings == EmbeddingPrecision.FP32:
         efile = _write_embeddings(ckpt, tmp)
         emb = GraphVariant(names.ROLE_EMBEDDINGS, Precision.FP32, Flavor.STANDARD, efile)
