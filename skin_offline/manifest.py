@@ -124,11 +124,27 @@ class PromptConfig:
     template: str = "mistral_instruct"
 
 
+class TokenizerFamily(str, enum.Enum):
+    """How tokenizer.json's pieces map to text (decides the runtime's decoding rules)."""
+
+    SENTENCEPIECE = "sentencepiece"  # Llama/Mistral BPE: "▁" for spaces, <0xNN> byte-fallback pieces, dummy prefix
+    BYTE_LEVEL = "byte_level"  # GPT-2 style BPE: every piece is bytes through GPT-2's byte-to-unicode table
+
+
 @dataclass(frozen=True)
 class TokenConfig:
+    """Control ids, from the checkpoint's tokenizer and model configs (export/tokenizer.py)."""
+
     bos_id: int = 1
     eos_id: int = 2
     tokenizer_vocab_size: int = 32000  # ids >= this are padding rows of the embedding / lm_head
+    family: TokenizerFamily = TokenizerFamily.SENTENCEPIECE
+    pad_id: int | None = None  # the checkpoint's pad token (llava-hf adds one past the vocabulary); informational
+    control_ids: tuple[int, ...] = ()  # special tokens inside the vocabulary that decoding skips (beyond BOS/EOS)
+
+    def __post_init__(self):
+        object.__setattr__(self, "family", TokenizerFamily(self.family))
+        object.__setattr__(self, "control_ids", tuple(int(i) for i in self.control_ids))
 
 
 @dataclass(frozen=True)
@@ -244,7 +260,8 @@ class Manifest:
             names.K_MODEL: dataclasses.asdict(self.model),
             names.K_PREPROCESS: pre,
             names.K_PROMPT: dataclasses.asdict(self.prompt),
-            names.K_TOKENS: dataclasses.asdict(self.tokens),
+            names.K_TOKENS: {**dataclasses.asdict(self.tokens), "family": self.tokens.family.value,
+                             "control_ids": list(self.tokens.control_ids)},
             names.K_GRAPHS: [g.to_dict() for g in self.graphs],
             names.K_FILES: {k: dataclasses.asdict(v) for k, v in sorted(self.files.items())},
             names.K_SOURCE: self.source,

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..errors import UsageError
-from ..export.choices import DemoLayout, DemoPreset
+from ..export.choices import DemoLayout, DemoPreset, QuantMethod
 from ..manifest import PadMode, Precision
 from .options import progress_for, quiet_option
 
@@ -42,6 +42,9 @@ def register(app, friendly) -> None:
         quality: bool = typer.Option(True, "--quality/--no-quality", help="int4/int8/fp16: measure agreement with the checkpoint in fp32 (stored in the manifest, shown by `info`)"),
         threads: Optional[int] = typer.Option(None, min=1, help="threads for verification and the quality report"),
         precision: Precision = typer.Option(Precision.FP32, help="fp32, or int4/int8/fp16 (quantized with `quantize`'s defaults)"),
+        quant_method: Optional[QuantMethod] = typer.Option(None, help="int4/int8 weights: gptq (calibrated; the int4 default) or rtn (round to nearest, no calibration)"),
+        scale_search: Optional[bool] = typer.Option(None, "--scale-search/--no-scale-search", help="each block's scale by the error on calibration activations (default: on with gptq, off with rtn)"),
+        calibration_images: Optional[Path] = typer.Option(None, help="folder of your own lesion photos to calibrate int4 on (read, encoded, never stored or logged); default: generated images"),
         quiet: bool = quiet_option(),
     ):
         """Export a SkinVL / LLaVA checkpoint folder to an ONNX bundle."""
@@ -50,14 +53,16 @@ def register(app, friendly) -> None:
             from ..export.plan import plan_export
 
             plan_export(src, out, lora=lora, vision_tower=vision_tower, image_mode=image_mode, precision=precision,
-                        max_context=max_context, verify=verify, quality=quality, log=lambda m: typer.echo(m))
+                        max_context=max_context, verify=verify, quality=quality, log=lambda m: typer.echo(m),
+                        quant_method=quant_method, scale_search=scale_search, calibration_images=calibration_images)
             return
         from ..export.to_onnx import export_bundle
 
         with progress_for(quiet) as progress:
             export_bundle(src, out, vision_tower=vision_tower, image_mode=image_mode, max_context=max_context,
                           verify=verify, quality=quality, log=progress, lora=lora, precision=precision,
-                          threads=threads)
+                          threads=threads, quant_method=quant_method, scale_search=scale_search,
+                          calibration_images=calibration_images)
 
     @app.command("make-demo-checkpoint")
     @friendly

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..export.choices import QuantMethod
 from ..manifest import Precision, Prefill
 from .options import progress_for, quiet_option
 
@@ -21,7 +22,9 @@ def register(app, friendly) -> None:
         block_size: Optional[int] = typer.Option(None, help="int4/int8: weights per scale along K (16, 32, 64, 128, 256); default: the largest <= 128 dividing every input size"),
         symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="int4/int8: zero points or not"),
         accuracy_level: int = typer.Option(4, help="MatMulNBits compute: 4 = int8 activations (fast), 0 = fp32"),
-        scale_search: bool = typer.Option(False, "--scale-search", help="int4/int8: pick each block's scale by least squared error (less error, same speed; slower quantize)"),
+        quant_method: Optional[QuantMethod] = typer.Option(None, help="int4/int8 weights: gptq (calibrated; the int4 default) or rtn (round to nearest, no calibration)"),
+        scale_search: Optional[bool] = typer.Option(None, "--scale-search/--no-scale-search", help="each block's scale by the error on calibration activations (default: on with gptq, off with rtn)"),
+        calibration_images: Optional[Path] = typer.Option(None, help="folder of your own lesion photos to calibrate int4 on (read, encoded, never stored or logged); default: generated images"),
         lm_head: Optional[Precision] = typer.Option(None, help="lm_head precision for int4/int8 decoders: fp32, int8 (default) or int4"),
         vision: Optional[Precision] = typer.Option(None, help="vision encoder: int8 (dynamic quantization, ~3x faster encode on CPU; the default for int4/int8, kept when its features match fp32 within cosine 0.999), fp32 or fp16"),
         embeddings: Optional[Precision] = typer.Option(None, help="token table: fp32, fp16 or int8 (default int8; fp16 for fp16)"),
@@ -34,12 +37,13 @@ def register(app, friendly) -> None:
         quiet: bool = quiet_option(),
     ):
         """Quantize a bundle's decoder (and optionally vision encoder) in bounded memory, with a quality report."""
+        from ..export.calibration import CalibrationSpec
         from ..export.quantize import QuantConfig, quantize_bundle
 
         # QuantConfig checks which precisions each part accepts (ConfigError, exit 2), before any work
         cfg = QuantConfig(precision=precision, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
-                          scale_search=scale_search, lm_head=lm_head, vision=vision, embeddings=embeddings,
-                          prefill=prefill)
+                          method=quant_method, scale_search=scale_search, lm_head=lm_head, vision=vision,
+                          embeddings=embeddings, prefill=prefill, calibration=CalibrationSpec(image_dir=calibration_images))
         with progress_for(quiet) as progress:
             quantize_bundle(bundle, out, cfg, quality=quality, log=progress, probe_kw={"threads": threads},
                             keep_source=keep_source)

@@ -16,3 +16,10 @@ class DemoLayout(str, Enum):
 class DemoPreset(str, Enum):
     TINY = "tiny"  # a few MB: tests and `make demo`
     BENCH = "bench"  # exact SkinVL widths, 4 decoder layers: benchmarks
+
+
+class QuantMethod(str, Enum):
+    """How int4/int8 decoder weights are rounded (`export/quantize --quant-method`; export/calibrate.py)."""
+
+    GPTQ = "gptq"  # calibrated: error compensation over each layer's Hessian (the int4 default)
+    RTN = "rtn"  # round to nearest on absmax block scales (onnxruntime's own packing; no calibration)

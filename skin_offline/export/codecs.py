@@ -31,11 +31,15 @@ class NBits:
     block_size: int
     symmetric: bool = True
     accuracy_level: int = 4  # 4 = int8 activations (VNNI); 0 = fp32
-    scale_search: bool = False  # per-block least-squares scale (symmetric only)
+    scale_search: bool = False  # bundles written before issue 22: per-block least-squares scale (symmetric only)
+    # codes and scales come from the calibrated pass (calibrate.Calibrator, handed to `pack`), not from `encode`
+    calibrated: bool = False
     kernel = Kernel.NBITS
 
     def encode(self, name: str, w: np.ndarray) -> Tensors:
         """W [K,N] fp32 -> packed [N, K/bs, bs*bits/8] uint8, scales [N*K/bs] fp32 (+ zero points)."""
+        if self.calibrated:
+            raise ValueError(f"{name}: a calibrated codec packs the calibrated pass's codes (pack), it does not round")
         if self.scale_search:
             packed, scales = pack_nbits_search(w, self.bits, self.block_size)
             zp = None
@@ -45,6 +49,11 @@ class NBits:
         if not self.symmetric:
             out.append((name + names.Q_ZERO_POINTS_SUFFIX, zp))
         return out
+
+    def pack(self, name: str, codes: np.ndarray, scales: np.ndarray) -> Tensors:
+        """Symmetric codes [N,K] int8 in [-2^(bits-1), 2^(bits-1)-1] + scales [N, K/bs] -> the tensors `encode` writes."""
+        return [(name + names.Q_WEIGHT_SUFFIX.format(bits=self.bits), pack_codes(codes, self.bits, self.block_size)),
+                (name + names.Q_SCALES_SUFFIX, np.ascontiguousarray(scales, np.float32).reshape(-1))]
 
     def nbytes(self, k: int, n: int) -> list[int]:
         """Sizes of the tensors `encode` writes for a [K,N] weight, in order (export --dry-run)."""
@@ -61,6 +70,16 @@ class NBits:
             attrs["accuracy_level"] = self.accuracy_level
         return helper.make_node("MatMulNBits", [x, *(t for t, _ in tensors)], [out], name=f"{node_name}_Q{self.bits}",
                                 domain=MS_DOMAIN, **attrs)
+
+
+def pack_codes(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """Signed codes [N,K] -> MatMulNBits' B [N, K/bs, bs*bits/8] uint8: stored with the implied zero point
+    2^(bits-1) added, two 4-bit codes per byte, low nibble first (the op's documented layout)."""
+    n, k = codes.shape
+    u = (codes.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8).reshape(n, k // block_size, block_size)
+    if bits == 4:
+        u = u[..., 0::2] | (u[..., 1::2] << 4)
+    return np.ascontiguousarray(u)
 
 
 @dataclass(frozen=True)

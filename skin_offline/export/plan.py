@@ -78,7 +78,8 @@ def _rss() -> int:
 def plan_export(src: Path, out: Path, *, lora: Path | None = None, vision_tower: Path | None = None,
                 image_mode: PadMode | None = None, precision: Precision | str | None = None,
                 max_context: int | None = None, fast_decoder: bool = True, verify: bool = True,
-                quality: bool = True, log=print) -> ExportPlan:
+                quality: bool = True, log=print, quant_method=None, scale_search: bool | None = None,
+                calibration_images: Path | None = None) -> ExportPlan:
     import onnxruntime  # noqa: F401  (the export imports these: part of its size)
     import transformers.models.mistral.modeling_mistral  # noqa: F401
 
@@ -87,7 +88,9 @@ def plan_export(src: Path, out: Path, *, lora: Path | None = None, vision_tower:
     from .to_onnx import open_source
     from .checkpoint import TensorStore
 
-    cfg = None if precision is None or Precision(precision) == Precision.FP32 else QuantConfig(Precision(precision))
+    from .to_onnx import quant_config
+
+    cfg = quant_config(precision, quant_method, scale_search, calibration_images)
     ckpt = open_source(src, lora, vision_tower=vision_tower, image_mode=image_mode)
     baseline = _rss()
     numel = lambda shape: int(np.prod(shape, dtype=np.int64))  # noqa: E731
@@ -188,6 +191,12 @@ def plan_export(src: Path, out: Path, *, lora: Path | None = None, vision_tower:
     largest = max(read_bytes + vis)
     mapped = 2 * (TensorStore.RELEASE_BYTES + largest // 2)  # resident checkpoint pages, vision + text stores
     stages = {"write": baseline + (3 if lora else 2) * largest + largest // 4 + mapped}
+    notes = []
+    if cfg is not None and cfg.calibrated:
+        cost, seconds = _calibration_cost(ckpt, cfg)
+        stages["calibrated int4 pass"] = stages["write"] + cost.peak_bytes
+        notes.append(f"calibrated int4 pass ({cfg.method_spec().describe()}): {cost.flops / 1e12:.0f} TFLOP, "
+                     f"~{seconds / 60:.1f} min at this machine's fp32 GEMM rate now, on top of the rest of the export")
     if transient:  # the int8 tower's gate: the fp32 and int8 vision graphs loaded side by side
         stages["vision int8 gate"] = baseline + sum(vis) + sum(vis) // 4 + ACTIVATIONS
     if verify or (quality and cfg is not None):
@@ -210,9 +219,29 @@ def plan_export(src: Path, out: Path, *, lora: Path | None = None, vision_tower:
     dest = Path(out).absolute()
     parent = next(p for p in (dest, *dest.parents) if p.exists())
     existing = sum(f.stat().st_size for f in dest.iterdir() if f.is_file()) if dest.is_dir() else 0
-    plan = ExportPlan(files, stages, baseline, shutil.disk_usage(parent).free, existing, transient)
+    plan = ExportPlan(files, stages, baseline, shutil.disk_usage(parent).free, existing, transient, notes=notes)
     _report(plan, ckpt, lora, out, cfg, log)
     return plan
+
+
+def _calibration_cost(ckpt, cfg):
+    """(calibrate.PassCost, predicted seconds) of the calibrated int4 pass on this checkpoint: its exact calibration
+    positions (the checkpoint's tokenizer over the shipped text) at this machine's measured GEMM rate."""
+    import tempfile
+
+    from ..runtime.tokenizer import TextTokenizer
+    from .calibrate import measure_gflops, pass_cost
+    from .calibration import calibration_positions, layer_params
+    from .tokenizer import token_config, write_tokenizer_json
+
+    with tempfile.TemporaryDirectory() as d:
+        tj = write_tokenizer_json(ckpt.folder, Path(d) / names.TOKENIZER)
+        tok = TextTokenizer.from_file(tj, token_config(ckpt.folder, tj))
+        t = ckpt.text
+        spec = cfg.calibration.resolved(layer_params(t.hidden, t.mlp, t.heads, t.kv_heads, t.head_dim))
+        positions = calibration_positions(tok, spec, ckpt.vision.image_tokens)
+    cost = pass_cost(t.hidden, t.mlp, t.heads, t.kv_heads, t.head_dim, t.layers, positions, cfg.method_spec())
+    return cost, cost.seconds(measure_gflops())
 
 
 def _layer_params(t) -> int:
@@ -242,3 +271,5 @@ def _report(plan: ExportPlan, ckpt, lora, out, cfg, log) -> None:
         + f"; {plan.free_bytes / 1e9:.1f} GB free" + ("" if ok else ": NOT ENOUGH, free space or pick another folder"))
     log(f"  expected peak memory {gb(plan.peak)} (this process {gb(plan.baseline)}; by stage: "
         + ", ".join(f"{k} {gb(v)}" for k, v in plan.stages.items()) + ")")
+    for note in plan.notes:
+        log(f"  {note}")

@@ -345,8 +345,22 @@ def measure(folder: Path, reference, probes: ProbeSet = ProbeSet(), *, quality: 
             "greedy_identical": float(np.mean([k == n for k in prefix])),
             "pipeline": {"vision": vis, "embeddings": _picked(m, names.ROLE_EMBEDDINGS, g.precision),
                          "multi_row": _multi_row_name(m, g)},
+            "quantization": quantization_of(g),
         }
     return {"measured_on": on, **report} if quality else {}
+
+
+def quantization_of(g) -> dict:
+    """How a decoder variant's weights were quantized, for the report: the method and what it was calibrated on
+    (never on the report's own probes: calibration.py keeps them apart)."""
+    d = g.details
+    if d.get("op") == "DynamicQuantizeMatMul":
+        return {"method": "int8 per-column, round to nearest"}
+    out = {"method": d.get("method", "rtn"), "scales": d.get("scales", "absmax")}
+    cal = d.get("calibration")
+    if cal:
+        out["calibration"] = {k: cal[k] for k in ("text", "images", "sequences") if k in cal}
+    return out
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -401,6 +415,12 @@ def format_details(details: dict) -> str:
         parts.append(f"lm_head {details['lm_head']}")
     if details.get("scales") == "mse-search":
         parts.append("searched scales")
+    if details.get("method") == "gptq":
+        parts.append("GPTQ")
+    if details.get("scales") == "activation-search":
+        parts.append("activation-searched scales")
+    if details.get("calibration"):
+        parts.append(f"calibrated on {details['calibration'].get('sequences')} sequences")
     return "[" + ", ".join(parts) + "]"
 
 
@@ -423,6 +443,10 @@ def format_report(report: dict) -> list[str]:
             lines.append(f"  {key:14s} image-feature cosine mean {r['feature_cosine_mean']:.6f}, min {r['feature_cosine_min']:.6f}")
             continue
         pipe = r.get("pipeline", {})
+        q = r.get("quantization", {})
+        if q.get("calibration"):
+            lines.append(f"  {key:14s} weights: {q['method']} ({q['scales']} scales), calibrated on "
+                         f"{q['calibration'].get('sequences')} sequences: {q['calibration'].get('images')}")
         lines.append(
             f"  {key:14s} top-1 {r['top1_agreement']:.1%}, KL mean {r['kl_mean']:.2e} max {r['kl_max']:.2e}, "
             f"max |dlogit| {r['max_abs_logit_diff']:.3g}, greedy prefix {r['greedy_prefix_agreement']:.1%}, "

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import __version__, names
 from ..manifest import (
-    Attention, Flavor, GraphVariant, Manifest, ModelDims, PadMode, Precision, PromptConfig, TokenConfig, folder_entries,
+    Attention, Flavor, GraphVariant, Manifest, ModelDims, PadMode, Precision, PromptConfig, folder_entries,
 )
 from ..progress import task
 from ..runtime.tokenizer import TextTokenizer
@@ -27,7 +27,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .decoder_graph import build_decoder
 from .decoder_graph_fast import build_decoder_fast
 from .onnx_writer import external_initializers
-from .tokenizer import write_tokenizer_json
+from .tokenizer import token_config, write_tokenizer_json
 from .vision_graph import build_vision
 
 Log = Callable[[str], None]
@@ -70,7 +70,8 @@ def open_source(src: Path, lora: Path | None = None, **kw) -> Checkpoint:
 def export_bundle(src: Path, out: Path, *, vision_tower: Path | None = None, image_mode: PadMode | None = None,
                   max_context: int | None = None, verify: bool = True, quality: bool = True, log: Log = print,
                   lora: Path | None = None, fast_decoder: bool = True, precision: Precision | str | None = None,
-                  probes=None, threads: int | None = None) -> Manifest:
+                  probes=None, threads: int | None = None, quant_method=None, scale_search: bool | None = None,
+                  calibration_images: Path | None = None) -> Manifest:
     """`src` is the checkpoint, or with `lora` the base checkpoint the PEFT adapter folder is merged onto.
 
     `precision` int4/int8/fp16 (quantize's defaults): each checkpoint weight is encoded as it is read, straight into
@@ -78,11 +79,7 @@ def export_bundle(src: Path, out: Path, *, vision_tower: Path | None = None, ima
     write the same graph files. `verify`: every graph checked against the checkpoint, layer by layer (verify.py);
     `quality`: the quantized graphs' agreement with the checkpoint in fp32 (quality.py); both in one layer-streamed
     pass, in bounded memory at any size."""
-    cfg = None
-    if precision is not None and Precision(precision) != Precision.FP32:
-        from .quantize import QuantConfig
-
-        cfg = QuantConfig(Precision(precision))  # validated before any work
+    cfg = quant_config(precision, quant_method, scale_search, calibration_images)  # validated before any work
     t0 = time.perf_counter()
     ckpt = open_source(src, lora, vision_tower=vision_tower, image_mode=image_mode)
     log(f"checkpoint: {ckpt.layout} layout, {ckpt.text.layers} decoder layers, hidden {ckpt.text.hidden}, "
@@ -92,14 +89,16 @@ def export_bundle(src: Path, out: Path, *, vision_tower: Path | None = None, ima
         with task(log, "vision graph", total=ckpt.vision.kept_layers, unit="layers") as t:
             vfile, vdata = build_vision(ckpt.vision, lambda n: ckpt.vision_tensor(n).numpy(),
                                         lambda n: ckpt.projector_tensor(n).numpy(), tmp, progress=lambda i: t.advance())
+        with task(log, "tokenizer", total=1, unit="files") as t:
+            write_tokenizer_json(ckpt.folder, tmp / names.TOKENIZER)
+            tokens = token_config(ckpt.folder, tmp / names.TOKENIZER)
+            tok = TextTokenizer.from_file(tmp / names.TOKENIZER, tokens)  # loads as the runtime will
+            t.advance()
         if cfg is None:
             decoders = _fp32_decoders(ckpt, tmp, max_context, fast_decoder, log)
         else:
-            decoders = _quantized_decoders(ckpt, tmp, cfg, max_context, str(src), log)
-        with task(log, "tokenizer", total=1, unit="files") as t:
-            write_tokenizer_json(ckpt.folder, tmp / names.TOKENIZER)
-            t.advance()
-        tok_vocab = TextTokenizer.from_file(tmp / names.TOKENIZER).vocab_size
+            calib = (tok, tmp / vfile, threads) if cfg.calibrated else None
+            decoders = _quantized_decoders(ckpt, tmp, cfg, max_context, str(src), log, calib)
         vis32 = GraphVariant(names.ROLE_VISION, Precision.FP32, Flavor.STANDARD, vfile, vdata)
         vision = (vis32,)
         if cfg is not None and cfg.resolved_vision() != Precision.FP32:  # the same vision step as `quantize`
@@ -117,7 +116,7 @@ def export_bundle(src: Path, out: Path, *, vision_tower: Path | None = None, ima
         files = folder_entries(tmp, log)
         manifest = Manifest(
             model=model_dims(ckpt, max_context), preprocess=ckpt.preprocess, prompt=PromptConfig("mistral_instruct"),
-            tokens=TokenConfig(bos_id=1, eos_id=2, tokenizer_vocab_size=tok_vocab), graphs=graphs, files=files,
+            tokens=tokens, graphs=graphs, files=files,
             source={"path": str(Path(src).resolve()), "layout": ckpt.layout, "fingerprint": ckpt.store.fingerprint(),
                     "vision_tower": str(ckpt.vision_store.folder), "projector": ckpt.layout, **ckpt.notes,
                     names.SOURCE_RANDOM_WEIGHTS: ckpt.random_weights},
@@ -129,6 +128,22 @@ def export_bundle(src: Path, out: Path, *, vision_tower: Path | None = None, ima
     size = sum(e.size for e in manifest.files.values())
     log(f"bundle written to {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
     return manifest
+
+
+def quant_config(precision, quant_method=None, scale_search: bool | None = None, calibration_images: Path | None = None):
+    """quantize.QuantConfig of `export --precision P [--quant-method M] [--scale-search] [--calibration-images DIR]`
+    (quantize's defaults otherwise); None for fp32."""
+    if precision is None or Precision(precision) == Precision.FP32:
+        if quant_method is not None or scale_search or calibration_images is not None:
+            from ..errors import UsageError
+
+            raise UsageError("--quant-method, --scale-search and --calibration-images are for --precision int4/int8")
+        return None
+    from .calibration import CalibrationSpec
+    from .quantize import QuantConfig
+
+    return QuantConfig(Precision(precision), method=quant_method, scale_search=scale_search,
+                       calibration=CalibrationSpec(image_dir=calibration_images))
 
 
 def _fp32_decoders(ckpt: Checkpoint, tmp: Path, max_context: int | None, fast_decoder: bool, log: Log) -> tuple:
@@ -149,10 +164,13 @@ def _fp32_decoders(ckpt: Checkpoint, tmp: Path, max_context: int | None, fast_de
             *contrib, GraphVariant(names.ROLE_EMBEDDINGS, Precision.FP32, Flavor.STANDARD, efile))
 
 
-def _quantized_decoders(ckpt: Checkpoint, tmp: Path, cfg, max_context: int | None, where: str, log: Log) -> tuple:
+def _quantized_decoders(ckpt: Checkpoint, tmp: Path, cfg, max_context: int | None, where: str, log: Log,
+                        calib: tuple | None = None) -> tuple:
     """The decoder graphs of `cfg` (quantize's plans: int4 + its int8 prefill graph by default) and the embedding
     table, each weight read from the checkpoint once and encoded on the way: the fp32 graph's structure is built
-    first with every weight left unread (onnx_writer.LazyData), then quantize_graphs streams them."""
+    first with every weight left unread (onnx_writer.LazyData), then quantize_graphs streams them. `calib`
+    (tokenizer, fp32 vision graph, threads): the calibrated int4 pass runs as the weights stream (calibrate.py),
+    on transformers' layers over the checkpoint's weights, one layer at a time."""
     from .decoder_graph import decoder_model
     from .decoder_graph_fast import decoder_fast_model
     from .onnx_writer import LazyData, LazyTensor
@@ -172,7 +190,20 @@ def _quantized_decoders(ckpt: Checkpoint, tmp: Path, cfg, max_context: int | Non
         dec32 = GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.STANDARD, names.DECODER_GRAPH,
                              (names.external_data_name(names.DECODER_GRAPH),), attention=Attention.CONCAT)
     cfg, plans = decoder_plans(cfg, GraphSource.lazy(dec32.file, model, lazy), dec32, where)
-    decoders = write_plans(plans, tmp, cfg, {dec32.file: dec32}, log)
+    calibrator = None
+    if calib is not None:
+        from .calibration import build_calibrator
+        from .layerstream import CheckpointStack
+
+        tok, vision_graph, threads = calib
+        stack = CheckpointStack(ckpt)
+        table = ckpt.text_tensor("embed_tokens.weight").numpy()  # [V,H]: the calibration rows, then dropped
+        calibrator = build_calibrator(cfg, stack, stack.weights, lambda ids: table[np.asarray(ids, np.int64)], tok,
+                                      vision_graph, ckpt.preprocess, threads, log)
+        del table
+    with _torch_threads(calib[2] if calib else None):
+        decoders = write_plans(plans, tmp, cfg, {dec32.file: dec32}, log, calibrator)
+    del calibrator
     log(f"writing {cfg.embeddings.value} embedding table ...")
     table = ckpt.text_tensor("embed_tokens.weight").numpy()  # [V,H] fp32: one tensor
     if cfg.embeddings == EmbeddingPrecision.FP32:
@@ -182,6 +213,26 @@ def _quantized_decoders(ckpt: Checkpoint, tmp: Path, cfg, max_context: int | Non
         efile, edata = quantize_table(lambda r0, n: table[r0:r0 + n], *table.shape, tmp, cfg.embeddings)
         emb = embedding_variant(cfg.embeddings, efile, edata)
     return (*decoders, emb)
+
+
+class _torch_threads:
+    """torch's intra-op threads set to `n` for a block (the calibrated pass), restored after; None: unchanged."""
+
+    def __init__(self, n: int | None):
+        self.n = n
+
+    def __enter__(self):
+        if self.n is not None:
+            import torch
+
+            self.before = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        if self.n is not None:
+            import torch
+
+            torch.set_num_threads(self.before)
 
 
 def check_bundle(folder: Path, manifest: Manifest, ckpt: Checkpoint, *, verify: bool = True, quality: bool = True,

@@ -84,7 +84,9 @@ class Verifier:
             exact = g.precision != Precision.FP32 and g.kernel != Kernel.FLOAT
             stack = GraphStack(self.folder / g.file, self.threads, exact=exact)
             search = g.details.get("scales") == "mse-search"
-            self.graphs[g.file] = (stack, StoredWeights(self.folder, stack.graph.inits, nbits_search=search))
+            calibrated = g.details.get("scales") if "calibration" in g.details else None
+            self.graphs[g.file] = (stack, StoredWeights(self.folder, stack.graph.inits, nbits_search=search,
+                                                        calibrated=calibrated))
             self.checks[g.file] = GraphCheck(g.file, g.precision.value, exact)
         self._seen: dict[tuple, object] = {}  # (data file, offset) -> WeightCheck: graphs sharing weights check once
 

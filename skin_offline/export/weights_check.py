@@ -18,9 +18,12 @@ import numpy as np
 from onnx import TensorProto
 
 from .. import names
+from .calibrate import calibrated_weight
 
 _ROWS = 1024  # output rows per chunk: bounded temporaries at 7B widths
 TIE = 1e-3  # |w/s - (k + 1/2)| below this may round either way (the packer may multiply by 1/s)
+# a calibrated weight's error (Frobenius) may be at most this x round-to-nearest's on the same scales
+CALIBRATED_ERROR_RATIO = 6.0
 
 
 @dataclass
@@ -31,10 +34,12 @@ class WeightCheck:
     mismatched: int = 0
     bad_scales: int = 0
     missing: bool = False
+    error_ratio: float | None = None  # calibrated weights: decoded error / round-to-nearest's on the same scales
 
     @property
     def ok(self) -> bool:
-        return not self.missing and self.mismatched == 0 and self.bad_scales == 0
+        calibrated_ok = self.error_ratio is None or self.error_ratio <= CALIBRATED_ERROR_RATIO
+        return not self.missing and self.mismatched == 0 and self.bad_scales == 0 and calibrated_ok
 
     def problem(self) -> str:
         if self.missing:
@@ -44,15 +49,22 @@ class WeightCheck:
             parts.append(f"{self.mismatched} of {self.values} values differ from the checkpoint's")
         if self.bad_scales:
             parts.append(f"{self.bad_scales} scales are not what its quantization allows")
+        if self.error_ratio is not None and self.error_ratio > CALIBRATED_ERROR_RATIO:
+            parts.append(f"its error is {self.error_ratio:.2f}x rounding to nearest's (at most "
+                         f"{CALIBRATED_ERROR_RATIO}x for a calibrated weight of this checkpoint)")
         return f"{self.name} ({self.stored_as}): " + ", ".join(parts)
 
 
 class StoredWeights:
     """Read a graph's stored initializers (seek/read from its external data) by checkpoint name."""
 
-    def __init__(self, folder: Path, inits: dict[str, TensorProto], nbits_search: bool = False):
-        """`nbits_search`: the MatMulNBits weights were packed with --scale-search (manifest details)."""
+    def __init__(self, folder: Path, inits: dict[str, TensorProto], nbits_search: bool = False,
+                 calibrated: str | None = None):
+        """`nbits_search`: the MatMulNBits weights were packed with the old --scale-search (manifest details);
+        `calibrated`: the decoder's layer weights come from the calibrated pass, with scales "absmax" or
+        "activation-search" (manifest details["scales"])."""
         self.folder, self.inits, self.nbits_search = Path(folder), inits, nbits_search
+        self.calibrated = calibrated
 
     def read(self, name: str) -> np.ndarray:
         from .quantize import read_tensor
@@ -84,6 +96,8 @@ class StoredWeights:
                                mismatched=int((stored != want).sum()) if stored.shape == want.shape else int(w.size))
         if kind == "qgemm":
             codec, stored_as = QGemm(), "int8 per-column"
+        elif self.calibrated and calibrated_weight(name):
+            return self._check_calibrated(name, w, int(kind[-1]))
         else:
             bits = int(kind[-1])
             packed = self.inits[name + names.Q_WEIGHT_SUFFIX.format(bits=bits)]
@@ -106,6 +120,36 @@ class StoredWeights:
                     per_byte = 2 if kind == "nbits4" else 1
                     g, x = (_unpack(a.reshape(a.shape[0], -1), 4) if per_byte == 2 else a for a in (got, want))
                     res.mismatched += int((g != x).sum())
+        return res
+
+    def _check_calibrated(self, name: str, w: np.ndarray, bits: int) -> WeightCheck:
+        """A calibrated weight (export/calibrate.py): its codes depend on the calibration activations, so they are
+        checked by what the pass guarantees, from the checkpoint's tensor alone: every block's scale is its absmax
+        scale (times a factor in [min(SEARCH_FACTORS), 1] with the activation search), and the decoded weight's error
+        is at most CALIBRATED_ERROR_RATIO x that of rounding to nearest on the same scales (GPTQ moves rounding error
+        between columns; it does not make it much larger, measured: README "int4 quality"). A wrong, stale or
+        transposed tensor fails both by far; a few altered codes may pass (the file hashes guard those)."""
+        from .gptq import SEARCH_FACTORS, Grid, absmax_scales, dequantize, rtn_codes
+
+        packed = self.inits[name + names.Q_WEIGHT_SUFFIX.format(bits=bits)]
+        bs = int(packed.dims[2]) * 8 // bits
+        grid = Grid(bits, bs)
+        res = WeightCheck(name, f"int{bits} block {bs} calibrated", int(w.size))
+        w = np.ascontiguousarray(w, np.float32)  # [N,K]
+        if w.shape[1] % bs or int(packed.dims[0]) != w.shape[0]:
+            res.mismatched = res.values
+            return res
+        got = self.read(name + names.Q_SCALES_SUFFIX).reshape(w.shape[0], -1)
+        base = absmax_scales(w, grid)
+        ratio = np.divide(got, base, out=np.ones_like(got), where=base != 0)
+        lo = min(SEARCH_FACTORS) if self.calibrated == "activation-search" else 1.0
+        res.bad_scales = int(((ratio < lo - 1e-6) | (ratio > 1 + 1e-6)).sum())  # an all-zero block: any scale
+        if res.bad_scales:
+            return res
+        dq = self.dequantize(name, w)
+        rtn = dequantize(rtn_codes(w, got, grid), got, grid)
+        err, ref = float(np.linalg.norm(dq - w)), float(np.linalg.norm(rtn - w))
+        res.error_ratio = err / max(ref, 1e-30)
         return res
 
     def dequantize(self, name: str, like: np.ndarray) -> np.ndarray:

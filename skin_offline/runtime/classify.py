@@ -85,8 +85,8 @@ def question_for(labels: list[str], template: str = QUESTION_TEMPLATE) -> str:
 
 
 def label_token_ids(tokenizer: TextTokenizer, label: str) -> list[int]:
-    """Ids of `label` as the answer after "[/INST] " (see module docstring)."""
-    return tokenizer.encode(label)
+    """Ids of `label` as the answer after "[/INST] " (see module docstring), for either tokenizer family."""
+    return tokenizer.answer_ids(label)
 
 
 class LabelScoring:

@@ -70,10 +70,8 @@ class Response:
 
 def logprob_content(tokenizer: Any, entries: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
     """OpenAI's `choices[].logprobs.content`: per token its text, logprob, UTF-8 bytes and the top alternatives."""
-    from .tokenizer import token_bytes
-
     def one(token: int, logprob: float) -> dict[str, Any]:
-        b = token_bytes(tokenizer, token)
+        b = tokenizer.token_bytes(token)
         return {"token": b.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(b)}
 
     return [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries]
