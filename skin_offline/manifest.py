@@ -224,8 +224,11 @@ class Manifest:
 
     def multi_row_partner(self, decoder: GraphVariant) -> GraphVariant | None:
         """The int8 QGEMM decoder that many-row calls of `decoder` run through (Prefill.INT8), if the bundle has
-        one: same I/O and GroupQueryAttention KV layout, so either graph continues the other's cache."""
-        if decoder.attention is None or not decoder.attention.in_place or decoder.kernel == Kernel.QGEMM:
+        one: same I/O and GroupQueryAttention KV layout, so either graph continues the other's cache. Only quantized
+        decoders have one: an fp32 / fp16 decoder (`--precision fp32` of a --keep-source bundle) runs every call
+        through itself, so its answers stay the reference's."""
+        if decoder.attention is None or not decoder.attention.in_place or decoder.kernel == Kernel.QGEMM \
+                or decoder.precision not in (Precision.INT4, Precision.INT8):
             return None
         return next((g for g in self.variants(names.ROLE_DECODER)
                      if g.kernel == Kernel.QGEMM and g.attention == decoder.attention), None)

@@ -32,9 +32,16 @@ def test_export_int4_writes_the_same_graph_files_as_export_then_quantize(llava_m
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int4", "int8", "fp16"])
-def test_dry_run_predicts_the_files_of_a_real_run(llava_model, tmp_path, precision):
+def test_dry_run_predicts_the_files_of_a_real_run(llava_model, tmp_path, precision, monkeypatch):
+    """The plan assumes the quality gates pass (the int8 vision tower, the int8 prefill graph: measurements it
+    cannot make before the run); here they are opened so the run writes what they let through."""
+    import skin_offline.export.prefill_gate as pg
+    import skin_offline.export.quantize as q
     from skin_offline.export.plan import plan_export
     from skin_offline.export.to_onnx import export_bundle
+
+    monkeypatch.setattr(q, "VISION_INT8_MIN_COSINE", -1.0)
+    monkeypatch.setattr(pg, "KL_SLACK", float("inf"))
 
     plan = plan_export(llava_model.ckpt, tmp_path / "b", precision=precision, log=lambda m: None)
     m = export_bundle(llava_model.ckpt, tmp_path / "b", precision=precision, verify=False, quality=False,

@@ -204,7 +204,8 @@ PROBE = textwrap.dedent("""
     import skin_offline.export.quantize as q
     from skin_offline.manifest import Manifest
     if sys.argv[1] == "run":
-        q.quantize_bundle(sys.argv[2], sys.argv[3], q.QuantConfig("int4", lm_head="int4"), quality=False, log=lambda m: None)
+        q.quantize_bundle(sys.argv[2], sys.argv[3], q.QuantConfig("int4", lm_head="int4", method="rtn"), quality=False,
+                          log=lambda m: None)
     # VmHWM (peak RSS of this address space); ru_maxrss would carry over the forking pytest's peak across exec
     hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     print(int(hwm.split()[1]) * 1024)
@@ -214,7 +215,9 @@ PROBE = textwrap.dedent("""
 def test_quantize_peak_memory_is_bounded(mid_bundle, tmp_path):
     """Peak RSS of quantize minus a process that imported the same modules stays under 1.5x the largest output
     graph plus the largest single fp32 input tensor (it must be in memory once to be packed) plus 16 MB
-    (allocator arenas, protobuf, the packed copy's scales). Loading the fp32 decoder whole (128 MB) fails it."""
+    (allocator arenas, protobuf, the packed copy's scales). Loading the fp32 decoder whole (128 MB) fails it.
+    Round-to-nearest: the weight stream alone. The calibrated pass adds torch and one layer's calibration
+    activations, bounded by the dry run's figure (test_export_plan's peak-RSS test)."""
     def run(*args) -> int:
         out = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, check=True)
         return int(out.stdout.split()[-1])
@@ -358,26 +361,44 @@ def test_int8_vision_is_dynamic_quantization_close_to_fp32(llava_model, tmp_path
     f32 = llava_model.runtime.bundle.vision.encode(pixels)[0]
     f8 = SkinVL.load(out, threads=1, device="cpu").bundle.vision.encode(pixels)[0]
     cos = (f32 * f8).sum(-1) / np.linalg.norm(f32, axis=-1) / np.linalg.norm(f8, axis=-1)
-    assert cos.min() > 0.999
+    # per token, random weights, activations quantized per tensor: min 0.986 / mean 0.995 on a Zen 5 EPYC
+    # (onnxruntime 1.32's AVX-512 VNNI kernels), > 0.999 on the Intel machine before it; a wrong scale or a transposed
+    # weight gives < 0.5. Whether a tower this close is good enough by default is the gate's call (next test).
+    assert cos.min() > 0.98
     reports = [r for r in (m.quality.get("graphs") or m.quality).values() if isinstance(r, dict) and "feature_cosine_min" in r]
-    assert reports and all(r["feature_cosine_min"] > 0.999 for r in reports)  # the manifest's quality report
+    assert reports and all(r["feature_cosine_min"] > 0.98 for r in reports)  # the manifest's quality report
 
 
 def test_default_int8_vision_is_gated_by_its_feature_cosine(llava_model, tmp_path, monkeypatch):
-    """int4/int8 bundles get the int8 tower by default only when its features match fp32 (cosine gate);
-    asked for explicitly, it is kept whatever the gate says."""
+    """int4/int8 bundles get the int8 tower by default only when its features match fp32 (cosine gate); asked for
+    explicitly, it is kept whatever the gate says. onnxruntime's int8 kernels differ between CPUs (this random
+    model's tower: > 0.999 on an Intel machine, 0.986 on a Zen 5 EPYC), so the default's outcome is checked against
+    the cosine measured here, then the threshold is moved to each side of it."""
     import skin_offline.export.quantize as q
+    from skin_offline.export.quality import probe_image
+    from skin_offline.runtime.pipeline import SkinVL
 
+    forced = quantize_bundle(llava_model.bundle_dir, tmp_path / "c", QuantConfig("int4", vision="int8"), quality=False,
+                             log=lambda m: None).manifest
+    vis = forced.pick(names.ROLE_VISION)
+    assert vis.precision == Precision.INT8  # asked for: kept whatever its cosine
+    int8 = SkinVL.load(tmp_path / "c", threads=1, device="cpu")
+    cos = []  # the gate's figure measured again through the runtime: flattened features of the probe images
+    for seed in (0, 1, 2):
+        pixels = llava_model.runtime.pixels(probe_image(seed))
+        a, b = (x.bundle.vision.encode(pixels).reshape(-1).astype(np.float64) for x in (llava_model.runtime, int8))
+        cos.append(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    assert abs(vis.details["feature_cosine_min"] - min(cos)) < 1e-4
     m = quantize_bundle(llava_model.bundle_dir, tmp_path / "a", QuantConfig("int4"), quality=False, log=lambda m: None).manifest
-    vis = m.pick(names.ROLE_VISION)
-    assert vis.precision == Precision.INT8 and vis.details["feature_cosine_min"] >= q.VISION_INT8_MIN_COSINE
-    monkeypatch.setattr(q, "VISION_INT8_MIN_COSINE", 1.01)  # unreachable: the gate must reject
+    assert (m.pick(names.ROLE_VISION).precision == Precision.INT8) == (min(cos) >= q.VISION_INT8_MIN_COSINE)
+    monkeypatch.setattr(q, "VISION_INT8_MIN_COSINE", min(cos) + 1e-3)  # just above: the gate must reject
     said = []
     m = quantize_bundle(llava_model.bundle_dir, tmp_path / "b", QuantConfig("int4"), quality=False, log=said.append).manifest
     assert [g.precision for g in m.variants(names.ROLE_VISION)] == [Precision.FP32]
     assert not (tmp_path / "b" / names.variant_file(names.VISION_GRAPH, "int8")).exists()
     assert any("vision int8 rejected" in line for line in said)
-    m = quantize_bundle(llava_model.bundle_dir, tmp_path / "c", QuantConfig("int4", vision="int8"), quality=False,
-                        log=lambda m: None).manifest
-    assert m.pick(names.ROLE_VISION).precision == Precision.INT8
+    monkeypatch.setattr(q, "VISION_INT8_MIN_COSINE", min(cos) - 1e-3)  # just below: kept, its figure recorded
+    m = quantize_bundle(llava_model.bundle_dir, tmp_path / "d", QuantConfig("int4"), quality=False, log=lambda m: None).manifest
+    assert [g.precision for g in m.variants(names.ROLE_VISION)] == [Precision.INT8]
+    assert m.pick(names.ROLE_VISION).details["feature_cosine_min"] >= q.VISION_INT8_MIN_COSINE
     assert QuantConfig("fp16").resolved_vision() == Precision.FP32

@@ -421,6 +421,10 @@ def format_details(details: dict) -> str:
         parts.append("activation-searched scales")
     if details.get("calibration"):
         parts.append(f"calibrated on {details['calibration'].get('sequences')} sequences")
+    gate = details.get("prefill_gate")
+    if gate:  # prefill_gate.PrefillCheck.details
+        parts.append(f"int8 prefill graph {'kept' if gate['prefill_graph_kept'] else 'rejected'}: top-1 "
+                     f"{gate['top1_agreement']:.1%} vs {gate['decode_top1_agreement']:.1%} for this graph")
     return "[" + ", ".join(parts) + "]"
 
 

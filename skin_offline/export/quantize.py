@@ -597,6 +597,23 @@ def write_plans(plans: list[GraphPlan], out_dir: Path, cfg: QuantConfig, sources
     return graphs
 
 
+def _gate_prefill(graphs: list[GraphVariant], tmp: Path, gated: bool, src: Path, m: Manifest, dec32: GraphVariant,
+                  vis32: GraphVariant, emb32: GraphVariant, threads: int | None, log: Log) -> list[GraphVariant]:
+    """prefill_gate.gate_prefill with the source bundle's fp32 graphs as the reference."""
+    from ..runtime.bundle import _load_table
+    from ..runtime.tokenizer import TextTokenizer
+    from .layerstream import GraphStack
+    from .prefill_gate import gate_prefill, probe_groups
+
+    def groups():
+        table, _ = _load_table(src, m, emb32)
+        return probe_groups(TextTokenizer.from_file(src / names.TOKENIZER, m.tokens),
+                            lambda ids: np.asarray(table[np.asarray(ids, np.int64)], np.float32),
+                            src / vis32.file, m.preprocess, threads)
+
+    return gate_prefill(graphs, tmp, gated, GraphStack(src / dec32.file, threads), groups, threads, log)
+
+
 def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = True, log: Log = print,
                     probe_kw: dict | None = None, keep_source: bool = False) -> QuantResult:
     """Read the fp32 bundle `src`, write a bundle at `out` (atomically) carrying the cfg's variants, listed first
@@ -620,6 +637,7 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
     vision_gated = cfg.vision_defaulted  # a default int8 tower must earn its place (cosine gate below)
     cfg = replace(cfg, vision=cfg.resolved_vision())
     dec_source = GraphSource.from_file(src / dec32.file)
+    prefill_gated = cfg.prefill is None  # a defaulted int8 prefill graph must pass prefill_gate
     cfg, plans = decoder_plans(cfg, dec_source, dec32, str(src))
 
     if Precision.FP16 in (cfg.precision, cfg.vision):
@@ -643,6 +661,7 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
                                           m.preprocess, (probe_kw or {}).get("threads"), log)
         graphs = write_plans(plans, tmp, cfg, {dec32.file: dec32}, log, calibrator)
         del calibrator
+        graphs = _gate_prefill(graphs, tmp, prefill_gated, src, m, dec32, vis32, emb32, (probe_kw or {}).get("threads"), log)
         # the fp32 vision graph stays next to an fp16 one (the CPU provider refuses fp16) and as the default; an int8
         # one replaces it (runs everywhere onnxruntime does; --keep-source carries fp32 too) unless it fails the gate
         vis = write_vision(src / vis32.file, vis32, tmp, cfg, vision_gated, m.preprocess, log) \

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import __version__, names
 from ..manifest import (
-    Attention, Flavor, GraphVariant, Manifest, ModelDims, PadMode, Precision, PromptConfig, folder_entries,
+    Attention, Flavor, GraphVariant, Kernel, Manifest, ModelDims, PadMode, Precision, PromptConfig, folder_entries,
 )
 from ..progress import task
 from ..runtime.tokenizer import TextTokenizer
@@ -97,8 +97,7 @@ def export_bundle(src: Path, out: Path, *, vision_tower: Path | None = None, ima
         if cfg is None:
             decoders = _fp32_decoders(ckpt, tmp, max_context, fast_decoder, log)
         else:
-            calib = (tok, tmp / vfile, threads) if cfg.calibrated else None
-            decoders = _quantized_decoders(ckpt, tmp, cfg, max_context, str(src), log, calib)
+            decoders = _quantized_decoders(ckpt, tmp, cfg, max_context, str(src), log, (tok, tmp / vfile, threads))
         vis32 = GraphVariant(names.ROLE_VISION, Precision.FP32, Flavor.STANDARD, vfile, vdata)
         vision = (vis32,)
         if cfg is not None and cfg.resolved_vision() != Precision.FP32:  # the same vision step as `quantize`
@@ -165,12 +164,12 @@ def _fp32_decoders(ckpt: Checkpoint, tmp: Path, max_context: int | None, fast_de
 
 
 def _quantized_decoders(ckpt: Checkpoint, tmp: Path, cfg, max_context: int | None, where: str, log: Log,
-                        calib: tuple | None = None) -> tuple:
+                        probes: tuple) -> tuple:
     """The decoder graphs of `cfg` (quantize's plans: int4 + its int8 prefill graph by default) and the embedding
     table, each weight read from the checkpoint once and encoded on the way: the fp32 graph's structure is built
-    first with every weight left unread (onnx_writer.LazyData), then quantize_graphs streams them. `calib`
-    (tokenizer, fp32 vision graph, threads): the calibrated int4 pass runs as the weights stream (calibrate.py),
-    on transformers' layers over the checkpoint's weights, one layer at a time."""
+    first with every weight left unread (onnx_writer.LazyData), then quantize_graphs streams them. `probes`
+    (tokenizer, fp32 vision graph, threads) feed the calibrated int4 pass, run as the weights stream (calibrate.py) on
+    transformers' layers over the checkpoint's weights one layer at a time, and the int8 prefill graph's gate."""
     from .decoder_graph import decoder_model
     from .decoder_graph_fast import decoder_fast_model
     from .onnx_writer import LazyData, LazyTensor
@@ -189,8 +188,10 @@ def _quantized_decoders(ckpt: Checkpoint, tmp: Path, cfg, max_context: int | Non
         model = decoder_model(ckpt.text, tensor, lazy)
         dec32 = GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.STANDARD, names.DECODER_GRAPH,
                              (names.external_data_name(names.DECODER_GRAPH),), attention=Attention.CONCAT)
+    prefill_gated = cfg.prefill is None  # a defaulted int8 prefill graph must pass prefill_gate
     cfg, plans = decoder_plans(cfg, GraphSource.lazy(dec32.file, model, lazy), dec32, where)
     calibrator = None
+    calib = probes if cfg.calibrated else None
     if calib is not None:
         from .calibration import build_calibrator
         from .layerstream import CheckpointStack
@@ -204,6 +205,17 @@ def _quantized_decoders(ckpt: Checkpoint, tmp: Path, cfg, max_context: int | Non
     with _torch_threads(calib[2] if calib else None):
         decoders = write_plans(plans, tmp, cfg, {dec32.file: dec32}, log, calibrator)
     del calibrator
+    if any(g.kernel == Kernel.QGEMM for g in decoders) and len(decoders) > 1:  # the hybrid: gate its prefill graph
+        from .layerstream import CheckpointStack
+        from .prefill_gate import gate_prefill, probe_groups
+
+        tok, vision_graph, threads = probes
+
+        def groups():
+            table = ckpt.text_tensor("embed_tokens.weight").numpy()  # [V,H]
+            return probe_groups(tok, lambda ids: table[np.asarray(ids, np.int64)], vision_graph, ckpt.preprocess, threads)
+
+        decoders = gate_prefill(decoders, tmp, prefill_gated, CheckpointStack(ckpt), groups, threads, log)
     log(f"writing {cfg.embeddings.value} embedding table ...")
     table = ckpt.text_tensor("embed_tokens.weight").numpy()  # [V,H] fp32: one tensor
     if cfg.embeddings == EmbeddingPrecision.FP32:

@@ -1,0 +1,118 @@
+"""Whether a default hybrid bundle keeps its int8 prefill graph: measured against fp32 when it is written.
+
+The prefill graph (Kernel.QGEMM) quantizes each call's activations with one scale per tensor
+(DynamicQuantizeMatMul). Trained language models carry a few activation channels hundreds of times larger than the
+rest, which one scale per tensor cannot hold: on the real-weights proxy (SmolLM2-135M, benchmarks/int4_quality.py)
+answers prefilled through it agreed with fp32 on ~2% of next tokens (mean KL ~9 nats), where the calibrated int4
+decode graph alone agrees on 92% (KL 0.07). Random weights have no such channels and pass. So, like the int8 vision
+tower (quantize.write_vision), a defaulted prefill graph must earn its place: its next-token distributions on
+probe turns must be no further from fp32 than those of the decode graph it stands in for. `--prefill int8` keeps it
+whatever the measurement says (the figures still go into the manifest).
+
+The three decoders (fp32 reference, decode graph, prefill graph) run one layer at a time (layerstream.run_pass),
+so the check holds one layer's weights at any model size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..manifest import GraphVariant, Kernel
+from .layerstream import Group, GraphStack, LayerStack, release_memory, run_pass
+
+# Slack on the comparison, nats of mean KL. Why: on random weights both graphs sit within ~1e-3 of fp32's flat
+# logits and their order is noise; a broken prefill graph is off by whole nats (the proxy: ~9).
+KL_SLACK = 0.01
+PROBE_IMAGES = (0, 1)  # quality.probe_image seeds
+TURNS_PER_IMAGE = 2
+PAIR_OFFSET = 200  # calibration.json pairs the int4 calibration does not reach at its defaults (128 sequences)
+MAX_ANSWER_TOKENS = 48
+
+
+@dataclass(frozen=True)
+class PrefillCheck:
+    """Teacher-forced next-token agreement with fp32 over the probe turns' positions."""
+
+    prefill_kl: float  # mean KL(fp32 || prefill graph), nats
+    decode_kl: float  # mean KL(fp32 || decode graph), nats
+    prefill_top1: float
+    decode_top1: float
+    positions: int
+
+    @property
+    def passed(self) -> bool:
+        return self.prefill_kl <= self.decode_kl + KL_SLACK
+
+    def details(self, kept: bool) -> dict:
+        """For the decode graph's manifest entry (kept or not, the measurement stays with the bundle)."""
+        return {"prefill_gate": {"kl_mean": round(self.prefill_kl, 5), "decode_kl_mean": round(self.decode_kl, 5),
+                                 "top1_agreement": round(self.prefill_top1, 4),
+                                 "decode_top1_agreement": round(self.decode_top1, 4), "positions": self.positions,
+                                 "passed": self.passed, "prefill_graph_kept": kept}}
+
+    def describe(self) -> str:
+        return (f"top-1 agreement with fp32 {self.prefill_top1:.1%} (decode graph {self.decode_top1:.1%}), mean KL "
+                f"{self.prefill_kl:.3f} nats (decode graph {self.decode_kl:.3f}) over {self.positions} positions")
+
+
+def probe_groups(tok, embed: Callable[[list[int]], np.ndarray], vision_graph: Path, preprocess_cfg,
+                 threads: int | None) -> list[Group]:
+    """Probe images through the fp32 vision graph, each followed by MM-Skin question/answer turns."""
+    from .calibration import calibration_groups, image_features
+    from .quality import probe_image
+
+    feats = image_features(vision_graph, [probe_image(s) for s in PROBE_IMAGES], preprocess_cfg, threads)  # [I,N,H]
+    return calibration_groups(tok, embed, feats, TURNS_PER_IMAGE, offset=PAIR_OFFSET,
+                              max_answer_tokens=MAX_ANSWER_TOKENS)
+
+
+def _turn_logits(stack: LayerStack, groups: list[Group]) -> np.ndarray:
+    """[n,V] logits at every position after the image (question, answer) of every group, through `stack`."""
+    outs = run_pass(groups, lambda rows: stack, stack.num_layers)
+    logits = np.concatenate([stack.head(s) for o in outs for s in o.suffixes])
+    release_memory()
+    return logits
+
+
+def measure_prefill(reference: LayerStack, decode_graph: Path, prefill_graph: Path, groups: list[Group],
+                    threads: int | None = None) -> PrefillCheck:
+    from .quality import logit_metrics
+
+    ref = _turn_logits(reference, groups)
+    got = {}
+    for name, path in (("decode", decode_graph), ("prefill", prefill_graph)):
+        stack = GraphStack(path, threads)
+        got[name] = logit_metrics(ref, _turn_logits(stack, groups))
+        stack.close()
+    return PrefillCheck(got["prefill"]["kl_mean"], got["decode"]["kl_mean"], got["prefill"]["top1_agreement"],
+                        got["decode"]["top1_agreement"], ref.shape[0])
+
+
+def gate_prefill(decoders: list[GraphVariant], out_dir: Path, gated: bool, reference: LayerStack,
+                 groups: Callable[[], list[Group]], threads: int | None, log: Callable[[str], None]) -> list[GraphVariant]:
+    """`decoders` as written, with the hybrid's prefill graph measured (the figures in the decode graph's details,
+    "prefill_gate") and, when `gated` and it fails, removed with its files. Bundles without a decode + prefill pair
+    come back unchanged."""
+    from dataclasses import replace
+
+    qgemm = [g for g in decoders if g.kernel == Kernel.QGEMM]
+    decode = [g for g in decoders if g.kernel != Kernel.QGEMM]
+    if len(qgemm) != 1 or len(decode) != 1:  # no prefill graph, or the int8-only tier (one QGEMM graph)
+        return decoders
+    (p,), (d,) = qgemm, decode
+    log(f"checking the int8 prefill graph against fp32 ({len(PROBE_IMAGES)} probe images x {TURNS_PER_IMAGE} turns) ...")
+    check = measure_prefill(reference, Path(out_dir) / d.file, Path(out_dir) / p.file, groups(), threads)
+    kept = check.passed or not gated
+    d2 = replace(d, details={**d.details, **check.details(kept)})
+    if not kept:
+        log(f"int8 prefill graph rejected: {check.describe()}; prompts prefill on the {d.precision.value} decode "
+            f"graph (slower first token; --prefill int8 forces the graph)")
+        for f in (p.file, *p.data_files):
+            (Path(out_dir) / f).unlink()
+        return [d2]
+    log(f"int8 prefill graph {'kept' if check.passed else 'kept (forced by --prefill int8)'}: {check.describe()}")
+    return [d2 if g is d else g for g in decoders]
