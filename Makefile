@@ -36,7 +36,11 @@ demo: $(DEMO_BUNDLE)/manifest.json $(DEMO_IMAGE)
 	$(BIN)/skin-offline ask $(DEMO_IMAGE) "What is this lesion? Describe its colour and border." \
 		--bundle $(DEMO_BUNDLE) --max-new-tokens 48
 
+LINTED := skin_offline tests benchmarks scripts
+
 test: $(STAMP) $(TOKENIZER)
+	$(BIN)/ruff check -q $(LINTED)
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 test-slow: $(STAMP) $(TOKENIZER)

@@ -461,9 +461,10 @@ def worker_llama_mtmd(a) -> dict:
     import ctypes
     import io
 
-    import numpy as np
-    from llama_cpp import Llama, llama_cpp as lc
     import llama_cpp.mtmd_cpp as mt
+    import numpy as np
+    from llama_cpp import Llama
+    from llama_cpp import llama_cpp as lc
 
     from skin_offline.bench.run import demo_image
 
@@ -610,7 +611,8 @@ def discover(cache: Path) -> tuple[list[dict], list[tuple[str, str]]]:
     else:
         skipped.append(("transformers fp32", f"no hf-layout checkpoint at {hf}"))
     py = peers_python(cache)
-    has = lambda mod: py.exists() and subprocess.run([str(py), "-c", f"import {mod}"], capture_output=True).returncode == 0
+    def has(mod):
+        return py.exists() and subprocess.run([str(py), "-c", f"import {mod}"], capture_output=True).returncode == 0
     for name in GGUF_TYPES:
         g = models / f"mistral-{name}.gguf"
         if not has("llama_cpp"):
@@ -685,7 +687,8 @@ def summarize(results: dict[str, list[dict]], baseline: str, bandwidth: float | 
 
 
 def markdown(rows: list[dict], skipped, meta: dict) -> str:
-    f = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"
+    def f(v, p=1):
+        return "-" if v is None else f"{v:.{p}f}"
     out = [f"prompt {meta['prompt_tokens']} tokens, {meta['new_tokens']} new tokens, {meta['threads']} threads, "
            f"{meta['runs']} interleaved rounds, medians (min-max); ratios vs {meta['baseline']}; "
            f"roofline from the best of {len(meta.get('bandwidth_probes_gb_per_s', [])) or 1} bandwidth probes: "
@@ -694,7 +697,8 @@ def markdown(rows: list[dict], skipped, meta: dict) -> str:
            "| peer | prefill tok/s | decode tok/s | decode ratio | % of roofline | vision s | TTFT s | TTFT ratio | peak RSS GB | RSS / (weights+KV) | decoder weights GB | notes |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        rng = lambda k: "" if not r.get(k + "_range") else f" ({r[k + '_range'][0]:.1f}-{r[k + '_range'][1]:.1f})"
+        def rng(k, r=r):
+            return "" if not r.get(k + "_range") else f" ({r[k + '_range'][0]:.1f}-{r[k + '_range'][1]:.1f})"
         pct = "-" if r.get("fraction_of_roofline") is None else f"{100 * r['fraction_of_roofline']:.0f}%"
         note = "; ".join([r.get("detail") or ""] + r["errors"][:1])
         out.append(f"| {r['peer']} | {f(r['prefill_tokens_per_s'])}{rng('prefill_tokens_per_s')} | "

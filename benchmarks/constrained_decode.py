@@ -9,8 +9,8 @@ each request's first one over the wall time from the first token to the last (th
 prefill the same prompts); medians over rounds and the constrained/unconstrained ratio. Mask cost per token: the
 time llguidance spent computing a row's mask (in a worker thread, while the decoder runs) and the time the engine
 waited for it before sampling (what lands on the decode path), p50 / p99 over every constrained token.
-A random-weight model ends a constrained answer when the form is complete (~40-60 tokens here); unconstrained
-answers run to --new-tokens, so the comparison is per token, not per answer.
+The form ends with a free-text note (maxLength 2000), so a random-weight model's constrained answers run to
+--new-tokens like the unconstrained ones: both sides decode the same number of tokens per request.
 """
 
 from __future__ import annotations
@@ -95,15 +95,18 @@ def main() -> None:
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    from constraint_cases import CLINIC_FORM
-
     from skin_offline.runtime.constraints import JsonSchema
     from skin_offline.runtime.pipeline import SkinVL
+
+    from constraint_cases import CLINIC_FORM
 
     times = instrument()
     model = SkinVL.load(a.bundle, threads=a.threads, parallel=max(a.streams))
     model.prompt_cache.max_entries = 0  # every request prefills its own prompt, both sides alike
-    form = JsonSchema(CLINIC_FORM)
+    # the clinic form and a free-text note after it, long enough that both sides generate exactly --new-tokens
+    # (a random-weight model fills the note until the limit): the same tokens per request, per-token cost compared
+    form = JsonSchema({**CLINIC_FORM, "properties": {**CLINIC_FORM["properties"], "notes": {"type": "string", "maxLength": 2000}},
+                       "required": [*CLINIC_FORM["required"], "notes"]})
     from PIL import Image
 
     model.ask(Image.new("RGB", (64, 64)), "warm-up", max_new_tokens=4, constraint=form)  # tokenizer, sessions

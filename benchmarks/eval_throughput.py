@@ -6,7 +6,8 @@
 
 Builds a synthetic set from MM-Skin's public test CSV (eval/synthetic.py: noise images, one per distinct image
 path), then per round runs, alternating which goes first: `eval --protocol paper --batch B` and `classify-eval
---label-set HAM10000` with the baseline's package (PYTHONPATH=BEFORE) and with this checkout's. Rates are each
+--label-set HAM10000` with the baseline's package (PYTHONPATH=BEFORE) and with this checkout's (which also runs
+`classify-eval --batch B`, an option the baseline does not have). Rates are each
 run's own `this_run` figure from summary.json (answering time only: the bundle load is excluded). Reports medians
 and the after/before ratio. The machine is shared and noisy: compare within one run.
 """
@@ -61,11 +62,15 @@ def main() -> None:
                "--max-new-tokens", str(a.max_new_tokens)]
         cls = ["classify-eval", *common, "--csv", str(data / "labels.csv"), "--label-set", "HAM10000"]
         rates: dict[str, dict[str, list[float]]] = {k: {"before": [], "after": []} for k in ("eval", "classify")}
+        rates["classify"]["after_batch"] = []  # this checkout's classify-eval --batch B (the baseline has no --batch)
         for i in range(a.rounds):
             order = [("before", a.before), ("after", None)]
             for side, src in (order if i % 2 == 0 else order[::-1]):
                 rates["eval"][side].append(run(src, vqa, tmp / "out")["questions_per_minute"])
                 rates["classify"][side].append(run(src, cls, tmp / "out")["images_per_minute"])
+                if side == "after":
+                    rates["classify"]["after_batch"].append(
+                        run(None, [*cls, "--batch", str(a.batch)], tmp / "out")["images_per_minute"])
                 print(f"round {i + 1} {side}: eval {rates['eval'][side][-1]:.2f} q/min, "
                       f"classify {rates['classify'][side][-1]:.2f} img/min", file=sys.stderr)
         med = {k: {s: statistics.median(v) for s, v in d.items()} for k, d in rates.items()}
@@ -79,6 +84,8 @@ def main() -> None:
               f"{med['eval']['before']:.2f} | {med['eval']['after']:.2f} | {med['eval']['after'] / med['eval']['before']:.2f}x |")
         print(f"| classify-eval HAM10000 (images/min) | {med['classify']['before']:.2f} | {med['classify']['after']:.2f} | "
               f"{med['classify']['after'] / med['classify']['before']:.2f}x |")
+        print(f"| classify-eval HAM10000 --batch {a.batch} (after only; images/min) | {med['classify']['before']:.2f} "
+              f"(batch 1) | {med['classify']['after_batch']:.2f} | {med['classify']['after_batch'] / med['classify']['before']:.2f}x |")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-
 
 EVAL_SEED = 500  # probe_image seeds of the evaluation images (calibration: 1000+, quality report: 0-2)
 

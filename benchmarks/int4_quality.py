@@ -89,7 +89,7 @@ def decode_speed(folders: dict[str, Path], threads: int, rounds: int) -> dict[st
     for m in models.values():  # warm-up
         m.ask(img, "What is this lesion?", max_new_tokens=8)
     rates = {k: [] for k in models}
-    for r in range(rounds):
+    for _r in range(rounds):
         for k, m in models.items():
             a = m.ask(img, "Describe the lesion in detail.", max_new_tokens=48)
             rates[k].append(a.timings.decode_tokens_per_s())

@@ -52,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from skin_offline.export.factory import (
-        FULL_SPEC, checkpoint_bytes, write_streaming_checkpoint, write_streaming_lora_adapter,
+        FULL_SPEC,
+        checkpoint_bytes,
+        write_streaming_checkpoint,
+        write_streaming_lora_adapter,
     )
     from skin_offline.export.tokenizer import find_mistral_tokenizer_model
 
@@ -100,7 +103,7 @@ def measure_export(ckpt: Path, bundle: Path, lora: Path | None) -> int:
     onnx_writer.ExternalData.__init__, onnx_writer.ExternalData.close = init, close
     t0 = time.perf_counter()
     export_bundle(ckpt, bundle, lora=lora, verify=False, log=lambda m: print(m, file=sys.stderr))
-    hwm = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+    hwm = int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")).split()[1]) * 1024
     print(json.dumps({"peak_rss_bytes": hwm, "wall_s": round(time.perf_counter() - t0, 1), "data_bytes": sizes,
                       "note": f"external data discarded; {bundle} holds graphs without weights: delete it"}))
     return 0

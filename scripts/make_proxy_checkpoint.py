@@ -34,7 +34,6 @@ import argparse
 import glob
 import json
 import math
-import os
 import subprocess
 import sys
 import zipfile
@@ -115,8 +114,14 @@ def main() -> None:
     a = ap.parse_args()
     ensure_deps()
     import torch
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, MistralConfig)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        MistralConfig,
+    )
 
     torch.manual_seed(a.seed)
     gen = torch.Generator().manual_seed(a.seed)
@@ -143,7 +148,7 @@ def main() -> None:
     if a.check:
         p0 = ppl(lm)
     with torch.no_grad():
-        for name, p in lm.named_parameters():
+        for _name, p in lm.named_parameters():
             if p.dim() == 2 and p.shape[1] % 32 == 0:
                 dither_(p.data, gen)
     if a.check:

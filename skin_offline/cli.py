@@ -77,7 +77,7 @@ def friendly(fn):
             fail("interrupted", 130)
         except BrokenPipeError:  # `skin-offline ask ... | head`: the reader left; stay quiet like other tools
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise typer.Exit(141)
+            raise typer.Exit(141) from None
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 fail(f"disk full ({e.filename or 'output'}); free space and retry", 1)

@@ -182,8 +182,8 @@ class Progress:
     def _bar(self):
         if self._rich is None:
             from rich.console import Console
-            from rich.progress import (BarColumn, Progress as RichProgress, TaskProgressColumn, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
+            from rich.progress import BarColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
 
             self._rich = RichProgress(
                 TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),

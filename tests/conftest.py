@@ -129,9 +129,10 @@ def reference_generate(ref, ids: list[int], pixels: np.ndarray, max_new_tokens: 
 def decoder_greedy_vs_reference(decoder, model, question: str, image_seed: int, n: int):
     """Greedy-decode `question` about random_image(image_seed) through `decoder` (the runtime's generate_step)
     and through transformers: (tokens, reference tokens, max |step logits - reference logits|)."""
-    from decode_loop import embed_prompt, generate_step
-    from skin_offline.runtime.sampling import SamplingConfig, make_sampler
     from skin_offline.runtime.prompt import build_prompt_ids
+    from skin_offline.runtime.sampling import SamplingConfig, make_sampler
+
+    from decode_loop import embed_prompt, generate_step
 
     rt = model.runtime
     ids = build_prompt_ids(rt.tokenizer, question)

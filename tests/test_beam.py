@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from decode_loop import beam_with_decoder, embed_prompt
-from conftest import random_image, reference_embeds
 from skin_offline import names
+
+from conftest import random_image, reference_embeds
+from decode_loop import beam_with_decoder, embed_prompt
 
 MAX_NEW = 14
 QUESTION = "What is this lesion?"
@@ -120,8 +121,9 @@ def test_engine_beams_identical_to_transformers_alone_and_batched(llava_model, p
 
 def test_paper_beam_sampling_is_seeded_and_batch_independent(llava_model, prompt):
     """The paper protocol (sampling inside 5 beams, seeded per row) draws the same tokens alone and among others."""
-    from skin_offline.eval.vqa import PAPER_BEAMS
     from dataclasses import replace
+
+    from skin_offline.eval.vqa import PAPER_BEAMS
 
     img = prompt[0]
     cfg = replace(PAPER_BEAMS, max_new_tokens=12, min_new_tokens=4, seed=7)

@@ -7,17 +7,27 @@ nearest, GPTQ's own three-factorization formula for H^-1's Cholesky factor, and 
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 from skin_offline.export.calibration import (
-    CALIBRATION_SEED, EVAL_ROWS, QUALITY_ROWS, CalibrationSpec, calibration_groups, load_pairs,
+    CALIBRATION_SEED,
+    EVAL_ROWS,
+    QUALITY_ROWS,
+    CalibrationSpec,
+    calibration_groups,
+    load_pairs,
 )
 from skin_offline.export.codecs import pack_codes, pack_nbits
 from skin_offline.export.gptq import (
-    Grid, Hessian, _inverse_cholesky_upper, absmax_scales, block_scales, dequantize, gptq_codes, rtn_codes,
+    Grid,
+    Hessian,
+    _inverse_cholesky_upper,
+    absmax_scales,
+    block_scales,
+    dequantize,
+    gptq_codes,
+    rtn_codes,
 )
 
 
@@ -147,7 +157,7 @@ def test_calibrated_export_is_deterministic_verified_and_recorded(llava_model, t
     from conftest import assert_verified
 
     a = _export(llava_model.ckpt, tmp_path / "a", threads=1)
-    b = _export(llava_model.ckpt, tmp_path / "b", threads=1, verify=False, quality=False)
+    _export(llava_model.ckpt, tmp_path / "b", threads=1, verify=False, quality=False)
     data = [f for f in a.files if f.startswith("decoder")]
     assert data and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in data)
     assert_verified(a)
@@ -183,7 +193,7 @@ def test_calibration_images_are_used_and_never_recorded(llava_model, tmp_path):
     text = (tmp_path / "c" / "manifest.json").read_text() + "\n".join(logged)
     assert "jane" not in text.lower() and str(photos) not in text
     assert not any(p.suffix == ".png" for p in (tmp_path / "c").iterdir())
-    d = _export(llava_model.ckpt, tmp_path / "d", verify=False, quality=False)
+    _export(llava_model.ckpt, tmp_path / "d", verify=False, quality=False)
     assert (tmp_path / "c" / "decoder.int4.onnx.data").read_bytes() != (tmp_path / "d" / "decoder.int4.onnx.data").read_bytes()
 
 

@@ -97,9 +97,10 @@ def test_ranking_stable_under_label_order(llava_model, image):
 
 def _reference_ranking(rt, image, labels):
     """What the runtime scored before label scoring moved into the engine (tests/decode_loop.py)."""
-    from decode_loop import embed_prompt, label_logprobs_with_decoder
     from skin_offline.runtime.classify import canonical_labels, label_token_ids, question_for
     from skin_offline.runtime.prompt import build_prompt_ids
+
+    from decode_loop import embed_prompt, label_logprobs_with_decoder
 
     names = canonical_labels(labels)
     ids = build_prompt_ids(rt.tokenizer, question_for(names))
@@ -137,7 +138,7 @@ def test_every_paper_label_set_scores_as_before_alone_and_batched(llava_model, i
         reqs = {name: m.prepare_scoring(image, labels) for name, labels in sets.items()}
         streams = {name: m.engine.submit(req) for name, (req, _) in reqs.items()}
         for name, stream in streams.items():
-            from skin_offline.runtime.classify import rank, question_for
+            from skin_offline.runtime.classify import question_for, rank
 
             last = list(stream)[-1]
             labels = reqs[name][1]

@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
-from constraint_cases import CHOICES, CLINIC_FORM, GRAMMARS, valid
-from conftest import random_image
 from skin_offline.runtime.constraints import Choice, Grammar, JsonSchema, Regex
+
+from conftest import random_image
+from constraint_cases import CHOICES, CLINIC_FORM, GRAMMARS, valid
 
 Q = "Fill in the form."
 

@@ -66,7 +66,7 @@ def test_skin_worker_on_the_tiny_bundle(llava_model):
                         "--threads", "1", "--prompt-tokens", "60", "--new-tokens", "4", "--warmup", "0"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
-    res = json.loads(next(l for l in r.stdout.splitlines() if l.startswith("RESULT "))[7:])
+    res = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[7:])
     m = llava_model.manifest
     assert res["prompt_tokens"] == 60 and 1 <= res["new_tokens"] <= 4
     # the files the worker's sessions map: vision, the CPU's contrib decoder (+ the data it shares), embeddings

@@ -12,18 +12,16 @@ tokens exercise the masks hard.
 
 from __future__ import annotations
 
-import json
-import re
-
 import numpy as np
 import pytest
 import torch
 
-from constraint_cases import CHOICES, CLINIC_FORM, GRAMMARS, REGEXES, SCHEMAS, valid
-from conftest import random_image, reference_embeds
 from skin_offline import names
 from skin_offline.errors import ConstraintError
 from skin_offline.runtime.constraints import Choice, Grammar, JsonObject, JsonSchema, Regex
+
+from conftest import random_image, reference_embeds
+from constraint_cases import CHOICES, CLINIC_FORM, GRAMMARS, REGEXES, SCHEMAS, valid
 
 QUESTION = "Describe the lesion."
 MAX_NEW = 48

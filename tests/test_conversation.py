@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from conftest import random_image, reference_generate, reference_pixels
@@ -81,16 +80,16 @@ def test_cli_chat_answers_each_question_and_reports_the_prefill(llava_model):
                         "-q", QUESTIONS[0], "-q", QUESTIONS[1], "--max-new-tokens", "4", "--threads", "1"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    lines = [l for l in r.stderr.splitlines() if l.startswith("[")]
-    assert len(lines) == 2 and all("prefilled" in l for l in lines)
-    total = [int(l.split("prefilled ")[1].split(" of ")[1].split(",")[0]) for l in lines]
-    done = [int(l.split("prefilled ")[1].split(" of ")[0]) for l in lines]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("[")]
+    assert len(lines) == 2 and all("prefilled" in ln for ln in lines)
+    total = [int(ln.split("prefilled ")[1].split(" of ")[1].split(",")[0]) for ln in lines]
+    done = [int(ln.split("prefilled ")[1].split(" of ")[0]) for ln in lines]
     assert done[0] == total[0] and done[1] < total[1] - total[0] + 1
     stdin = subprocess.run([sys.executable, "-m", "skin_offline.cli", "chat", str(img), "--bundle", str(llava_model.bundle_dir),
                             "--max-new-tokens", "3", "--threads", "1"], input=f"{QUESTIONS[0]}\n\n{QUESTIONS[1]}\nexit\nignored\n",
                            capture_output=True, text=True, timeout=300)
     assert stdin.returncode == 0, stdin.stderr
-    assert sum(l.startswith("[") for l in stdin.stderr.splitlines()) == 2
+    assert sum(ln.startswith("[") for ln in stdin.stderr.splitlines()) == 2
 
 
 def test_follow_up_skips_the_vision_encoder_even_without_a_feature_cache(llava_model, model, monkeypatch):

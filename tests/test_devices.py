@@ -84,8 +84,9 @@ def test_load_on_cpu_and_refusal_of_missing_gpu(llava_model):
 def test_cli_ask_device_exit_codes(llava_model, tmp_path):
     from typer.testing import CliRunner
 
-    from conftest import random_image
     from skin_offline.cli import app
+
+    from conftest import random_image
 
     img = tmp_path / "x.png"
     random_image(0).save(img)

@@ -17,9 +17,10 @@ import pytest
 from PIL import Image
 from pydicom import uid
 
-import dicom_samples as S
 from skin_offline.errors import ImageError
 from skin_offline.runtime.image import ImageSource, load_image, read_image
+
+import dicom_samples as S
 
 RGB = S.rgb_pixels()  # [32, 48, 3]
 

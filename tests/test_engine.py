@@ -9,11 +9,12 @@ import threading
 
 import pytest
 
-from conftest import random_image, reference_generate, reference_pixels
 from skin_offline import names
-from skin_offline.runtime.response import FinishReason
 from skin_offline.runtime.pipeline import SkinVL
+from skin_offline.runtime.response import FinishReason
 from skin_offline.runtime.tokenizer import TextTokenizer
+
+from conftest import random_image, reference_generate, reference_pixels
 
 QUESTIONS = ["What is this lesion?", "Describe the colour and the border of the lesion in detail.", "Benign?",
              "Where on the body might this be, and what should the doctor check next?"]
@@ -202,7 +203,7 @@ def test_old_gqa_bundle_refuses_parallel_with_the_fix(llava_model, tmp_path):
     one = SkinVL.load(old, threads=1, parallel=1)
     assert one.ask(random_image(1), "What is this?", max_new_tokens=4).token_ids  # still loads and answers
     with pytest.raises(BundleError, match="re-export"):
-        SkinVL.load(old, threads=1, parallel=4).engine
+        _ = SkinVL.load(old, threads=1, parallel=4).engine
 
 
 def test_decode_steps_pick_the_kernel_by_active_rows(llava_model, tmp_path, monkeypatch):

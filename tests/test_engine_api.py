@@ -7,10 +7,11 @@ import asyncio
 
 import pytest
 
-from conftest import random_image
 from skin_offline.errors import ContextLengthError, EngineBusy, EngineClosed, UsageError
 from skin_offline.runtime.engine import Engine
 from skin_offline.runtime.response import FinishReason
+
+from conftest import random_image
 
 
 @pytest.fixture(scope="module")

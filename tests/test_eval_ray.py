@@ -290,7 +290,7 @@ def test_failing_rows_become_error_rows_and_the_run_goes_on(llava_model, data, h
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors cannot import this test module
     rows = read_questions(data / "q.csv")
     rows[4] = VQARow(4, rows[4].image, "describe " * 4000, rows[4].answer, rows[4].modality)  # > the context
-    local = _local_eval(llava_model.bundle_dir, data, tmp_path / "local", "greedy")
+    _local_eval(llava_model.bundle_dir, data, tmp_path / "local", "greedy")
     job = FlakyJob(VQAJob(Protocol.GREEDY, 3, 6), str(tmp_path / "killed-once"))
     spec = cluster.ClusterSpec(address=head["address"], actors=2)
     with cluster.Cluster(spec, llava_model.bundle_dir, None, job) as c:

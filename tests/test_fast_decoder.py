@@ -8,7 +8,6 @@ buffers recycled across requests.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch

@@ -210,8 +210,9 @@ def _dicom(pixels: bool = True) -> bytes:
 
 
 def _bare_dicom() -> bytes:
-    import dicom_samples
     from pydicom import uid
+
+    import dicom_samples
 
     return dicom_samples.write_bare(dicom_samples.native(_DICOM_PX, ts=uid.ImplicitVRLittleEndian))
 

@@ -19,10 +19,11 @@ import pytest
 from PIL import Image
 from pydicom import uid
 
-import dicom_samples as S
 from skin_offline.commands.options import RANDOM_WEIGHTS_WARNING
 from skin_offline.errors import ImageError
 from skin_offline.runtime.image import load_image
+
+import dicom_samples as S
 
 tifffile = pytest.importorskip("tifffile")  # a test dependency (make install); never the runtime's
 

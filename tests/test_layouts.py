@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_verified, random_image, reference_generate, reference_pixels
 from skin_offline.errors import CheckpointError
 from skin_offline.export.factory import PRESETS, build_reference, write_checkpoint, write_lora_adapter
 from skin_offline.export.to_onnx import export_bundle
+
+from conftest import assert_verified, random_image, reference_generate, reference_pixels
 
 SPEC = PRESETS["tiny"]
 QUESTION = "Describe the morphology, colour and border of the lesion."

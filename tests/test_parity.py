@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from decode_loop import embed_prompt
 from conftest import assert_verified, random_image, reference_embeds, reference_generate, reference_pixels
+from decode_loop import embed_prompt
 
 ATOL = 1e-4
 QUESTIONS = [
@@ -77,9 +77,10 @@ def test_greedy_tokens_identical_to_transformers(models, layout, case):
 
 def test_step_logits_match_generate(llava_model):
     """Every decode step's logits (not only the argmax) agree with transformers' generate."""
-    from decode_loop import generate_step
-    from skin_offline.runtime.sampling import SamplingConfig, make_sampler
     from skin_offline.runtime.prompt import build_prompt_ids
+    from skin_offline.runtime.sampling import SamplingConfig, make_sampler
+
+    from decode_loop import generate_step
 
     m = llava_model
     rt = m.runtime

@@ -5,11 +5,12 @@ rejected (test_proxy.py checks that bundle)."""
 from __future__ import annotations
 
 import numpy as np
-from conftest import random_image
 
 from skin_offline import names
 from skin_offline.export.quantize import QuantConfig, quantize_bundle
 from skin_offline.manifest import Kernel, Precision
+
+from conftest import random_image
 
 
 def _decoders(m):

@@ -9,14 +9,15 @@ from __future__ import annotations
 import onnx
 import pytest
 
-from decode_loop import embed_prompt
-from conftest import decoder_greedy_vs_reference, random_image
 from skin_offline import names
 from skin_offline.errors import BundleError
 from skin_offline.export.quantize import QuantConfig, quantize_bundle
 from skin_offline.manifest import Flavor, Kernel, Precision
 from skin_offline.runtime.kernels import policy
 from skin_offline.runtime.kernels.policy import KernelPolicy
+
+from conftest import decoder_greedy_vs_reference, random_image
+from decode_loop import embed_prompt
 
 
 class Counting:

@@ -4,10 +4,11 @@ prefill (the engine copies the longest cached prefix into its slot), and gives e
 import numpy as np
 import pytest
 
-from conftest import random_image
 from skin_offline import names
 from skin_offline.runtime.pipeline import SkinVL
 from skin_offline.runtime.tokenizer import TextTokenizer
+
+from conftest import random_image
 
 
 @pytest.fixture(scope="module", params=["contrib", "standard"])

@@ -16,8 +16,8 @@ from skin_offline.errors import ContextLengthError, PromptError
 from skin_offline.export.tokenizer import find_mistral_tokenizer_model, write_tokenizer_json
 from skin_offline.runtime.prompt import (
     IMAGE_PLACEHOLDER,
-    build_prompt_ids,
     Prompt,
+    build_prompt_ids,
     check_context,
     image_slot,
 )
@@ -51,7 +51,7 @@ def llava_prompt(turns: list[tuple[str, str | None]]) -> str:
     wrap_sys = lambda msg: f"<<SYS>>\n{msg}\n<</SYS>>\n\n" if len(msg) > 0 else msg  # noqa: E731
     wrap_inst = lambda msg: f"[INST] {msg} [/INST]"  # noqa: E731
     ret = ""
-    for i, (role, message) in enumerate(messages):
+    for i, (_role, message) in enumerate(messages):
         if message:
             if i == 0:
                 message = wrap_sys(system) + message

@@ -11,9 +11,9 @@ import sys
 
 import numpy as np
 import pytest
+from proxy_checkpoint import proxy_checkpoint
 
 from conftest import assert_verified, random_image
-from proxy_checkpoint import proxy_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +91,9 @@ def test_default_int4_proxy_is_calibrated_verified_and_measured(int4):
 
 def test_int4_proxy_answers_through_ask_classify_and_serve(int4, tmp_path):
     openai = pytest.importorskip("openai")  # in the test extra: installed by `make test`, never skipped on CI
-    from serve_helpers import Server, image_url, user
-
     from skin_offline.runtime.pipeline import SkinVL
+
+    from serve_helpers import Server, image_url, user
 
     folder, m = int4
     img = tmp_path / "lesion.png"

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from decode_loop import embed_prompt
 from skin_offline import names
 from skin_offline.export.quality import ProbeSet, format_report, probe_image
 from skin_offline.export.quantize import QuantConfig, quantize_bundle
 from skin_offline.manifest import Precision
+
+from decode_loop import embed_prompt
 
 PROBES = ProbeSet(image_seeds=(0, 1), num_questions=2, new_tokens=12)
 

@@ -19,12 +19,12 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import random_image
-
 from skin_offline import names
 from skin_offline.errors import UsageError
 from skin_offline.export.quantize import QuantConfig, bytes_per_weight, quantize_bundle, read_tensor
 from skin_offline.manifest import Manifest, Precision
+
+from conftest import random_image
 
 
 def _quantize(src: Path, out: Path, **kw) -> Manifest:
@@ -290,7 +290,8 @@ def test_fp16_halves_the_decoder_and_keeps_rope_and_rmsnorm_in_fp32(mid_bundle, 
 def test_scale_search_with_absmax_only_reproduces_onnxruntime_packing(bits):
     """_pack_search(factors=(1.0,)) is onnxruntime's symmetric packer: same scales, same codes except where
     x/scale sits within float rounding of a .5 tie (the two round those differently, both are valid)."""
-    from skin_offline.export.codecs import pack_nbits as _pack, pack_nbits_search as _pack_search
+    from skin_offline.export.codecs import pack_nbits as _pack
+    from skin_offline.export.codecs import pack_nbits_search as _pack_search
 
     rng = np.random.default_rng(bits)
     w = rng.standard_normal((1024, 96)).astype(np.float32)  # [K,N]
@@ -307,7 +308,8 @@ def test_scale_search_with_absmax_only_reproduces_onnxruntime_packing(bits):
 def test_scale_search_never_increases_a_blocks_error(llava_model, tmp_path):
     """Every block's squared error with the searched scale <= with absmax (absmax is a candidate), and the
     bundle it writes answers through onnxruntime like the dequantized weights say."""
-    from skin_offline.export.codecs import pack_nbits as _pack, pack_nbits_search as _pack_search
+    from skin_offline.export.codecs import pack_nbits as _pack
+    from skin_offline.export.codecs import pack_nbits_search as _pack_search
 
     rng = np.random.default_rng(0)
     w = rng.standard_t(4, (512, 64)).astype(np.float32)  # heavy tails: where absmax wastes levels
@@ -315,7 +317,8 @@ def test_scale_search_never_increases_a_blocks_error(llava_model, tmp_path):
         p, s, _ = _pack(w, bits, 32, True)
         p2, s2 = _pack_search(w, bits, 32)
         zp = 1 << (bits - 1)
-        deq = lambda pk, sc: ((_unpack(pk, bits).reshape(64, -1, 32) - zp) * sc.reshape(64, -1, 1))  # [N,K/bs,bs]
+        def deq(pk, sc, bits=bits, zp=zp):
+            return ((_unpack(pk, bits).reshape(64, -1, 32) - zp) * sc.reshape(64, -1, 1))  # [N,K/bs,bs]
         x = w.T.reshape(64, -1, 32)
         e_abs = np.square(deq(p, s) - x).sum(-1)
         e_srch = np.square(deq(p2, s2) - x).sum(-1)

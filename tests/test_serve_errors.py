@@ -10,10 +10,10 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from test_reliability import IMAGES, QUESTIONS
 
 from conftest import random_image
 from serve_helpers import Server, data_url, image_url, png_bytes, user
-from test_reliability import IMAGES, QUESTIONS
 
 
 @pytest.fixture(scope="module")

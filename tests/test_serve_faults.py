@@ -17,11 +17,22 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
+from test_serve_errors import check_error
 
 from conftest import random_image
-from serve_helpers import (Server, data_url, drop, image_url, log_line, metric, open_stream, request,
-                           sse_events, user, wait_for)
-from test_serve_errors import check_error
+from serve_helpers import (
+    Server,
+    data_url,
+    drop,
+    image_url,
+    log_line,
+    metric,
+    open_stream,
+    request,
+    sse_events,
+    user,
+    wait_for,
+)
 
 openai = pytest.importorskip("openai")
 

@@ -9,11 +9,11 @@ import secrets
 import time
 
 import pytest
+from test_reliability import assert_one_line_error, cli
+from test_serve_errors import check_error
 
 from conftest import random_image
 from serve_helpers import Server, data_url, image_url, png_bytes, user, wait_for
-from test_reliability import assert_one_line_error, cli
-from test_serve_errors import check_error
 
 openai = pytest.importorskip("openai")
 
@@ -226,10 +226,10 @@ def test_dicom_answered_and_patient_data_never_echoed(local, files, llava_model)
     body, error body or log line."""
     import json
 
-    import dicom_samples as S
     from PIL import Image
-
     from test_dicom import BROKEN
+
+    import dicom_samples as S
 
     rgb = S.rgb_pixels()
     native = S.write(S.native(rgb))

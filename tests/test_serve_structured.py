@@ -7,17 +7,17 @@ the server log names a constraint's kind, never its text."""
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, Optional
 
 import pytest
 from pydantic import BaseModel, Field
 
-from constraint_cases import CHOICES, CLINIC_FORM, GRAMMARS, REGEXES, SCHEMAS, valid
-from conftest import random_image
-from serve_helpers import Server, image_url, sse_events, open_stream, user
 from skin_offline.runtime.constraints import Choice, Grammar, JsonObject, JsonSchema, Regex
+
+from conftest import random_image
+from constraint_cases import CHOICES, CLINIC_FORM, GRAMMARS, REGEXES, SCHEMAS, valid
+from serve_helpers import Server, image_url, open_stream, sse_events, user
 
 openai = pytest.importorskip("openai")  # in the test extra: installed by `make test`, so never skipped on CI
 

@@ -18,14 +18,25 @@ import warnings
 import numpy as np
 import pydicom
 import pytest
-from pydicom import uid
-
-import dicom_samples as S
 import test_dicom as D
-from sr_helpers import (MF_GREY_BYTE_SC, MF_TRUE_COLOUR_SC, assert_patient_study_copied, assert_references,
-                        assert_valid, dciodvfy, read_back, require_highdicom, stored, texts)
+from pydicom import uid
+from sr_helpers import (
+    MF_GREY_BYTE_SC,
+    MF_TRUE_COLOUR_SC,
+    assert_patient_study_copied,
+    assert_references,
+    assert_valid,
+    dciodvfy,
+    read_back,
+    require_highdicom,
+    stored,
+    texts,
+)
+
 from skin_offline.errors import ImageError, SkinOfflineError, UsageError
 from skin_offline.runtime.image import ImageSource, load_image
+
+import dicom_samples as S
 
 require_highdicom()
 from skin_offline import sr  # noqa: E402

@@ -20,13 +20,22 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom import uid
+from sr_helpers import (
+    MF_GREY_BYTE_SC,
+    MF_TRUE_COLOUR_SC,
+    assert_patient_study_copied,
+    assert_references,
+    assert_valid,
+    read_back,
+    require_highdicom,
+    stored,
+    texts,
+)
+from test_image_formats import assert_clean, assert_one_line_error, cli
+from test_serve_errors import check_error
 
 import dicom_samples as S
 from serve_helpers import Server, data_url, user
-from sr_helpers import (MF_GREY_BYTE_SC, MF_TRUE_COLOUR_SC, assert_patient_study_copied, assert_references,
-                        assert_valid, read_back, require_highdicom, stored, texts)
-from test_image_formats import assert_clean, assert_one_line_error, cli
-from test_serve_errors import check_error
 
 require_highdicom()
 

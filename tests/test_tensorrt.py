@@ -16,7 +16,8 @@ from skin_offline import names
 from skin_offline.errors import BundleError, DeviceError, UsageError
 from skin_offline.export import tensorrt as build
 from skin_offline.manifest import Flavor, Manifest
-from skin_offline.runtime import devices, tensorrt as te
+from skin_offline.runtime import devices
+from skin_offline.runtime import tensorrt as te
 from skin_offline.runtime.devices import CPU_EP, CUDA_EP, TRT_EP
 
 GPU = te.GpuInfo("NVIDIA Jetson AGX Orin", "8.7", 64 << 30)

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer
-
 from proxy_checkpoint import mmskin_csv, proxy_checkpoint
+from tokenizers import Tokenizer
 
 from skin_offline.errors import CheckpointError
 from skin_offline.export.tokenizer import token_config, write_tokenizer_json

@@ -9,8 +9,19 @@ from typing import Optional
 
 import typer
 
-from .options import (Device, ImageNotices, Precision, bundle_option, device_option, frame_option, image_source,
-                      precision_option, threads_option, warn_if_random, show_notices)
+from .options import (
+    Device,
+    ImageNotices,
+    Precision,
+    bundle_option,
+    device_option,
+    frame_option,
+    image_source,
+    precision_option,
+    show_notices,
+    threads_option,
+    warn_if_random,
+)
 
 
 def print_stream(responses, prefill: bool = False, before=None):

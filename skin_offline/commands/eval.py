@@ -8,17 +8,27 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-
-from ..eval.choices import ClassifyMethod, Protocol
 from typer.core import TyperCommand
 
-from .options import (RANDOM_WEIGHTS_WARNING, ImageNotices, Precision, frame_option, image_source, progress_for,
-                      quiet_option, show_notices, threads_option, warn_if_random)
+from ..eval.choices import ClassifyMethod, Protocol
+from .options import (
+    RANDOM_WEIGHTS_WARNING,
+    ImageNotices,
+    Precision,
+    frame_option,
+    image_source,
+    progress_for,
+    quiet_option,
+    show_notices,
+    threads_option,
+    warn_if_random,
+)
 
 
 def _labels(labels: Optional[str], label_set: Optional[str], labels_file: Optional[Path]) -> list[str]:
     from ..errors import UsageError
-    from ..eval.classify_eval import LABEL_SETS, label_set as load_set
+    from ..eval.classify_eval import LABEL_SETS
+    from ..eval.classify_eval import label_set as load_set
 
     if (labels is None) == (label_set is None):
         raise UsageError("pass exactly one of --labels 'a,b,c' or --label-set NAME")
@@ -111,10 +121,9 @@ def register(app, friendly) -> None:
         actors: Optional[int] = actors_option(),
     ):
         """Answer the MM-Skin test questions and score them (BLEU, ROUGE, METEOR, token recall) per modality."""
+        from .. import names
         from ..eval.runlog import local_source
         from ..eval.vqa import VQAJob, evaluate_vqa, read_questions
-
-        from .. import names
 
         rows = read_questions(csv, modality_csv, limit)
         job = VQAJob(protocol, seed, max_new_tokens)

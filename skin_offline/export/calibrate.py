@@ -194,7 +194,9 @@ class Calibrator:
             self.hidden = [(next(it), [next(it) for _ in hs]) for _, hs in seqs]
         self.result[i] = res
         self.done = i
-        del layer, mods, weights
+        mods.clear()  # (not `del`: the quantize closure above holds them)
+        weights.clear()
+        del layer
         release_memory()
         if self.on_layer is not None:
             self.on_layer(i)

@@ -78,7 +78,7 @@ def run_pass(groups: list[Group], stack_for: Callable[[int], LayerStack], num_la
     for i in range(num_layers):
         opened: dict[int, Layer] = {}
 
-        def layer_for(rows: int) -> Layer:
+        def layer_for(rows: int, i: int = i, opened: dict[int, Layer] = opened) -> Layer:
             stack = stack_for(rows)
             if id(stack) not in opened:
                 opened[id(stack)] = stack.open(i)

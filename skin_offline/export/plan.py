@@ -83,12 +83,17 @@ def plan_export(src: Path, out: Path, *, lora: Path | None = None, vision_tower:
     import onnxruntime  # noqa: F401  (the export imports these: part of its size)
     import transformers.models.mistral.modeling_mistral  # noqa: F401
 
-    from .onnx_writer import LazyData, LazyTensor
-    from .quantize import _BITS, EmbeddingPrecision, GraphSource, QuantConfig, convert_graph_fp16, decoder_plans, is_external
-    from .to_onnx import open_source
     from .checkpoint import TensorStore
-
-    from .to_onnx import quant_config
+    from .onnx_writer import LazyData, LazyTensor
+    from .quantize import (
+        _BITS,
+        EmbeddingPrecision,
+        GraphSource,
+        convert_graph_fp16,
+        decoder_plans,
+        is_external,
+    )
+    from .to_onnx import open_source, quant_config
 
     cfg = quant_config(precision, quant_method, scale_search, calibration_images)
     ckpt = open_source(src, lora, vision_tower=vision_tower, image_mode=image_mode)

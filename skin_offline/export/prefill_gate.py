@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from ..manifest import GraphVariant, Kernel
-from .layerstream import Group, GraphStack, LayerStack, release_memory, run_pass
+from .layerstream import GraphStack, Group, LayerStack, release_memory, run_pass
 
 # Slack on the comparison, nats of mean KL. Why: on random weights both graphs sit within ~1e-3 of fp32's flat
 # logits and their order is noise; a broken prefill graph is off by whole nats (the proxy: ~9).

@@ -205,8 +205,8 @@ def quantized_answers(folder: Path, m: Manifest, g, probes: Probes, feats: np.nd
     from ..progress import task
     from ..runtime.bundle import _load_table
     from ..runtime.decoder import make_decoder
-    from ..runtime.kv import HostCache
     from ..runtime.kernels.policy import KernelPolicy
+    from ..runtime.kv import HostCache
     from ..runtime.sessions import SessionFactory
     from .layerstream import GraphStack, Group, run_pass
 

@@ -149,9 +149,9 @@ class DecoderGraph:
 
     def session(self, layer: int, threads: int | None = None, exact: bool = False):
         """An onnxruntime session of `cut(layer)` reading its weights from the graph's folder."""
-        from ..runtime.sessions import SessionFactory
-
         import onnxruntime as ort
+
+        from ..runtime.sessions import SessionFactory
 
         so = SessionFactory(threads=threads).options()
         # the cut model lives in memory: its external initializers resolve against the bundle folder

@@ -18,7 +18,16 @@ import numpy as np
 
 from .. import __version__, names
 from ..manifest import (
-    Attention, Flavor, GraphVariant, Kernel, Manifest, ModelDims, PadMode, Precision, PromptConfig, folder_entries,
+    Attention,
+    Flavor,
+    GraphVariant,
+    Kernel,
+    Manifest,
+    ModelDims,
+    PadMode,
+    Precision,
+    PromptConfig,
+    folder_entries,
 )
 from ..progress import task
 from ..runtime.tokenizer import TextTokenizer
@@ -173,7 +182,15 @@ def _quantized_decoders(ckpt: Checkpoint, tmp: Path, cfg, max_context: int | Non
     from .decoder_graph import decoder_model
     from .decoder_graph_fast import decoder_fast_model
     from .onnx_writer import LazyData, LazyTensor
-    from .quantize import _BITS, EmbeddingPrecision, GraphSource, decoder_plans, embedding_variant, quantize_table, write_plans
+    from .quantize import (
+        _BITS,
+        EmbeddingPrecision,
+        GraphSource,
+        decoder_plans,
+        embedding_variant,
+        quantize_table,
+        write_plans,
+    )
 
     lazy = LazyData()
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 

@@ -23,7 +23,7 @@ depend on how the caller ordered them; ties in score are broken by that same ord
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 

@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from ..errors import (ContextLengthError, EngineBusy, EngineClosed, ImageError, PromptError, SkinOfflineError,
-                      UsageError)
+from ..errors import ContextLengthError, EngineBusy, EngineClosed, ImageError, PromptError, SkinOfflineError, UsageError
 
 INVALID = "invalid_request_error"
 SERVER = "server_error"

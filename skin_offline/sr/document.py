@@ -127,8 +127,8 @@ def _turn_group(hd, turn: Turn, index: int, source: SourceImage, producer: Produ
 def _image_library(hd, source: SourceImage):
     """TID 1600 Image Library with the source image (IMAGE 'Source', its frame, its modality when DICOM codes it).
     Built here: highdicom's ImageLibrary knows no Dermoscopic Photography SOP class (its table predates it)."""
-    from highdicom.sr import (CodeContentItem, ContainerContentItem, ImageContentItem,
-                              RelationshipTypeValues as R)
+    from highdicom.sr import CodeContentItem, ContainerContentItem, ImageContentItem
+    from highdicom.sr import RelationshipTypeValues as R
 
     image = ImageContentItem(name=Code("260753009", "SCT", "Source"), relationship_type=R.CONTAINS,
                              referenced_sop_class_uid=source.header.SOPClassUID,
