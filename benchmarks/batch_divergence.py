@@ -40,14 +40,22 @@ def main() -> None:
     many.prompt_cache.max_entries = 0
     streams = [many.engine.submit(many.prepare(im, q, max_new_tokens=a.new_tokens)) for im, q in zip(images, questions)]
     batched = [list(list(s)[-1].tokens) for s in streams]
-    firsts = [next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), min(len(p), len(q)))
-              for p, q in zip(alone, batched) if p != q]
+    firsts = [
+        next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), min(len(p), len(q)))
+        for p, q in zip(alone, batched)
+        if p != q
+    ]
     same = a.requests - len(firsts)
-    print(f"{a.bundle} ({many.bundle.picked['decoder'].precision.value}, prefill "
-          f"{'int8 qgemm' if many.bundle.picked.get('multi_row') else 'decoder'}): {same}/{a.requests} answers identical "
-          f"alone vs {a.parallel} at once ({a.new_tokens} tokens)"
-          + (f"; the others first differ at token {statistics.median(firsts):.0f} (median, range {min(firsts)}-{max(firsts)})"
-             if firsts else ""))
+    print(
+        f"{a.bundle} ({many.bundle.picked['decoder'].precision.value}, prefill "
+        f"{'int8 qgemm' if many.bundle.picked.get('multi_row') else 'decoder'}): {same}/{a.requests} answers identical "
+        f"alone vs {a.parallel} at once ({a.new_tokens} tokens)"
+        + (
+            f"; the others first differ at token {statistics.median(firsts):.0f} (median, range {min(firsts)}-{max(firsts)})"
+            if firsts
+            else ""
+        )
+    )
 
 
 if __name__ == "__main__":

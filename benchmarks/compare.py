@@ -42,12 +42,15 @@ WARMUP_TOKENS = 4  # warmup requests run the full prompt but only this many new 
 
 # --- setup ---------------------------------------------------------------------------------------
 
+
 def sh(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> bool:
     print("$", " ".join(map(str, cmd)), flush=True)
     with open(log, "a") as f:
         f.write("$ " + " ".join(map(str, cmd)) + "\n")
         f.flush()
-        r = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd)
+        r = subprocess.run(
+            [str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd
+        )
     if r.returncode:
         print(f"  failed (exit {r.returncode}); see {log}", flush=True)
     return r.returncode == 0
@@ -63,11 +66,13 @@ def setup_checkpoint(cache: Path, preset: str) -> None:
     models = cache / "models"
     if (models / "ckpt-hf" / "config.json").exists():
         return
-    code = ("import sys; from pathlib import Path; from skin_offline.export.factory import PRESETS, build_reference, write_checkpoint;"
-            "from skin_offline.export.tokenizer import find_mistral_tokenizer_model as t; r=Path(sys.argv[1]); s=PRESETS[sys.argv[2]];"
-            "m=build_reference(s, seed=0, padded_vocab=False);"
-            "write_checkpoint(m, s, r/'ckpt-llava', 'llava', t(), vision_tower=r/'ckpt-llava-clip');"
-            "write_checkpoint(m, s, r/'ckpt-hf', 'hf', t())")
+    code = (
+        "import sys; from pathlib import Path; from skin_offline.export.factory import PRESETS, build_reference, write_checkpoint;"
+        "from skin_offline.export.tokenizer import find_mistral_tokenizer_model as t; r=Path(sys.argv[1]); s=PRESETS[sys.argv[2]];"
+        "m=build_reference(s, seed=0, padded_vocab=False);"
+        "write_checkpoint(m, s, r/'ckpt-llava', 'llava', t(), vision_tower=r/'ckpt-llava-clip');"
+        "write_checkpoint(m, s, r/'ckpt-hf', 'hf', t())"
+    )
     models.mkdir(parents=True, exist_ok=True)
     sh([sys.executable, "-c", code, models, preset], cache / "setup.log")
 
@@ -92,15 +97,46 @@ def setup_peers_venv(cache: Path) -> None:
     if not py.exists():
         base = Path(sys.base_prefix) / "bin" / "python3"  # the interpreter the project venv was made from
         sh([base, "-m", "venv", cache / "peers-venv"], log)
-        site = subprocess.run([str(py), "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True, text=True).stdout.strip()
-        ours = subprocess.run([sys.executable, "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True, text=True).stdout.strip()
+        site = subprocess.run(
+            [str(py), "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True, text=True
+        ).stdout.strip()
+        ours = subprocess.run(
+            [sys.executable, "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True, text=True
+        ).stdout.strip()
         Path(site, "skin_offline_project.pth").write_text(ours + "\n")
     dl = cache / "dl"
     dl.mkdir(exist_ok=True)
     if not list(dl.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz")):
-        sh([py, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", dl], log)
+        sh(
+            [
+                py,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
+                "-d",
+                dl,
+            ],
+            log,
+        )
     # onnxruntime-genai's builder also imports onnx-ir (undeclared); both pinned, no deps (onnxruntime comes from the project)
-    sh([py, "-m", "pip", "install", "-q", "--no-deps", f"onnxruntime-genai=={ORT_GENAI}", f"onnx-ir=={ONNX_IR}", "diskcache==5.6.3"], log)
+    sh(
+        [
+            py,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            f"onnxruntime-genai=={ORT_GENAI}",
+            f"onnx-ir=={ONNX_IR}",
+            "diskcache==5.6.3",
+        ],
+        log,
+    )
     ok = subprocess.run([str(py), "-c", "import llama_cpp"], capture_output=True).returncode == 0
     if not ok:
         build_llama_cpp_python(cache, llama_flags(cache))
@@ -116,17 +152,33 @@ def setup_peers_venv(cache: Path) -> None:
 # GGML_AMX_*=OFF beside GGML_NATIVE=ON is not enough: -march=native defines __AMX_INT8__, which compiles the AMX
 # backend in regardless (seen: the same SIGSEGV). So the rebuild names this CPU's instruction sets one by one.
 NATIVE_FLAGS = "-DGGML_NATIVE=ON"
-_GGML_ISA = {"avx": "AVX", "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "bmi2": "BMI2", "avx_vnni": "AVX_VNNI",
-             "avx512f": "AVX512", "avx512vbmi": "AVX512_VBMI", "avx512_vnni": "AVX512_VNNI",
-             "avx512_bf16": "AVX512_BF16"}
+_GGML_ISA = {
+    "avx": "AVX",
+    "avx2": "AVX2",
+    "fma": "FMA",
+    "f16c": "F16C",
+    "bmi2": "BMI2",
+    "avx_vnni": "AVX_VNNI",
+    "avx512f": "AVX512",
+    "avx512vbmi": "AVX512_VBMI",
+    "avx512_vnni": "AVX512_VNNI",
+    "avx512_bf16": "AVX512_BF16",
+}
 
 
 def _no_amx_flags() -> str:
     from skin_offline.runtime.kernels.policy import cpu_flags
 
     have = cpu_flags()
-    return " ".join(["-DGGML_NATIVE=OFF", *(f"-DGGML_{v}=ON" for k, v in _GGML_ISA.items() if k in have),
-                     "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_BF16=OFF"])
+    return " ".join(
+        [
+            "-DGGML_NATIVE=OFF",
+            *(f"-DGGML_{v}=ON" for k, v in _GGML_ISA.items() if k in have),
+            "-DGGML_AMX_INT8=OFF",
+            "-DGGML_AMX_TILE=OFF",
+            "-DGGML_AMX_BF16=OFF",
+        ]
+    )
 
 
 NO_AMX_FLAGS = _no_amx_flags()
@@ -142,8 +194,11 @@ def build_llama_cpp_python(cache: Path, flags: str) -> None:
     """4.5-6.5 min on 2 idle cores; LLAVA_BUILD=OFF skips the mtmd library (built separately, see setup_mtmd)."""
     (cache / FLAGS_FILE).write_text(flags + "\n")
     sdist = cache / "dl" / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
-    sh([peers_python(cache), "-m", "pip", "install", "--force-reinstall", "--no-deps", sdist], cache / "setup.log",
-       env={"CMAKE_ARGS": f"{flags} -DLLAVA_BUILD=OFF", "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)})
+    sh(
+        [peers_python(cache), "-m", "pip", "install", "--force-reinstall", "--no-deps", sdist],
+        cache / "setup.log",
+        env={"CMAKE_ARGS": f"{flags} -DLLAVA_BUILD=OFF", "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)},
+    )
 
 
 def describe_exit(code: int) -> str:
@@ -163,9 +218,27 @@ def smoke_llama(cache: Path) -> str | None:
     g = cache / "models" / "mistral-q4_0.gguf"
     if not g.exists():
         return f"{g.name} missing"
-    r = subprocess.run([str(peers_python(cache)), str(Path(__file__).resolve()), "worker", "llama", "--model", str(g),
-                        "--bundle", str(cache / "models" / "bundle-bench"), "--prompt-tokens", "32", "--new-tokens", "2",
-                        "--warmup", "0"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    r = subprocess.run(
+        [
+            str(peers_python(cache)),
+            str(Path(__file__).resolve()),
+            "worker",
+            "llama",
+            "--model",
+            str(g),
+            "--bundle",
+            str(cache / "models" / "bundle-bench"),
+            "--prompt-tokens",
+            "32",
+            "--new-tokens",
+            "2",
+            "--warmup",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     return None if r.returncode == 0 and "RESULT " in r.stdout else describe_exit(r.returncode)
 
 
@@ -179,7 +252,9 @@ def check_llama_build(cache: Path) -> None:
             shutil.rmtree(cache / d, ignore_errors=True)
         why = smoke_llama(cache)
     if why:
-        raise SystemExit(f"llama.cpp peer does not run on this machine ({why}, flags {llama_flags(cache)}); see {cache}/setup.log")
+        raise SystemExit(
+            f"llama.cpp peer does not run on this machine ({why}, flags {llama_flags(cache)}); see {cache}/setup.log"
+        )
     print(f"llama.cpp smoke test ok (flags {llama_flags(cache)})", flush=True)
 
 
@@ -221,13 +296,18 @@ def setup_gguf(cache: Path, mistral: Path) -> None:
     f16 = cache / "models" / "mistral-f16.gguf"
     log = cache / "setup.log"
     if not f16.exists():  # the converter needs torch/sentencepiece (project venv) and the sdist's own gguf-py
-        sh([sys.executable, src / "convert_hf_to_gguf.py", mistral, "--outtype", "f16", "--outfile", f16], log,
-           env={"PYTHONPATH": str(src / "gguf-py")})
+        sh(
+            [sys.executable, src / "convert_hf_to_gguf.py", mistral, "--outtype", "f16", "--outfile", f16],
+            log,
+            env={"PYTHONPATH": str(src / "gguf-py")},
+        )
     for name, ftype in GGUF_TYPES.items():
         out = cache / "models" / f"mistral-{name}.gguf"
         if f16.exists() and not out.exists():
-            code = ("import sys, llama_cpp as l; p = l.llama_model_quantize_default_params(); p.ftype = int(sys.argv[3]);"
-                    "p.nthread = 2; sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))")
+            code = (
+                "import sys, llama_cpp as l; p = l.llama_model_quantize_default_params(); p.ftype = int(sys.argv[3]);"
+                "p.nthread = 2; sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))"
+            )
             sh([peers_python(cache), "-c", code, f16, out, ftype], log)
 
 
@@ -255,9 +335,26 @@ def setup_mtmd(cache: Path) -> None:
     src = cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
     log, build, models = cache / "setup.log", cache / "build-mtmd", cache / "models"
     if not (build / "bin" / "libmtmd.so").exists():  # ~6 min on 2 idle cores
-        sh(["cmake", "-S", src, "-B", build, "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", *llama_flags(cache).split(),
-            "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-            "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_CURL=OFF"], log)
+        sh(
+            [
+                "cmake",
+                "-S",
+                src,
+                "-B",
+                build,
+                "-G",
+                "Ninja",
+                "-DCMAKE_BUILD_TYPE=Release",
+                *llama_flags(cache).split(),
+                "-DBUILD_SHARED_LIBS=ON",
+                "-DLLAMA_BUILD_TESTS=OFF",
+                "-DLLAMA_BUILD_EXAMPLES=OFF",
+                "-DLLAMA_BUILD_SERVER=OFF",
+                "-DLLAMA_BUILD_TOOLS=ON",
+                "-DLLAMA_CURL=OFF",
+            ],
+            log,
+        )
         sh(["ninja", "-C", build, f"-j{os.cpu_count() or 1}", "mtmd"], log)
     out = models / MMPROJ
     if out.exists():
@@ -266,17 +363,40 @@ def setup_mtmd(cache: Path) -> None:
     (tmp / "clip").mkdir(parents=True, exist_ok=True)
     clip = models / "ckpt-llava-clip"
     config = json.loads((clip / "config.json").read_text())  # the converter wants a vision config (+ projection_dim)
-    (tmp / "clip" / "config.json").write_text(json.dumps({**config["vision_config"], "architectures": ["CLIPVisionModel"],
-                                                          "projection_dim": config.get("projection_dim", 768)}))
+    (tmp / "clip" / "config.json").write_text(
+        json.dumps(
+            {
+                **config["vision_config"],
+                "architectures": ["CLIPVisionModel"],
+                "projection_dim": config.get("projection_dim", 768),
+            }
+        )
+    )
     for f in ("model.safetensors", "preprocessor_config.json"):
         if not (tmp / "clip" / f).exists():
             (tmp / "clip" / f).symlink_to(clip / f)
-    code = ("import sys, torch; from safetensors.torch import load_file; sd = load_file(sys.argv[1]);"
-            "torch.save({k: v.float() for k, v in sd.items() if k.startswith('model.mm_projector')}, sys.argv[2])")
+    code = (
+        "import sys, torch; from safetensors.torch import load_file; sd = load_file(sys.argv[1]);"
+        "torch.save({k: v.float() for k, v in sd.items() if k.startswith('model.mm_projector')}, sys.argv[2])"
+    )
     sh([sys.executable, "-c", code, models / "ckpt-llava" / "model.safetensors", tmp / "llava.projector"], log)
-    sh([sys.executable, "-c", _MMPROJ_SHIM, src / "tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py",
-        "-m", tmp / "clip", "--clip-model-is-vision", "--llava-projector", tmp / "llava.projector", "--output-dir", tmp],
-       log, env={"PYTHONPATH": str(src / "gguf-py")})
+    sh(
+        [
+            sys.executable,
+            "-c",
+            _MMPROJ_SHIM,
+            src / "tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py",
+            "-m",
+            tmp / "clip",
+            "--clip-model-is-vision",
+            "--llava-projector",
+            tmp / "llava.projector",
+            "--output-dir",
+            tmp,
+        ],
+        log,
+        env={"PYTHONPATH": str(src / "gguf-py")},
+    )
 
 
 def llama_server_binary(cache: Path) -> Path:
@@ -290,9 +410,25 @@ def setup_llama_server(cache: Path) -> None:
     build, log = cache / "build-server", cache / "setup.log"
     if llama_server_binary(cache).exists():
         return
-    sh(["cmake", "-S", src, "-B", build, "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", *llama_flags(cache).split(),
-        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON",
-        "-DLLAMA_CURL=OFF"], log)
+    sh(
+        [
+            "cmake",
+            "-S",
+            src,
+            "-B",
+            build,
+            "-G",
+            "Ninja",
+            "-DCMAKE_BUILD_TYPE=Release",
+            *llama_flags(cache).split(),
+            "-DLLAMA_BUILD_TESTS=OFF",
+            "-DLLAMA_BUILD_EXAMPLES=OFF",
+            "-DLLAMA_BUILD_SERVER=ON",
+            "-DLLAMA_BUILD_TOOLS=ON",
+            "-DLLAMA_CURL=OFF",
+        ],
+        log,
+    )
     sh(["ninja", "-C", build, f"-j{os.cpu_count() or 1}", "llama-server"], log)
 
 
@@ -300,8 +436,24 @@ def setup_genai(cache: Path, mistral: Path) -> None:
     for p in GENAI_PRECISIONS:
         out = cache / "models" / f"genai-{p}"
         if not (out / "genai_config.json").exists():
-            sh([peers_python(cache), "-m", "onnxruntime_genai.models.builder", "-i", mistral, "-o", out, "-p", p,
-                "-e", "cpu", "-c", cache / "genai-tmp"], cache / "setup.log")
+            sh(
+                [
+                    peers_python(cache),
+                    "-m",
+                    "onnxruntime_genai.models.builder",
+                    "-i",
+                    mistral,
+                    "-o",
+                    out,
+                    "-p",
+                    p,
+                    "-e",
+                    "cpu",
+                    "-c",
+                    cache / "genai-tmp",
+                ],
+                cache / "setup.log",
+            )
 
 
 def cmd_setup(a) -> None:
@@ -323,6 +475,7 @@ def cmd_setup(a) -> None:
 
 # --- workers (one measured request per process, printed as one JSON line) ------------------------
 
+
 def _prompt(bundle: Path, prompt_tokens: int):
     from skin_offline.bench.run import DEFAULT_QUESTION, pad_question
     from skin_offline.manifest import Manifest
@@ -339,8 +492,8 @@ def _text_only_ids(bundle: Path, prompt_tokens: int) -> list[int]:
     """Same length as the multimodal prompt: image slots become filler text tokens (text-only peers)."""
     _, ids, n_img = _prompt(bundle, prompt_tokens)
     i = ids.index(-200)
-    filler = ids[i + 1:i + 2] or [1]
-    return ids[:i] + filler * n_img + ids[i + 1:]
+    filler = ids[i + 1 : i + 2] or [1]
+    return ids[:i] + filler * n_img + ids[i + 1 :]
 
 
 def _rss() -> int:
@@ -367,10 +520,16 @@ def worker_skin(a) -> dict:
     r = one_run(model, img, q, a.new_tokens)
     f = model_facts(model, a.threads)
     resident = sum(b.manifest.files[f].size for f in b.loaded_files())
-    return {**r, "load_s": load, "peak_rss_bytes": _rss(), "weight_bytes": f["decoder_weight_bytes"],
-            "resident_weight_bytes": resident, "kv_bytes": f["kv_bytes_per_token"] * (r["prompt_tokens"] + r["new_tokens"]),
-            "kv_bytes_per_token": f["kv_bytes_per_token"],
-            "detail": f"{f['precision']} {f['flavor']}, prefill {f['prefill']}"}
+    return {
+        **r,
+        "load_s": load,
+        "peak_rss_bytes": _rss(),
+        "weight_bytes": f["decoder_weight_bytes"],
+        "resident_weight_bytes": resident,
+        "kv_bytes": f["kv_bytes_per_token"] * (r["prompt_tokens"] + r["new_tokens"]),
+        "kv_bytes_per_token": f["kv_bytes_per_token"],
+        "detail": f"{f['precision']} {f['flavor']}, prefill {f['prefill']}",
+    }
 
 
 def worker_transformers(a) -> dict:
@@ -400,7 +559,9 @@ def worker_transformers(a) -> dict:
         feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
         t_vis = time.perf_counter()
         i = ids.index(-200)
-        embeds = torch.cat([emb(torch.tensor(ids[:i])), feats.reshape(-1, feats.shape[-1]), emb(torch.tensor(ids[i + 1:]))])[None]
+        embeds = torch.cat(
+            [emb(torch.tensor(ids[:i])), feats.reshape(-1, feats.shape[-1]), emb(torch.tensor(ids[i + 1 :]))]
+        )[None]
         out = model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
         tok = int(out.logits[0, -1].argmax())
         t_first = time.perf_counter()
@@ -409,16 +570,33 @@ def worker_transformers(a) -> dict:
             out = model(input_ids=torch.tensor([[tok]]), past_key_values=past, use_cache=True)
             past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
         t_end = time.perf_counter()
-        return {"preprocess_s": t_pre - t, "vision_s": t_vis - t_pre, "prefill_s": t_first - t_vis,
-                "prefill_tokens_per_s": embeds.shape[1] / (t_first - t_vis), "ttft_s": t_first - t,
-                "decode_tokens_per_s": (n - 1) / (t_end - t_first) if n > 1 else 0.0,
-                "end_to_end_s": t_end - t, "prompt_tokens": int(embeds.shape[1]), "new_tokens": n}
+        return {
+            "preprocess_s": t_pre - t,
+            "vision_s": t_vis - t_pre,
+            "prefill_s": t_first - t_vis,
+            "prefill_tokens_per_s": embeds.shape[1] / (t_first - t_vis),
+            "ttft_s": t_first - t,
+            "decode_tokens_per_s": (n - 1) / (t_end - t_first) if n > 1 else 0.0,
+            "end_to_end_s": t_end - t,
+            "prompt_tokens": int(embeds.shape[1]),
+            "new_tokens": n,
+        }
 
     for _ in range(a.warmup):
         once(min(a.new_tokens, WARMUP_TOKENS))
     r = once()
-    w = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "vision_tower" not in n and "multi_modal" not in n)
-    return {**r, "load_s": load, "peak_rss_bytes": _rss(), "weight_bytes": int(w - emb.weight.numel() * 4), "detail": "fp32 sdpa"}
+    w = sum(
+        p.numel() * p.element_size()
+        for n, p in model.named_parameters()
+        if "vision_tower" not in n and "multi_modal" not in n
+    )
+    return {
+        **r,
+        "load_s": load,
+        "peak_rss_bytes": _rss(),
+        "weight_bytes": int(w - emb.weight.numel() * 4),
+        "detail": "fp32 sdpa",
+    }
 
 
 def worker_llama(a) -> dict:
@@ -427,8 +605,14 @@ def worker_llama(a) -> dict:
 
     ids = _text_only_ids(Path(a.bundle), a.prompt_tokens)
     t0 = time.perf_counter()
-    llm = Llama(model_path=a.model, n_ctx=len(ids) + a.new_tokens + 8, n_threads=a.threads, n_threads_batch=a.threads,
-                n_batch=512, verbose=False)
+    llm = Llama(
+        model_path=a.model,
+        n_ctx=len(ids) + a.new_tokens + 8,
+        n_threads=a.threads,
+        n_threads_batch=a.threads,
+        n_batch=512,
+        verbose=False,
+    )
     load = time.perf_counter() - t0
 
     n_vocab = llm.n_vocab()
@@ -451,8 +635,13 @@ def worker_llama(a) -> dict:
     for _ in range(a.warmup):
         once(min(a.new_tokens, WARMUP_TOKENS))
     r = once()
-    return {**r, "load_s": load, "peak_rss_bytes": _rss(), "weight_bytes": os.path.getsize(a.model),
-            "detail": "text only: no mmproj (vision not measured)"}
+    return {
+        **r,
+        "load_s": load,
+        "peak_rss_bytes": _rss(),
+        "weight_bytes": os.path.getsize(a.model),
+        "detail": "text only: no mmproj (vision not measured)",
+    }
 
 
 def worker_llama_mtmd(a) -> dict:
@@ -473,8 +662,14 @@ def worker_llama_mtmd(a) -> dict:
     demo_image().save(buf, format="PNG")
     png = bytearray(buf.getvalue())
     t0 = time.perf_counter()
-    llm = Llama(model_path=a.model, n_ctx=a.prompt_tokens + a.new_tokens + 64, n_threads=a.threads,
-                n_threads_batch=a.threads, n_batch=512, verbose=False)
+    llm = Llama(
+        model_path=a.model,
+        n_ctx=a.prompt_tokens + a.new_tokens + 64,
+        n_threads=a.threads,
+        n_threads_batch=a.threads,
+        n_batch=512,
+        verbose=False,
+    )
     params = mt.mtmd_context_params_default()
     params.use_gpu, params.print_timings, params.n_threads = False, False, a.threads
     ctx = mt.mtmd_init_from_file(a.mmproj.encode(), llm.model, params)
@@ -508,8 +703,19 @@ def worker_llama_mtmd(a) -> dict:
                     raise RuntimeError("mtmd_encode_chunk failed")
                 vision = time.perf_counter() - tv
                 new_past = lc.llama_pos(0)
-                if mt.mtmd_helper_eval_chunk_single(ctx, llm._ctx.ctx, chunk, lc.llama_pos(llm.n_tokens), lc.llama_seq_id(0),
-                                                    llm.n_batch, False, ctypes.byref(new_past)) != 0:
+                if (
+                    mt.mtmd_helper_eval_chunk_single(
+                        ctx,
+                        llm._ctx.ctx,
+                        chunk,
+                        lc.llama_pos(llm.n_tokens),
+                        lc.llama_seq_id(0),
+                        llm.n_batch,
+                        False,
+                        ctypes.byref(new_past),
+                    )
+                    != 0
+                ):
                     raise RuntimeError("mtmd_helper_eval_chunk_single failed")
                 llm.n_tokens = new_past.value
         tok = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
@@ -523,25 +729,45 @@ def worker_llama_mtmd(a) -> dict:
         # the helper encodes the image again inside its prefill, so the CLIP time is counted once and removed
         # from the TTFT: ttft = (first token - start) - vision, the double encode would otherwise penalise it
         ttft = (t_first - t) - vision
-        return {"preprocess_s": 0.0, "vision_s": vision, "prefill_s": ttft - vision,
-                "prefill_tokens_per_s": prompt / (ttft - vision), "ttft_s": ttft,
-                "decode_tokens_per_s": (n - 1) / (t_end - t_first) if n > 1 else 0.0,
-                "end_to_end_s": ttft + (t_end - t_first), "prompt_tokens": prompt, "new_tokens": n}
+        return {
+            "preprocess_s": 0.0,
+            "vision_s": vision,
+            "prefill_s": ttft - vision,
+            "prefill_tokens_per_s": prompt / (ttft - vision),
+            "ttft_s": ttft,
+            "decode_tokens_per_s": (n - 1) / (t_end - t_first) if n > 1 else 0.0,
+            "end_to_end_s": ttft + (t_end - t_first),
+            "prompt_tokens": prompt,
+            "new_tokens": n,
+        }
 
     for _ in range(a.warmup):
         once(min(a.new_tokens, WARMUP_TOKENS))
     r = once(a.new_tokens)
     mt.mtmd_free(ctx)
-    return {**r, "load_s": load, "peak_rss_bytes": _rss(),
-            "weight_bytes": os.path.getsize(a.model), "resident_weight_bytes": os.path.getsize(a.model) + os.path.getsize(a.mmproj),
-            "detail": "image + question through mtmd (mmproj f16); prefill tok/s excludes the CLIP encode"}
+    return {
+        **r,
+        "load_s": load,
+        "peak_rss_bytes": _rss(),
+        "weight_bytes": os.path.getsize(a.model),
+        "resident_weight_bytes": os.path.getsize(a.model) + os.path.getsize(a.mmproj),
+        "detail": "image + question through mtmd (mmproj f16); prefill tok/s excludes the CLIP encode",
+    }
 
 
 def _text_only_timings(t: float, t_first: float, t_end: float, prompt: int, n: int) -> dict:
     """Stage figures of a text-only peer: prefill = prompt -> first token, decode = the n - 1 tokens after it."""
-    return {"preprocess_s": 0.0, "vision_s": None, "prefill_s": t_first - t, "prefill_tokens_per_s": prompt / (t_first - t),
-            "ttft_s": None, "decode_tokens_per_s": (n - 1) / (t_end - t_first) if n > 1 else 0.0, "end_to_end_s": None,
-            "prompt_tokens": prompt, "new_tokens": n}
+    return {
+        "preprocess_s": 0.0,
+        "vision_s": None,
+        "prefill_s": t_first - t,
+        "prefill_tokens_per_s": prompt / (t_first - t),
+        "ttft_s": None,
+        "decode_tokens_per_s": (n - 1) / (t_end - t_first) if n > 1 else 0.0,
+        "end_to_end_s": None,
+        "prompt_tokens": prompt,
+        "new_tokens": n,
+    }
 
 
 def worker_genai(a) -> dict:
@@ -572,11 +798,22 @@ def worker_genai(a) -> dict:
         once(min(a.new_tokens, WARMUP_TOKENS))
     r = once()
     size = sum(f.stat().st_size for f in Path(a.model).glob("*.onnx*"))
-    return {**r, "load_s": load, "peak_rss_bytes": _rss(), "weight_bytes": size, "detail": "text only (its builder graph)"}
+    return {
+        **r,
+        "load_s": load,
+        "peak_rss_bytes": _rss(),
+        "weight_bytes": size,
+        "detail": "text only (its builder graph)",
+    }
 
 
-WORKERS = {"skin": worker_skin, "transformers": worker_transformers, "llama": worker_llama, "llama-mtmd": worker_llama_mtmd,
-           "genai": worker_genai}
+WORKERS = {
+    "skin": worker_skin,
+    "transformers": worker_transformers,
+    "llama": worker_llama,
+    "llama-mtmd": worker_llama_mtmd,
+    "genai": worker_genai,
+}
 
 
 def cmd_worker(a) -> None:
@@ -585,6 +822,7 @@ def cmd_worker(a) -> None:
 
 
 # --- orchestration -------------------------------------------------------------------------------
+
 
 def discover(cache: Path) -> tuple[list[dict], list[tuple[str, str]]]:
     """(peers to run, [(peer, reason skipped)])."""
@@ -600,8 +838,14 @@ def discover(cache: Path) -> tuple[list[dict], list[tuple[str, str]]]:
             m = Manifest.read(b)
             suffix = "" if b == base else f" ({b.name})"
             for prec in sorted({g.precision.value for g in m.variants(names.ROLE_DECODER)}):
-                peer = {"name": f"skin-offline {prec}{suffix}", "kind": "skin", "python": sys.executable, "model": str(b),
-                        "precision": prec, "prefill": "decoder"}
+                peer = {
+                    "name": f"skin-offline {prec}{suffix}",
+                    "kind": "skin",
+                    "python": sys.executable,
+                    "model": str(b),
+                    "precision": prec,
+                    "prefill": "decoder",
+                }
                 if m.multi_row_partner(m.pick(names.ROLE_DECODER, prec)) is not None:  # hybrid: with and without
                     peers.append({**peer, "name": f"skin-offline {prec} + int8 prefill{suffix}", "prefill": "int8"})
                 peers.append(peer)
@@ -611,8 +855,10 @@ def discover(cache: Path) -> tuple[list[dict], list[tuple[str, str]]]:
     else:
         skipped.append(("transformers fp32", f"no hf-layout checkpoint at {hf}"))
     py = peers_python(cache)
+
     def has(mod):
         return py.exists() and subprocess.run([str(py), "-c", f"import {mod}"], capture_output=True).returncode == 0
+
     for name in GGUF_TYPES:
         g = models / f"mistral-{name}.gguf"
         if not has("llama_cpp"):
@@ -623,10 +869,20 @@ def discover(cache: Path) -> tuple[list[dict], list[tuple[str, str]]]:
             peers.append({"name": f"llama.cpp {name.upper()}", "kind": "llama", "python": str(py), "model": str(g)})
     g, mmproj, lib = models / "mistral-q4_0.gguf", models / MMPROJ, cache / "build-mtmd" / "bin"
     if not (mmproj.exists() and (lib / "libmtmd.so").exists() and g.exists()):
-        skipped.append(("llama.cpp Q4_0 + mmproj", "mtmd library or mmproj missing (setup's mtmd step failed? see setup.log)"))
+        skipped.append(
+            ("llama.cpp Q4_0 + mmproj", "mtmd library or mmproj missing (setup's mtmd step failed? see setup.log)")
+        )
     else:  # mtmd_cpp loads libmtmd from MTMD_CPP_LIB; its libllama/libggml sonames resolve to the ones already loaded
-        peers.append({"name": "llama.cpp Q4_0 + mmproj", "kind": "llama-mtmd", "python": str(py), "model": str(g),
-                      "mmproj": str(mmproj), "env": {"MTMD_CPP_LIB": str(lib)}})
+        peers.append(
+            {
+                "name": "llama.cpp Q4_0 + mmproj",
+                "kind": "llama-mtmd",
+                "python": str(py),
+                "model": str(g),
+                "mmproj": str(mmproj),
+                "env": {"MTMD_CPP_LIB": str(lib)},
+            }
+        )
     for p in GENAI_PRECISIONS:
         g = models / f"genai-{p}"
         if not has("onnxruntime_genai"):
@@ -639,9 +895,24 @@ def discover(cache: Path) -> tuple[list[dict], list[tuple[str, str]]]:
 
 
 def run_one(peer: dict, a, bundle: Path) -> dict:
-    cmd = [peer["python"], str(Path(__file__).resolve()), "worker", peer["kind"], "--model", peer["model"], "--bundle", str(bundle),
-           "--threads", str(a.threads), "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens),
-           "--warmup", str(a.warmup)]
+    cmd = [
+        peer["python"],
+        str(Path(__file__).resolve()),
+        "worker",
+        peer["kind"],
+        "--model",
+        peer["model"],
+        "--bundle",
+        str(bundle),
+        "--threads",
+        str(a.threads),
+        "--prompt-tokens",
+        str(a.prompt_tokens),
+        "--new-tokens",
+        str(a.new_tokens),
+        "--warmup",
+        str(a.warmup),
+    ]
     for key in ("precision", "prefill"):
         if peer.get(key):
             cmd += [f"--{key}", peer[key]]
@@ -667,7 +938,11 @@ def summarize(results: dict[str, list[dict]], baseline: str, bandwidth: float | 
             row[k] = statistics.median(vals) if vals else None
             row[k + "_range"] = (min(vals), max(vals)) if vals else None
         if ok:
-            row["detail"], row["prompt_tokens"], row["new_tokens"] = ok[0]["detail"], ok[0]["prompt_tokens"], ok[0]["new_tokens"]
+            row["detail"], row["prompt_tokens"], row["new_tokens"] = (
+                ok[0]["detail"],
+                ok[0]["prompt_tokens"],
+                ok[0]["new_tokens"],
+            )
             row["weight_bytes"] = ok[0]["weight_bytes"]
             if ok[0].get("resident_weight_bytes"):  # peak RSS / (every weight file it maps + its KV cache)
                 row["rss_ratio"] = row["peak_rss_bytes"] / (ok[0]["resident_weight_bytes"] + ok[0].get("kv_bytes", 0))
@@ -689,23 +964,31 @@ def summarize(results: dict[str, list[dict]], baseline: str, bandwidth: float | 
 def markdown(rows: list[dict], skipped, meta: dict) -> str:
     def f(v, p=1):
         return "-" if v is None else f"{v:.{p}f}"
-    out = [f"prompt {meta['prompt_tokens']} tokens, {meta['new_tokens']} new tokens, {meta['threads']} threads, "
-           f"{meta['runs']} interleaved rounds, medians (min-max); ratios vs {meta['baseline']}; "
-           f"roofline from the best of {len(meta.get('bandwidth_probes_gb_per_s', [])) or 1} bandwidth probes: "
-           f"{f(meta['bandwidth_gb_per_s'])} GB/s (probes {f(min(meta.get('bandwidth_probes_gb_per_s') or [0]))}-"
-           f"{f(max(meta.get('bandwidth_probes_gb_per_s') or [0]))}); llama.cpp built with {meta.get('llama_cmake_flags', '?')}", "",
-           "| peer | prefill tok/s | decode tok/s | decode ratio | % of roofline | vision s | TTFT s | TTFT ratio | peak RSS GB | RSS / (weights+KV) | decoder weights GB | notes |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    out = [
+        f"prompt {meta['prompt_tokens']} tokens, {meta['new_tokens']} new tokens, {meta['threads']} threads, "
+        f"{meta['runs']} interleaved rounds, medians (min-max); ratios vs {meta['baseline']}; "
+        f"roofline from the best of {len(meta.get('bandwidth_probes_gb_per_s', [])) or 1} bandwidth probes: "
+        f"{f(meta['bandwidth_gb_per_s'])} GB/s (probes {f(min(meta.get('bandwidth_probes_gb_per_s') or [0]))}-"
+        f"{f(max(meta.get('bandwidth_probes_gb_per_s') or [0]))}); llama.cpp built with {meta.get('llama_cmake_flags', '?')}",
+        "",
+        "| peer | prefill tok/s | decode tok/s | decode ratio | % of roofline | vision s | TTFT s | TTFT ratio | peak RSS GB | RSS / (weights+KV) | decoder weights GB | notes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
+
         def rng(k, r=r):
             return "" if not r.get(k + "_range") else f" ({r[k + '_range'][0]:.1f}-{r[k + '_range'][1]:.1f})"
+
         pct = "-" if r.get("fraction_of_roofline") is None else f"{100 * r['fraction_of_roofline']:.0f}%"
         note = "; ".join([r.get("detail") or ""] + r["errors"][:1])
-        out.append(f"| {r['peer']} | {f(r['prefill_tokens_per_s'])}{rng('prefill_tokens_per_s')} | "
-                   f"{f(r['decode_tokens_per_s'])}{rng('decode_tokens_per_s')} | {f(r['decode_tokens_per_s_ratio'], 2)} | {pct} | "
-                   f"{f(r['vision_s'], 2)} | {f(r['ttft_s'], 2)} | {f(r.get('ttft_ratio'), 2)} | {f((r['peak_rss_bytes'] or 0) / 1e9, 2)} | "
-                   f"{f(r.get('rss_ratio'), 2)} | "
-                   f"{f((r.get('weight_bytes') or 0) / 1e9, 2)} | {note} |")
+        out.append(
+            f"| {r['peer']} | {f(r['prefill_tokens_per_s'])}{rng('prefill_tokens_per_s')} | "
+            f"{f(r['decode_tokens_per_s'])}{rng('decode_tokens_per_s')} | {f(r['decode_tokens_per_s_ratio'], 2)} | {pct} | "
+            f"{f(r['vision_s'], 2)} | {f(r['ttft_s'], 2)} | {f(r.get('ttft_ratio'), 2)} | {f((r['peak_rss_bytes'] or 0) / 1e9, 2)} | "
+            f"{f(r.get('rss_ratio'), 2)} | "
+            f"{f((r.get('weight_bytes') or 0) / 1e9, 2)} | {note} |"
+        )
     for name, why in skipped:
         out.append(f"| {name} | skipped | | | | | | | | | | {why} |")
     return "\n".join(out)
@@ -736,24 +1019,43 @@ def cmd_run(a) -> None:
             except subprocess.TimeoutExpired:
                 r = {"error": f"timed out after {a.timeout}s"}
             results[p["name"]].append(r)
-            print(f"round {rnd + 1}/{a.runs} {p['name']}: "
-                  + (r["error"] if "error" in r else f"prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.2f} tok/s")
-                  + f" ({time.time() - t0:.0f}s)", flush=True)
+            print(
+                f"round {rnd + 1}/{a.runs} {p['name']}: "
+                + (
+                    r["error"]
+                    if "error" in r
+                    else f"prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.2f} tok/s"
+                )
+                + f" ({time.time() - t0:.0f}s)",
+                flush=True,
+            )
     info = machine_info(bandwidth=True, threads=a.threads)
     probes.append(info.bandwidth.gb_per_s)
     # the roofline uses the best probe: what the memory system can deliver to these threads (a median would
     # credit a peer for rounds where the probe happened to run while a neighbour loaded the machine)
     bw = max(probes)
-    baseline = a.baseline or next((p["name"] for p in peers if p["name"].startswith("llama.cpp Q4_0")), peers[0]["name"] if peers else "")
+    baseline = a.baseline or next(
+        (p["name"] for p in peers if p["name"].startswith("llama.cpp Q4_0")), peers[0]["name"] if peers else ""
+    )
     rows = summarize(results, baseline, bw)
-    meta = {"prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "threads": a.threads, "runs": a.runs,
-            "baseline": baseline, "bandwidth_gb_per_s": bw, "bandwidth_probes_gb_per_s": probes, "machine": info.to_dict(),
-            "llama_cmake_flags": llama_flags(cache)}
+    meta = {
+        "prompt_tokens": a.prompt_tokens,
+        "new_tokens": a.new_tokens,
+        "threads": a.threads,
+        "runs": a.runs,
+        "baseline": baseline,
+        "bandwidth_gb_per_s": bw,
+        "bandwidth_probes_gb_per_s": probes,
+        "machine": info.to_dict(),
+        "llama_cmake_flags": llama_flags(cache),
+    }
     table = markdown(rows, skipped, meta)
     print(table)
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
-        Path(a.out, "compare.json").write_text(json.dumps({"meta": meta, "rows": rows, "skipped": skipped, "raw": results}, indent=2))
+        Path(a.out, "compare.json").write_text(
+            json.dumps({"meta": meta, "rows": rows, "skipped": skipped, "raw": results}, indent=2)
+        )
         Path(a.out, "compare.md").write_text(table + "\n")
     failed = [r for r in rows if r["errors"]]
     if failed:  # a crashed or failing peer fails the run, loudly, instead of leaving an empty row

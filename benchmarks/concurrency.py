@@ -55,7 +55,9 @@ class Server:
         deadline = time.time() + 600
         while not ready(self):
             if self.proc.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"server {cmd[0]} did not start ({compare.describe_exit(self.proc.returncode or 0)}); see {log}")
+                raise SystemExit(
+                    f"server {cmd[0]} did not start ({compare.describe_exit(self.proc.returncode or 0)}); see {log}"
+                )
             time.sleep(0.5)
         self.peak_rss = 0
         self._stop = threading.Event()
@@ -95,8 +97,11 @@ class Server:
             if not raw.startswith(b"data: ") or raw.startswith(b"data: [DONE]"):
                 continue
             obj = json.loads(raw[6:])
-            text = obj.get("content") if "content" in obj else \
-                (obj["choices"][0]["delta"].get("content") if obj.get("choices") else None)
+            text = (
+                obj.get("content")
+                if "content" in obj
+                else (obj["choices"][0]["delta"].get("content") if obj.get("choices") else None)
+            )
             if text:
                 times.append(time.perf_counter())
         conn.close()
@@ -121,9 +126,27 @@ def skin_target(a, n: int):
     demo_image().save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     port = free_port()
-    srv = Server([sys.executable, "-m", "skin_offline.cli", "serve", "--bundle", str(bundle), "--port", str(port),
-                  "--parallel", str(n), "--max-queue", str(4 * n), "--threads", str(a.threads)], port,
-                 Path(a.out) / "skin-serve.log", lambda s: s.status("/health") == 200)
+    srv = Server(
+        [
+            sys.executable,
+            "-m",
+            "skin_offline.cli",
+            "serve",
+            "--bundle",
+            str(bundle),
+            "--port",
+            str(port),
+            "--parallel",
+            str(n),
+            "--max-queue",
+            str(4 * n),
+            "--threads",
+            str(a.threads),
+        ],
+        port,
+        Path(a.out) / "skin-serve.log",
+        lambda s: s.status("/health") == 200,
+    )
 
     def request(i: int):  # a different image per client: no prompt-cache hits between streams
         from PIL import Image
@@ -131,9 +154,23 @@ def skin_target(a, n: int):
         img = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).rotate(90 * (i % 4) + i)
         b = io.BytesIO()
         img.save(b, format="PNG")
-        body = {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b.getvalue()).decode()}},
-            {"type": "text", "text": q}]}], "max_tokens": a.new_tokens, "temperature": 0, "stream": True}
+        body = {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": "data:image/png;base64," + base64.b64encode(b.getvalue()).decode()},
+                        },
+                        {"type": "text", "text": q},
+                    ],
+                }
+            ],
+            "max_tokens": a.new_tokens,
+            "temperature": 0,
+            "stream": True,
+        }
         return srv.post("/v1/chat/completions", body)
 
     return srv, request
@@ -146,13 +183,39 @@ def llama_target(a, n: int):
     ids = compare._text_only_ids(Path(a.bundle), a.prompt_tokens)
     port = free_port()
     ctx = n * (a.prompt_tokens + a.new_tokens + 64)  # -np slots share -c: each slot gets ctx / n
-    srv = Server([str(binary), "-m", a.gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(n), "-c", str(ctx),
-                  "-t", str(a.threads), "-tb", str(a.threads), "--no-webui"], port,
-                 Path(a.out) / "llama-server.log", lambda s: s.status("/health") == 200)
+    srv = Server(
+        [
+            str(binary),
+            "-m",
+            a.gguf,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-np",
+            str(n),
+            "-c",
+            str(ctx),
+            "-t",
+            str(a.threads),
+            "-tb",
+            str(a.threads),
+            "--no-webui",
+        ],
+        port,
+        Path(a.out) / "llama-server.log",
+        lambda s: s.status("/health") == 200,
+    )
 
     def request(i: int):  # a different first token per client: no shared prompt-cache prefix
-        body = {"prompt": [ids[0], 100 + i, *ids[2:]], "n_predict": a.new_tokens, "ignore_eos": True, "stream": True,
-                "temperature": 0, "cache_prompt": False}
+        body = {
+            "prompt": [ids[0], 100 + i, *ids[2:]],
+            "n_predict": a.new_tokens,
+            "ignore_eos": True,
+            "stream": True,
+            "temperature": 0,
+            "cache_prompt": False,
+        }
         return srv.post("/completion", body)
 
     return srv, request
@@ -187,11 +250,17 @@ def run_once(a, target: str, n: int) -> dict:
     decoded = sum(len(times) - 1 for _, times in out)
     gaps = [max((b - x for x, b in zip(times, times[1:])), default=0.0) for _, times in out]
     per = [(len(times) - 1) / (times[-1] - times[0]) for _, times in out if len(times) > 1]
-    return {"target": target, "streams": n, "tokens": [len(t) for _, t in out],
-            "aggregate_decode_tok_s": decoded / (max(ends) - min(firsts)) if decoded else 0.0,
-            "per_stream_decode_tok_s": statistics.median(per) if per else 0.0,
-            "ttft_p50_s": statistics.median(ttft), "ttft_p95_s": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))],
-            "worst_gap_s": max(gaps), "peak_rss_bytes": rss}
+    return {
+        "target": target,
+        "streams": n,
+        "tokens": [len(t) for _, t in out],
+        "aggregate_decode_tok_s": decoded / (max(ends) - min(firsts)) if decoded else 0.0,
+        "per_stream_decode_tok_s": statistics.median(per) if per else 0.0,
+        "ttft_p50_s": statistics.median(ttft),
+        "ttft_p95_s": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))],
+        "worst_gap_s": max(gaps),
+        "peak_rss_bytes": rss,
+    }
 
 
 def main() -> None:
@@ -213,26 +282,41 @@ def main() -> None:
     rows = []
     for rnd in range(a.rounds):
         for n in a.streams:
-            for t in (a.targets if rnd % 2 == 0 else a.targets[::-1]):
+            for t in a.targets if rnd % 2 == 0 else a.targets[::-1]:
                 r = run_once(a, t, n)
                 rows.append(r)
-                print(f"round {rnd + 1} {t} x{n}: aggregate {r['aggregate_decode_tok_s']:.1f} tok/s, per stream "
-                      f"{r['per_stream_decode_tok_s']:.1f}, TTFT p50 {r['ttft_p50_s']:.2f} s p95 {r['ttft_p95_s']:.2f} s, "
-                      f"worst gap {r['worst_gap_s']:.2f} s, RSS {r['peak_rss_bytes'] / 1e9:.2f} GB, tokens {r['tokens']}",
-                      flush=True)
-    table = ["| target | streams | aggregate decode tok/s | per-stream tok/s | TTFT p50 s | TTFT p95 s | worst gap s | peak RSS GB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                print(
+                    f"round {rnd + 1} {t} x{n}: aggregate {r['aggregate_decode_tok_s']:.1f} tok/s, per stream "
+                    f"{r['per_stream_decode_tok_s']:.1f}, TTFT p50 {r['ttft_p50_s']:.2f} s p95 {r['ttft_p95_s']:.2f} s, "
+                    f"worst gap {r['worst_gap_s']:.2f} s, RSS {r['peak_rss_bytes'] / 1e9:.2f} GB, tokens {r['tokens']}",
+                    flush=True,
+                )
+    table = [
+        "| target | streams | aggregate decode tok/s | per-stream tok/s | TTFT p50 s | TTFT p95 s | worst gap s | peak RSS GB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for t in a.targets:
         for n in a.streams:
             rs = [r for r in rows if r["target"] == t and r["streams"] == n]
             med = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731, B023 (used within this iteration)
-            table.append(f"| {t} | {n} | {med('aggregate_decode_tok_s'):.1f} | {med('per_stream_decode_tok_s'):.1f} | "
-                         f"{med('ttft_p50_s'):.2f} | {med('ttft_p95_s'):.2f} | {med('worst_gap_s'):.2f} | "
-                         f"{med('peak_rss_bytes') / 1e9:.2f} |")
-    meta = {"prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "threads": a.threads, "rounds": a.rounds,
-            "stagger_s": a.stagger, "llama_cmake_flags": compare.llama_flags(Path(a.cache))}
-    text = (f"{a.prompt_tokens}-token prompts, {a.new_tokens} new tokens, {a.threads} threads, {a.rounds} interleaved "
-            f"rounds (medians), clients {a.stagger} s apart; llama.cpp flags {meta['llama_cmake_flags']}\n\n" + "\n".join(table))
+            table.append(
+                f"| {t} | {n} | {med('aggregate_decode_tok_s'):.1f} | {med('per_stream_decode_tok_s'):.1f} | "
+                f"{med('ttft_p50_s'):.2f} | {med('ttft_p95_s'):.2f} | {med('worst_gap_s'):.2f} | "
+                f"{med('peak_rss_bytes') / 1e9:.2f} |"
+            )
+    meta = {
+        "prompt_tokens": a.prompt_tokens,
+        "new_tokens": a.new_tokens,
+        "threads": a.threads,
+        "rounds": a.rounds,
+        "stagger_s": a.stagger,
+        "llama_cmake_flags": compare.llama_flags(Path(a.cache)),
+    }
+    text = (
+        f"{a.prompt_tokens}-token prompts, {a.new_tokens} new tokens, {a.threads} threads, {a.rounds} interleaved "
+        f"rounds (medians), clients {a.stagger} s apart; llama.cpp flags {meta['llama_cmake_flags']}\n\n"
+        + "\n".join(table)
+    )
     print(text)
     Path(a.out, "concurrency.md").write_text(text + "\n")
     Path(a.out, "concurrency.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

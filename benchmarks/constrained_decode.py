@@ -63,8 +63,10 @@ def run(model, n: int, constraint, new_tokens: int, rng_seed: int) -> tuple[floa
 
     rng = np.random.default_rng(rng_seed)
     images = [Image.fromarray((rng.random((160 + 9 * i, 200, 3)) * 255).astype(np.uint8)) for i in range(n)]
-    reqs = [model.prepare(img, "Fill in the clinic form for this lesion.", max_new_tokens=new_tokens, constraint=constraint)
-            for img in images]
+    reqs = [
+        model.prepare(img, "Fill in the clinic form for this lesion.", max_new_tokens=new_tokens, constraint=constraint)
+        for img in images
+    ]
     firsts, lasts, counts = [], [], []
 
     def consume(stream):
@@ -105,8 +107,13 @@ def main() -> None:
     model.prompt_cache.max_entries = 0  # every request prefills its own prompt, both sides alike
     # the clinic form and a free-text note after it, long enough that both sides generate exactly --new-tokens
     # (a random-weight model fills the note until the limit): the same tokens per request, per-token cost compared
-    form = JsonSchema({**CLINIC_FORM, "properties": {**CLINIC_FORM["properties"], "notes": {"type": "string", "maxLength": 2000}},
-                       "required": [*CLINIC_FORM["required"], "notes"]})
+    form = JsonSchema(
+        {
+            **CLINIC_FORM,
+            "properties": {**CLINIC_FORM["properties"], "notes": {"type": "string", "maxLength": 2000}},
+            "required": [*CLINIC_FORM["required"], "notes"],
+        }
+    )
     from PIL import Image
 
     model.ask(Image.new("RGB", (64, 64)), "warm-up", max_new_tokens=4, constraint=form)  # tokenizer, sessions
@@ -116,7 +123,7 @@ def main() -> None:
     for i in range(a.rounds):
         for n in a.streams:
             order = [("constrained", form), ("free", None)]
-            for side, c in (order if i % 2 == 0 else order[::-1]):
+            for side, c in order if i % 2 == 0 else order[::-1]:
                 rate, tokens = run(model, n, c, a.new_tokens, 100 * i + n)
                 res[n][side].append(rate)
                 res[n]["tokens"][side].append(tokens)

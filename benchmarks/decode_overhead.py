@@ -53,10 +53,16 @@ class TimedSession:
 def _random_tensor_fn(spec, seed: int = 0):
     """Deterministic per-name random weights, so both graphs get identical tensors without holding them."""
     D = spec.head_dim
-    shapes = {"q_proj": (spec.heads * D, spec.hidden), "k_proj": (spec.kv_heads * D, spec.hidden),
-              "v_proj": (spec.kv_heads * D, spec.hidden), "o_proj": (spec.hidden, spec.heads * D),
-              "gate_proj": (spec.mlp, spec.hidden), "up_proj": (spec.mlp, spec.hidden),
-              "down_proj": (spec.hidden, spec.mlp), "lm_head": (spec.vocab, spec.hidden)}
+    shapes = {
+        "q_proj": (spec.heads * D, spec.hidden),
+        "k_proj": (spec.kv_heads * D, spec.hidden),
+        "v_proj": (spec.kv_heads * D, spec.hidden),
+        "o_proj": (spec.hidden, spec.heads * D),
+        "gate_proj": (spec.mlp, spec.hidden),
+        "up_proj": (spec.mlp, spec.hidden),
+        "down_proj": (spec.hidden, spec.mlp),
+        "lm_head": (spec.vocab, spec.hidden),
+    }
 
     def tensor(name: str) -> np.ndarray:
         rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")])
@@ -79,9 +85,18 @@ def build(preset: str, layers: int, folder: Path, **widths):
     from skin_offline.manifest import ModelDims
 
     p = get_preset(preset, **{k: v for k, v in widths.items() if v})
-    spec = TextSpec(vocab=p.vocab, hidden=p.hidden, layers=layers, heads=p.heads, kv_heads=p.kv_heads,
-                    head_dim=p.hidden // p.heads, mlp=p.mlp, rms_norm_eps=p.rms_norm_eps, rope_theta=p.rope_theta,
-                    max_context=p.max_context)
+    spec = TextSpec(
+        vocab=p.vocab,
+        hidden=p.hidden,
+        layers=layers,
+        heads=p.heads,
+        kv_heads=p.kv_heads,
+        head_dim=p.hidden // p.heads,
+        mlp=p.mlp,
+        rms_norm_eps=p.rms_norm_eps,
+        rope_theta=p.rope_theta,
+        max_context=p.max_context,
+    )
     folder = folder / f"{preset}-{layers}l-{p.hidden}h-{p.heads}q-{p.kv_heads}kv-{p.mlp}i"
     folder.mkdir(parents=True, exist_ok=True)
     tensor = _random_tensor_fn(spec)
@@ -89,10 +104,20 @@ def build(preset: str, layers: int, folder: Path, **widths):
         build_decoder(spec, tensor, folder)
     if not (folder / names.DECODER_CONTRIB_GRAPH).exists():
         build_decoder_fast(spec, tensor, folder)
-    dims = ModelDims(vocab_size=spec.vocab, hidden_size=spec.hidden, num_layers=layers, num_heads=spec.heads,
-                     num_kv_heads=spec.kv_heads, head_dim=spec.head_dim, intermediate_size=spec.mlp,
-                     rms_norm_eps=spec.rms_norm_eps, rope_theta=spec.rope_theta, max_context=spec.max_context,
-                     image_tokens=576, vision_hidden_size=1024)
+    dims = ModelDims(
+        vocab_size=spec.vocab,
+        hidden_size=spec.hidden,
+        num_layers=layers,
+        num_heads=spec.heads,
+        num_kv_heads=spec.kv_heads,
+        head_dim=spec.head_dim,
+        intermediate_size=spec.mlp,
+        rms_norm_eps=spec.rms_norm_eps,
+        rope_theta=spec.rope_theta,
+        max_context=spec.max_context,
+        image_tokens=576,
+        vision_hidden_size=1024,
+    )
     return folder, dims
 
 
@@ -104,7 +129,9 @@ def quantized(folder: Path, graph: str, precision: str) -> Path:
     dst = f"{precision}_{graph}"
     if not (folder / dst).exists():
         cfg = QuantConfig(Precision(precision))
-        quantize_graph(plan_graph(GraphSource.from_file(folder / graph), dst, cfg.precision, cfg, cfg.lm_head), folder, cfg)
+        quantize_graph(
+            plan_graph(GraphSource.from_file(folder / graph), dst, cfg.precision, cfg, cfg.lm_head), folder, cfg
+        )
     return folder / dst
 
 
@@ -177,8 +204,10 @@ def main(argv=None) -> dict:
     files = {k: folder / g for k, g in (("standard", names.DECODER_GRAPH), ("contrib", names.DECODER_CONTRIB_GRAPH))}
     if a.precision != "fp32":
         files = {k: quantized(folder, f.name, a.precision) for k, f in files.items()}
-    decs = {"standard": Decoder(TimedSession(sf.create(files["standard"])), dims),
-            "contrib": FastDecoder(TimedSession(sf.create(files["contrib"])), dims)}
+    decs = {
+        "standard": Decoder(TimedSession(sf.create(files["standard"])), dims),
+        "contrib": FastDecoder(TimedSession(sf.create(files["contrib"])), dims),
+    }
     table = np.random.default_rng(1).standard_normal((dims.vocab_size, dims.hidden_size), dtype=np.float32)
     rng = np.random.default_rng(2)
     for dec in decs.values():  # warm-up: first runs allocate and prepack
@@ -202,29 +231,49 @@ def main(argv=None) -> dict:
         return round(1e6 * statistics.median(v), 1)
 
     report = {
-        "preset": a.preset, "layers": a.layers, "hidden": dims.hidden_size, "heads": dims.num_heads,
-        "kv_heads": dims.num_kv_heads, "mlp": dims.intermediate_size, "past": a.past, "steps": a.steps, "rounds": a.rounds,
-        "threads": a.threads, "precision": a.precision, "build_s": round(built_s, 1),
-        "decoders": {k: {"ms_per_token": ms(p["wall"]), "tokens_per_s": round(1 / statistics.median(p["wall"]), 2),
-                         "session_ms": ms(p["inside"]),
-                         "python_forward_overhead_us": us([f - i for f, i in zip(p["forward"], p["inside"])]),
-                         "loop_overhead_us": us([w - f for w, f in zip(p["wall"], p["forward"])])}
-                     for k, p in per.items()},
+        "preset": a.preset,
+        "layers": a.layers,
+        "hidden": dims.hidden_size,
+        "heads": dims.num_heads,
+        "kv_heads": dims.num_kv_heads,
+        "mlp": dims.intermediate_size,
+        "past": a.past,
+        "steps": a.steps,
+        "rounds": a.rounds,
+        "threads": a.threads,
+        "precision": a.precision,
+        "build_s": round(built_s, 1),
+        "decoders": {
+            k: {
+                "ms_per_token": ms(p["wall"]),
+                "tokens_per_s": round(1 / statistics.median(p["wall"]), 2),
+                "session_ms": ms(p["inside"]),
+                "python_forward_overhead_us": us([f - i for f, i in zip(p["forward"], p["inside"])]),
+                "loop_overhead_us": us([w - f for w, f in zip(p["wall"], p["forward"])]),
+            }
+            for k, p in per.items()
+        },
         "speedup_contrib_vs_standard_per_round": [round(x, 3) for x in ratios],
         "speedup_contrib_vs_standard_median": round(statistics.median(ratios), 3),
     }
     if a.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{a.preset} preset, hidden {dims.hidden_size}, mlp {dims.intermediate_size}, heads "
-              f"{dims.num_heads}/{dims.num_kv_heads}, {a.layers} layers, {a.precision}, past {a.past}, {a.threads} threads, "
-              f"{a.rounds} interleaved rounds x {a.steps} tokens (medians)")
+        print(
+            f"{a.preset} preset, hidden {dims.hidden_size}, mlp {dims.intermediate_size}, heads "
+            f"{dims.num_heads}/{dims.num_kv_heads}, {a.layers} layers, {a.precision}, past {a.past}, {a.threads} threads, "
+            f"{a.rounds} interleaved rounds x {a.steps} tokens (medians)"
+        )
         print(f"{'decoder':10} {'ms/token':>9} {'tok/s':>8} {'in Run ms':>10} {'py fwd us':>10} {'loop us':>8}")
         for k, d in report["decoders"].items():
-            print(f"{k:10} {d['ms_per_token']:9.2f} {d['tokens_per_s']:8.2f} {d['session_ms']:10.2f} "
-                  f"{d['python_forward_overhead_us']:10.1f} {d['loop_overhead_us']:8.1f}")
-        print(f"contrib speedup over standard: median {report['speedup_contrib_vs_standard_median']}x, "
-              f"per round {report['speedup_contrib_vs_standard_per_round']}")
+            print(
+                f"{k:10} {d['ms_per_token']:9.2f} {d['tokens_per_s']:8.2f} {d['session_ms']:10.2f} "
+                f"{d['python_forward_overhead_us']:10.1f} {d['loop_overhead_us']:8.1f}"
+            )
+        print(
+            f"contrib speedup over standard: median {report['speedup_contrib_vs_standard_median']}x, "
+            f"per round {report['speedup_contrib_vs_standard_per_round']}"
+        )
     return report
 
 

@@ -33,8 +33,13 @@ def run(src: Path | None, args: list[str], out: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if src is not None:  # the baseline's package first on the path (before the venv's editable install)
         env["PYTHONPATH"] = str(src)
-    r = subprocess.run([sys.executable, "-m", "skin_offline.cli", *args, "--out", str(out), "--quiet"],
-                       capture_output=True, text=True, env=env, cwd=str(src or HERE))
+    r = subprocess.run(
+        [sys.executable, "-m", "skin_offline.cli", *args, "--out", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(src or HERE),
+    )
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(args[:2])} failed ({src or 'this checkout'}): {r.stderr.strip()[-500:]}")
     return json.loads((out / "summary.json").read_text())["this_run"]
@@ -58,34 +63,56 @@ def main() -> None:
 
         data = write_synthetic_set(a.csv, tmp / "set", rows=a.rows)
         common = [str(a.bundle), "--images", str(data / "images"), "--threads", str(a.threads)]
-        vqa = ["eval", *common, "--csv", str(data / "q.csv"), "--protocol", "paper", "--batch", str(a.batch),
-               "--max-new-tokens", str(a.max_new_tokens)]
+        vqa = [
+            "eval",
+            *common,
+            "--csv",
+            str(data / "q.csv"),
+            "--protocol",
+            "paper",
+            "--batch",
+            str(a.batch),
+            "--max-new-tokens",
+            str(a.max_new_tokens),
+        ]
         cls = ["classify-eval", *common, "--csv", str(data / "labels.csv"), "--label-set", "HAM10000"]
         rates: dict[str, dict[str, list[float]]] = {k: {"before": [], "after": []} for k in ("eval", "classify")}
         rates["classify"]["after_batch"] = []  # this checkout's classify-eval --batch B (the baseline has no --batch)
         for i in range(a.rounds):
             order = [("before", a.before), ("after", None)]
-            for side, src in (order if i % 2 == 0 else order[::-1]):
+            for side, src in order if i % 2 == 0 else order[::-1]:
                 rates["eval"][side].append(run(src, vqa, tmp / "out")["questions_per_minute"])
                 rates["classify"][side].append(run(src, cls, tmp / "out")["images_per_minute"])
                 if side == "after":
                     rates["classify"]["after_batch"].append(
-                        run(None, [*cls, "--batch", str(a.batch)], tmp / "out")["images_per_minute"])
-                print(f"round {i + 1} {side}: eval {rates['eval'][side][-1]:.2f} q/min, "
-                      f"classify {rates['classify'][side][-1]:.2f} img/min", file=sys.stderr)
+                        run(None, [*cls, "--batch", str(a.batch)], tmp / "out")["images_per_minute"]
+                    )
+                print(
+                    f"round {i + 1} {side}: eval {rates['eval'][side][-1]:.2f} q/min, "
+                    f"classify {rates['classify'][side][-1]:.2f} img/min",
+                    file=sys.stderr,
+                )
         med = {k: {s: statistics.median(v) for s, v in d.items()} for k, d in rates.items()}
         if a.json:
             print(json.dumps({"rates": rates, "medians": med}))
             return
-        print(f"{a.rows} synthetic rows, bundle {a.bundle.name}, {a.threads} threads, {a.rounds} interleaved rounds (medians)")
+        print(
+            f"{a.rows} synthetic rows, bundle {a.bundle.name}, {a.threads} threads, {a.rounds} interleaved rounds (medians)"
+        )
         print("| run | before | after | after / before |")
         print("| --- | --- | --- | --- |")
-        print(f"| eval --protocol paper --batch {a.batch} --max-new-tokens {a.max_new_tokens} (questions/min) | "
-              f"{med['eval']['before']:.2f} | {med['eval']['after']:.2f} | {med['eval']['after'] / med['eval']['before']:.2f}x |")
-        print(f"| classify-eval HAM10000 (images/min) | {med['classify']['before']:.2f} | {med['classify']['after']:.2f} | "
-              f"{med['classify']['after'] / med['classify']['before']:.2f}x |")
-        print(f"| classify-eval HAM10000 --batch {a.batch} (after only; images/min) | {med['classify']['before']:.2f} "
-              f"(batch 1) | {med['classify']['after_batch']:.2f} | {med['classify']['after_batch'] / med['classify']['before']:.2f}x |")
+        print(
+            f"| eval --protocol paper --batch {a.batch} --max-new-tokens {a.max_new_tokens} (questions/min) | "
+            f"{med['eval']['before']:.2f} | {med['eval']['after']:.2f} | {med['eval']['after'] / med['eval']['before']:.2f}x |"
+        )
+        print(
+            f"| classify-eval HAM10000 (images/min) | {med['classify']['before']:.2f} | {med['classify']['after']:.2f} | "
+            f"{med['classify']['after'] / med['classify']['before']:.2f}x |"
+        )
+        print(
+            f"| classify-eval HAM10000 --batch {a.batch} (after only; images/min) | {med['classify']['before']:.2f} "
+            f"(batch 1) | {med['classify']['after_batch']:.2f} | {med['classify']['after_batch'] / med['classify']['before']:.2f}x |"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

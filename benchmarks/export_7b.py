@@ -41,8 +41,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("extra", nargs="*")
     a = ap.parse_args()
-    cli = [sys.executable, "-m", "skin_offline.cli", "export", str(a.checkpoint), str(a.out), "--precision", "int4",
-           "--threads", str(a.threads), *a.extra]
+    cli = [
+        sys.executable,
+        "-m",
+        "skin_offline.cli",
+        "export",
+        str(a.checkpoint),
+        str(a.out),
+        "--precision",
+        "int4",
+        "--threads",
+        str(a.threads),
+        *a.extra,
+    ]
     dry = subprocess.run([*cli, "--dry-run"], capture_output=True, text=True)
     print(dry.stdout + dry.stderr, flush=True)
     high, stop = [0], threading.Event()
@@ -62,8 +73,10 @@ def main() -> None:
     text = log.read_text(errors="replace")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) * 1024
     bundle = sum(p.stat().st_size for p in a.out.iterdir() if p.is_file()) if a.out.is_dir() else 0
-    print(f"exit {done.returncode}; wall {wall / 60:.1f} min; peak RSS {rss / 1e9:.2f} GB; disk high-water "
-          f"{high[0] / 1e9:.2f} GB = {high[0] / max(bundle, 1):.2f}x the {bundle / 1e9:.2f} GB bundle; log {log}")
+    print(
+        f"exit {done.returncode}; wall {wall / 60:.1f} min; peak RSS {rss / 1e9:.2f} GB; disk high-water "
+        f"{high[0] / 1e9:.2f} GB = {high[0] / max(bundle, 1):.2f}x the {bundle / 1e9:.2f} GB bundle; log {log}"
+    )
     for line in text.splitlines():
         if re.search(r" in \d+:\d\d|calibrating|verification passed|bundle written|error", line):
             print("  " + line[-200:])

@@ -49,7 +49,7 @@ def eval_groups(tok, embed, feats: np.ndarray, pairs):
     groups, answers = [], []
     for i in range(feats.shape[0]):
         suffixes = []
-        for q, a in pairs[i * per:(i + 1) * per]:
+        for q, a in pairs[i * per : (i + 1) * per]:
             before, after = sequence_ids(tok, q, a)
             n = len(tok.answer_ids(a)) + 1  # the answer and EOS
             suffixes.append(embed(after))
@@ -94,9 +94,12 @@ def main() -> None:
     embed = lambda ids: table[np.asarray(ids, np.int64)]  # noqa: E731
     tj = write_tokenizer_json(a.checkpoint, Path("/tmp") / "int4_methods_tokenizer.json")
     tok = TextTokenizer(__import__("tokenizers").Tokenizer.from_file(str(tj)), token_config(a.checkpoint, tj))
-    ev, answers = eval_groups(tok, embed, features(ckpt, range(EVAL_SEED, EVAL_SEED + a.eval_images)), eval_pairs(a.csv))
-    cal = calibration_groups(tok, embed, features(ckpt, range(CALIBRATION_SEED, CALIBRATION_SEED + a.images)),
-                             a.per_image)
+    ev, answers = eval_groups(
+        tok, embed, features(ckpt, range(EVAL_SEED, EVAL_SEED + a.eval_images)), eval_pairs(a.csv)
+    )
+    cal = calibration_groups(
+        tok, embed, features(ckpt, range(CALIBRATION_SEED, CALIBRATION_SEED + a.images)), a.per_image
+    )
 
     class Stack:
         num_layers = t.layers
@@ -116,18 +119,22 @@ def main() -> None:
             return stack.head(h)
 
     def logits(s) -> list[np.ndarray]:
-        outs = run_pass(ev, lambda rows: s, t.layers, on_done=lambda: print('.', end='', flush=True))
+        outs = run_pass(ev, lambda rows: s, t.layers, on_done=lambda: print(".", end="", flush=True))
         rows = [x for out in outs for x in out.suffixes]
-        return [s.head(r[len(r) - len(ans) - 1:-1]) for r, ans in zip(rows, answers)]  # predictions of answer + EOS
+        return [s.head(r[len(r) - len(ans) - 1 : -1]) for r, ans in zip(rows, answers)]  # predictions of answer + EOS
 
     t0 = time.perf_counter()
     ref = logits(Stack())
     print(f"fp32 reference: {sum(map(len, answers))} answer tokens, {time.perf_counter() - t0:.0f}s", flush=True)
-    specs = {"rtn": MethodSpec(gptq=False, scale_search=False), "search": MethodSpec(gptq=False, scale_search=True),
-             "gptq-absmax": MethodSpec(gptq=True, scale_search=False), "gptq": MethodSpec(),
-             "gptq-noact": MethodSpec(act_order=False),
-             # what a 7B export gets: GPTQ on q/k/v/o/gate/up, down_proj (K 14336 there) rounded on searched scales
-             "gptq-nodown": MethodSpec(gptq_max_inputs=1024)}
+    specs = {
+        "rtn": MethodSpec(gptq=False, scale_search=False),
+        "search": MethodSpec(gptq=False, scale_search=True),
+        "gptq-absmax": MethodSpec(gptq=True, scale_search=False),
+        "gptq": MethodSpec(),
+        "gptq-noact": MethodSpec(act_order=False),
+        # what a 7B export gets: GPTQ on q/k/v/o/gate/up, down_proj (K 14336 there) rounded on searched scales
+        "gptq-nodown": MethodSpec(gptq_max_inputs=1024),
+    }
     results, calib = {}, None
     for m in a.methods:
         t0 = time.perf_counter()
@@ -142,9 +149,21 @@ def main() -> None:
         results[m] = metrics(ref, logits(Stack(over)), answers) | {"quantize_s": round(tq, 1)}
         print(m, json.dumps(results[m]), flush=True)
     if a.out:
-        a.out.write_text(json.dumps({"block_size": bs, "calibration": {"images": a.images, "per_image": a.per_image,
-                                     "sequences": calib.sequences, "positions": calib.positions},
-                                     "results": results}, indent=2))
+        a.out.write_text(
+            json.dumps(
+                {
+                    "block_size": bs,
+                    "calibration": {
+                        "images": a.images,
+                        "per_image": a.per_image,
+                        "sequences": calib.sequences,
+                        "positions": calib.positions,
+                    },
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
 
 
 def metrics(ref: list[np.ndarray], got: list[np.ndarray], answers: list[list[int]]) -> dict:
@@ -159,8 +178,13 @@ def metrics(ref: list[np.ndarray], got: list[np.ndarray], answers: list[list[int
         nll_r -= float(lp[idx, ids].sum())
         nll_q -= float(lq[idx, ids].sum())
         n += len(ids)
-    return {"top1_agreement": round(top / n, 4), "kl_mean": round(kl / n, 4), "ppl_ref": round(float(np.exp(nll_r / n)), 3),
-            "ppl": round(float(np.exp(nll_q / n)), 3), "tokens": n}
+    return {
+        "top1_agreement": round(top / n, 4),
+        "kl_mean": round(kl / n, 4),
+        "ppl_ref": round(float(np.exp(nll_r / n)), 3),
+        "ppl": round(float(np.exp(nll_q / n)), 3),
+        "tokens": n,
+    }
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def teacher_forced(folder: Path, pairs, threads: int) -> tuple[list[np.ndarray],
     out, targets = [], []
     for i in range(EVAL_IMAGES):
         feats = model.bundle.vision.encode(model.pixels(probe_image(EVAL_SEED + i)))[0]
-        for q, a in pairs[i * per:(i + 1) * per]:
+        for q, a in pairs[i * per : (i + 1) * per]:
             answer = tok.answer_ids(a) + [tok.eos_id]
             emb = model.prompt_embeddings(build_prompt_ids(tok, q), feats)
             logits, cache = dec.forward(emb, dec.empty_cache(1), keep=1)  # the prompt, as a request prefills it
@@ -139,10 +139,14 @@ def main() -> None:
     print("| bundle | top-1 agreement | mean KL (nats) | perplexity | bundle size | decode tok/s |")
     print("| --- | --- | --- | --- | --- | --- |")
     for k, r in results.items():
-        print(f"| {k} | {r['top1_agreement']:.1%} | {r['kl_mean']:.3f} | {r['perplexity']:.2f} | "
-              f"{r['bundle_bytes'] / 1e6:.1f} MB | {r['decode_tok_s']:.1f} |")
-    print(f"default vs rtn: KL {new['kl_mean'] / rtn['kl_mean']:.2f}x, size {new['bundle_bytes'] / rtn['bundle_bytes']:.4f}x, "
-          f"decode {new['decode_tok_s'] / rtn['decode_tok_s']:.3f}x")
+        print(
+            f"| {k} | {r['top1_agreement']:.1%} | {r['kl_mean']:.3f} | {r['perplexity']:.2f} | "
+            f"{r['bundle_bytes'] / 1e6:.1f} MB | {r['decode_tok_s']:.1f} |"
+        )
+    print(
+        f"default vs rtn: KL {new['kl_mean'] / rtn['kl_mean']:.2f}x, size {new['bundle_bytes'] / rtn['bundle_bytes']:.4f}x, "
+        f"decode {new['decode_tok_s'] / rtn['decode_tok_s']:.3f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,13 @@ K, N, BLOCK = 4096, 14336, 128
 
 
 def _session(node, inits, threads: int):
-    g = helper.make_graph([node], "k", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
-                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])], inits)
+    g = helper.make_graph(
+        [node],
+        "k",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])],
+        inits,
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads, so.enable_cpu_mem_arena = threads, 1, False
@@ -40,8 +45,11 @@ def sessions(threads: int) -> dict:
     out = {}
     for name, codec in (("int4 nbits", NBits(4, BLOCK)), ("int8 nbits", NBits(8, BLOCK)), ("int8 qgemm", QGemm())):
         tensors = codec.encode("W", w)
-        out[name] = _session(codec.node("A", "Y", "n", tensors, K, N),
-                             [numpy_helper.from_array(np.ascontiguousarray(a), n) for n, a in tensors], threads)
+        out[name] = _session(
+            codec.node("A", "Y", "n", tensors, K, N),
+            [numpy_helper.from_array(np.ascontiguousarray(a), n) for n, a in tensors],
+            threads,
+        )
     out["fp32"] = _session(helper.make_node("MatMul", ["A", "W"], ["Y"]), [numpy_helper.from_array(w, "W")], threads)
     return out
 
@@ -62,20 +70,33 @@ def measure(rows: list[int], threads: int, rounds: int) -> dict:
                 ms[k][m].append(1e3 * statistics.median(times))
     med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in ms.items()}
     cross = next((m for m in rows if med["int8 qgemm"][m] < med["int4 nbits"][m]), None)
-    return {"rows": rows, "threads": threads, "rounds": rounds, "ms": med,
-            "ms_range": {k: {m: (min(v), max(v)) for m, v in d.items()} for k, d in ms.items()}, "qgemm_crossover_rows": cross}
+    return {
+        "rows": rows,
+        "threads": threads,
+        "rounds": rounds,
+        "ms": med,
+        "ms_range": {k: {m: (min(v), max(v)) for m, v in d.items()} for k, d in ms.items()},
+        "qgemm_crossover_rows": cross,
+    }
 
 
 def table(r: dict) -> str:
     ks = list(r["ms"])
-    out = [f"{K}x{N} weight, {r['threads']} threads, {r['rounds']} interleaved rounds, median ms (x int4 at the same rows)", "",
-           "| rows | " + " | ".join(ks) + " |", "| --- |" + " --- |" * len(ks)]
+    out = [
+        f"{K}x{N} weight, {r['threads']} threads, {r['rounds']} interleaved rounds, median ms (x int4 at the same rows)",
+        "",
+        "| rows | " + " | ".join(ks) + " |",
+        "| --- |" + " --- |" * len(ks),
+    ]
     for m in r["rows"]:
         base = r["ms"]["int4 nbits"][m]
         out.append(f"| {m} | " + " | ".join(f"{r['ms'][k][m]:.2f} ({r['ms'][k][m] / base:.2f}x)" for k in ks) + " |")
     out.append("")
-    out.append(f"QGEMM beats int4 from {r['qgemm_crossover_rows']} rows" if r["qgemm_crossover_rows"]
-               else "QGEMM never beats int4 at these rows")
+    out.append(
+        f"QGEMM beats int4 from {r['qgemm_crossover_rows']} rows"
+        if r["qgemm_crossover_rows"]
+        else "QGEMM never beats int4 at these rows"
+    )
     return "\n".join(out)
 
 

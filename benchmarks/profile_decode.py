@@ -30,7 +30,15 @@ from pathlib import Path
 import numpy as np
 
 _MATMULS = {"MatMulNBits", "MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul", "FusedMatMul"}
-_BYTES = {1: 4, 10: 2, 2: 1, 3: 1, 7: 8, 6: 4, 16: 2}  # onnx TensorProto dtype -> bytes (float, fp16, u8, i8, i64, i32, bf16)
+_BYTES = {
+    1: 4,
+    10: 2,
+    2: 1,
+    3: 1,
+    7: 8,
+    6: 4,
+    16: 2,
+}  # onnx TensorProto dtype -> bytes (float, fp16, u8, i8, i64, i32, bf16)
 
 
 def initializer_bytes(graph_path: Path) -> dict[str, int]:
@@ -80,8 +88,10 @@ def profile(bundle: Path, precision: str | None, past: int, steps: int, threads:
         walls.append(time.perf_counter() - t0)
     trace = json.loads(Path(session.end_profiling()).read_text())
 
-    runs = sorted((e for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"])
-    decode_runs = runs[1 + 2:]  # the prefill, then 2 warm-up steps left out
+    runs = sorted(
+        (e for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"]
+    )
+    decode_runs = runs[1 + 2 :]  # the prefill, then 2 warm-up steps left out
     nodes = [e for e in trace if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     weights = node_weight_bytes(graph)
     per_op_us: dict[str, float] = defaultdict(float)
@@ -103,19 +113,37 @@ def profile(bundle: Path, precision: str | None, past: int, steps: int, threads:
     wall_ms = statistics.median(walls[2:]) * 1e3
     bw = probe_bandwidth(threads)
     # weights read per token: the MatMuls' (RoPE's cos/sin tables are initializers too, but one row is read)
-    bytes_token = sum(v for o, v in per_op_bytes.items() if o in _MATMULS) / n + 2 * b.manifest.model.num_layers * b.manifest.model.num_kv_heads \
-        * b.manifest.model.head_dim * 4 * (past + steps / 2)  # weights + the K and V read by attention
+    bytes_token = sum(
+        v for o, v in per_op_bytes.items() if o in _MATMULS
+    ) / n + 2 * b.manifest.model.num_layers * b.manifest.model.num_kv_heads * b.manifest.model.head_dim * 4 * (
+        past + steps / 2
+    )  # weights + the K and V read by attention
     ops = sorted(per_op_us, key=lambda o: -per_op_us[o])
     return {
-        "graph": graph.name, "threads": threads, "past": past, "steps": len(decode_runs),
-        "wall_ms_per_token": wall_ms, "onnxruntime_ms_per_token": run_us / 1e3,
+        "graph": graph.name,
+        "threads": threads,
+        "past": past,
+        "steps": len(decode_runs),
+        "wall_ms_per_token": wall_ms,
+        "onnxruntime_ms_per_token": run_us / 1e3,
         "python_ms_per_token": wall_ms - run_us / 1e3,
-        "nodes_ms_per_token": statistics.median(x for _, x in runs) / 1e3, "runs_us": runs,  # medians, like Run's
-        "bytes_per_token": bytes_token, "probe_gb_s": bw.gb_per_s, "probe_kernels": bw.kernels,
-        "roofline_tok_s": bw.gb_per_s * 1e9 / bytes_token, "measured_tok_s": 1e3 / wall_ms,
-        "ops": [{"op": o, "us_per_token": per_op_us[o] / n, "share": per_op_us[o] / sum(per_op_us.values()),
-                 "weight_mb_per_token": per_op_bytes[o] / n / 1e6,
-                 "gb_s": (per_op_bytes[o] / (per_op_us[o] * 1e-6) / 1e9) if per_op_bytes[o] else None} for o in ops],
+        "nodes_ms_per_token": statistics.median(x for _, x in runs) / 1e3,
+        "runs_us": runs,  # medians, like Run's
+        "bytes_per_token": bytes_token,
+        "probe_gb_s": bw.gb_per_s,
+        "probe_kernels": bw.kernels,
+        "roofline_tok_s": bw.gb_per_s * 1e9 / bytes_token,
+        "measured_tok_s": 1e3 / wall_ms,
+        "ops": [
+            {
+                "op": o,
+                "us_per_token": per_op_us[o] / n,
+                "share": per_op_us[o] / sum(per_op_us.values()),
+                "weight_mb_per_token": per_op_bytes[o] / n / 1e6,
+                "gb_s": (per_op_bytes[o] / (per_op_us[o] * 1e-6) / 1e9) if per_op_bytes[o] else None,
+            }
+            for o in ops
+        ],
     }
 
 
@@ -128,11 +156,29 @@ def _matmul_nbits_model(k: int, n: int, copies: int, block: int):
         packed = np.random.default_rng(c).integers(0, 255, (n, k // block, block // 2), dtype=np.uint8)  # [N, K/b, b/2]
         scales = np.full(n * (k // block), 0.01, np.float32)
         inits += [numpy_helper.from_array(packed, f"B{c}"), numpy_helper.from_array(scales, f"S{c}")]
-        nodes.append(helper.make_node("MatMulNBits", ["x", f"B{c}", f"S{c}"], [f"y{c}"], domain="com.microsoft",
-                                      K=k, N=n, bits=4, block_size=block, accuracy_level=4))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
-                              [helper.make_tensor_value_info(f"y{c}", TensorProto.FLOAT, [1, n]) for c in range(copies)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                ["x", f"B{c}", f"S{c}"],
+                [f"y{c}"],
+                domain="com.microsoft",
+                K=k,
+                N=n,
+                bits=4,
+                block_size=block,
+                accuracy_level=4,
+            )
+        )
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info(f"y{c}", TensorProto.FLOAT, [1, n]) for c in range(copies)],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
     return model.SerializeToString(), (packed.nbytes + scales.nbytes) * copies
 
 
@@ -143,8 +189,10 @@ def kernel_ceiling(threads: int, block: int = 128, reps: int = 30) -> dict:
     from skin_offline.runtime.sessions import SessionFactory
 
     out = {}
-    for label, k, n, copies in (("hot 4096x4096 (9 MB, cache)", 4096, 4096, 1),
-                                ("cold 16 x 4096x14336 (490 MB, DRAM)", 4096, 14336, 16)):
+    for label, k, n, copies in (
+        ("hot 4096x4096 (9 MB, cache)", 4096, 4096, 1),
+        ("cold 16 x 4096x14336 (490 MB, DRAM)", 4096, 14336, 16),
+    ):
         model, nbytes = _matmul_nbits_model(k, n, copies, block)
         s = ort.InferenceSession(model, SessionFactory(threads=threads).options(), providers=["CPUExecutionProvider"])
         x = {"x": np.random.default_rng(0).random((1, k), np.float32)}
@@ -160,15 +208,21 @@ def kernel_ceiling(threads: int, block: int = 128, reps: int = 30) -> dict:
 
 
 def report(r: dict) -> str:
-    lines = [f"{r['graph']}: past {r['past']}, {r['steps']} decode steps, {r['threads']} threads",
-             f"per token: wall {r['wall_ms_per_token']:.2f} ms ({r['measured_tok_s']:.1f} tok/s) = onnxruntime "
-             f"{r['onnxruntime_ms_per_token']:.2f} ms + Python {r['python_ms_per_token']:.3f} ms; nodes {r['nodes_ms_per_token']:.2f} ms",
-             f"bytes/token {r['bytes_per_token'] / 1e6:.0f} MB, probe {r['probe_gb_s']:.1f} GB/s -> roofline "
-             f"{r['roofline_tok_s']:.1f} tok/s; reached {r['measured_tok_s'] / r['roofline_tok_s']:.0%}",
-             "", "| op | us/token | share | weights MB/token | GB/s |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"{r['graph']}: past {r['past']}, {r['steps']} decode steps, {r['threads']} threads",
+        f"per token: wall {r['wall_ms_per_token']:.2f} ms ({r['measured_tok_s']:.1f} tok/s) = onnxruntime "
+        f"{r['onnxruntime_ms_per_token']:.2f} ms + Python {r['python_ms_per_token']:.3f} ms; nodes {r['nodes_ms_per_token']:.2f} ms",
+        f"bytes/token {r['bytes_per_token'] / 1e6:.0f} MB, probe {r['probe_gb_s']:.1f} GB/s -> roofline "
+        f"{r['roofline_tok_s']:.1f} tok/s; reached {r['measured_tok_s'] / r['roofline_tok_s']:.0%}",
+        "",
+        "| op | us/token | share | weights MB/token | GB/s |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for o in r["ops"]:
         gbs = f"{o['gb_s']:.1f}" if o["gb_s"] else "-"
-        lines.append(f"| {o['op']} | {o['us_per_token']:.0f} | {o['share']:.1%} | {o['weight_mb_per_token']:.1f} | {gbs} |")
+        lines.append(
+            f"| {o['op']} | {o['us_per_token']:.0f} | {o['share']:.1%} | {o['weight_mb_per_token']:.1f} | {gbs} |"
+        )
     if r.get("kernel_ceiling"):
         lines += ["", "int4 MatMulNBits kernel alone (accuracy level 4):"]
         lines += [f"  {k}: {v:.1f} GB/s" for k, v in r["kernel_ceiling"].items()]

@@ -51,8 +51,14 @@ def free_port() -> int:
 
 def ray_env(tmp: str) -> dict:
     """Loopback only, no usage stats, a token of its own, Ray's files under `tmp` (nothing under ~/.ray)."""
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
-               RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_TMPDIR=tmp)
+    env = dict(
+        os.environ,
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=secrets.token_hex(32),
+        RAY_TMPDIR=tmp,
+    )
     for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
         env[k] = "http://127.0.0.1:9"  # the head's cloud-metadata probes end on loopback (see eval/cluster.py)
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
@@ -64,14 +70,22 @@ class RayNode:
     """`ray start [--head | --address A] --block` in its own process group; stop() ends that group only (never
     `ray stop`, which ends every Ray on the machine)."""
 
-    def __init__(self, env: dict, cpus: int, head: bool, address: str | None = None, port: int | None = None,
-                 resources: dict | None = None):
+    def __init__(
+        self,
+        env: dict,
+        cpus: int,
+        head: bool,
+        address: str | None = None,
+        port: int | None = None,
+        resources: dict | None = None,
+    ):
         cmd = [RAY, "start", "--block", "--num-cpus", str(cpus), "--disable-usage-stats"]
         cmd += ["--head", "--port", str(port), "--include-dashboard", "false"] if head else ["--address", address]
         if resources:
             cmd += ["--resources", json.dumps(resources)]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
 
     def stop(self) -> None:
         import psutil
@@ -103,9 +117,11 @@ def wait_port(port: int, timeout: float = 120, host: str = "127.0.0.1") -> None:
 
 
 def wait_nodes(env: dict, address: str, n: int, timeout: float = 120) -> None:
-    code = (f"import ray,time\nray.init('{address}', logging_level=40)\nt=time.time()\n"
-            f"while sum(x['Alive'] for x in ray.nodes()) < {n} and time.time()-t < {timeout}: time.sleep(0.5)\n"
-            f"print(sum(x['Alive'] for x in ray.nodes()))")
+    code = (
+        f"import ray,time\nray.init('{address}', logging_level=40)\nt=time.time()\n"
+        f"while sum(x['Alive'] for x in ray.nodes()) < {n} and time.time()-t < {timeout}: time.sleep(0.5)\n"
+        f"print(sum(x['Alive'] for x in ray.nodes()))"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout + 60)
     if out.stdout.strip() != str(n):
         raise SystemExit(f"expected {n} Ray nodes, got {out.stdout.strip() or out.stderr[-400:]}")
@@ -157,13 +173,38 @@ def actors_of(node: RayNode):
     return pick
 
 
-def run_eval(d: Path, out: Path, env: dict, threads: int, args, ray: str | None = None, actors: int | None = None,
-             node: RayNode | None = None) -> dict:
+def run_eval(
+    d: Path,
+    out: Path,
+    env: dict,
+    threads: int,
+    args,
+    ray: str | None = None,
+    actors: int | None = None,
+    node: RayNode | None = None,
+) -> dict:
     import psutil
 
-    cmd = [SKIN, "eval", str(d / "bundle"), "--csv", str(d / "set" / "q.csv"), "--modality-csv",
-           str(d / "set" / "modality.csv"), "--images", str(d / "set" / "images"), "--protocol", args.protocol,
-           "--max-new-tokens", str(args.max_new_tokens), "--threads", str(threads), "--out", str(out), "--quiet"]
+    cmd = [
+        SKIN,
+        "eval",
+        str(d / "bundle"),
+        "--csv",
+        str(d / "set" / "q.csv"),
+        "--modality-csv",
+        str(d / "set" / "modality.csv"),
+        "--images",
+        str(d / "set" / "images"),
+        "--protocol",
+        args.protocol,
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--threads",
+        str(threads),
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     if ray:
         cmd += ["--ray", ray, "--actors", str(actors)]
     t0 = time.perf_counter()
@@ -177,18 +218,28 @@ def run_eval(d: Path, out: Path, env: dict, threads: int, args, ray: str | None 
         raise SystemExit(f"{' '.join(cmd)} failed: {err.strip()[-600:]}")
     s = json.loads((out / "summary.json").read_text())
     r = s.get("ray", {})
-    return {"qpm": s["this_run"]["questions_per_minute"], "wall_s": wall, "answered": s["this_run"]["answered"],
-            "rss_gb": peak.rss / 1e9, "pss_gb": peak.pss / 1e9, "load_s": max(r.get("actor_load_s") or [0]),
-            "ready_s": r.get("ready_s", 0.0), "rows_per_node": r.get("rows_per_node", {})}
+    return {
+        "qpm": s["this_run"]["questions_per_minute"],
+        "wall_s": wall,
+        "answered": s["this_run"]["answered"],
+        "rss_gb": peak.rss / 1e9,
+        "pss_gb": peak.pss / 1e9,
+        "load_s": max(r.get("actor_load_s") or [0]),
+        "ready_s": r.get("ready_s", 0.0),
+        "rows_per_node": r.get("rows_per_node", {}),
+    }
 
 
 def cmd_setup(a) -> None:
     d = Path(a.dir)
     d.mkdir(parents=True, exist_ok=True)
     if not (d / "bundle" / "manifest.json").exists():
-        subprocess.run([SKIN, "make-demo-checkpoint", str(d / "ckpt"), "--layout", "llava", "--preset", a.preset], check=True)
-        subprocess.run([SKIN, "export", str(d / "ckpt"), str(d / "bundle"), "--precision", a.precision, "--quiet"],
-                       check=True)
+        subprocess.run(
+            [SKIN, "make-demo-checkpoint", str(d / "ckpt"), "--layout", "llava", "--preset", a.preset], check=True
+        )
+        subprocess.run(
+            [SKIN, "export", str(d / "ckpt"), str(d / "bundle"), "--precision", a.precision, "--quiet"], check=True
+        )
     sys.path.insert(0, str(REPO))
     from skin_offline.eval.synthetic import write_synthetic_set
 
@@ -197,7 +248,7 @@ def cmd_setup(a) -> None:
 
 
 def parse_configs(text: str) -> list[tuple[str, int, int | None]]:
-    """"local:2,ray:1x2,ray:2x1" -> [(name, threads per process/actor, actors or None for local), ...]."""
+    """ "local:2,ray:1x2,ray:2x1" -> [(name, threads per process/actor, actors or None for local), ...]."""
     out = []
     for item in text.split(","):
         kind, _, spec = item.strip().partition(":")
@@ -225,31 +276,44 @@ def cmd_run(a) -> None:
                 out = Path(tempfile.mkdtemp(prefix="out", dir=tmp))
                 r = run_eval(d, out, env, threads, a, f"127.0.0.1:{port}" if actors else None, actors, head)
                 results[name].append(r)
-                print(f"round {rnd + 1} {name:10s} {r['qpm']:7.2f} q/min  wall {r['wall_s']:6.1f} s  "
-                      f"load {r['load_s']:4.1f} s  rss {r['rss_gb']:.2f} GB  pss {r['pss_gb']:.2f} GB", flush=True)
+                print(
+                    f"round {rnd + 1} {name:10s} {r['qpm']:7.2f} q/min  wall {r['wall_s']:6.1f} s  "
+                    f"load {r['load_s']:4.1f} s  rss {r['rss_gb']:.2f} GB  pss {r['pss_gb']:.2f} GB",
+                    flush=True,
+                )
     finally:
         head.stop()
     bare = None
     if a.bare:  # one bare `--ray` (a Ray started by the command itself, the head above gone): its start-up cost
         out = Path(tempfile.mkdtemp(prefix="out", dir=tmp))
         bare = run_eval(d, out, env, 1, a, "local", 2, head)
-    med = {name: {k: statistics.median(r[k] for r in rs) for k in ("qpm", "wall_s", "load_s", "rss_gb", "pss_gb")}
-           for name, rs in results.items()}
+    med = {
+        name: {k: statistics.median(r[k] for r in rs) for k in ("qpm", "wall_s", "load_s", "rss_gb", "pss_gb")}
+        for name, rs in results.items()
+    }
     base = {t: med[name]["qpm"] for name, t, actors in configs if actors is None}
-    print(f"\n{a.rounds} rounds, {next(iter(results.values()))[0]['answered']} questions each, protocol {a.protocol}, "
-          f"max {a.max_new_tokens} new tokens, bundle {d / 'bundle'}; medians")
-    print("| configuration | questions/min | vs local, same total threads | whole command (s) | bundle load per actor (s) "
-          "| peak RSS per process/actor (GB) | peak PSS (GB) |")
+    print(
+        f"\n{a.rounds} rounds, {next(iter(results.values()))[0]['answered']} questions each, protocol {a.protocol}, "
+        f"max {a.max_new_tokens} new tokens, bundle {d / 'bundle'}; medians"
+    )
+    print(
+        "| configuration | questions/min | vs local, same total threads | whole command (s) | bundle load per actor (s) "
+        "| peak RSS per process/actor (GB) | peak PSS (GB) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, threads, actors in configs:
         m = med[name]
         total = threads * (actors or 1)
         ratio = f"{m['qpm'] / base[total]:.3f}" if total in base else "-"
-        print(f"| {name} | {m['qpm']:.2f} | {ratio} | {m['wall_s']:.1f} | "
-              f"{m['load_s'] if actors else float('nan'):.1f} | {m['rss_gb']:.2f} | {m['pss_gb']:.2f} |")
+        print(
+            f"| {name} | {m['qpm']:.2f} | {ratio} | {m['wall_s']:.1f} | "
+            f"{m['load_s'] if actors else float('nan'):.1f} | {m['rss_gb']:.2f} | {m['pss_gb']:.2f} |"
+        )
     if bare:
-        print(f"\nbare --ray (a local Ray started by the command, 2 actors x 1 thread): ready in {bare['ready_s']:.1f} s, "
-              f"whole command {bare['wall_s']:.1f} s, {bare['qpm']:.2f} questions/min")
+        print(
+            f"\nbare --ray (a local Ray started by the command, 2 actors x 1 thread): ready in {bare['ready_s']:.1f} s, "
+            f"whole command {bare['wall_s']:.1f} s, {bare['qpm']:.2f} questions/min"
+        )
     if a.json:
         Path(a.json).write_text(json.dumps({"results": results, "medians": med, "bare": bare}, indent=2))
 
@@ -261,8 +325,13 @@ def cmd_two_node(a) -> None:
     # the nodes of a real cluster do (the head's ports are then reachable from the network for the run)
     env = ray_env(tmp)
     del env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
-    ip = subprocess.run([sys.executable, "-c", "from ray._private.services import get_node_ip_address as g; print(g())"],
-                        env=env, capture_output=True, text=True, check=True).stdout.strip()
+    ip = subprocess.run(
+        [sys.executable, "-c", "from ray._private.services import get_node_ip_address as g; print(g())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     port = free_port()
     head = RayNode(env, 1, head=True, port=port, resources={"node_a": 1})
     second = None
@@ -276,8 +345,10 @@ def cmd_two_node(a) -> None:
         if second is not None:
             second.stop()
         head.stop()
-    print(f"two nodes (1 CPU each) on this machine, 2 actors x 1 thread: {r['qpm']:.2f} questions/min, "
-          f"whole command {r['wall_s']:.1f} s")
+    print(
+        f"two nodes (1 CPU each) on this machine, 2 actors x 1 thread: {r['qpm']:.2f} questions/min, "
+        f"whole command {r['wall_s']:.1f} s"
+    )
     for node, n in sorted(r["rows_per_node"].items()):
         print(f"  {node}: {n} rows")
     if len(r["rows_per_node"]) != 2:
@@ -299,8 +370,11 @@ def main() -> None:
         r.add_argument("--max-new-tokens", type=int, default=32)
         if name == "run":
             r.add_argument("--rounds", type=int, default=3)
-            r.add_argument("--configs", default="local:2,ray:1x2,ray:2x1",
-                           help="local:THREADS and ray:ACTORSxTHREADS, comma-separated")
+            r.add_argument(
+                "--configs",
+                default="local:2,ray:1x2,ray:2x1",
+                help="local:THREADS and ray:ACTORSxTHREADS, comma-separated",
+            )
             r.add_argument("--bare", action="store_true", help="also time one bare --ray (Ray started by the command)")
             r.add_argument("--json")
     a = p.parse_args()

@@ -50,8 +50,22 @@ def question(client: int, i: int) -> str:
 
 class Http:
     def __init__(self, bundle: Path, parallel: int, threads: int, log: Path):
-        cmd = [sys.executable, "-m", "skin_offline.cli", "serve", "--bundle", str(bundle), "--port", "0",
-               "--parallel", str(parallel), "--max-queue", str(8 * parallel), "--threads", str(threads)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "skin_offline.cli",
+            "serve",
+            "--bundle",
+            str(bundle),
+            "--port",
+            "0",
+            "--parallel",
+            str(parallel),
+            "--max-queue",
+            str(8 * parallel),
+            "--threads",
+            str(threads),
+        ]
         self.log = open(log, "wb")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log)
         for raw in self.proc.stdout:
@@ -64,10 +78,25 @@ class Http:
 
     def stream(self, img: bytes, q: str, max_tokens: int) -> tuple[float, float | None, int]:
         """-> (start, first-delta time, completion tokens)"""
-        body = json.dumps({"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(img).decode()}},
-            {"type": "text", "text": q}]}], "max_tokens": max_tokens, "stream": True,
-            "stream_options": {"include_usage": True}})
+        body = json.dumps(
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "image_url",
+                                "image_url": {"url": "data:image/png;base64," + base64.b64encode(img).decode()},
+                            },
+                            {"type": "text", "text": q},
+                        ],
+                    }
+                ],
+                "max_tokens": max_tokens,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+        )
         t0 = time.perf_counter()
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=3600)
         conn.request("POST", "/v1/chat/completions", body=body, headers={"content-type": "application/json"})
@@ -85,9 +114,23 @@ class Http:
         return t0, first, tokens
 
     def tiny(self, img: bytes) -> float:
-        body = json.dumps({"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(img).decode()}},
-            {"type": "text", "text": "Hi?"}]}], "max_tokens": 1})
+        body = json.dumps(
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "image_url",
+                                "image_url": {"url": "data:image/png;base64," + base64.b64encode(img).decode()},
+                            },
+                            {"type": "text", "text": "Hi?"},
+                        ],
+                    }
+                ],
+                "max_tokens": 1,
+            }
+        )
         t0 = time.perf_counter()
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=3600)
         conn.request("POST", "/v1/chat/completions", body=body, headers={"content-type": "application/json"})
@@ -109,8 +152,9 @@ class InProcess:
         from skin_offline.runtime.pipeline import SkinVL
 
         self.model = m = SkinVL.load(bundle, threads=threads)
-        self.engine = Engine.for_bundle(m.bundle, m.tokenizer, m.vision, parallel=parallel, max_queue=8 * parallel,
-                                        prompt_cache=m.prompt_cache)
+        self.engine = Engine.for_bundle(
+            m.bundle, m.tokenizer, m.vision, parallel=parallel, max_queue=8 * parallel, prompt_cache=m.prompt_cache
+        )
 
     def stream(self, img: bytes, q: str, max_tokens: int):
         t0 = time.perf_counter()
@@ -142,8 +186,14 @@ def run(path, clients: int, requests: int, max_tokens: int, images: list[bytes])
     wall = time.perf_counter() - t0
     ttft = sorted(f - s for s, f, _ in rows if f is not None)
     tokens = sum(n for _, _, n in rows)
-    return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "ttft_p50": statistics.median(ttft),
-            "ttft_p95": ttft[min(len(ttft) - 1, int(round(0.95 * (len(ttft) - 1))))], "requests": len(rows)}
+    return {
+        "wall_s": wall,
+        "tokens": tokens,
+        "tok_s": tokens / wall,
+        "ttft_p50": statistics.median(ttft),
+        "ttft_p95": ttft[min(len(ttft) - 1, int(round(0.95 * (len(ttft) - 1))))],
+        "requests": len(rows),
+    }
 
 
 def main(argv=None) -> int:
@@ -181,12 +231,16 @@ def main(argv=None) -> int:
             print(_fmt(row), flush=True)
         lat = {"in-process": [], "http": []}
         for i in range(a.overhead_requests):
-            for name, path in (("in-process", local), ("http", remote)) if i % 2 == 0 else (("http", remote), ("in-process", local)):
+            for name, path in (
+                (("in-process", local), ("http", remote)) if i % 2 == 0 else (("http", remote), ("in-process", local))
+            ):
                 lat[name].append(path.tiny(images[0]))
         out["overhead"] = {k: statistics.median(v) for k, v in lat.items()}
         o = out["overhead"]
-        print(f"overhead per request (one-token requests, median of {a.overhead_requests}): in-process "
-              f"{o['in-process'] * 1e3:.1f} ms, http {o['http'] * 1e3:.1f} ms, +{(o['http'] - o['in-process']) * 1e3:.1f} ms")
+        print(
+            f"overhead per request (one-token requests, median of {a.overhead_requests}): in-process "
+            f"{o['in-process'] * 1e3:.1f} ms, http {o['http'] * 1e3:.1f} ms, +{(o['http'] - o['in-process']) * 1e3:.1f} ms"
+        )
     finally:
         remote.close()
         local.close()
@@ -198,9 +252,11 @@ def main(argv=None) -> int:
 
 def _fmt(row) -> str:
     i, h = row["in-process"], row["http"]
-    return (f"{row['clients']} client(s): tokens/s in-process {i['tok_s']:.1f} http {h['tok_s']:.1f} "
-            f"({h['tok_s'] / i['tok_s']:.2f}x); TTFT p50 {i['ttft_p50']:.3f} / {h['ttft_p50']:.3f} s, "
-            f"p95 {i['ttft_p95']:.3f} / {h['ttft_p95']:.3f} s; tokens {i['tokens']} / {h['tokens']}")
+    return (
+        f"{row['clients']} client(s): tokens/s in-process {i['tok_s']:.1f} http {h['tok_s']:.1f} "
+        f"({h['tok_s'] / i['tok_s']:.2f}x); TTFT p50 {i['ttft_p50']:.3f} / {h['ttft_p50']:.3f} s, "
+        f"p95 {i['ttft_p95']:.3f} / {h['ttft_p95']:.3f} s; tokens {i['tokens']} / {h['tokens']}"
+    )
 
 
 if __name__ == "__main__":

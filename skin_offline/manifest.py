@@ -87,8 +87,10 @@ class ModelDims:
             v = getattr(self, f.name)
             want_int = f.type in ("int", int)
             if isinstance(v, bool) or not isinstance(v, int if want_int else (int, float)) or v <= 0:
-                raise BundleError(f"manifest model.{f.name} is {v!r}, expected a positive "
-                                  f"{'integer' if want_int else 'number'}; re-export the bundle")
+                raise BundleError(
+                    f"manifest model.{f.name} is {v!r}, expected a positive "
+                    f"{'integer' if want_int else 'number'}; re-export the bundle"
+                )
         if self.num_heads % self.num_kv_heads:
             raise BundleError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
@@ -170,12 +172,20 @@ class GraphVariant:
         if attention is None and self.role == names.ROLE_DECODER:
             legacy = self.details.get("attention")
             # a bundle written before these fields: its GroupQueryAttention graphs take one length for every row
-            attention = Attention.CONCAT if legacy == "standard" or (legacy is None and self.flavor == Flavor.STANDARD) \
+            attention = (
+                Attention.CONCAT
+                if legacy == "standard" or (legacy is None and self.flavor == Flavor.STANDARD)
                 else Attention.GQA_UNIFORM
+            )
         if kernel is None:
             op = self.details.get("op")
-            kernel = Kernel.NBITS if op == "MatMulNBits" else Kernel.QGEMM if op in ("MatMulInteger", "DynamicQuantizeMatMul") \
+            kernel = (
+                Kernel.NBITS
+                if op == "MatMulNBits"
+                else Kernel.QGEMM
+                if op in ("MatMulInteger", "DynamicQuantizeMatMul")
                 else Kernel.FLOAT
+            )
         object.__setattr__(self, "attention", None if attention is None else Attention(attention))
         object.__setattr__(self, "kernel", Kernel(kernel))
 
@@ -227,11 +237,21 @@ class Manifest:
         one: same I/O and GroupQueryAttention KV layout, so either graph continues the other's cache. Only quantized
         decoders have one: an fp32 / fp16 decoder (`--precision fp32` of a --keep-source bundle) runs every call
         through itself, so its answers stay the reference's."""
-        if decoder.attention is None or not decoder.attention.in_place or decoder.kernel == Kernel.QGEMM \
-                or decoder.precision not in (Precision.INT4, Precision.INT8):
+        if (
+            decoder.attention is None
+            or not decoder.attention.in_place
+            or decoder.kernel == Kernel.QGEMM
+            or decoder.precision not in (Precision.INT4, Precision.INT8)
+        ):
             return None
-        return next((g for g in self.variants(names.ROLE_DECODER)
-                     if g.kernel == Kernel.QGEMM and g.attention == decoder.attention), None)
+        return next(
+            (
+                g
+                for g in self.variants(names.ROLE_DECODER)
+                if g.kernel == Kernel.QGEMM and g.attention == decoder.attention
+            ),
+            None,
+        )
 
     def variants(self, role: str) -> list[GraphVariant]:
         return [g for g in self.graphs if g.role == role]
@@ -263,8 +283,11 @@ class Manifest:
             names.K_MODEL: dataclasses.asdict(self.model),
             names.K_PREPROCESS: pre,
             names.K_PROMPT: dataclasses.asdict(self.prompt),
-            names.K_TOKENS: {**dataclasses.asdict(self.tokens), "family": self.tokens.family.value,
-                             "control_ids": list(self.tokens.control_ids)},
+            names.K_TOKENS: {
+                **dataclasses.asdict(self.tokens),
+                "family": self.tokens.family.value,
+                "control_ids": list(self.tokens.control_ids),
+            },
             names.K_GRAPHS: [g.to_dict() for g in self.graphs],
             names.K_FILES: {k: dataclasses.asdict(v) for k, v in sorted(self.files.items())},
             names.K_SOURCE: self.source,
@@ -313,7 +336,9 @@ class Manifest:
         try:
             d = json.loads(path.read_text())
         except FileNotFoundError:
-            raise BundleError(f"{path} not found; export a bundle with `skin-offline export CHECKPOINT {folder}`") from None
+            raise BundleError(
+                f"{path} not found; export a bundle with `skin-offline export CHECKPOINT {folder}`"
+            ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BundleError(f"{path} is not valid JSON ({e}); re-export the bundle") from None
         if not isinstance(d, dict):

@@ -29,7 +29,9 @@ class Model:
         self.spec = PRESETS["tiny"]
         self.layout = layout
         self.ref = build_reference(self.spec, seed=seed, padded_vocab=layout != "llava")
-        self.ckpt = write_checkpoint(self.ref, self.spec, root / f"ckpt-{layout}", layout, find_mistral_tokenizer_model())
+        self.ckpt = write_checkpoint(
+            self.ref, self.spec, root / f"ckpt-{layout}", layout, find_mistral_tokenizer_model()
+        )
         self.bundle_dir = root / f"bundle-{layout}"
         self.manifest = export_bundle(self.ckpt, self.bundle_dir, log=lambda m: None, **export_kw)
         self._model = None
@@ -112,17 +114,29 @@ def reference_generate(ref, ids: list[int], pixels: np.ndarray, max_new_tokens: 
     import torch
 
     input_ids, embeds = reference_embeds(ref, ids, pixels)
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=2, pad_token_id=0,
-              output_logits=True, return_dict_in_generate=True)
+    kw = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=2,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     with torch.no_grad():
         if embeds is None:
-            out = ref.generate(input_ids=input_ids, pixel_values=torch.from_numpy(pixels),
-                               attention_mask=torch.ones_like(input_ids), **kw)
-            tokens = out.sequences[0, input_ids.shape[1]:].tolist()
+            out = ref.generate(
+                input_ids=input_ids,
+                pixel_values=torch.from_numpy(pixels),
+                attention_mask=torch.ones_like(input_ids),
+                **kw,
+            )
+            tokens = out.sequences[0, input_ids.shape[1] :].tolist()
         else:
-            out = ref.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long), **kw)
+            out = ref.generate(
+                inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long), **kw
+            )
             tokens = out.sequences[0].tolist()
-            tokens = tokens[-len(out.logits):]
+            tokens = tokens[-len(out.logits) :]
     return tokens, np.stack([lg[0].numpy() for lg in out.logits])
 
 
@@ -162,7 +176,10 @@ def assert_verified(manifest, bound: float = 1e-4) -> dict:
         assert d["max_layer_rel_diff"] < bound and d["head_rel_diff"] < bound, (g.file, d)
         assert d["weights_checked"] > 0 or g.flavor.value == "contrib", (g.file, d)  # contrib shares the standard's
     for g in manifest.variants(names.ROLE_VISION):
-        assert graphs[g.file]["max_abs_diff_rel"] < bound or graphs[g.file]["feature_cosine"] > 0.99, (g.file, graphs[g.file])
+        assert graphs[g.file]["max_abs_diff_rel"] < bound or graphs[g.file]["feature_cosine"] > 0.99, (
+            g.file,
+            graphs[g.file],
+        )
     for g in manifest.variants(names.ROLE_EMBEDDINGS):
         assert graphs[g.file]["values_checked"] == manifest.model.vocab_size * manifest.model.hidden_size
     return v

@@ -17,8 +17,15 @@ def embed_prompt(rt, ids: list[int], feats: np.ndarray) -> np.ndarray:
     return Prompt.of(ids, feats.shape[0]).embeds(rt.bundle.embed, feats)[None]
 
 
-def generate_step(decoder: Decoder, embeds: np.ndarray, embed: Callable, sampler: Callable[[np.ndarray], int],
-                  max_new_tokens: int, eos_id: int, cancel: threading.Event | None = None) -> Iterator[int]:
+def generate_step(
+    decoder: Decoder,
+    embeds: np.ndarray,
+    embed: Callable,
+    sampler: Callable[[np.ndarray], int],
+    max_new_tokens: int,
+    eos_id: int,
+    cancel: threading.Event | None = None,
+) -> Iterator[int]:
     """[1,S,H] prompt embeddings -> token ids: one prefill, then one KV-cached decode per token, stopping at EOS,
     max_new_tokens or cancel."""
     logits, cache = decoder.forward(embeds, decoder.empty_cache())  # prefill
@@ -58,8 +65,9 @@ def beam_with_decoder(decoder: Decoder, embeds: np.ndarray, embed: Callable, cfg
     return list(search.outcome().tokens), step.finish, search.steps
 
 
-def label_logprobs_with_decoder(decoder: Decoder, embeds: np.ndarray, embed: Callable,
-                                labels_ids: list[list[int]]) -> list[np.ndarray]:
+def label_logprobs_with_decoder(
+    decoder: Decoder, embeds: np.ndarray, embed: Callable, labels_ids: list[list[int]]
+) -> list[np.ndarray]:
     """Label scores as the runtime computed them before label scoring ran in the engine: one prefill over the
     decoder's functional cache, then every label's tokens teacher-forced after it, one label at a time."""
     from skin_offline.runtime.sampling import log_softmax

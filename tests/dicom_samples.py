@@ -96,8 +96,12 @@ def write(ds: Dataset) -> bytes:
     ts = ds.file_meta.TransferSyntaxUID
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about the invalid date we planted
-        ds.save_as(buf, enforce_file_format=True, implicit_vr=ts == uid.ImplicitVRLittleEndian,
-                   little_endian=ts != uid.ExplicitVRBigEndian)
+        ds.save_as(
+            buf,
+            enforce_file_format=True,
+            implicit_vr=ts == uid.ImplicitVRLittleEndian,
+            little_endian=ts != uid.ExplicitVRBigEndian,
+        )
     return buf.getvalue()
 
 
@@ -111,8 +115,17 @@ def write_bare(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def native(arr: np.ndarray, *, photometric: str = "RGB", bits_stored: int | None = None, ts: str = uid.ExplicitVRLittleEndian,
-           frames: int = 1, planar: int = 0, sop_class: str = DERMOSCOPY, **extra) -> Dataset:
+def native(
+    arr: np.ndarray,
+    *,
+    photometric: str = "RGB",
+    bits_stored: int | None = None,
+    ts: str = uid.ExplicitVRLittleEndian,
+    frames: int = 1,
+    planar: int = 0,
+    sop_class: str = DERMOSCOPY,
+    **extra,
+) -> Dataset:
     """An uncompressed dataset holding `arr` ([h,w], [h,w,3], or with a leading frame axis when frames > 1)."""
     bits_stored = bits_stored or (8 if arr.dtype == np.uint8 else 16)
     ds = _base(sop_class, ts)
@@ -257,9 +270,19 @@ def clinical(**extra) -> dict:
     other = Dataset()
     other.PatientID = PATIENT["PatientID"]
     other.TypeOfPatientID = "TEXT"
-    return {"StudyInstanceUID": uid.generate_uid(), "SeriesInstanceUID": uid.generate_uid(), "StudyDate": "20260105",
-            "StudyTime": "101500", "StudyID": "S-4471", "PatientSex": "F", "ReferringPhysicianName": "Grey^Meredith",
-            "OtherPatientIDsSequence": Sequence([other]), "SeriesNumber": 3, "InstanceNumber": 1, **extra}
+    return {
+        "StudyInstanceUID": uid.generate_uid(),
+        "SeriesInstanceUID": uid.generate_uid(),
+        "StudyDate": "20260105",
+        "StudyTime": "101500",
+        "StudyID": "S-4471",
+        "PatientSex": "F",
+        "ReferringPhysicianName": "Grey^Meredith",
+        "OtherPatientIDsSequence": Sequence([other]),
+        "SeriesNumber": 3,
+        "InstanceNumber": 1,
+        **extra,
+    }
 
 
 def with_attrs(ds: Dataset, **attrs) -> Dataset:

@@ -29,8 +29,17 @@ def proxy_checkpoint() -> Path:
     with open(PROXY.parent / "proxy-checkpoint.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (PROXY / DONE).exists():
-            done = subprocess.run([sys.executable, str(REPO / "scripts" / "make_proxy_checkpoint.py"), str(PROXY),
-                                   "--cache", str(REPO / ".cache" / "proxy-gguf")], capture_output=True, text=True)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    str(REPO / "scripts" / "make_proxy_checkpoint.py"),
+                    str(PROXY),
+                    "--cache",
+                    str(REPO / ".cache" / "proxy-gguf"),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if done.returncode != 0:
                 raise RuntimeError(f"building the proxy checkpoint failed:\n{done.stderr[-3000:]}")
             (PROXY / DONE).touch()

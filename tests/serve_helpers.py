@@ -46,7 +46,10 @@ def image_url(seed: int, size=(97, 61)) -> str:
 def user(question: str, url: str | None = None) -> dict:
     if url is None:
         return {"role": "user", "content": question}
-    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]}
+    return {
+        "role": "user",
+        "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}],
+    }
 
 
 class Server:
@@ -54,8 +57,19 @@ class Server:
 
     def __init__(self, bundle: Path, *args, log: Path, env: dict | None = None, wait_ready: bool = True):
         self.log_path = log
-        cmd = [sys.executable, "-m", "skin_offline.cli", "serve", "--bundle", str(bundle), "--port", "0",
-               "--threads", "1", *map(str, args)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "skin_offline.cli",
+            "serve",
+            "--bundle",
+            str(bundle),
+            "--port",
+            "0",
+            "--threads",
+            "1",
+            *map(str, args),
+        ]
         e = {k: v for k, v in os.environ.items() if k != "SKIN_OFFLINE_API_KEY"}
         e.update(env or {})
         self._log = open(log, "wb")
@@ -158,8 +172,12 @@ def sse_events(resp) -> list:
 def open_stream(port: int, body: dict, timeout: float = 60, headers: dict | None = None):
     """POST a streaming request; returns (connection, response) for the caller to read or drop."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    conn.request("POST", "/v1/chat/completions", body=json.dumps({**body, "stream": True}),
-                 headers={"content-type": "application/json", **(headers or {})})
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        body=json.dumps({**body, "stream": True}),
+        headers={"content-type": "application/json", **(headers or {})},
+    )
     return conn, conn.getresponse()
 
 
@@ -188,6 +206,7 @@ def log_line(server: Server, request_id: str, timeout: float = 30) -> str | None
             if f" {request_id} " in line:
                 return line
         return None
+
     return wait_for(find, timeout)
 
 

@@ -21,8 +21,10 @@ MF_GREY_BYTE_SC = "1.2.840.10008.5.1.4.1.1.7.2"  # Multi-frame Grayscale Byte Se
 # dciodvfy's warnings that every report gets, and why they are fine: our private coding scheme (declared in the
 # Coding Scheme Identification Sequence; Question/Answer have no standard code), and DICOMDIR hints about type 2
 # study attributes the source leaves empty
-ALLOWED_WARNINGS = ("Unrecognized defined term <99SKINOFFLINE> for value 1 of attribute <Coding Scheme Designator>",
-                    "Missing attribute or value that would be needed to build DICOMDIR")
+ALLOWED_WARNINGS = (
+    "Unrecognized defined term <99SKINOFFLINE> for value 1 of attribute <Coding Scheme Designator>",
+    "Missing attribute or value that would be needed to build DICOMDIR",
+)
 
 
 def require_highdicom() -> None:
@@ -73,8 +75,11 @@ def read_back(path_or_bytes):
 
 def texts(group, meaning: str) -> list[str]:
     """The TEXT items of a measurement group whose concept name means `meaning`."""
-    return [item.TextValue for item in group[0].ContentSequence
-            if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeMeaning == meaning]
+    return [
+        item.TextValue
+        for item in group[0].ContentSequence
+        if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeMeaning == meaning
+    ]
 
 
 def patient_study_keywords() -> list[str]:
@@ -97,8 +102,17 @@ def assert_patient_study_copied(sr: pydicom.Dataset, source: bytes) -> None:
             assert kw in sr and sr[kw].value == src[kw].value, kw
             copied += 1
     assert copied >= 8
-    for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
-               "AccessionNumber", "ReferringPhysicianName"):
+    for kw in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "StudyID",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+    ):
         assert kw in sr, kw
         if kw not in src:
             assert sr[kw].value in ("", None), kw
@@ -111,8 +125,9 @@ def assert_references(sr: pydicom.Dataset, groups, source: bytes, frame_numbers:
     assert len(ev) == 1 and ev[0].StudyInstanceUID == src.StudyInstanceUID == sr.StudyInstanceUID
     series = ev[0].ReferencedSeriesSequence
     assert len(series) == 1 and series[0].SeriesInstanceUID == src.SeriesInstanceUID
-    assert [(r.ReferencedSOPClassUID, r.ReferencedSOPInstanceUID) for r in series[0].ReferencedSOPSequence] == \
-        [(src.SOPClassUID, src.SOPInstanceUID)]
+    assert [(r.ReferencedSOPClassUID, r.ReferencedSOPInstanceUID) for r in series[0].ReferencedSOPSequence] == [
+        (src.SOPClassUID, src.SOPInstanceUID)
+    ]
     assert sr.SeriesInstanceUID != src.SeriesInstanceUID and sr.SOPInstanceUID != src.SOPInstanceUID
     images = list(_image_items(sr))
     assert len(images) == 1 + len(groups)  # the image library entry and each measurement group's source image
@@ -120,11 +135,16 @@ def assert_references(sr: pydicom.Dataset, groups, source: bytes, frame_numbers:
         [ref] = item.ReferencedSOPSequence
         assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (src.SOPClassUID, src.SOPInstanceUID)
         got = ref.get("ReferencedFrameNumber")
-        got = None if got is None else [int(x) for x in (got if isinstance(got, (list, pydicom.multival.MultiValue)) else [got])]
+        got = (
+            None
+            if got is None
+            else [int(x) for x in (got if isinstance(got, (list, pydicom.multival.MultiValue)) else [got])]
+        )
         assert got == frame_numbers, (got, frame_numbers)
     for g in groups:
-        assert [(s.referenced_sop_class_uid, s.referenced_sop_instance_uid) for s in g.source_images] == \
-            [(src.SOPClassUID, src.SOPInstanceUID)]
+        assert [(s.referenced_sop_class_uid, s.referenced_sop_instance_uid) for s in g.source_images] == [
+            (src.SOPClassUID, src.SOPInstanceUID)
+        ]
 
 
 def _image_items(item):
@@ -134,5 +154,17 @@ def _image_items(item):
         yield from _image_items(child)
 
 
-__all__ = ["ALLOWED_WARNINGS", "require_highdicom", "MF_GREY_BYTE_SC", "MF_TRUE_COLOUR_SC", "assert_patient_study_copied",
-           "assert_references", "assert_valid", "dciodvfy", "read_back", "stored", "texts", "uid"]
+__all__ = [
+    "ALLOWED_WARNINGS",
+    "require_highdicom",
+    "MF_GREY_BYTE_SC",
+    "MF_TRUE_COLOUR_SC",
+    "assert_patient_study_copied",
+    "assert_references",
+    "assert_valid",
+    "dciodvfy",
+    "read_back",
+    "stored",
+    "texts",
+    "uid",
+]

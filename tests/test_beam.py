@@ -40,8 +40,14 @@ def prompt(llava_model):
 
 def _reference_beams(ref, embeds, eos, **kw):
     with torch.no_grad():
-        out = ref.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-                           do_sample=False, eos_token_id=eos, pad_token_id=0, **kw)
+        out = ref.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
+            **kw,
+        )
     tokens = out[0].tolist()
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
@@ -49,7 +55,9 @@ def _reference_beams(ref, embeds, eos, **kw):
 def _config(**kw):
     from skin_offline.runtime.beam import BeamConfig, EarlyStopping
 
-    es = {False: EarlyStopping.HEURISTIC, True: EarlyStopping.EAGER, "never": EarlyStopping.NEVER}[kw.pop("early_stopping", False)]
+    es = {False: EarlyStopping.HEURISTIC, True: EarlyStopping.EAGER, "never": EarlyStopping.NEVER}[
+        kw.pop("early_stopping", False)
+    ]
     return BeamConfig(early_stopping=es, **kw)
 
 
@@ -60,9 +68,14 @@ def base_beams(llava_model, prompt):
 
 
 CASES = [  # (num_beams, length_penalty, early_stopping, min_new_tokens, EOS = id 2 or base_beams[i], max_new)
-    (2, 1.0, False, 0, None, MAX_NEW), (4, 1.0, False, 0, 2, MAX_NEW), (4, 0.0, True, 0, 4, MAX_NEW),
-    (3, 2.0, "never", 3, 2, MAX_NEW), (5, -0.5, False, 5, 4, MAX_NEW), (4, 1.0, True, 2, 4, MAX_NEW),
-    (3, 0.0, False, 0, 4, 40), (3, 0.0, "never", 0, 4, 40),
+    (2, 1.0, False, 0, None, MAX_NEW),
+    (4, 1.0, False, 0, 2, MAX_NEW),
+    (4, 0.0, True, 0, 4, MAX_NEW),
+    (3, 2.0, "never", 3, 2, MAX_NEW),
+    (5, -0.5, False, 5, 4, MAX_NEW),
+    (4, 1.0, True, 2, 4, MAX_NEW),
+    (3, 0.0, False, 0, 4, 40),
+    (3, 0.0, "never", 0, 4, 40),
 ]
 
 
@@ -74,8 +87,9 @@ def test_search_rules_identical_to_transformers(llava_model, prompt, base_beams,
     eos = 2 if eos_pos is None else base_beams[eos_pos]
     ref = _reference_beams(llava_model.ref, ref_embeds, eos, **kw)
     rt = llava_model.runtime
-    tokens, finish, steps = beam_with_decoder(rt.bundle.decoder, embeds, rt.bundle.embed, _config(**kw), eos,
-                                              rt.tokenizer)
+    tokens, finish, steps = beam_with_decoder(
+        rt.bundle.decoder, embeds, rt.bundle.embed, _config(**kw), eos, rt.tokenizer
+    )
     assert tokens == ref
     assert finish.value == ("stop" if ref[-1] == eos else "length")
     if max_new == 40:  # these cases must exercise the early-stopping rule: nothing can improve long before 40
@@ -107,8 +121,10 @@ def test_engine_beams_identical_to_transformers_alone_and_batched(llava_model, p
         alone = m.generate_beam(img, QUESTION, num_beams=k, max_new_tokens=MAX_NEW)
         assert alone.token_ids == ref
         assert alone.answer == m.tokenizer.decode(ref)
-        others = [(random_image(40), "Describe the border.", dict(max_new_tokens=30)),
-                  (random_image(41), "Benign?", dict(max_new_tokens=30, temperature=0.9, top_p=0.9, seed=5))]
+        others = [
+            (random_image(40), "Describe the border.", dict(max_new_tokens=30)),
+            (random_image(41), "Benign?", dict(max_new_tokens=30, temperature=0.9, top_p=0.9, seed=5)),
+        ]
         solo = [m.ask(i, q, **kw).token_ids for i, q, kw in others]
         streams = [m.engine.submit(m.prepare(i, q, **kw)) for i, q, kw in others]
         beam = m.engine.submit(m.prepare_beam(random_image(3), QUESTION, num_beams=k, max_new_tokens=MAX_NEW))
@@ -133,15 +149,22 @@ def test_paper_beam_sampling_is_seeded_and_batch_independent(llava_model, prompt
         assert a == m.generate_beam(img, QUESTION, config=cfg).token_ids
         assert len(a) >= 4 and 2 not in a[:4]
         hot = replace(cfg, temperature=1.5)
-        assert any(m.generate_beam(img, QUESTION, config=replace(hot, seed=s)).token_ids
-                   != m.generate_beam(img, QUESTION, config=hot).token_ids for s in range(8, 12))
-        batch = [m.engine.submit(m.prepare_beam(random_image(50 + i), QUESTION, config=replace(cfg, seed=i)))
-                 for i in range(3)]
+        assert any(
+            m.generate_beam(img, QUESTION, config=replace(hot, seed=s)).token_ids
+            != m.generate_beam(img, QUESTION, config=hot).token_ids
+            for s in range(8, 12)
+        )
+        batch = [
+            m.engine.submit(m.prepare_beam(random_image(50 + i), QUESTION, config=replace(cfg, seed=i)))
+            for i in range(3)
+        ]
         mine = m.engine.submit(m.prepare_beam(img, QUESTION, config=cfg))
         assert list(list(mine)[-1].tokens) == a
         for i, s in enumerate(batch):
-            assert list(list(s)[-1].tokens) == m.generate_beam(random_image(50 + i), QUESTION,
-                                                                config=replace(cfg, seed=i)).token_ids
+            assert (
+                list(list(s)[-1].tokens)
+                == m.generate_beam(random_image(50 + i), QUESTION, config=replace(cfg, seed=i)).token_ids
+            )
     finally:
         m.close()
 
@@ -180,7 +203,9 @@ def test_cancelled_beam_request_frees_its_rows_and_leaves_others_unchanged(llava
         assert list(list(other)[-1].tokens) == solo
         assert m.engine.stats().active == 0
         assert sorted(m.engine._free) == list(range(m.engine.slots.n))  # every row back
-        assert m.generate_beam(random_image(61), QUESTION, num_beams=5, max_new_tokens=4).finish_reason.value == "length"
+        assert (
+            m.generate_beam(random_image(61), QUESTION, num_beams=5, max_new_tokens=4).finish_reason.value == "length"
+        )
     finally:
         m.close()
 

@@ -26,8 +26,16 @@ def tiny_result(llava_model):
 
     VisionEncoder.encode = counting
     try:
-        cfg = run.BenchConfig(bundle=llava_model.bundle_dir, runs=3, warmup=1, prompt_tokens=60, new_tokens=6,
-                              threads=1, device="cpu", probe_bandwidth=False)
+        cfg = run.BenchConfig(
+            bundle=llava_model.bundle_dir,
+            runs=3,
+            warmup=1,
+            prompt_tokens=60,
+            new_tokens=6,
+            threads=1,
+            device="cpu",
+            probe_bandwidth=False,
+        )
         res = run.run_bench(cfg)
     finally:
         VisionEncoder.encode = orig
@@ -110,22 +118,31 @@ def test_cpu_features_are_read_from_the_flags():
     assert machine.cpu_features({"asimddp", "i8mm", "fp"}) == ["asimddp", "i8mm"]  # a Jetson's Cortex-A78AE
 
 
-@pytest.mark.parametrize("model,gbs", [
-    ("NVIDIA Jetson AGX Orin Developer Kit", 204.8),
-    ("NVIDIA Jetson Orin Nano Developer Kit", 68.0),
-    ("NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super", 102.0),
-    ("Raspberry Pi 5 Model B", None),
-])
+@pytest.mark.parametrize(
+    "model,gbs",
+    [
+        ("NVIDIA Jetson AGX Orin Developer Kit", 204.8),
+        ("NVIDIA Jetson Orin Nano Developer Kit", 68.0),
+        ("NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super", 102.0),
+        ("Raspberry Pi 5 Model B", None),
+    ],
+)
 def test_jetson_board_detection(monkeypatch, model, gbs):
-    files = {"/proc/device-tree/model": model + "\x00",
-             "/etc/nv_tegra_release": "# R36 (release), REVISION: 4.0" if gbs else None}
+    files = {
+        "/proc/device-tree/model": model + "\x00",
+        "/etc/nv_tegra_release": "# R36 (release), REVISION: 4.0" if gbs else None,
+    }
     monkeypatch.setattr(machine, "_read", lambda p: (files.get(p) or "").strip("\x00") or None)
     monkeypatch.setattr(machine, "_nvpmodel_query", lambda: None)
     info = machine.jetson_info()
     if gbs is None:
         assert info is None
     else:
-        assert info["model"] == model and info["board_bandwidth_gb_per_s"] == gbs and info["l4t_release"].startswith("# R36")
+        assert (
+            info["model"] == model
+            and info["board_bandwidth_gb_per_s"] == gbs
+            and info["l4t_release"].startswith("# R36")
+        )
 
 
 def test_cli_bench_json(llava_model):
@@ -133,8 +150,25 @@ def test_cli_bench_json(llava_model):
 
     from skin_offline.cli import app
 
-    r = CliRunner().invoke(app, ["bench", str(llava_model.bundle_dir), "--runs", "1", "--warmup", "0", "--new-tokens", "3",
-                                 "--threads", "1", "--no-probe", "--json", "--device", "cpu"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            str(llava_model.bundle_dir),
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--new-tokens",
+            "3",
+            "--threads",
+            "1",
+            "--no-probe",
+            "--json",
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert d["model"]["provider"] == "CPUExecutionProvider" and len(d["runs"]) == 1
@@ -150,8 +184,9 @@ def test_profile_decode_accounts_for_the_decoder_graph(llava_model, monkeypatch)
 
     import onnx
 
-    spec = importlib.util.spec_from_file_location("profile_decode", os.path.join(os.path.dirname(__file__), "..",
-                                                                                    "benchmarks", "profile_decode.py"))
+    spec = importlib.util.spec_from_file_location(
+        "profile_decode", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "profile_decode.py")
+    )
     pd = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pd)
     monkeypatch.setattr(machine, "probe_bandwidth", lambda threads=None: machine.Bandwidth(10.0, {}, 0))

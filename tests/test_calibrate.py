@@ -51,7 +51,7 @@ def test_gptq_lowers_the_output_error_of_round_to_nearest(act_order):
     x = _correlated(2048, 256, 2)
     h = Hessian(256)
     for c in range(0, len(x), 500):  # accumulated in chunks: the running mean equals the whole
-        h.add(x[c:c + 500])
+        h.add(x[c : c + 500])
     np.testing.assert_allclose(h.h.numpy(), x.T @ x / len(x), rtol=2e-4, atol=1e-3)
     s = absmax_scales(w, grid)
     rtn = dequantize(rtn_codes(w, s, grid), s, grid)
@@ -119,7 +119,9 @@ def test_activation_weighted_scales_favour_the_active_inputs():
 def test_calibration_data_is_held_apart_and_large_enough():
     rows, pairs = load_pairs()
     assert len(rows) == len(pairs) >= 128 and len(set(rows)) == len(rows)
-    assert not set(rows) & set(QUALITY_ROWS) and not set(rows) & set(EVAL_ROWS) and not set(QUALITY_ROWS) & set(EVAL_ROWS)
+    assert (
+        not set(rows) & set(QUALITY_ROWS) and not set(rows) & set(EVAL_ROWS) and not set(QUALITY_ROWS) & set(EVAL_ROWS)
+    )
     assert not set(rows) & set(range(101, 201))  # the proxy's image passage (answers of rows 101-200)
     from skin_offline.export.quality import ProbeSet
 
@@ -140,8 +142,8 @@ def test_calibration_sequences_are_training_turns_with_image_positions(llava_mod
     _, pairs = load_pairs()
     assert len(groups) == 2 and all(len(g.suffixes) == 3 for g in groups)
     head = [tok.bos_id, *tok.encode("[INST] ")]
-    np.testing.assert_array_equal(groups[1].prefix[len(head):], feats[1])
-    np.testing.assert_array_equal(groups[0].prefix[:len(head)], table(head))
+    np.testing.assert_array_equal(groups[1].prefix[len(head) :], feats[1])
+    np.testing.assert_array_equal(groups[0].prefix[: len(head)], table(head))
     q, a = pairs[4]  # image 1, second suffix
     want = tok.encode("\n" + q + " [/INST]") + tok.answer_ids(a) + [tok.eos_id]
     np.testing.assert_array_equal(groups[1].suffixes[1], table(want))
@@ -171,7 +173,9 @@ def test_calibrated_export_is_deterministic_verified_and_recorded(llava_model, t
     # rtn keeps onnxruntime's own rounding, byte for byte (test_quantize checks it against the fp32 weights)
     r = _export(llava_model.ckpt, tmp_path / "r", quant_method="rtn", verify=False, quality=False)
     assert r.pick("decoder").details["method"] == "rtn" and "calibration" not in r.pick("decoder").details
-    assert (tmp_path / "r" / "decoder.int4.onnx.data").read_bytes() != (tmp_path / "a" / "decoder.int4.onnx.data").read_bytes()
+    assert (tmp_path / "r" / "decoder.int4.onnx.data").read_bytes() != (
+        tmp_path / "a" / "decoder.int4.onnx.data"
+    ).read_bytes()
     assert r.files["decoder.int4.onnx.data"].size == a.files["decoder.int4.onnx.data"].size  # same format
 
 
@@ -186,15 +190,24 @@ def test_calibration_images_are_used_and_never_recorded(llava_model, tmp_path):
     logged = []
     from skin_offline.export.to_onnx import export_bundle
 
-    m = export_bundle(llava_model.ckpt, tmp_path / "c", precision="int4", calibration_images=photos, verify=False,
-                      quality=False, log=lambda s: logged.append(str(s)))
+    m = export_bundle(
+        llava_model.ckpt,
+        tmp_path / "c",
+        precision="int4",
+        calibration_images=photos,
+        verify=False,
+        quality=False,
+        log=lambda s: logged.append(str(s)),
+    )
     cal = m.pick("decoder").details["calibration"]
     assert cal["images"] == "3 images from --calibration-images" and cal["sequences"] >= 128
     text = (tmp_path / "c" / "manifest.json").read_text() + "\n".join(logged)
     assert "jane" not in text.lower() and str(photos) not in text
     assert not any(p.suffix == ".png" for p in (tmp_path / "c").iterdir())
     _export(llava_model.ckpt, tmp_path / "d", verify=False, quality=False)
-    assert (tmp_path / "c" / "decoder.int4.onnx.data").read_bytes() != (tmp_path / "d" / "decoder.int4.onnx.data").read_bytes()
+    assert (tmp_path / "c" / "decoder.int4.onnx.data").read_bytes() != (
+        tmp_path / "d" / "decoder.int4.onnx.data"
+    ).read_bytes()
 
 
 def test_verification_catches_a_calibrated_weight_from_another_layer(llava_model, tmp_path):
@@ -211,7 +224,7 @@ def test_verification_catches_a_calibrated_weight_from_another_layer(llava_model
     for suffix in ("_Q4", "_scales"):
         src, dst = (info[f"layers.{i}.self_attn.q_proj.weight{suffix}"] for i in (1, 0))
         o1, n1, o0 = int(src["offset"]), int(src["length"]), int(dst["offset"])
-        data[o0:o0 + n1] = data[o1:o1 + n1]
+        data[o0 : o0 + n1] = data[o1 : o1 + n1]
     (tmp_path / "v" / "decoder.int4.onnx.data").write_bytes(bytes(data))
     from test_verify import _rehash
 

@@ -31,7 +31,7 @@ def test_label_tokens_are_the_answer_tokens_of_a_training_turn(llava_model):
         full = tok.encode(head + " " + label + " ")
         ids = label_token_ids(tok, label)
         assert full[: len(tok.encode(head))] == tok.encode(head)
-        assert full[len(tok.encode(head)): len(tok.encode(head)) + len(ids)] == ids, label
+        assert full[len(tok.encode(head)) : len(tok.encode(head)) + len(ids)] == ids, label
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +105,9 @@ def _reference_ranking(rt, image, labels):
     names = canonical_labels(labels)
     ids = build_prompt_ids(rt.tokenizer, question_for(names))
     embeds = embed_prompt(rt, ids, rt.image_features(rt.pixels(image)))
-    lps = label_logprobs_with_decoder(rt.bundle.decoder, embeds, rt.bundle.embed,
-                                      [label_token_ids(rt.tokenizer, n) for n in names])
+    lps = label_logprobs_with_decoder(
+        rt.bundle.decoder, embeds, rt.bundle.embed, [label_token_ids(rt.tokenizer, n) for n in names]
+    )
     return dict(zip(names, lps))
 
 

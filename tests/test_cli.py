@@ -12,8 +12,13 @@ from conftest import random_image
 
 def cli(*args, env=None, timeout=300):
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "skin_offline.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=full_env)
+    return subprocess.run(
+        [sys.executable, "-m", "skin_offline.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +29,18 @@ def image(tmp_path_factory):
 
 
 def test_ask_json_matches_api_and_stream(llava_model, image):
-    out = cli("ask", image, "What is this lesion?", "--bundle", llava_model.bundle_dir, "--json",
-              "--max-new-tokens", 12, "--temperature", 0)
+    out = cli(
+        "ask",
+        image,
+        "What is this lesion?",
+        "--bundle",
+        llava_model.bundle_dir,
+        "--json",
+        "--max-new-tokens",
+        12,
+        "--temperature",
+        0,
+    )
     assert out.returncode == 0, out.stderr
     d = json.loads(out.stdout)
     assert {"answer", "token_ids", "finish_reason", "timings"} <= d.keys()
@@ -39,7 +54,9 @@ def test_ask_json_matches_api_and_stream(llava_model, image):
 
 
 def test_default_bundle_from_environment(llava_model, image):
-    out = cli("ask", image, "Hi?", "--json", "--max-new-tokens", 2, env={"SKIN_OFFLINE_BUNDLE": str(llava_model.bundle_dir)})
+    out = cli(
+        "ask", image, "Hi?", "--json", "--max-new-tokens", 2, env={"SKIN_OFFLINE_BUNDLE": str(llava_model.bundle_dir)}
+    )
     assert out.returncode == 0, out.stderr
 
 
@@ -67,8 +84,15 @@ def test_export_hub_named_vision_tower_needs_local_path(tmp_path, tokenizer_mode
     from skin_offline.export.factory import PRESETS, build_reference, write_checkpoint
 
     spec = PRESETS["tiny"]
-    ckpt = write_checkpoint(build_reference(spec), spec, tmp_path / "ckpt", "llava", tokenizer_model,
-                            vision_tower=tmp_path / "clip", vision_tower_name="openai/clip-vit-large-patch14-336")
+    ckpt = write_checkpoint(
+        build_reference(spec),
+        spec,
+        tmp_path / "ckpt",
+        "llava",
+        tokenizer_model,
+        vision_tower=tmp_path / "clip",
+        vision_tower_name="openai/clip-vit-large-patch14-336",
+    )
     out = cli("export", ckpt, tmp_path / "b")
     assert out.returncode == 4 and "--vision-tower" in out.stderr and not (tmp_path / "b").exists()
     assert cli("export", ckpt, tmp_path / "b", "--vision-tower", tmp_path / "clip", "--no-verify").returncode == 0
@@ -82,19 +106,22 @@ def test_config_error_is_a_one_line_usage_error(llava_model, image):
     assert len(lines) == 1 and lines[0].startswith("error: top_p must be in (0, 1]") and "unexpected" not in lines[0]
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["quantize", "B", "O", "--precision", "int3"], "'int3' is not one of"),
-    (["quantize", "B", "O", "--precision", "int4", "--embeddings", "int4"], "--embeddings must be one of"),
-    (["export", "C", "O", "--image-mode", "squash"], "'squash' is not one of"),
-    (["export", "C", "O", "--precision", "int2"], "'int2' is not one of"),
-    (["ask", "x.png", "q", "--device", "gpu"], "'gpu' is not one of"),
-    (["ask", "x.png", "q", "--precision", "fp8"], "'fp8' is not one of"),
-    (["eval", "B", "--csv", "c", "--images", "i", "--protocol", "beam"], "'beam' is not one of"),
-    (["classify", "x.png", "--labels", "a,b", "--method", "vote"], "'vote' is not one of"),
-    (["make-demo-checkpoint", "O", "--layout", "gguf"], "'gguf' is not one of"),
-    (["bench", "B", "--precision", "int3"], "'int3' is not one of"),
-    (["ask", "x.png"], "Missing argument"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["quantize", "B", "O", "--precision", "int3"], "'int3' is not one of"),
+        (["quantize", "B", "O", "--precision", "int4", "--embeddings", "int4"], "--embeddings must be one of"),
+        (["export", "C", "O", "--image-mode", "squash"], "'squash' is not one of"),
+        (["export", "C", "O", "--precision", "int2"], "'int2' is not one of"),
+        (["ask", "x.png", "q", "--device", "gpu"], "'gpu' is not one of"),
+        (["ask", "x.png", "q", "--precision", "fp8"], "'fp8' is not one of"),
+        (["eval", "B", "--csv", "c", "--images", "i", "--protocol", "beam"], "'beam' is not one of"),
+        (["classify", "x.png", "--labels", "a,b", "--method", "vote"], "'vote' is not one of"),
+        (["make-demo-checkpoint", "O", "--layout", "gguf"], "'gguf' is not one of"),
+        (["bench", "B", "--precision", "int3"], "'int3' is not one of"),
+        (["ask", "x.png"], "Missing argument"),
+    ],
+)
 def test_bad_choices_are_one_line_usage_errors(args, needle, tmp_path):
     """Every choice is an enum-typed option (or a config that checks it): exit 2, one line, before any work."""
     from typer.testing import CliRunner
@@ -133,6 +160,18 @@ def test_random_weight_bundles_warn_and_real_ones_do_not(llava_model, image, tmp
 
 def test_every_command_module_registers_its_commands():
     out = cli("--help")
-    for name in ("ask", "chat", "export", "make-demo-checkpoint", "quantize", "info", "verify", "eval", "classify",
-                 "classify-eval", "bench", "build-engines"):
+    for name in (
+        "ask",
+        "chat",
+        "export",
+        "make-demo-checkpoint",
+        "quantize",
+        "info",
+        "verify",
+        "eval",
+        "classify",
+        "classify-eval",
+        "bench",
+        "build-engines",
+    ):
         assert f" {name} " in out.stdout, name

@@ -17,8 +17,14 @@ import pytest
 
 from conftest import random_image
 
-QUESTIONS = ["What is this lesion?", "Describe the colour.", "Is the border regular?", "Where might this be?",
-             "Is it benign or malignant?", "What should the doctor check next?"]
+QUESTIONS = [
+    "What is this lesion?",
+    "Describe the colour.",
+    "Is the border regular?",
+    "Where might this be?",
+    "Is it benign or malignant?",
+    "What should the doctor check next?",
+]
 N_NEW = 24
 
 
@@ -69,8 +75,9 @@ def test_same_image_many_threads(shared_model):
     want = shared_model.ask(img, "What is this lesion?", max_new_tokens=N_NEW).answer
     shared_model.vision._cache.clear()
     with ThreadPoolExecutor(max_workers=8) as pool:
-        got = list(pool.map(lambda _: shared_model.ask(img, "What is this lesion?", max_new_tokens=N_NEW).answer,
-                            range(8)))
+        got = list(
+            pool.map(lambda _: shared_model.ask(img, "What is this lesion?", max_new_tokens=N_NEW).answer, range(8))
+        )
     assert got == [want] * 8
 
 

@@ -40,16 +40,25 @@ def model(llava_model):
 
 
 def suite():
-    return ([JsonSchema(s) for s in SCHEMAS] + [JsonObject()] + [Regex(r) for r in REGEXES]
-            + [Choice(c) for c in CHOICES] + [Grammar(g) for g in GRAMMARS])
+    return (
+        [JsonSchema(s) for s in SCHEMAS]
+        + [JsonObject()]
+        + [Regex(r) for r in REGEXES]
+        + [Choice(c) for c in CHOICES]
+        + [Grammar(g) for g in GRAMMARS]
+    )
 
 
 def _run_all(model, constraints, **kw):
     """Submit every constrained request at once (the engine decodes them together); their answers."""
     from skin_offline.runtime.pipeline import collect
 
-    streams = [model.engine.submit(model.prepare(random_image(80 + i % 5), QUESTION, max_new_tokens=MAX_NEW,
-                                                 constraint=c, **kw)) for i, c in enumerate(constraints)]
+    streams = [
+        model.engine.submit(
+            model.prepare(random_image(80 + i % 5), QUESTION, max_new_tokens=MAX_NEW, constraint=c, **kw)
+        )
+        for i, c in enumerate(constraints)
+    ]
     return [collect(s) for s in streams]
 
 
@@ -91,13 +100,13 @@ class _MaskProcessor:
         out = scores.clone()
         for r in range(input_ids.shape[0]):
             m = llguidance.LLMatcher(self.tok, self.grammar, log_level=0)
-            assert m.consume_tokens(input_ids[r, self.prompt_len:].tolist()), m.get_error()
+            assert m.consume_tokens(input_ids[r, self.prompt_len :].tolist()), m.get_error()
             bits = lln.allocate_token_bitmask(1, self.tok.vocab_size)
             lln.fill_next_token_bitmask(m, bits)
-            allowed = np.unpackbits(bits.view(np.uint8), bitorder="little")[:self.tok.vocab_size].astype(bool)
+            allowed = np.unpackbits(bits.view(np.uint8), bitorder="little")[: self.tok.vocab_size].astype(bool)
             row = out[r]
             row[: len(allowed)][torch.from_numpy(~allowed)] = -float("inf")
-            row[len(allowed):] = -float("inf")
+            row[len(allowed) :] = -float("inf")
         return out
 
 
@@ -110,15 +119,26 @@ def _reference(llava_model, model, c, image, max_new, **gen):
     grammar = model.vocabulary.compile(c).grammar
     proc = _MaskProcessor(grammar, llava_model.bundle_dir / names.TOKENIZER, 0)
     with torch.no_grad():
-        out = llava_model.ref.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-                                       max_new_tokens=max_new, do_sample=False, eos_token_id=2, pad_token_id=0,
-                                       logits_processor=[proc], **gen)
+        out = llava_model.ref.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=2,
+            pad_token_id=0,
+            logits_processor=[proc],
+            **gen,
+        )
     tokens = out[0].tolist()
     return tokens[: tokens.index(2)] if 2 in tokens else tokens
 
 
-PARITY = [JsonSchema(SCHEMAS[i]) for i in (1, 6, 14, 26, 30)] + [JsonSchema(CLINIC_FORM), Regex(REGEXES[0]),
-                                                                  Choice(CHOICES[2]), Grammar(GRAMMARS[1])]
+PARITY = [JsonSchema(SCHEMAS[i]) for i in (1, 6, 14, 26, 30)] + [
+    JsonSchema(CLINIC_FORM),
+    Regex(REGEXES[0]),
+    Choice(CHOICES[2]),
+    Grammar(GRAMMARS[1]),
+]
 
 
 @pytest.mark.parametrize("c", PARITY, ids=lambda c: type(c).__name__)
@@ -129,8 +149,9 @@ def test_constrained_greedy_equals_transformers_with_llguidance_mask(llava_model
     assert [t for t in ours if t != 2] == ref
 
 
-@pytest.mark.parametrize("c", [Choice(CHOICES[2]), JsonSchema(SCHEMAS[6]), Regex(REGEXES[3])],
-                         ids=lambda c: type(c).__name__)
+@pytest.mark.parametrize(
+    "c", [Choice(CHOICES[2]), JsonSchema(SCHEMAS[6]), Regex(REGEXES[3])], ids=lambda c: type(c).__name__
+)
 def test_constrained_beams_equal_transformers_with_llguidance_mask(llava_model, model, c):
     """A mask per beam row, each beam's matcher forked with it: transformers' beam search with the same masks."""
     img = random_image(6)
@@ -145,8 +166,10 @@ def test_unconstrained_rows_beside_constrained_ones_are_unchanged(model):
     jobs = [(random_image(90 + i), q) for i, q in enumerate(["What is this?", "Describe the border.", "Benign?"])]
     alone = [model.ask(img, q, max_new_tokens=20).token_ids for img, q in jobs]
     alone_sampled = model.ask(jobs[0][0], "Colour?", max_new_tokens=20, temperature=0.9, seed=3).token_ids
-    constrained = [model.engine.submit(model.prepare(random_image(70 + i), QUESTION, max_new_tokens=MAX_NEW,
-                                                     constraint=c)) for i, c in enumerate(PARITY[:4])]
+    constrained = [
+        model.engine.submit(model.prepare(random_image(70 + i), QUESTION, max_new_tokens=MAX_NEW, constraint=c))
+        for i, c in enumerate(PARITY[:4])
+    ]
     free = [model.engine.submit(model.prepare(img, q, max_new_tokens=20)) for img, q in jobs]
     sampled = model.engine.submit(model.prepare(jobs[0][0], "Colour?", max_new_tokens=20, temperature=0.9, seed=3))
     assert [list(list(s)[-1].tokens) for s in free] == alone
@@ -166,15 +189,19 @@ def test_logprobs_are_the_models_own_distribution_streamed_or_not(llava_model, m
     _, embeds = reference_embeds(llava_model.ref, ids, model.pixels(img))
     for c in (None, JsonSchema(CLINIC_FORM)):
         a = model.ask(img, QUESTION, max_new_tokens=24, constraint=c, logprobs=5)
-        streamed = [e for r in model.stream(img, QUESTION, max_new_tokens=24, constraint=c, logprobs=5) for e in r.logprobs]
+        streamed = [
+            e for r in model.stream(img, QUESTION, max_new_tokens=24, constraint=c, logprobs=5) for e in r.logprobs
+        ]
         # the second run starts from the prompt cache (image prefill reused): the same tokens, logprobs within 1e-6
-        assert [(e.token, [t for t, _ in e.top]) for e in streamed] == [(e.token, [t for t, _ in e.top]) for e in a.logprobs]
+        assert [(e.token, [t for t, _ in e.top]) for e in streamed] == [
+            (e.token, [t for t, _ in e.top]) for e in a.logprobs
+        ]
         assert np.allclose([e.logprob for e in streamed], [e.logprob for e in a.logprobs], atol=1e-6)
         toks = [t for t in a.token_ids if t != 2]
         assert [e.token for e in a.logprobs] == toks
         with torch.no_grad():  # teacher-forced over the answer: the logits at every position
             feed = torch.cat([embeds, llava_model.ref.get_input_embeddings()(torch.tensor([toks]))], dim=1)
-            logits = llava_model.ref(inputs_embeds=feed).logits[0, embeds.shape[1] - 1:-1].double().numpy()
+            logits = llava_model.ref(inputs_embeds=feed).logits[0, embeds.shape[1] - 1 : -1].double().numpy()
         for e, lg in zip(a.logprobs, logits):
             ref = log_softmax(lg)
             assert abs(e.logprob - ref[e.token]) < 1e-4
@@ -188,22 +215,29 @@ def test_logprobs_in_openai_shape(model):
 
     a = model.ask(random_image(8), QUESTION, max_new_tokens=6, logprobs=2)
     content = logprob_content(model.tokenizer, a.logprobs)
-    assert len(content) == len(a.logprobs) and all(set(e) == {"token", "logprob", "bytes", "top_logprobs"} for e in content)
-    assert all(len(e["top_logprobs"]) == 2 and e["bytes"] == list(e["token"].encode()) or "\ufffd" in e["token"]
-               for e in content)
+    assert len(content) == len(a.logprobs) and all(
+        set(e) == {"token", "logprob", "bytes", "top_logprobs"} for e in content
+    )
+    assert all(
+        len(e["top_logprobs"]) == 2 and e["bytes"] == list(e["token"].encode()) or "\ufffd" in e["token"]
+        for e in content
+    )
     assert model.ask(random_image(8), QUESTION, max_new_tokens=3).logprobs is None  # not asked: not computed
 
 
-@pytest.mark.parametrize("c,field,match", [
-    (JsonSchema({"type": "array", "uniqueItems": True}), "response_format", "uniqueItems"),
-    (JsonSchema({"type": "string", "format": "no-such-format"}), "schema", "no-such-format"),
-    (JsonSchema({"not": {"type": "string"}}), "schema", "not"),
-    (Regex("("), "--regex", "unclosed group"),
-    (Choice([]), "choice", "one or more"),
-    (Choice(["a", "a"]), "choice", "repeat"),
-    (Grammar("start: foo"), "grammar", "unknown name"),
-    (JsonSchema({"enum": ["x" * 70_000]}), "schema", "over the limit"),
-])
+@pytest.mark.parametrize(
+    "c,field,match",
+    [
+        (JsonSchema({"type": "array", "uniqueItems": True}), "response_format", "uniqueItems"),
+        (JsonSchema({"type": "string", "format": "no-such-format"}), "schema", "no-such-format"),
+        (JsonSchema({"not": {"type": "string"}}), "schema", "not"),
+        (Regex("("), "--regex", "unclosed group"),
+        (Choice([]), "choice", "one or more"),
+        (Choice(["a", "a"]), "choice", "repeat"),
+        (Grammar("start: foo"), "grammar", "unknown name"),
+        (JsonSchema({"enum": ["x" * 70_000]}), "schema", "over the limit"),
+    ],
+)
 def test_unusable_constraints_are_named_errors_before_any_work(model, c, field, match):
     with pytest.raises(ConstraintError, match=match) as e:
         model.prepare(random_image(1), QUESTION, constraint=c, constraint_field=field)

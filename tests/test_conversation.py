@@ -76,18 +76,53 @@ def test_abandoned_turn_leaves_the_conversation_intact(llava_model, model):
 def test_cli_chat_answers_each_question_and_reports_the_prefill(llava_model):
     img = llava_model.bundle_dir.parent / "chat.png"
     random_image(24).save(img)
-    r = subprocess.run([sys.executable, "-m", "skin_offline.cli", "chat", str(img), "--bundle", str(llava_model.bundle_dir),
-                        "-q", QUESTIONS[0], "-q", QUESTIONS[1], "--max-new-tokens", "4", "--threads", "1"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "skin_offline.cli",
+            "chat",
+            str(img),
+            "--bundle",
+            str(llava_model.bundle_dir),
+            "-q",
+            QUESTIONS[0],
+            "-q",
+            QUESTIONS[1],
+            "--max-new-tokens",
+            "4",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("[")]
     assert len(lines) == 2 and all("prefilled" in ln for ln in lines)
     total = [int(ln.split("prefilled ")[1].split(" of ")[1].split(",")[0]) for ln in lines]
     done = [int(ln.split("prefilled ")[1].split(" of ")[0]) for ln in lines]
     assert done[0] == total[0] and done[1] < total[1] - total[0] + 1
-    stdin = subprocess.run([sys.executable, "-m", "skin_offline.cli", "chat", str(img), "--bundle", str(llava_model.bundle_dir),
-                            "--max-new-tokens", "3", "--threads", "1"], input=f"{QUESTIONS[0]}\n\n{QUESTIONS[1]}\nexit\nignored\n",
-                           capture_output=True, text=True, timeout=300)
+    stdin = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "skin_offline.cli",
+            "chat",
+            str(img),
+            "--bundle",
+            str(llava_model.bundle_dir),
+            "--max-new-tokens",
+            "3",
+            "--threads",
+            "1",
+        ],
+        input=f"{QUESTIONS[0]}\n\n{QUESTIONS[1]}\nexit\nignored\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert stdin.returncode == 0, stdin.stderr
     assert sum(ln.startswith("[") for ln in stdin.stderr.splitlines()) == 2
 

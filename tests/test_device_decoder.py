@@ -46,8 +46,8 @@ def test_cache_stays_ortvalues_between_steps_and_equals_host_decoder(llava_model
     ld, cd = dev.forward(embeds[:, :8], dev.empty_cache(), keep=8)
     assert ld.shape == lh.shape == (1, 8, llava_model.manifest.model.vocab_size)
     for i in range(8, 12):
-        lh, ch = host.forward(embeds[:, i:i + 1], ch)
-        ld, cd = dev.forward(embeds[:, i:i + 1], cd)
+        lh, ch = host.forward(embeds[:, i : i + 1], ch)
+        ld, cd = dev.forward(embeds[:, i : i + 1], cd)
         # presents come back as OrtValues and go straight back in: no host copy of the cache per step
         assert cd.device_kv is not None and all(isinstance(v, ort.OrtValue) for v in cd.device_kv)
         assert len(cd.device_kv) == 2 * llava_model.manifest.model.num_layers

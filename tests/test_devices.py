@@ -22,12 +22,15 @@ def names(choice):
     return [p if isinstance(p, str) else p[0] for p in choice.providers]
 
 
-@pytest.mark.parametrize("available,engines,expected", [
-    (CPU_ONLY, False, Device.CPU),
-    (WITH_CUDA, False, Device.CUDA),
-    (WITH_TRT, False, Device.CUDA),  # TensorRT only with engines built (building takes minutes)
-    (WITH_TRT, True, Device.TENSORRT),
-])
+@pytest.mark.parametrize(
+    "available,engines,expected",
+    [
+        (CPU_ONLY, False, Device.CPU),
+        (WITH_CUDA, False, Device.CUDA),
+        (WITH_TRT, False, Device.CUDA),  # TensorRT only with engines built (building takes minutes)
+        (WITH_TRT, True, Device.TENSORRT),
+    ],
+)
 def test_auto_picks_best_available(available, engines, expected):
     assert resolve("auto", available=available, has_engines=engines).device is expected
     assert resolve(None, available=available, has_engines=engines).device is expected

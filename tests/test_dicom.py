@@ -38,6 +38,7 @@ def grey_case(bits: int, photometric: str = "MONOCHROME2", **kw):
 
 # ---------------------------------------------------------------- lossless: exact pixels
 
+
 def _native(ts, arr=RGB, **kw):
     return S.write(S.native(arr, ts=ts, **kw))
 
@@ -104,33 +105,72 @@ GREY_BITS = [(8, "MONOCHROME2"), (10, "MONOCHROME2"), (12, "MONOCHROME1"), (16, 
 
 # name -> builder() -> (file bytes, expected [H, W, 3] uint8, max abs difference allowed)
 EXACT = {
-    **{f"{ts.name}-rgb": (lambda ts=ts: (_native(ts), RGB, 0)) for ts in
-       (uid.ImplicitVRLittleEndian, uid.ExplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian, uid.ExplicitVRBigEndian)},
-    **{f"{ts.name}-{pi}-{b}bit": (lambda ts=ts, b=b, pi=pi: (_grey_native(b, pi, ts), grey_case(b, pi)[1], 0))
-       for ts in (uid.ImplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian, uid.ExplicitVRBigEndian)
-       for b, pi in GREY_BITS},
+    **{
+        f"{ts.name}-rgb": (lambda ts=ts: (_native(ts), RGB, 0))
+        for ts in (
+            uid.ImplicitVRLittleEndian,
+            uid.ExplicitVRLittleEndian,
+            uid.DeflatedExplicitVRLittleEndian,
+            uid.ExplicitVRBigEndian,
+        )
+    },
+    **{
+        f"{ts.name}-{pi}-{b}bit": (lambda ts=ts, b=b, pi=pi: (_grey_native(b, pi, ts), grey_case(b, pi)[1], 0))
+        for ts in (uid.ImplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian, uid.ExplicitVRBigEndian)
+        for b, pi in GREY_BITS
+    },
     "planar-rgb": (lambda: (_native(uid.ExplicitVRLittleEndian, planar=1), RGB, 0)),
     "rle-rgb": (lambda: (_compressed(uid.RLELossless), RGB, 0)),
-    **{f"rle-{pi}-{b}bit": (lambda b=b, pi=pi: (S.write(S.compressed(S.native(grey_case(b, pi)[0], photometric=pi,
-                                                                                  bits_stored=b), uid.RLELossless)),
-                                                 grey_case(b, pi)[1], 0)) for b, pi in GREY_BITS},
+    **{
+        f"rle-{pi}-{b}bit": (
+            lambda b=b, pi=pi: (
+                S.write(S.compressed(S.native(grey_case(b, pi)[0], photometric=pi, bits_stored=b), uid.RLELossless)),
+                grey_case(b, pi)[1],
+                0,
+            )
+        )
+        for b, pi in GREY_BITS
+    },
     "jpegls-lossless-rgb": (lambda: (_compressed(uid.JPEGLSLossless), RGB, 0)),
-    "jpegls-lossless-12bit": (lambda: (S.write(S.compressed(S.native(grey_case(12)[0], photometric="MONOCHROME2",
-                                                                     bits_stored=12), uid.JPEGLSLossless)),
-                                       grey_case(12)[1], 0)),
+    "jpegls-lossless-12bit": (
+        lambda: (
+            S.write(
+                S.compressed(S.native(grey_case(12)[0], photometric="MONOCHROME2", bits_stored=12), uid.JPEGLSLossless)
+            ),
+            grey_case(12)[1],
+            0,
+        )
+    ),
     "j2k-lossless-rgb": (lambda: (_compressed(uid.JPEG2000Lossless), RGB, 0)),
     "j2k-lossless-YBR_RCT": (lambda: (_j2k_pillow_rct(), RGB, 0)),
-    "j2k-lossless-16bit-MONOCHROME1": (lambda: (S.write(S.compressed(S.native(grey_case(16, "MONOCHROME1")[0],
-                                                                              photometric="MONOCHROME1"),
-                                                                     uid.JPEG2000Lossless)),
-                                                grey_case(16, "MONOCHROME1")[1], 0)),
+    "j2k-lossless-16bit-MONOCHROME1": (
+        lambda: (
+            S.write(
+                S.compressed(S.native(grey_case(16, "MONOCHROME1")[0], photometric="MONOCHROME1"), uid.JPEG2000Lossless)
+            ),
+            grey_case(16, "MONOCHROME1")[1],
+            0,
+        )
+    ),
     "jpeg-lossless-sv1-rgb": (lambda: (_gdcm(uid.JPEGLosslessSV1), RGB, 0)),
-    "jpeg-lossless-p14-12bit": (lambda: (_gdcm(uid.JPEGLossless, grey_case(12)[0], photometric="MONOCHROME2",
-                                               bits_stored=12), grey_case(12)[1], 0)),
-    "jpeg-lossless-sv1-16bit-MONOCHROME1": (lambda: (_gdcm(uid.JPEGLosslessSV1, grey_case(16, "MONOCHROME1")[0],
-                                                           photometric="MONOCHROME1"), grey_case(16, "MONOCHROME1")[1], 0)),
+    "jpeg-lossless-p14-12bit": (
+        lambda: (
+            _gdcm(uid.JPEGLossless, grey_case(12)[0], photometric="MONOCHROME2", bits_stored=12),
+            grey_case(12)[1],
+            0,
+        )
+    ),
+    "jpeg-lossless-sv1-16bit-MONOCHROME1": (
+        lambda: (
+            _gdcm(uid.JPEGLosslessSV1, grey_case(16, "MONOCHROME1")[0], photometric="MONOCHROME1"),
+            grey_case(16, "MONOCHROME1")[1],
+            0,
+        )
+    ),
     "htj2k-lossless-rgb": (lambda: (_htj2k(uid.HTJ2KLossless), RGB, 0)),
-    "htj2k-rpcl-12bit": (lambda: (_htj2k(uid.HTJ2KLosslessRPCL, grey_case(12)[0], "MONOCHROME2", 12), grey_case(12)[1], 0)),
+    "htj2k-rpcl-12bit": (
+        lambda: (_htj2k(uid.HTJ2KLosslessRPCL, grey_case(12)[0], "MONOCHROME2", 12), grey_case(12)[1], 0)
+    ),
     "signed-12bit": (lambda: (*_signed_grey(), 0)),
     "one-bit": (lambda: (*_one_bit(), 0)),
     "palette-16bit-lut": (lambda: (*_palette(16), 0)),
@@ -163,17 +203,21 @@ def test_scaling_matches_the_16bit_png_path(tmp_path):
 
 # ---------------------------------------------------------------- lossy: within the codec's error, converted once
 
+
 def _pillow_rgb(codestream: bytes) -> np.ndarray:
     """libjpeg's / OpenJPEG's own RGB decode of the codestream (an independent decoder path)."""
     return np.asarray(Image.open(io.BytesIO(codestream)).convert("RGB"))
 
 
-@pytest.mark.parametrize("photometric,subsampling,keep_rgb", [
-    ("YBR_FULL_422", 1, False),  # 4:2:2, the standard's label for JPEG baseline colour
-    ("YBR_FULL", 0, False),  # 4:4:4
-    ("RGB", 0, True),  # RGB components (Adobe marker, no colour transform)
-    ("RGB", 1, False),  # mislabelled: a JFIF (YCbCr) stream labelled RGB, as some writers do
-])
+@pytest.mark.parametrize(
+    "photometric,subsampling,keep_rgb",
+    [
+        ("YBR_FULL_422", 1, False),  # 4:2:2, the standard's label for JPEG baseline colour
+        ("YBR_FULL", 0, False),  # 4:4:4
+        ("RGB", 0, True),  # RGB components (Adobe marker, no colour transform)
+        ("RGB", 1, False),  # mislabelled: a JFIF (YCbCr) stream labelled RGB, as some writers do
+    ],
+)
 def test_jpeg_baseline_colour_converted_once(photometric, subsampling, keep_rgb):
     jpeg = S.pillow_jpeg(RGB, subsampling, keep_rgb=keep_rgb)
     got = load(S.write(S.encapsulated(S.native(RGB), [jpeg], uid.JPEGBaseline8Bit, photometric))).astype(np.int64)
@@ -195,7 +239,9 @@ def test_jpeg_baseline_grey():
 def test_j2k_lossy_YBR_ICT():
     c = S.pillow_j2k(RGB, lossless=False)
     got = load(S.write(S.encapsulated(S.native(RGB), [c], uid.JPEG2000, "YBR_ICT"))).astype(np.int64)
-    assert np.abs(got - _pillow_rgb(c)).max() == 0  # the same decoder (OpenJPEG in Pillow) returns RGB: no 2nd transform
+    assert (
+        np.abs(got - _pillow_rgb(c)).max() == 0
+    )  # the same decoder (OpenJPEG in Pillow) returns RGB: no 2nd transform
     assert np.abs(got - RGB).mean() < 8
 
 
@@ -205,6 +251,7 @@ def test_jpegls_near_lossless_within_its_bound():
 
 
 # ---------------------------------------------------------------- multi-frame
+
 
 def _frames():
     return np.stack([RGB, 255 - RGB, RGB[::-1].copy()])
@@ -245,6 +292,7 @@ def test_frame_argument_validation_and_other_formats():
 
 # ---------------------------------------------------------------- broken and unsupported files
 
+
 def _without_pixels():
     ds = S.native(RGB)
     del ds.PixelData
@@ -283,9 +331,15 @@ BROKEN = {
     "truncated_native_pixels": (lambda: _NATIVE[:-100], "truncated"),
     "truncated_rle_pixels": (lambda: _RLE[:-100], "truncated"),
     "truncated_jpeg_pixels": (lambda: _JPEG[: len(_JPEG) - 300], "truncated"),
-    "truncated_jpegls_pixels": (lambda: _compressed(uid.JPEGLSLossless)[:-200], "truncated"),  # CharLS: 10 s if let through
+    "truncated_jpegls_pixels": (
+        lambda: _compressed(uid.JPEGLSLossless)[:-200],
+        "truncated",
+    ),  # CharLS: 10 s if let through
     "truncated_j2k_pixels": (lambda: _compressed(uid.JPEG2000Lossless)[:-200], "truncated"),
-    "corrupt_jpeg_stream": (lambda: _encapsulated(uid.JPEGBaseline8Bit, [b"\xff\xd8" + b"\x00" * 300 + b"\xff\xd9"]), "corrupt"),
+    "corrupt_jpeg_stream": (
+        lambda: _encapsulated(uid.JPEGBaseline8Bit, [b"\xff\xd8" + b"\x00" * 300 + b"\xff\xd9"]),
+        "corrupt",
+    ),
     "garbage_after_magic": (lambda: b"\x00" * 128 + b"DICM" + bytes(range(256)) * 4, "corrupt"),
     "not_dicom": (lambda: bytes(range(256)) * 8, "not a recognised image"),
     "bare_dataset": (lambda: S.write_bare(S.native(RGB, ts=uid.ImplicitVRLittleEndian)), "without its file header"),
@@ -294,11 +348,20 @@ BROKEN = {
     "mpeg2_video": (lambda: _encapsulated(uid.MPEG2MPML), "video (MPEG2 Main Profile / Main Level)"),
     "h264_video": (lambda: _encapsulated(uid.MPEG4HP41), "video (MPEG-4 AVC/H.264"),
     "hevc_video": (lambda: _encapsulated(uid.HEVCMP51), "video (HEVC/H.265"),
-    "jpeg_extended_12bit": (lambda: S.write(S.encapsulated(S.native(grey_case(12)[0], photometric="MONOCHROME2",
-                                                                     bits_stored=12), [b"\xff\xd8"],
-                                                           uid.JPEGExtended12Bit)), "12-bit JPEG Extended"),
-    "photometric_quotes_a_name": (lambda: _header_claims(PhotometricInterpretation="QWERTYUIOP^ZANZ"),
-                                  "unsupported photometric interpretation"),
+    "jpeg_extended_12bit": (
+        lambda: S.write(
+            S.encapsulated(
+                S.native(grey_case(12)[0], photometric="MONOCHROME2", bits_stored=12),
+                [b"\xff\xd8"],
+                uid.JPEGExtended12Bit,
+            )
+        ),
+        "12-bit JPEG Extended",
+    ),
+    "photometric_quotes_a_name": (
+        lambda: _header_claims(PhotometricInterpretation="QWERTYUIOP^ZANZ"),
+        "unsupported photometric interpretation",
+    ),
     "ybr_partial": (lambda: _header_claims(PhotometricInterpretation="YBR_PARTIAL_420"), "unsupported photometric"),
     "samples_mismatch": (lambda: _header_claims(SamplesPerPixel=1), "corrupt DICOM image description"),
     "bits_32": (lambda: _header_claims(BitsAllocated=32, BitsStored=32, HighBit=31), "32 of 32 bits"),
@@ -380,17 +443,23 @@ def test_deflate_bomb_refused_before_pydicom_inflates_it(monkeypatch):
 
 # ---------------------------------------------------------------- optional decoders missing
 
+
 def test_missing_codec_names_the_extra(monkeypatch):
     """As without the dicom-codecs extra: pydicom reports no plugin for these syntaxes (a subprocess with the real
     packages hidden is in test_image_formats.py)."""
     from pydicom.pixels import get_decoder
 
-    cases = {uid.JPEGLSLossless: _compressed(uid.JPEGLSLossless), uid.JPEGLosslessSV1: _gdcm(uid.JPEGLosslessSV1),
-             uid.HTJ2KLossless: _htj2k(uid.HTJ2KLossless)}
+    cases = {
+        uid.JPEGLSLossless: _compressed(uid.JPEGLSLossless),
+        uid.JPEGLosslessSV1: _gdcm(uid.JPEGLosslessSV1),
+        uid.HTJ2KLossless: _htj2k(uid.HTJ2KLossless),
+    }
     for ts, data in cases.items():
         dec = get_decoder(ts)
         monkeypatch.setattr(type(dec), "available_plugins", property(lambda self: ()))
-        with pytest.raises(ImageError, match=r"needs an optional decoder; install it with pip install 'skin-offline\[dicom-codecs\]'"):
+        with pytest.raises(
+            ImageError, match=r"needs an optional decoder; install it with pip install 'skin-offline\[dicom-codecs\]'"
+        ):
             load_image(data)
         monkeypatch.undo()
         assert load(data).shape == (32, 48, 3)
@@ -398,11 +467,18 @@ def test_missing_codec_names_the_extra(monkeypatch):
 
 # ---------------------------------------------------------------- patient data: warnings, logs, burned-in notice
 
+
 def test_nothing_logged_or_warned_even_with_pydicom_debug(caplog, capfd):
     """With pydicom's debug logging on, reading a header logs every element with a preview of its value (the control
     below finds planted data in it); our reads log nothing and warn nothing; the burned-in notice is data."""
-    files = [S.write(S.native(RGB, BurnedInAnnotation="YES")), _compressed(uid.RLELossless),
-             _jpeg_size_mismatch(), _without_pixels(), _NATIVE[:-100], _header_claims(PhotometricInterpretation="QWERTYUIOP")]
+    files = [
+        S.write(S.native(RGB, BurnedInAnnotation="YES")),
+        _compressed(uid.RLELossless),
+        _jpeg_size_mismatch(),
+        _without_pixels(),
+        _NATIVE[:-100],
+        _header_claims(PhotometricInterpretation="QWERTYUIOP"),
+    ]
     pydicom.config.debug(True)
     try:
         with caplog.at_level(logging.DEBUG):
@@ -452,7 +528,9 @@ def test_reads_only_image_tags(monkeypatch):
 
     monkeypatch.setattr(pydicom, "dcmread", spy)
     load(S.write(S.native(RGB)))
-    assert seen and all("PatientName" not in ds and "PatientID" not in ds and "PatientBirthDate" not in ds for ds in seen)
+    assert seen and all(
+        "PatientName" not in ds and "PatientID" not in ds and "PatientBirthDate" not in ds for ds in seen
+    )
     assert all(not any(el.tag.is_private for el in ds) for ds in seen)
 
 
@@ -461,9 +539,20 @@ def test_reads_only_image_tags(monkeypatch):
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-_SEEDS = [_NATIVE, _RLE, _JPEG, _native(uid.DeflatedExplicitVRLittleEndian), _native(uid.ImplicitVRLittleEndian),
-          S.write(S.native(np.stack([RGB, RGB]), frames=2)), _compressed(uid.JPEGLSLossless), _palette(16)[0],
-          _gdcm(uid.JPEGLosslessSV1), _htj2k(uid.HTJ2KLossless), _j2k_pillow_rct(), _compressed(uid.JPEG2000Lossless)]
+_SEEDS = [
+    _NATIVE,
+    _RLE,
+    _JPEG,
+    _native(uid.DeflatedExplicitVRLittleEndian),
+    _native(uid.ImplicitVRLittleEndian),
+    S.write(S.native(np.stack([RGB, RGB]), frames=2)),
+    _compressed(uid.JPEGLSLossless),
+    _palette(16)[0],
+    _gdcm(uid.JPEGLosslessSV1),
+    _htj2k(uid.HTJ2KLossless),
+    _j2k_pillow_rct(),
+    _compressed(uid.JPEG2000Lossless),
+]
 
 
 @st.composite

@@ -16,8 +16,12 @@ from skin_offline.runtime.tokenizer import TextTokenizer
 
 from conftest import random_image, reference_generate, reference_pixels
 
-QUESTIONS = ["What is this lesion?", "Describe the colour and the border of the lesion in detail.", "Benign?",
-             "Where on the body might this be, and what should the doctor check next?"]
+QUESTIONS = [
+    "What is this lesion?",
+    "Describe the colour and the border of the lesion in detail.",
+    "Benign?",
+    "Where on the body might this be, and what should the doctor check next?",
+]
 
 
 def _model(bundle_dir, flavor, parallel, **kw):
@@ -34,8 +38,10 @@ def _tokens(stream) -> list[int]:
 
 def _jobs(n):
     """n requests: different images (sizes), questions (prompt lengths) and answer lengths."""
-    return [(random_image(200 + i, size=(40 + 7 * i, 30 + 3 * i)), QUESTIONS[i % len(QUESTIONS)], 6 + 5 * (i % 4))
-            for i in range(n)]
+    return [
+        (random_image(200 + i, size=(40 + 7 * i, 30 + 3 * i)), QUESTIONS[i % len(QUESTIONS)], 6 + 5 * (i % 4))
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module", params=["contrib", "standard"])
@@ -58,7 +64,7 @@ def test_alone_equals_transformers(llava_model, alone):
     for i, (img, q, n) in list(enumerate(_jobs(8)))[:3]:
         ids = build_prompt_ids(rt.tokenizer, q)
         ref, _ = reference_generate(llava_model.ref, ids, reference_pixels(img, llava_model.spec.image_size), n)
-        assert alone[i] == ref[:len(alone[i])]
+        assert alone[i] == ref[: len(alone[i])]
 
 
 @pytest.mark.parametrize("parallel", [2, 3, 8])

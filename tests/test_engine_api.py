@@ -47,7 +47,7 @@ def test_stop_strings_cut_the_answer(model):
     assert len(full) > 6
     stop = full[3:6]
     cut = model.ask(img, "Describe it.", max_new_tokens=30, stop=[stop, "\x00never"])
-    assert cut.answer == full[:full.index(stop)] and cut.finish_reason == FinishReason.STOP
+    assert cut.answer == full[: full.index(stop)] and cut.finish_reason == FinishReason.STOP
     streamed = "".join(r.text for r in model.stream(img, "Describe it.", max_new_tokens=30, stop=[stop]))
     assert streamed == cut.answer
 

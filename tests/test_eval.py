@@ -77,7 +77,9 @@ def test_interrupted_eval_resumes_to_the_same_results(llava_model, vqa_set, prot
         f.write("5,dataset/d.png,Describe the bor")  # a line cut short by a kill: dropped and redone
     resumed = _run(model, vqa_set, "resumed", proto)
     assert resumed["this_run"]["answered"] == 3  # 5 answerable rows, 2 done before
-    assert sorted(_predictions(vqa_set / "resumed" / "predictions.csv")) == sorted(_predictions(vqa_set / "clean" / "predictions.csv"))
+    assert sorted(_predictions(vqa_set / "resumed" / "predictions.csv")) == sorted(
+        _predictions(vqa_set / "clean" / "predictions.csv")
+    )
     assert resumed["metrics"] == clean["metrics"]
     again = _run(model, vqa_set, "resumed", proto)  # nothing left: no model call, same summary
     assert again["this_run"]["answered"] == 0 and again["metrics"] == clean["metrics"]
@@ -139,9 +141,29 @@ def test_cli_eval_classify_and_classify_eval(llava_model, vqa_set, tmp_path):
 
     runner = CliRunner()
     bundle = str(llava_model.bundle_dir)
-    r = runner.invoke(app, ["eval", bundle, "--csv", str(vqa_set / "q.csv"), "--images", str(vqa_set / "images"),
-                            "--modality-csv", str(vqa_set / "modality.csv"), "--protocol", "greedy", "--limit", "3",
-                            "--max-new-tokens", "4", "--out", str(tmp_path / "cli"), "--batch", "2"])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            bundle,
+            "--csv",
+            str(vqa_set / "q.csv"),
+            "--images",
+            str(vqa_set / "images"),
+            "--modality-csv",
+            str(vqa_set / "modality.csv"),
+            "--protocol",
+            "greedy",
+            "--limit",
+            "3",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(tmp_path / "cli"),
+            "--batch",
+            "2",
+        ],
+    )
     assert r.exit_code == 0, r.output
     s = json.loads((tmp_path / "cli" / "summary.json").read_text())
     assert s["answered"] == 3 and s["protocol"] == "greedy" and s["this_run"]["questions_per_minute"] > 0
@@ -151,7 +173,9 @@ def test_cli_eval_classify_and_classify_eval(llava_model, vqa_set, tmp_path):
     assert "questions: 0/3 questions" in r.stderr and "questions: 3 questions in " in r.stderr, r.stderr
 
     img = vqa_set / "images" / "dataset" / "a.png"
-    r = runner.invoke(app, ["classify", str(img), "--bundle", bundle, "--labels", "melanoma, nevus,basal cell carcinoma", "--json"])
+    r = runner.invoke(
+        app, ["classify", str(img), "--bundle", bundle, "--labels", "melanoma, nevus,basal cell carcinoma", "--json"]
+    )
     assert r.exit_code == 0, r.output
     ranking = json.loads(r.stdout)
     assert sorted(x["label"] for x in ranking["ranking"]) == ["basal cell carcinoma", "melanoma", "nevus"]
@@ -164,10 +188,29 @@ def test_cli_eval_classify_and_classify_eval(llava_model, vqa_set, tmp_path):
     with open(tmp_path / "labels.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "label", "sex", "age"])
-        w.writerows([["dataset/a.png", "nevus", "female", "34"], ["dataset/b.png", "Melanoma", "male", "71"],
-                     ["dataset/c.png", "melanoma", "female", "55"], ["dataset/gone.png", "nevus", "male", "20"]])
-    r = runner.invoke(app, ["classify-eval", bundle, "--csv", str(tmp_path / "labels.csv"), "--images", str(vqa_set / "images"),
-                            "--labels", "melanoma,nevus", "--out", str(tmp_path / "zs")])
+        w.writerows(
+            [
+                ["dataset/a.png", "nevus", "female", "34"],
+                ["dataset/b.png", "Melanoma", "male", "71"],
+                ["dataset/c.png", "melanoma", "female", "55"],
+                ["dataset/gone.png", "nevus", "male", "20"],
+            ]
+        )
+    r = runner.invoke(
+        app,
+        [
+            "classify-eval",
+            bundle,
+            "--csv",
+            str(tmp_path / "labels.csv"),
+            "--images",
+            str(vqa_set / "images"),
+            "--labels",
+            "melanoma,nevus",
+            "--out",
+            str(tmp_path / "zs"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     s = json.loads((tmp_path / "zs" / "summary.json").read_text())
     assert s["classified"] == 3 and s["missing_images"] == ["dataset/gone.png"]
@@ -179,10 +222,28 @@ def test_cli_eval_classify_and_classify_eval(llava_model, vqa_set, tmp_path):
     with Image.open(tmp_path / "zs" / "confusion.png") as png:
         assert png.size[0] > 100 and np.asarray(png).std() > 0
     # --batch: the images' label rows share decoder runs; fp32 predictions and probabilities equal one at a time
-    r = runner.invoke(app, ["classify-eval", bundle, "--csv", str(tmp_path / "labels.csv"), "--images", str(vqa_set / "images"),
-                            "--labels", "melanoma,nevus", "--out", str(tmp_path / "zs2"), "--batch", "3"])
+    r = runner.invoke(
+        app,
+        [
+            "classify-eval",
+            bundle,
+            "--csv",
+            str(tmp_path / "labels.csv"),
+            "--images",
+            str(vqa_set / "images"),
+            "--labels",
+            "melanoma,nevus",
+            "--out",
+            str(tmp_path / "zs2"),
+            "--batch",
+            "3",
+        ],
+    )
     assert r.exit_code == 0, r.output
-    with open(tmp_path / "zs" / "predictions.csv", newline="") as f1, open(tmp_path / "zs2" / "predictions.csv", newline="") as f2:
+    with (
+        open(tmp_path / "zs" / "predictions.csv", newline="") as f1,
+        open(tmp_path / "zs2" / "predictions.csv", newline="") as f2,
+    ):
         one, many = list(csv.DictReader(f1)), list(csv.DictReader(f2))
     assert [(x["row"], x["prediction"]) for x in one] == [(x["row"], x["prediction"]) for x in many]
     assert all(abs(float(a["probability"]) - float(b["probability"])) < 1e-5 for a, b in zip(one, many))
@@ -217,7 +278,9 @@ def test_eval_batch_equals_one_at_a_time(llava_model, vqa_set):
     model = SkinVL.load(llava_model.bundle_dir, threads=1, parallel=4)
     answer = make_answer_fn(model, Protocol.GREEDY, seed=7, max_new_tokens=6)
     many = run_vqa(answer, rows, vqa_set / "images", vqa_set / "many", batch=4)
-    assert sorted(_predictions(vqa_set / "many" / "predictions.csv")) == sorted(_predictions(vqa_set / "one" / "predictions.csv"))
+    assert sorted(_predictions(vqa_set / "many" / "predictions.csv")) == sorted(
+        _predictions(vqa_set / "one" / "predictions.csv")
+    )
     assert many["metrics"] == one["metrics"] and many["this_run"]["answered"] == 5
 
 

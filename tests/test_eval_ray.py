@@ -53,8 +53,15 @@ def _free_port() -> int:
 
 def _ray_env(tmp: str, token: str) -> dict:
     """Ray for the tests: loopback only, no usage stats, our own token and temp dir (nothing under ~/.ray)."""
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
-               RAY_AUTH_TOKEN=token, RAY_TMPDIR=tmp, SKIN_OFFLINE_PROGRESS_INTERVAL="0")
+    env = dict(
+        os.environ,
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        RAY_TMPDIR=tmp,
+        SKIN_OFFLINE_PROGRESS_INTERVAL="0",
+    )
     env.pop("RAY_ADDRESS", None)
     for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):  # the head's metadata probes: see cluster.py
         env[k] = "http://127.0.0.1:9"
@@ -71,9 +78,25 @@ def head():
     env = _ray_env(tmp, token)
     port = _free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    proc = subprocess.Popen([ray_bin, "start", "--head", "--block", "--num-cpus", "2", "--port", str(port),
-                             "--include-dashboard", "false", "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            "--num-cpus",
+            "2",
+            "--port",
+            str(port),
+            "--include-dashboard",
+            "false",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -132,8 +155,15 @@ def data(tmp_path_factory):
     with open(root / "labels.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "label", "sex"])
-        w.writerows([["a.png", "nevus", "female"], ["b.png", "melanoma", "male"], ["missing.png", "nevus", "male"],
-                     ["c.png", "basal cell carcinoma", "female"], ["d.png", "melanoma", "male"]])
+        w.writerows(
+            [
+                ["a.png", "nevus", "female"],
+                ["b.png", "melanoma", "male"],
+                ["missing.png", "nevus", "male"],
+                ["c.png", "basal cell carcinoma", "female"],
+                ["d.png", "melanoma", "male"],
+            ]
+        )
     return root
 
 
@@ -142,8 +172,25 @@ def _cli(args, env, timeout=300, **kw):
 
 
 def _eval_args(bundle, data, out, protocol, csv_name="q.csv", tokens=6, extra=()):
-    return ["eval", str(bundle), "--csv", str(data / csv_name), "--images", str(data / "images"), "--protocol",
-            protocol, "--max-new-tokens", str(tokens), "--seed", "3", "--threads", "1", "--out", str(out), *extra]
+    return [
+        "eval",
+        str(bundle),
+        "--csv",
+        str(data / csv_name),
+        "--images",
+        str(data / "images"),
+        "--protocol",
+        protocol,
+        "--max-new-tokens",
+        str(tokens),
+        "--seed",
+        "3",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _rows(path: Path) -> list[dict]:
@@ -173,7 +220,9 @@ def _local_eval(bundle, data, out, protocol, csv_name="q.csv", tokens=6, batch=1
 @pytest.mark.parametrize("protocol,batch,limit", [("greedy", 2, 5), ("paper", 1, None)])
 def test_eval_on_ray_equals_local(llava_model, data, head, tmp_path, protocol, batch, limit):
     local = _local_eval(llava_model.bundle_dir, data, tmp_path / "local", protocol, batch=batch, limit=limit)
-    extra = ["--ray", head["address"], "--actors", "2", "--batch", str(batch)] + (["--limit", str(limit)] if limit else [])
+    extra = ["--ray", head["address"], "--actors", "2", "--batch", str(batch)] + (
+        ["--limit", str(limit)] if limit else []
+    )
     r = _cli(_eval_args(llava_model.bundle_dir, data, tmp_path / "ray", protocol, extra=extra), head["env"])
     assert r.returncode == 0, r.stderr
     assert _answers(tmp_path / "ray" / "predictions.csv") == _answers(tmp_path / "local" / "predictions.csv")
@@ -196,9 +245,31 @@ def test_classify_eval_on_ray_equals_local(llava_model, data, head, tmp_path, me
     job = ClassifyJob(tuple(LABELS), ClassifyMethod(method), True, Protocol.GREEDY, 5, 256)
     rows = read_label_rows(data / "labels.csv", LABELS)
     local = run_classify_eval(job.predictor(llava_model.runtime), rows, LABELS, data / "images", tmp_path / "local")
-    r = _cli(["classify-eval", str(llava_model.bundle_dir), "--csv", str(data / "labels.csv"), "--images",
-              str(data / "images"), "--labels", ",".join(LABELS), "--method", method, "--protocol", "greedy", "--seed",
-              "5", "--threads", "1", "--out", str(tmp_path / "ray"), "--ray", head["address"]], head["env"])
+    r = _cli(
+        [
+            "classify-eval",
+            str(llava_model.bundle_dir),
+            "--csv",
+            str(data / "labels.csv"),
+            "--images",
+            str(data / "images"),
+            "--labels",
+            ",".join(LABELS),
+            "--method",
+            method,
+            "--protocol",
+            "greedy",
+            "--seed",
+            "5",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path / "ray"),
+            "--ray",
+            head["address"],
+        ],
+        head["env"],
+    )
     assert r.returncode == 0, r.stderr
     assert _answers(tmp_path / "ray" / "predictions.csv") == _answers(tmp_path / "local" / "predictions.csv")
     s = json.loads((tmp_path / "ray" / "summary.json").read_text())
@@ -225,8 +296,15 @@ def many_local(llava_model, data, tmp_path_factory):
 
 def test_actor_killed_mid_run_is_replaced_and_every_row_written_once(llava_model, data, head, tmp_path, many_local):
     out = tmp_path / "ray"
-    args = _eval_args(llava_model.bundle_dir, data, out, "paper", "many.csv", tokens=16,
-                      extra=["--ray", head["address"], "--actors", "2"])
+    args = _eval_args(
+        llava_model.bundle_dir,
+        data,
+        out,
+        "paper",
+        "many.csv",
+        tokens=16,
+        extra=["--ray", head["address"], "--actors", "2"],
+    )
     proc = subprocess.Popen([*CLI, *args], env=head["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_rows(out / "predictions.csv", 3, proc)
     victims = _actor_pids(head)
@@ -241,8 +319,15 @@ def test_actor_killed_mid_run_is_replaced_and_every_row_written_once(llava_model
 
 def test_driver_killed_mid_run_rerun_resumes(llava_model, data, head, tmp_path, many_local):
     out = tmp_path / "ray"
-    args = _eval_args(llava_model.bundle_dir, data, out, "paper", "many.csv", tokens=16,
-                      extra=["--ray", head["address"], "--actors", "2"])
+    args = _eval_args(
+        llava_model.bundle_dir,
+        data,
+        out,
+        "paper",
+        "many.csv",
+        tokens=16,
+        extra=["--ray", head["address"], "--actors", "2"],
+    )
     proc = subprocess.Popen([*CLI, *args], env=head["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_rows(out / "predictions.csv", 4, proc)
     proc.kill()
@@ -317,9 +402,11 @@ def test_unreachable_address_and_missing_bundle_are_one_line(llava_model, data, 
     t0 = time.monotonic()
     r = _cli([*args, "--ray", f"127.0.0.1:{port}"], head["env"], timeout=120)
     assert r.returncode == 1 and time.monotonic() - t0 < 60
-    assert r.stderr.strip().splitlines() == [f"error: cannot reach the Ray cluster at 127.0.0.1:{port} (Connection "
-                                             f"refused within 10 s); check the address and that `ray start --head` "
-                                             f"runs there"]
+    assert r.stderr.strip().splitlines() == [
+        f"error: cannot reach the Ray cluster at 127.0.0.1:{port} (Connection "
+        f"refused within 10 s); check the address and that `ray start --head` "
+        f"runs there"
+    ]
     assert not (tmp_path / "out").exists()
 
     gone = tmp_path / "not-on-the-nodes"
@@ -331,7 +418,10 @@ def test_unreachable_address_and_missing_bundle_are_one_line(llava_model, data, 
     assert not (tmp_path / "out" / "predictions.csv").exists()
 
     r = _cli([*args, "--actors", "2"], head["env"])
-    assert r.returncode == 2 and r.stderr.strip() == "error: --actors needs --ray (the actors are Ray's); drop it or add --ray"
+    assert (
+        r.returncode == 2
+        and r.stderr.strip() == "error: --actors needs --ray (the actors are Ray's); drop it or add --ray"
+    )
     r = _cli([*args, "--ray", head["address"], "--actors", "2", "--threads", "2"], head["env"])
     assert r.returncode == 2 and "room for 1 actor(s) of --threads 2, not 2" in r.stderr, r.stderr
 
@@ -349,10 +439,23 @@ def test_local_ray_uses_loopback_only_and_logs_no_patient_data(llava_model, data
         env = dict(os.environ, RAY_TMPDIR=tmp, RAY_AUTH_TOKEN=secrets.token_hex(32), SKIN_OFFLINE_PROGRESS_INTERVAL="0")
         env.pop("RAY_ADDRESS", None)
         trace = tmp_path / "trace.txt"
-        r = subprocess.run(["strace", "-f", "-qq", "-e", "trace=connect,bind,sendto,sendmsg", "-o", str(trace),
-                            *CLI, *_eval_args(llava_model.bundle_dir, data, tmp_path / "ray", "greedy",
-                                              extra=["--ray", "--actors", "2"])],
-                           env=env, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [
+                "strace",
+                "-f",
+                "-qq",
+                "-e",
+                "trace=connect,bind,sendto,sendmsg",
+                "-o",
+                str(trace),
+                *CLI,
+                *_eval_args(llava_model.bundle_dir, data, tmp_path / "ray", "greedy", extra=["--ray", "--actors", "2"]),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr
         lines = trace.read_text().splitlines()
         inet = [ln for ln in lines if "AF_INET" in ln]
@@ -361,7 +464,9 @@ def test_local_ray_uses_loopback_only_and_logs_no_patient_data(llava_model, data
         assert "ray: 2 actor(s) x 1 thread(s) on 1 node(s) of a local Ray" in r.stderr
 
         secrets_ = {q[0] for q in QUESTIONS} | {q[1] for q in QUESTIONS} | {q[2] for q in QUESTIONS}
-        secrets_ |= {rec["prediction"] for rec in _rows(tmp_path / "ray" / "predictions.csv") if len(rec["prediction"]) > 8}
+        secrets_ |= {
+            rec["prediction"] for rec in _rows(tmp_path / "ray" / "predictions.csv") if len(rec["prediction"]) > 8
+        }
         logs = [p for p in Path(tmp).rglob("*") if p.is_file() and not p.is_socket()]
         assert any(p.name.startswith("worker-") for p in logs)  # the actors' captured stdout/stderr are among them
         for p in logs:

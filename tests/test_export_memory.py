@@ -47,16 +47,21 @@ finally:
 
 def _peak_rss(tmp_path, *args) -> int:
     report = tmp_path / f"rss-{len(list(tmp_path.glob('rss-*')))}.json"
-    r = subprocess.run([sys.executable, "-c", _CHILD, str(report), "export", *map(str, args)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(report), "export", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(report.read_text())["maxrss"]
 
 
 @pytest.mark.slow  # ~1 GB written and hashed: 30-60 s on the shared 2-core machine
 def test_export_peak_rss_is_bounded_by_the_largest_tensor(tmp_path, tokenizer_model):
-    ckpt = write_streaming_checkpoint(tmp_path / "ck", SPEC, tokenizer_model, dtype=torch.bfloat16,
-                                      shard_bytes=1 << 30)  # one text shard: the hard case for mapped pages
+    ckpt = write_streaming_checkpoint(
+        tmp_path / "ck", SPEC, tokenizer_model, dtype=torch.bfloat16, shard_bytes=1 << 30
+    )  # one text shard: the hard case for mapped pages
     numels = [int(torch.Size(s).numel()) for s in llava_tensor_shapes(SPEC).values()]
     largest, total = 4 * max(numels), 4 * sum(numels)
     baseline = _peak_rss(tmp_path, ckpt, tmp_path / "dry", "--dry-run")
@@ -66,7 +71,9 @@ def test_export_peak_rss_is_bounded_by_the_largest_tensor(tmp_path, tokenizer_mo
     peak = _peak_rss(tmp_path, ckpt, tmp_path / "bundle", "--no-verify")
     written = sum(p.stat().st_size for p in (tmp_path / "bundle").iterdir())
     assert written > total  # the whole fp32 model went through this process
-    print(f"export peak {peak >> 20} MB, limit {limit >> 20} MB, baseline {baseline >> 20} MB, fp32 model {total >> 20} MB")
+    print(
+        f"export peak {peak >> 20} MB, limit {limit >> 20} MB, baseline {baseline >> 20} MB, fp32 model {total >> 20} MB"
+    )
     assert peak < limit, f"peak {peak >> 20} MB > limit {limit >> 20} MB (baseline {baseline >> 20} MB)"
 
 

@@ -44,8 +44,9 @@ def test_dry_run_predicts_the_files_of_a_real_run(llava_model, tmp_path, precisi
     monkeypatch.setattr(pg, "KL_SLACK", float("inf"))
 
     plan = plan_export(llava_model.ckpt, tmp_path / "b", precision=precision, log=lambda m: None)
-    m = export_bundle(llava_model.ckpt, tmp_path / "b", precision=precision, verify=False, quality=False,
-                      log=lambda m: None)
+    m = export_bundle(
+        llava_model.ckpt, tmp_path / "b", precision=precision, verify=False, quality=False, log=lambda m: None
+    )
     assert set(m.files) == set(plan.files) - {"manifest.json"}
     for f, e in m.files.items():  # data files exactly; graph protos and the tokenizer within a few KB
         tol = 0 if f.endswith((".data", ".npy")) else 64 << 10
@@ -95,8 +96,15 @@ def test_direct_export_disk_high_water_and_peak_rss_as_the_dry_run_said(tmp_path
     ckpt = write_streaming_checkpoint(tmp_path / "ck", MID, tokenizer_model, dtype=torch.bfloat16)
     parent = tmp_path / "out"
     parent.mkdir()
-    plan = json.loads(subprocess.run([sys.executable, "-c", _PLAN, str(ckpt), str(parent / "b"), "int4"],
-                                     capture_output=True, text=True, timeout=300, check=True).stdout)
+    plan = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", _PLAN, str(ckpt), str(parent / "b"), "int4"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        ).stdout
+    )
     high, done = [0], threading.Event()
 
     def poll():
@@ -107,18 +115,37 @@ def test_direct_export_disk_high_water_and_peak_rss_as_the_dry_run_said(tmp_path
     th = threading.Thread(target=poll)
     th.start()
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", _EXPORT, str(tmp_path / "rss.json"), "export", str(ckpt),
-                        str(parent / "b"), "--precision", "int4", "--quiet"], capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _EXPORT,
+            str(tmp_path / "rss.json"),
+            "export",
+            str(ckpt),
+            str(parent / "b"),
+            "--precision",
+            "int4",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     done.set()
     th.join()
     assert r.returncode == 0, r.stderr[-2000:]
     final = _folder_bytes(parent)
     peak = json.loads((tmp_path / "rss.json").read_text())["peak_rss"]
-    fp32_decoder = 4 * sum(int(torch.Size(s).numel()) for k, s in llava_tensor_shapes(MID).items() if "mm_projector" not in k)
+    fp32_decoder = 4 * sum(
+        int(torch.Size(s).numel()) for k, s in llava_tensor_shapes(MID).items() if "mm_projector" not in k
+    )
     assert fp32_decoder > 1.5 * final, "model too small for the test to tell an fp32 copy"
-    print(f"disk high-water {high[0] >> 20} MB, final {final >> 20} MB (dry run {plan['disk_needed_bytes'] >> 20} MB), "
-          f"fp32 decoder {fp32_decoder >> 20} MB; peak RSS {peak >> 20} MB (dry run {plan['peak_bytes'] >> 20} MB); "
-          f"{time.perf_counter() - t0:.0f} s")
+    print(
+        f"disk high-water {high[0] >> 20} MB, final {final >> 20} MB (dry run {plan['disk_needed_bytes'] >> 20} MB), "
+        f"fp32 decoder {fp32_decoder >> 20} MB; peak RSS {peak >> 20} MB (dry run {plan['peak_bytes'] >> 20} MB); "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
     assert high[0] <= 1.2 * final, f"high-water {high[0] >> 20} MB > 1.2 x final {final >> 20} MB"
     assert abs(plan["disk_needed_bytes"] - final) <= 0.02 * final + (256 << 10)
     assert peak <= plan["peak_bytes"], f"peak RSS {peak >> 20} MB over the dry run's {plan['peak_bytes'] >> 20} MB"

@@ -29,8 +29,10 @@ def _decoders(model):
     std = man.pick(names.ROLE_DECODER, flavor=Flavor.STANDARD)
     fast = man.pick(names.ROLE_DECODER, flavor=Flavor.CONTRIB)
     assert (std.flavor, fast.flavor) == (Flavor.STANDARD, Flavor.CONTRIB)
-    return (Decoder(sf.create(model.bundle_dir / std.file), man.model),
-            FastDecoder(sf.create(model.bundle_dir / fast.file), man.model))
+    return (
+        Decoder(sf.create(model.bundle_dir / std.file), man.model),
+        FastDecoder(sf.create(model.bundle_dir / fast.file), man.model),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +80,13 @@ def test_fast_cached_and_chunked_equal_one_pass(llava_model, fast):
     logits, cache = fast.forward(embeds[:, :7], fast.empty_cache(), keep=7)
     steps = [logits[0]]
     for i in range(7, 20, 3):  # mixed chunk sizes, then single tokens
-        logits, cache = fast.forward(embeds[:, i:i + 3], cache, keep=min(3, 20 - i))
+        logits, cache = fast.forward(embeds[:, i : i + 3], cache, keep=min(3, 20 - i))
         steps.append(logits[0])
     assert np.abs(np.concatenate(steps) - full).max() < ATOL
     assert cache.length == 20
     single = fast.empty_cache()
     for i in range(20):
-        logits, single = fast.forward(embeds[:, i:i + 1], single)
+        logits, single = fast.forward(embeds[:, i : i + 1], single)
         assert np.abs(logits[0, 0] - full[i]).max() < ATOL
     # the cache seen through its views equals the standard graph's presents
     std, _ = _decoders(llava_model)

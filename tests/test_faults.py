@@ -145,8 +145,13 @@ def _kill_matrix(tmp_path, ckpts, kill_points: list[str], n_random: int):
     from skin_offline.export.to_onnx import export_bundle
 
     dest = tmp_path / "out" / "bundle"
-    proc = subprocess.Popen([sys.executable, "-c", HELPER, str(dest)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HELPER, str(dest)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
 
     def kill_at(point: str, src: Path, delay: float = 0.0) -> tuple[str, float]:
         proc.stdin.write(f"{point} {delay} {src}\n")
@@ -240,8 +245,11 @@ def test_disk_full_real_tmpfs(tmp_path, ckpts):
         assert files_of(dest) == files_of(sample)
         assert leftovers(dest) == []  # the partial folder is gone, the space is free again
         # the CLI says the same in one line, exit 1
-        r = subprocess.run([sys.executable, "-m", "skin_offline.cli", "export", str(ckpts[1]), str(dest),
-                            "--no-verify"], capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "-m", "skin_offline.cli", "export", str(ckpts[1]), str(dest), "--no-verify"],
+            capture_output=True,
+            text=True,
+        )
         err = [line for line in r.stderr.splitlines() if line.startswith("error")]
         assert r.returncode == 1 and len(err) == 1 and "disk full" in err[0] and "Traceback" not in r.stderr
         assert leftovers(dest) == []

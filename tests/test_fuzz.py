@@ -25,13 +25,16 @@ from skin_offline.manifest import Manifest
 from skin_offline.runtime.prompt import IMAGE_PLACEHOLDER, build_prompt_ids, clean_text
 from skin_offline.runtime.tokenizer import TextTokenizer
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                         HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
 # any code point, surrogates included, plus the markup a user might type
 _char = st.one_of(st.characters(exclude_categories=()), st.integers(0xD800, 0xDFFF).map(chr))
-_piece = st.one_of(st.text(alphabet=_char, max_size=12),
-                   st.sampled_from(["<image>", "</s>", "<s>", "[INST]", "[/INST]", " ", "\n", "\r", "\x00", "\t"]))
+_piece = st.one_of(
+    st.text(alphabet=_char, max_size=12),
+    st.sampled_from(["<image>", "</s>", "<s>", "[INST]", "[/INST]", " ", "\n", "\r", "\x00", "\t"]),
+)
 TEXT = st.lists(_piece, max_size=6).map("".join)
 
 
@@ -75,14 +78,17 @@ def _onnx_locations(data: bytes) -> list[str] | None:
         model = onnx.load_from_string(data)
         # protobuf hands back raw bytes for a string that is not UTF-8; the scanner decodes those with
         # "replace" (such a name never matches a bundle file, so the graph is refused either way)
-        return [kv.value.decode("utf-8", "replace") if isinstance(kv.value, bytes) else kv.value
-                for t in _get_all_tensors(model) for kv in t.external_data if kv.key == "location"]
+        return [
+            kv.value.decode("utf-8", "replace") if isinstance(kv.value, bytes) else kv.value
+            for t in _get_all_tensors(model)
+            for kv in t.external_data
+            if kv.key == "location"
+        ]
     except Exception:  # protobuf DecodeError and friends: the scan must then refuse or agree, checked below
         return None
 
 
-_MUTATION = st.tuples(st.sampled_from(["flip", "truncate", "insert", "delete"]), st.floats(0, 1),
-                      st.integers(0, 255))
+_MUTATION = st.tuples(st.sampled_from(["flip", "truncate", "insert", "delete"]), st.floats(0, 1), st.integers(0, 255))
 
 
 def _mutate(data: bytes, ops) -> bytes:
@@ -103,8 +109,9 @@ def _mutate(data: bytes, ops) -> bytes:
 
 
 @FUZZ
-@given(ops=st.lists(_MUTATION, min_size=1, max_size=3), which=st.sampled_from([names.VISION_GRAPH,
-                                                                                names.DECODER_GRAPH]))
+@given(
+    ops=st.lists(_MUTATION, min_size=1, max_size=3), which=st.sampled_from([names.VISION_GRAPH, names.DECODER_GRAPH])
+)
 def test_external_data_scan_fuzz(llava_model, tmp_path_factory, ops, which):
     from skin_offline.runtime.external_data import external_locations
 
@@ -124,15 +131,24 @@ def test_external_data_scan_fuzz(llava_model, tmp_path_factory, ops, which):
 # ------------------------------------------------------------------------------ manifest parsing
 
 
-_JSONISH = st.recursive(st.none() | st.booleans() | st.integers(-2, 10**6) | st.floats(allow_nan=False)
-                        | st.text(max_size=8) | st.just("../x"),
-                        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
-                        max_leaves=6)
+_JSONISH = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-2, 10**6)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8)
+    | st.just("../x"),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+    max_leaves=6,
+)
 
 
 @FUZZ
-@given(edits=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(["delete", "replace"]), _JSONISH),
-                      min_size=1, max_size=4))
+@given(
+    edits=st.lists(
+        st.tuples(st.integers(0, 10**6), st.sampled_from(["delete", "replace"]), _JSONISH), min_size=1, max_size=4
+    )
+)
 def test_manifest_fuzz(llava_model, edits):
     base = json.loads((llava_model.bundle_dir / names.MANIFEST).read_text())
     d = copy.deepcopy(base)

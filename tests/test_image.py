@@ -136,7 +136,9 @@ def test_transparency_key_ignored_like_llava(tmp_path):
 def test_expand_to_square_matches_llava():
     for wh in [(5, 2), (2, 5), (4, 4), (1, 9)]:
         img = random_image(*wh, "RGB")
-        assert np.array_equal(np.asarray(expand_to_square(img, (122, 116, 104))), np.asarray(expand2square(img, (122, 116, 104))))
+        assert np.array_equal(
+            np.asarray(expand_to_square(img, (122, 116, 104))), np.asarray(expand2square(img, (122, 116, 104)))
+        )
     assert PreprocessConfig().pad_color == (122, 116, 104)
 
 
@@ -189,7 +191,9 @@ def _png_header(w, h):
         return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
 
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def _write(path, data: bytes):
@@ -276,19 +280,49 @@ CASES = {
         "corrupt or truncated",
     ),
     "zero_byte": (lambda p: p.write_bytes(b"") is not None and p, "a.jpg", {}, "empty file"),
-    "text_as_jpg": (lambda p: p.write_text("hello, this is not a picture\n") and p, "a.jpg", {}, "not a recognised image"),
-    "heic": (lambda p: p.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 100) and p, "a.heic", {}, "HEIC/HEIF"),
-    "svg": (lambda p: p.write_text('<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>') and p, "a.svg", {}, "SVG"),
+    "text_as_jpg": (
+        lambda p: p.write_text("hello, this is not a picture\n") and p,
+        "a.jpg",
+        {},
+        "not a recognised image",
+    ),
+    "heic": (
+        lambda p: p.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 100) and p,
+        "a.heic",
+        {},
+        "HEIC/HEIF",
+    ),
+    "svg": (
+        lambda p: p.write_text('<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>') and p,
+        "a.svg",
+        {},
+        "SVG",
+    ),
     "pdf": (lambda p: p.write_bytes(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n") and p, "a.pdf", {}, "PDF"),
     "over_max_pixels": (lambda p: save(random_image(100, 60, "RGB"), p), "a.png", {"max_pixels": 5000}, "too large"),
     "bomb_header": (lambda p: p.write_bytes(_png_header(100_000, 100_000)) and p, "a.png", {}, "too large"),
     "bomb_header_default_limit": (lambda p: p.write_bytes(_png_header(11_000, 10_000)) and p, "a.png", {}, "too large"),
     "one_by_one": (lambda p: save(Image.new("RGB", (1, 1), (9, 8, 7)), p), "a.png", {}, _check_pixel((9, 8, 7))),
     "png_16bit": (_png16, "a.png", {}, _check_16bit),
-    "cmyk_jpeg": (lambda p: _jpeg(p, Image.new("CMYK", (8, 8), (0, 255, 255, 0))), "a.jpg", {}, lambda im: _red(im) and im.mode == "RGB"),
-    "palette_png": (lambda p: save(Image.new("RGB", (8, 8), (255, 0, 0)).convert("P"), p), "a.png", {}, _check_pixel((255, 0, 0))),
+    "cmyk_jpeg": (
+        lambda p: _jpeg(p, Image.new("CMYK", (8, 8), (0, 255, 255, 0))),
+        "a.jpg",
+        {},
+        lambda im: _red(im) and im.mode == "RGB",
+    ),
+    "palette_png": (
+        lambda p: save(Image.new("RGB", (8, 8), (255, 0, 0)).convert("P"), p),
+        "a.png",
+        {},
+        _check_pixel((255, 0, 0)),
+    ),
     "la_png": (lambda p: save(Image.new("LA", (8, 8), (200, 0)), p), "a.png", {}, _check_pixel((200, 200, 200))),
-    "rgba_png_alpha_dropped": (lambda p: save(Image.new("RGBA", (8, 8), (10, 20, 30, 0)), p), "a.png", {}, _check_pixel((10, 20, 30))),
+    "rgba_png_alpha_dropped": (
+        lambda p: save(Image.new("RGBA", (8, 8), (10, 20, 30, 0)), p),
+        "a.png",
+        {},
+        _check_pixel((10, 20, 30)),
+    ),
     "animated_gif_first_frame": (_animated("GIF"), "a.gif", {}, _red),
     "animated_webp_first_frame": (_animated("WEBP"), "a.webp", {}, _red),
     "apng_first_frame": (_animated("PNG"), "a.png", {}, _red),

@@ -127,8 +127,9 @@ def _run_python(code: str, tmp_path: Path, hide: tuple[str, ...] = ()) -> subpro
             (stubs / name).mkdir(parents=True, exist_ok=True)
             (stubs / name / "__init__.py").write_text(f"raise ImportError('{name} hidden by the test')\n")
         env["PYTHONPATH"] = os.pathsep.join([str(stubs), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def test_optional_modules_load_only_when_their_format_arrives(tmp_path):
@@ -136,34 +137,42 @@ def test_optional_modules_load_only_when_their_format_arrives(tmp_path):
     Image.fromarray(RGB).save(tmp_path / "a.jpg")
     (tmp_path / "a.heic").write_bytes(heic(RGB))
     (tmp_path / "IM000001").write_bytes(S.write(S.native(RGB)))
-    r = _run_python(f"""
+    r = _run_python(
+        f"""
         import sys
         from skin_offline.runtime.image import load_image
-        load_image({str(tmp_path / 'a.jpg')!r})
+        load_image({str(tmp_path / "a.jpg")!r})
         print('pillow_heif' in sys.modules, 'pydicom' in sys.modules)
-        load_image({str(tmp_path / 'a.heic')!r}); load_image({str(tmp_path / 'IM000001')!r})
+        load_image({str(tmp_path / "a.heic")!r}); load_image({str(tmp_path / "IM000001")!r})
         print('pillow_heif' in sys.modules, 'pydicom' in sys.modules)
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "False", "True", "True"]
 
 
 def test_heic_without_the_extra_names_it(tmp_path):
     (tmp_path / "IMG_0001.HEIC").write_bytes(heic(RGB))
-    r = _run_python(f"""
+    r = _run_python(
+        f"""
         from skin_offline.errors import ImageError
         from skin_offline.runtime.image import load_image
         try:
-            load_image({str(tmp_path / 'IMG_0001.HEIC')!r})
+            load_image({str(tmp_path / "IMG_0001.HEIC")!r})
         except ImageError as e:
             print(e)
-    """, tmp_path, hide=("pillow_heif",))
+    """,
+        tmp_path,
+        hide=("pillow_heif",),
+    )
     assert r.returncode == 0, r.stderr
     assert "HEIC/HEIF photos need the optional heif extra: pip install 'skin-offline[heif]'" in r.stdout
     assert len(r.stdout.strip().splitlines()) == 1
 
 
 # ---------------------------------------------------------------- AVIF, JPEG 2000, tiled / BigTIFF (Pillow)
+
 
 def test_avif_read_natively():
     buf = io.BytesIO()
@@ -181,16 +190,18 @@ def test_avif_orientation_applied_exactly_once(orientation):
     check_orientation(load(buf.getvalue()), orientation)
 
 
-@pytest.mark.parametrize("fmt,kw", [("JPEG2000", {}), ("JPEG2000", {"no_jp2": True}),
-                                    ("TIFF", {"tiffinfo": {}, "compression": "tiff_lzw"})])
+@pytest.mark.parametrize(
+    "fmt,kw", [("JPEG2000", {}), ("JPEG2000", {"no_jp2": True}), ("TIFF", {"tiffinfo": {}, "compression": "tiff_lzw"})]
+)
 def test_pillow_formats_lossless(fmt, kw):
     buf = io.BytesIO()
     Image.fromarray(RGB).save(buf, fmt, **kw)
     assert np.array_equal(load(buf.getvalue()), RGB)
 
 
-@pytest.mark.parametrize("kw", [{"tile": (16, 16)}, {"bigtiff": True}, {"bigtiff": True, "tile": (16, 16),
-                                                                         "compression": "zlib"}])
+@pytest.mark.parametrize(
+    "kw", [{"tile": (16, 16)}, {"bigtiff": True}, {"bigtiff": True, "tile": (16, 16), "compression": "zlib"}]
+)
 def test_tiled_and_bigtiff_8bit(kw):
     buf = io.BytesIO()
     tifffile.imwrite(buf, RGB, photometric="rgb", **kw)
@@ -208,9 +219,13 @@ def rounded(a: np.ndarray) -> np.ndarray:
 
 
 TIFF16 = {
-    "uncompressed": {}, "deflate": {"compression": "zlib"}, "lzw": {"compression": "lzw"},
-    "tiled": {"compression": "zlib", "tile": (16, 16)}, "bigtiff": {"bigtiff": True},
-    "big_endian": {"byteorder": ">"}, "big_endian_deflate": {"byteorder": ">", "compression": "zlib"},
+    "uncompressed": {},
+    "deflate": {"compression": "zlib"},
+    "lzw": {"compression": "lzw"},
+    "tiled": {"compression": "zlib", "tile": (16, 16)},
+    "bigtiff": {"bigtiff": True},
+    "big_endian": {"byteorder": ">"},
+    "big_endian_deflate": {"byteorder": ">", "compression": "zlib"},
     "predictor": {"compression": "zlib", "predictor": True},
 }
 
@@ -248,8 +263,12 @@ def test_16bit_rgb_png_rounded(tmp_path):
 
     h, w, _ = WIDE.shape
     raw = b"".join(b"\x00" + WIDE[y].astype(">u2").tobytes() for y in range(h))
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
     assert np.array_equal(load(png), rounded(WIDE))
 
 
@@ -271,8 +290,9 @@ QUESTION = "What is this lesion?"
 def cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
     e = {**os.environ, **(env or {})}
     e.pop("SKIN_OFFLINE_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "skin_offline.cli", *map(str, args)], capture_output=True, text=True,
-                          env=e, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "skin_offline.cli", *map(str, args)], capture_output=True, text=True, env=e, timeout=300
+    )
 
 
 def assert_clean(r: subprocess.CompletedProcess) -> None:
@@ -340,8 +360,20 @@ def test_every_command_answers_without_patient_data(llava_model, files):
     r = cli("ask", files / "jpeg422.dcm", QUESTION, "--bundle", b, "--max-new-tokens", 8)  # streamed text
     assert_clean(r)
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
-    r = cli("chat", files / "IM000004", "--frame", 2, "-q", QUESTION, "-q", "Is it benign?", "--bundle", b,
-            "--max-new-tokens", 6)
+    r = cli(
+        "chat",
+        files / "IM000004",
+        "--frame",
+        2,
+        "-q",
+        QUESTION,
+        "-q",
+        "Is it benign?",
+        "--bundle",
+        b,
+        "--max-new-tokens",
+        6,
+    )
     assert_clean(r)
     assert r.returncode == 0, r.stderr
     assert len([x for x in r.stderr.splitlines() if "burned into the pixels" in x]) == 1, r.stderr  # once, 2 turns
@@ -359,11 +391,16 @@ def test_every_command_answers_without_patient_data(llava_model, files):
 BAD = {
     "no_pixel_data": (lambda: _without_pixels(), ["has no pixel data"]),
     "truncated_pixel_data": (lambda: S.write(S.native(RGB))[:-500], ["truncated"]),
-    "unsupported_ts": (lambda: S.write(S.encapsulated(S.native(RGB), [b"\x00" * 64], uid.MPEG4HP41)), ["video", "H.264"]),
+    "unsupported_ts": (
+        lambda: S.write(S.encapsulated(S.native(RGB), [b"\x00" * 64], uid.MPEG4HP41)),
+        ["video", "H.264"],
+    ),
     "header_only": (lambda: S.write(S.native(RGB))[:132], ["DICOM", "corrupt"]),
     "not_dicom": (lambda: b"\x00" * 128 + b"DICX" + os.urandom(300), ["not a recognised image"]),
-    "photometric_is_a_name": (lambda: _claims(PhotometricInterpretation=S.PATIENT["PatientName"][:16]),
-                              ["unsupported photometric interpretation"]),
+    "photometric_is_a_name": (
+        lambda: _claims(PhotometricInterpretation=S.PATIENT["PatientName"][:16]),
+        ["unsupported photometric interpretation"],
+    ),
 }
 
 
@@ -382,20 +419,30 @@ def test_bad_dicom_one_line_exit_3(llava_model, tmp_path, case):
     build, needles = BAD[case]
     path = tmp_path / "IM000009"
     path.write_bytes(build())
-    assert_one_line_error(cli("ask", path, QUESTION, "--bundle", llava_model.bundle_dir, "--json"), "IM000009", *needles)
+    assert_one_line_error(
+        cli("ask", path, QUESTION, "--bundle", llava_model.bundle_dir, "--json"), "IM000009", *needles
+    )
 
 
 def test_frame_out_of_range_and_missing_codec(llava_model, files, tmp_path):
     b = llava_model.bundle_dir
-    assert_one_line_error(cli("ask", files / "IM000003", QUESTION, "--bundle", b, "--frame", 3),
-                          "frame 3 does not exist", "3 frame(s)")
+    assert_one_line_error(
+        cli("ask", files / "IM000003", QUESTION, "--bundle", b, "--frame", 3), "frame 3 does not exist", "3 frame(s)"
+    )
     path = tmp_path / "IM000010"
     path.write_bytes(S.write(S.compressed(S.native(RGB), uid.JPEGLSLossless)))
     stubs = tmp_path / "hidden"  # the codec extra "not installed": its packages fail to import
     for name in ("jpeg_ls", "gdcm", "pylibjpeg", "openjpeg"):
         (stubs / name).mkdir(parents=True)
         (stubs / name / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
-    r = cli("ask", path, QUESTION, "--bundle", b, env={"PYTHONPATH": os.pathsep.join([str(stubs), os.environ.get("PYTHONPATH", "")])})
+    r = cli(
+        "ask",
+        path,
+        QUESTION,
+        "--bundle",
+        b,
+        env={"PYTHONPATH": os.pathsep.join([str(stubs), os.environ.get("PYTHONPATH", "")])},
+    )
     assert_one_line_error(r, "JPEG-LS Lossless", "pip install 'skin-offline[dicom-codecs]'")
 
 
@@ -405,7 +452,8 @@ def test_decoding_opens_no_connection_and_writes_no_file(tmp_path):
     hook catches a real connect."""
     px = S.rgb_pixels()
     files = {
-        "IM_native": S.write(S.native(px)), "IM_rle": S.write(S.compressed(S.native(px), uid.RLELossless)),
+        "IM_native": S.write(S.native(px)),
+        "IM_rle": S.write(S.compressed(S.native(px), uid.RLELossless)),
         "IM_jpeg": S.write(S.encapsulated(S.native(px), [S.pillow_jpeg(px, 1)], uid.JPEGBaseline8Bit, "YBR_FULL_422")),
         "IM_jls": S.write(S.compressed(S.native(px), uid.JPEGLSLossless)),
         "IM_j2k": S.write(S.compressed(S.native(px), uid.JPEG2000Lossless)),
@@ -415,7 +463,8 @@ def test_decoding_opens_no_connection_and_writes_no_file(tmp_path):
     }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
-    r = _run_python(f"""
+    r = _run_python(
+        f"""
         import os, socket, sys
         def hook(event, args):
             if event in ("socket.connect", "socket.getaddrinfo", "socket.gethostbyname"):
@@ -431,7 +480,9 @@ def test_decoding_opens_no_connection_and_writes_no_file(tmp_path):
             socket.create_connection(("127.0.0.1", 9))
         except RuntimeError as e:
             print("control:", e)
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert [x.split()[0] for x in lines[:-1]] == sorted(files) and all("(48, 32)" in x for x in lines[:-1]), r.stdout

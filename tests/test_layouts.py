@@ -96,8 +96,15 @@ def test_index_naming_a_missing_shard_is_a_clear_error(tmp_path, tokenizer_model
 def test_hub_named_vision_tower(tmp_path, tokenizer_model, monkeypatch):
     ref = build_reference(SPEC, seed=13)
     tower = tmp_path / "clip-download"
-    ckpt = write_checkpoint(ref, SPEC, tmp_path / "ck", "llava", tokenizer_model, vision_tower=tower,
-                            vision_tower_name="openai/clip-vit-large-patch14-336")
+    ckpt = write_checkpoint(
+        ref,
+        SPEC,
+        tmp_path / "ck",
+        "llava",
+        tokenizer_model,
+        vision_tower=tower,
+        vision_tower_name="openai/clip-vit-large-patch14-336",
+    )
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match=r"openai/clip-vit-large-patch14-336.*--vision-tower"):
@@ -128,8 +135,9 @@ def test_lora_merge_matches_merged_model(base, tmp_path):
 
     rt = _runtime(tmp_path / "bundle")
     img = random_image(3, size=(80, 60))
-    base_tokens, _ = reference_generate(ref, build_prompt_ids(rt.tokenizer, QUESTION),
-                                        reference_pixels(img, SPEC.image_size), 24)
+    base_tokens, _ = reference_generate(
+        ref, build_prompt_ids(rt.tokenizer, QUESTION), reference_pixels(img, SPEC.image_size), 24
+    )
     assert base_tokens != tokens
 
 
@@ -164,8 +172,13 @@ def test_lora_on_the_wrong_base_is_a_clear_error(base, tmp_path, tokenizer_model
     root, ref, ckpt = base
     write_lora_adapter(ref, SPEC, tmp_path / "adapter")
     other = build_reference(PRESETS["tiny"].__class__(**{**PRESETS["tiny"].__dict__, "layers": 1}), seed=1)
-    small = write_checkpoint(other, PRESETS["tiny"].__class__(**{**PRESETS["tiny"].__dict__, "layers": 1}),
-                             tmp_path / "small", "llava", tokenizer_model)
+    small = write_checkpoint(
+        other,
+        PRESETS["tiny"].__class__(**{**PRESETS["tiny"].__dict__, "layers": 1}),
+        tmp_path / "small",
+        "llava",
+        tokenizer_model,
+    )
     with pytest.raises(CheckpointError, match="layers.1.*does not have.*--base"):
         _export(small, tmp_path / "bundle", lora=tmp_path / "adapter")
 
@@ -178,8 +191,9 @@ def test_cli_lora_and_dry_run(base, tmp_path):
     root, ref, ckpt = base
     write_lora_adapter(ref, SPEC, tmp_path / "adapter")
     runner = CliRunner()
-    r = runner.invoke(app, ["export", "--base", str(ckpt), "--lora", str(tmp_path / "adapter"), str(tmp_path / "out"),
-                            "--dry-run"])
+    r = runner.invoke(
+        app, ["export", "--base", str(ckpt), "--lora", str(tmp_path / "adapter"), str(tmp_path / "out"), "--dry-run"]
+    )
     assert r.exit_code == 0, r.output
     assert "would write" in r.output and "peak memory" in r.output and "non_lora_trainables" in r.output
     assert not (tmp_path / "out").exists()
@@ -195,7 +209,9 @@ def test_cli_lora_and_dry_run(base, tmp_path):
     # info names the merged adapter and where the projector came from
     r = runner.invoke(app, ["info", str(tmp_path / "real")])
     assert r.exit_code == 0, r.output
-    assert f"lora: {tmp_path / 'adapter'} (r 8, alpha 16.0," in r.output and "projector: non_lora_trainables" in r.output
+    assert (
+        f"lora: {tmp_path / 'adapter'} (r 8, alpha 16.0," in r.output and "projector: non_lora_trainables" in r.output
+    )
 
 
 def test_checkpoint_with_only_tokenizer_json(tmp_path, tokenizer_model):
@@ -205,16 +221,30 @@ def test_checkpoint_with_only_tokenizer_json(tmp_path, tokenizer_model):
 
     from skin_offline.export.factory import write_streaming_checkpoint
 
-    ckpt = write_streaming_checkpoint(tmp_path / "ck", SPEC, tokenizer_model, dtype=torch.bfloat16,
-                                      shard_bytes=1 << 20, tokenizer="json")
+    ckpt = write_streaming_checkpoint(
+        tmp_path / "ck", SPEC, tokenizer_model, dtype=torch.bfloat16, shard_bytes=1 << 20, tokenizer="json"
+    )
     assert not (ckpt / "tokenizer.model").exists() and (ckpt / "model.safetensors.index.json").exists()
     # make it look like a transformers-saved file: special tokens as added tokens + a BOS post-processor
     data = json.loads((ckpt / "tokenizer.json").read_text())
-    data["added_tokens"] = [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
-                             "normalized": False, "special": True} for i, c in ((0, "<unk>"), (1, "<s>"), (2, "</s>"))]
-    data["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
-                              {"Sequence": {"id": "A", "type_id": 0}}], "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
-                              "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+    data["added_tokens"] = [
+        {
+            "id": i,
+            "content": c,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for i, c in ((0, "<unk>"), (1, "<s>"), (2, "</s>"))
+    ]
+    data["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}},
+    }
     (ckpt / "tokenizer.json").write_text(json.dumps(data))
     m = _export(ckpt, tmp_path / "bundle", verify=True)  # bf16 weights, verified against transformers
     assert_verified(m)
@@ -234,14 +264,20 @@ def test_streaming_writer_matches_transformers_names_and_shapes():
     ref = build_reference(SPEC)
     parts = _canonical_state(ref)
     want = {k: tuple(v.shape) for k, v in parts["text"].items()}
-    want.update({f"model.mm_projector.{i}.{k}": tuple(parts["projector"][f"linear_{j}.{k}"].shape)
-                 for i, j in (("0", 1), ("2", 2)) for k in ("weight", "bias")})
+    want.update(
+        {
+            f"model.mm_projector.{i}.{k}": tuple(parts["projector"][f"linear_{j}.{k}"].shape)
+            for i, j in (("0", 1), ("2", 2))
+            for k in ("weight", "bias")
+        }
+    )
     assert llava_tensor_shapes(SPEC) == want
     want = {"vision_model." + k: tuple(v.shape) for k, v in parts["vision"].items() if "position_ids" not in k}
     assert clip_tensor_shapes(SPEC) == want
 
 
 # --- auto-detection: errors name what was found and what was expected ---
+
 
 def test_adapter_passed_as_checkpoint(base, tmp_path):
     root, ref, ckpt = base

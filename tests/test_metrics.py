@@ -65,7 +65,9 @@ def test_meteor_reported_unavailable_without_wordnet():
 def test_text_metrics_summary_and_edge_cases():
     m = metrics.text_metrics(REFS, HYPS)
     assert m.n == 2 and m.bleu1 == pytest.approx(metrics.bleu(REFS, HYPS)[1])
-    assert m.token_recall == pytest.approx((4 / 5 + 5 / 7) / 2)  # 4 of {the,cat,is,on,mat}; 5 of {a,red,scaly,plaque,on,the,arm}
+    assert m.token_recall == pytest.approx(
+        (4 / 5 + 5 / 7) / 2
+    )  # 4 of {the,cat,is,on,mat}; 5 of {a,red,scaly,plaque,on,the,arm}
     empty = metrics.text_metrics(["a lesion"], [""])  # an empty answer scores 0, never crashes
     assert empty.bleu1 == 0.0 and empty.rouge1 == 0.0
     with pytest.raises(ValueError):

@@ -31,7 +31,7 @@ from conftest import random_image
 
 MARKER = "zebra-quokka-7781 lesion on the left forearm?"
 
-DRIVER = textwrap.dedent(r'''
+DRIVER = textwrap.dedent(r"""
     import json, socket, sys
 
     events = []
@@ -64,24 +64,32 @@ DRIVER = textwrap.dedent(r'''
             except OSError:
                 pass
     json.dump({"events": events, "codes": codes}, open(out, "w"))
-''')
+""")
 
 
 def _env(root: Path) -> dict:
-    dirs = {k: root / k.lower() for k in ("HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME",
-                                          "XDG_STATE_HOME", "TMPDIR")}
+    dirs = {
+        k: root / k.lower()
+        for k in ("HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_STATE_HOME", "TMPDIR")
+    }
     for d in dirs.values():
         d.mkdir(parents=True)
-    drop = {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "ORT_DISABLE_TELEMETRY",
-            "SKIN_OFFLINE_BUNDLE"}
+    drop = {
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "ORT_DISABLE_TELEMETRY",
+        "SKIN_OFFLINE_BUNDLE",
+    }
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update({k: str(v) for k, v in dirs.items()}, PYTHONDONTWRITEBYTECODE="1")
     return env
 
 
 def _private_dirs(env: dict) -> list[Path]:
-    return [Path(env[k]) for k in ("HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_STATE_HOME",
-                                   "TMPDIR")]
+    return [
+        Path(env[k]) for k in ("HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_STATE_HOME", "TMPDIR")
+    ]
 
 
 HAVE_STRACE = shutil.which("strace") is not None
@@ -99,8 +107,10 @@ def run(tmp_path_factory, llava_model):
     image.parent.mkdir()
     random_image(11, size=(64, 48)).save(image)
     bundle = root / "out" / "bundle"
-    steps = {"export": ["export", str(llava_model.ckpt), str(bundle)],
-             "ask": ["ask", str(image), MARKER, "--bundle", str(bundle), "--max-new-tokens", "12", "--json"]}
+    steps = {
+        "export": ["export", str(llava_model.ckpt), str(bundle)],
+        "ask": ["ask", str(image), MARKER, "--bundle", str(bundle), "--max-new-tokens", "12", "--json"],
+    }
     out = dict(root=root, env=env, work=work, image=image, bundle=bundle, events=[], codes=[], logs={}, stderr="")
     for name, argv in steps.items():
         events = root / f"{name}.events.json"
@@ -112,8 +122,9 @@ def run(tmp_path_factory, llava_model):
         out["stderr"] += r.stderr
         if r.returncode != 0 and "ptrace" in r.stderr.lower():  # strace not permitted here: run without it
             out["logs"].pop(name)
-            r = subprocess.run(cmd[cmd.index(sys.executable):], cwd=work, env=env, capture_output=True, text=True,
-                               timeout=300)
+            r = subprocess.run(
+                cmd[cmd.index(sys.executable) :], cwd=work, env=env, capture_output=True, text=True, timeout=300
+            )
         res = json.loads(events.read_text())
         out["events"] += res["events"]
         out["codes"] += res["codes"]
@@ -145,7 +156,7 @@ def test_nothing_private_written(run):
     answer = run.get("answer")
     assert answer is not None and len(answer) >= 8, run["stderr"]
     image_bytes = run["image"].read_bytes()
-    needles = [MARKER.encode(), MARKER.encode("utf-16-le"), answer.encode(), image_bytes[len(image_bytes) // 2:][:64]]
+    needles = [MARKER.encode(), MARKER.encode("utf-16-le"), answer.encode(), image_bytes[len(image_bytes) // 2 :][:64]]
     # the private dirs stay empty: no caches, device ids, logs or temp files
     for d in _private_dirs(run["env"]):
         assert _files(d) == [], (d, _files(d))
@@ -166,8 +177,9 @@ def test_onnxruntime_device_id_file(tmp_path, run):
     assert any("DeveloperTools" in str(p) for p in written), written
     # and importing our runtime first keeps it away
     env = _env(tmp_path / "ours")
-    subprocess.run([sys.executable, "-c", "import skin_offline.runtime.sessions, onnxruntime"], env=env, check=True,
-                   timeout=120)
+    subprocess.run(
+        [sys.executable, "-c", "import skin_offline.runtime.sessions, onnxruntime"], env=env, check=True, timeout=120
+    )
     assert _files(Path(env["XDG_CACHE_HOME"])) == []
 
 
@@ -179,8 +191,16 @@ _WRITE_FLAGS = ("O_WRONLY", "O_RDWR", "O_CREAT")
 
 def _strace_cmd(log: Path) -> list[str]:
     # --seccomp-bpf: only the traced calls stop the process (torch's import is otherwise 5x slower)
-    return ["strace", "-f", "--seccomp-bpf", "-qq", "-o", str(log), "-e",
-            "trace=%network,openat,creat,mkdir,mkdirat,rename,renameat,renameat2,link,symlink"]
+    return [
+        "strace",
+        "-f",
+        "--seccomp-bpf",
+        "-qq",
+        "-o",
+        str(log),
+        "-e",
+        "trace=%network,openat,creat,mkdir,mkdirat,rename,renameat,renameat2,link,symlink",
+    ]
 
 
 def _strace(cmd: list[str], env: dict, cwd: Path, log: Path) -> subprocess.CompletedProcess:
@@ -195,8 +215,11 @@ def _parse(log: Path):
         if not m:
             continue
         name, args = m["name"], m["args"]
-        if name in ("socket", "connect", "sendto", "sendmsg", "bind") and "AF_UNIX" not in args \
-                and "AF_NETLINK" not in args:
+        if (
+            name in ("socket", "connect", "sendto", "sendmsg", "bind")
+            and "AF_UNIX" not in args
+            and "AF_NETLINK" not in args
+        ):
             net.append(line)
         elif name == "openat" and any(f in args for f in _WRITE_FLAGS) and m["ret"] != "-1":
             writes.append(args.split('"')[1])
@@ -229,8 +252,10 @@ def test_syscalls_export_and_ask(run):
 @needs_strace
 def test_strace_parser_control(tmp_path):
     """The parser sees a real TCP connect and a real file write (so the empty lists above mean something)."""
-    code = ("import socket\ntry: socket.create_connection(('127.0.0.1', 9), timeout=0.5)\nexcept OSError: pass\n"
-            f"open({str(tmp_path / 'w.txt')!r}, 'w').write('x')\n")
+    code = (
+        "import socket\ntry: socket.create_connection(('127.0.0.1', 9), timeout=0.5)\nexcept OSError: pass\n"
+        f"open({str(tmp_path / 'w.txt')!r}, 'w').write('x')\n"
+    )
     r = _strace([sys.executable, "-c", code], _env(tmp_path / "e"), tmp_path, tmp_path / "c.log")
     if r.returncode != 0:
         pytest.skip(f"strace cannot trace here: {r.stderr.strip()[:200]}")

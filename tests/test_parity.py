@@ -111,7 +111,7 @@ def test_cached_decoding_equals_recomputation(llava_model):
     logits, cache = dec.forward(embeds[:, :7], dec.empty_cache(), keep=7)
     steps = [logits[0]]
     for i in range(7, 20, 3):  # mixed chunk sizes: chunked prefill == one-shot as well
-        logits, cache = dec.forward(embeds[:, i:i + 3], cache, keep=min(3, 20 - i))
+        logits, cache = dec.forward(embeds[:, i : i + 3], cache, keep=min(3, 20 - i))
         steps.append(logits[0])
     assert np.abs(np.concatenate(steps) - full).max() < ATOL
     assert cache.length == 20
@@ -136,8 +136,12 @@ def _forward_with_mask(dec, embeds, cache, mask):
 
     b, s, _ = embeds.shape
     positions = (np.cumsum(mask, axis=1) - 1).clip(min=0)
-    feed = {names.INPUTS_EMBEDS: embeds, names.ATTENTION_MASK: mask, names.POSITION_IDS: positions,
-            names.NUM_LOGITS_TO_KEEP: np.array(1, np.int64)}
+    feed = {
+        names.INPUTS_EMBEDS: embeds,
+        names.ATTENTION_MASK: mask,
+        names.POSITION_IDS: positions,
+        names.NUM_LOGITS_TO_KEEP: np.array(1, np.int64),
+    }
     for i in range(dec.dims.num_layers):
         feed[names.past_key(i)] = cache.keys[i]
         feed[names.past_value(i)] = cache.values[i]

@@ -22,7 +22,9 @@ def test_default_hybrid_keeps_its_prefill_graph_as_its_measurement_says(llava_mo
     from skin_offline.runtime.pipeline import SkinVL
 
     said: list[str] = []
-    m = quantize_bundle(llava_model.bundle_dir, tmp_path / "a", QuantConfig("int4"), quality=False, log=said.append).manifest
+    m = quantize_bundle(
+        llava_model.bundle_dir, tmp_path / "a", QuantConfig("int4"), quality=False, log=said.append
+    ).manifest
     gate = m.pick(names.ROLE_DECODER).details["prefill_gate"]
     assert gate["positions"] > 50 and 0 <= gate["top1_agreement"] <= 1 and gate["kl_mean"] >= 0
     assert gate["passed"] == (gate["kl_mean"] <= gate["decode_kl_mean"] + pg.KL_SLACK)
@@ -31,7 +33,9 @@ def test_default_hybrid_keeps_its_prefill_graph_as_its_measurement_says(llava_mo
 
     monkeypatch.setattr(pg, "KL_SLACK", -1.0)  # unreachable: a defaulted graph must go
     said.clear()
-    m = quantize_bundle(llava_model.bundle_dir, tmp_path / "b", QuantConfig("int4"), quality=False, log=said.append).manifest
+    m = quantize_bundle(
+        llava_model.bundle_dir, tmp_path / "b", QuantConfig("int4"), quality=False, log=said.append
+    ).manifest
     assert _decoders(m) == [(Precision.INT4, Kernel.NBITS)]
     assert not [p for p in (tmp_path / "b").iterdir() if "qgemm" in p.name]  # its files are gone, listed nowhere
     assert set(m.files) == {p.name for p in (tmp_path / "b").iterdir()} - {names.MANIFEST}
@@ -39,11 +43,15 @@ def test_default_hybrid_keeps_its_prefill_graph_as_its_measurement_says(llava_mo
     assert g["passed"] is False and g["prefill_graph_kept"] is False
     assert any(line.startswith("int8 prefill graph rejected: top-1 agreement with fp32") for line in said)
     vl = SkinVL.load(tmp_path / "b", threads=1)
-    assert "multi_row" not in vl.bundle.picked and vl.ask(random_image(3), "What is this lesion?", max_new_tokens=4).token_ids
+    assert (
+        "multi_row" not in vl.bundle.picked
+        and vl.ask(random_image(3), "What is this lesion?", max_new_tokens=4).token_ids
+    )
 
     # asked for by name: kept whatever the measurement, which is recorded all the same
-    m = quantize_bundle(llava_model.bundle_dir, tmp_path / "c", QuantConfig("int4", prefill="int8"), quality=False,
-                        log=lambda s: None).manifest
+    m = quantize_bundle(
+        llava_model.bundle_dir, tmp_path / "c", QuantConfig("int4", prefill="int8"), quality=False, log=lambda s: None
+    ).manifest
     assert _decoders(m) == [(Precision.INT4, Kernel.NBITS), (Precision.INT8, Kernel.QGEMM)]
     g = m.pick(names.ROLE_DECODER).details["prefill_gate"]
     assert g["passed"] is False and g["prefill_graph_kept"] is True
@@ -59,14 +67,19 @@ def test_the_measurement_compares_each_graph_with_fp32(llava_model, tmp_path):
     from skin_offline.runtime.tokenizer import TextTokenizer
 
     src = llava_model.bundle_dir
-    m = quantize_bundle(src, tmp_path / "q", QuantConfig("int4", prefill="decoder"), quality=False,
-                        log=lambda s: None).manifest
+    m = quantize_bundle(
+        src, tmp_path / "q", QuantConfig("int4", prefill="decoder"), quality=False, log=lambda s: None
+    ).manifest
     s = Manifest.read(src)
     dec32 = s.pick(names.ROLE_DECODER, Precision.FP32)
     table, _ = _load_table(src, s, s.pick(names.ROLE_EMBEDDINGS, Precision.FP32))
-    groups = probe_groups(TextTokenizer.from_file(src / names.TOKENIZER, s.tokens),
-                          lambda ids: np.asarray(table[np.asarray(ids, np.int64)], np.float32),
-                          src / s.pick(names.ROLE_VISION, Precision.FP32).file, s.preprocess, 1)
+    groups = probe_groups(
+        TextTokenizer.from_file(src / names.TOKENIZER, s.tokens),
+        lambda ids: np.asarray(table[np.asarray(ids, np.int64)], np.float32),
+        src / s.pick(names.ROLE_VISION, Precision.FP32).file,
+        s.preprocess,
+        1,
+    )
     int4 = tmp_path / "q" / m.pick(names.ROLE_DECODER).file
     same = measure_prefill(GraphStack(src / dec32.file, 1), int4, int4, groups, 1)
     assert same.prefill_kl == same.decode_kl and same.prefill_top1 == same.decode_top1 and same.passed

@@ -64,10 +64,13 @@ def test_handover_between_two_graphs_is_exact(llava_model):
     m = llava_model.runtime.manifest
     g = m.pick(names.ROLE_DECODER, Precision.FP32, Flavor.CONTRIB)
     make = SessionFactory(threads=1)
-    one, many = Counting(make.create(llava_model.bundle_dir / g.file)), Counting(make.create(llava_model.bundle_dir / g.file))
+    one, many = (
+        Counting(make.create(llava_model.bundle_dir / g.file)),
+        Counting(make.create(llava_model.bundle_dir / g.file)),
+    )
     dec = _fast(one, m.model, many, min_rows=2)
     tokens, ref_tokens, diff = decoder_greedy_vs_reference(dec, llava_model, "What is this lesion?", 1, 16)
-    assert tokens == ref_tokens[:len(tokens)] and len(tokens) >= 8
+    assert tokens == ref_tokens[: len(tokens)] and len(tokens) >= 8
     assert diff < 1e-4
     assert many.runs == 1  # the prompt: one prefill call
     assert one.runs == len(tokens) - 1  # every decode step (the last token is not fed back)
@@ -92,7 +95,7 @@ def test_chunked_prefill_across_graphs_equals_one_shot(llava_model):
     one_logits, one_cache = dec.forward(embeds, dec.empty_cache())
     cache, start = dec.empty_cache(), 0
     for size in (1, 5, 1, 2, 7, 1, 10**6):
-        chunk = embeds[:, start:start + size]
+        chunk = embeds[:, start : start + size]
         if not chunk.shape[1]:
             break
         logits, cache = dec.forward(chunk, cache)
@@ -163,8 +166,27 @@ def test_bench_measures_either_tier_of_a_hybrid_bundle(hybrid):
 
     seen = {}
     for choice in ("decoder", "int8"):
-        r = CliRunner().invoke(app, ["bench", str(hybrid), "--runs", "1", "--warmup", "0", "--new-tokens", "2",
-                                     "--threads", "1", "--no-probe", "--json", "--device", "cpu", "--prefill", choice])
+        r = CliRunner().invoke(
+            app,
+            [
+                "bench",
+                str(hybrid),
+                "--runs",
+                "1",
+                "--warmup",
+                "0",
+                "--new-tokens",
+                "2",
+                "--threads",
+                "1",
+                "--no-probe",
+                "--json",
+                "--device",
+                "cpu",
+                "--prefill",
+                choice,
+            ],
+        )
         assert r.exit_code == 0, r.output
         seen[choice] = json.loads(r.stdout)["model"]
     assert seen["decoder"]["prefill"] == "int4" and seen["int8"]["prefill"] == "int8 qgemm"
@@ -180,8 +202,20 @@ def test_eval_batch_on_a_quantized_bundle_says_answers_can_differ(hybrid, tmp_pa
     (tmp_path / "images").mkdir()
     random_image(5).save(tmp_path / "images" / "a.png")
     (tmp_path / "q.csv").write_text("image,question,answer\na.png,What is this?,A nevus.\na.png,Is it raised?,No.\n")
-    args = ["eval", str(hybrid), "--csv", str(tmp_path / "q.csv"), "--images", str(tmp_path / "images"), "--protocol",
-            "greedy", "--max-new-tokens", "3", "--threads", "1"]
+    args = [
+        "eval",
+        str(hybrid),
+        "--csv",
+        str(tmp_path / "q.csv"),
+        "--images",
+        str(tmp_path / "images"),
+        "--protocol",
+        "greedy",
+        "--max-new-tokens",
+        "3",
+        "--threads",
+        "1",
+    ]
     r = CliRunner().invoke(app, [*args, "--batch", "2", "--out", str(tmp_path / "b2")])
     assert r.exit_code == 0, r.output
     assert "note: --batch 2 on an int4 bundle" in r.stderr and "can differ from --batch 1" in r.stderr

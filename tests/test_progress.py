@@ -29,7 +29,9 @@ def test_lines_mode_says_stage_count_rate_and_eta():
     assert lines[0] == "a message" and lines[1] == "decoder int4: 0/4 layers"
     assert re.fullmatch(r"decoder int4: 1/4 layers \(25%\), [\d.]+ layers/s, ETA \d+:\d\d", lines[2]), lines[2]
     assert re.fullmatch(r"decoder int4: 4 layers in \d+:\d\d \([\d.]+ layers/s\)", lines[5]), lines[5]
-    assert "hashing: 1.5 MB/3.0 MB (50%)" in out.getvalue() and re.search(r"hashing: 3.0 MB in \d+:\d\d \([\d.]+ [kMG]?B/s\)", out.getvalue())
+    assert "hashing: 1.5 MB/3.0 MB (50%)" in out.getvalue() and re.search(
+        r"hashing: 3.0 MB in \d+:\d\d \([\d.]+ [kMG]?B/s\)", out.getvalue()
+    )
     assert "\r" not in out.getvalue() and not ANSI.search(out.getvalue())
 
 
@@ -76,8 +78,13 @@ def test_task_on_a_plain_log_function_counts_silently():
 
 def _export(args):
     e = {**os.environ, "SKIN_OFFLINE_PROGRESS_INTERVAL": "0"}
-    return subprocess.run([sys.executable, "-m", "skin_offline.cli", "export", *map(str, args)], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, env=e, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "skin_offline.cli", "export", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=e,
+        timeout=300,
+    )
 
 
 def test_cli_export_progress_is_plain_lines_in_a_pipe_and_silent_with_quiet(llava_model, tmp_path):
@@ -96,8 +103,12 @@ def _on_a_terminal(args, env) -> str:
     """Run the CLI with stderr on a pseudo-terminal; return what it drew."""
     master, slave = pty.openpty()
     e = {k: v for k, v in os.environ.items() if k != "CI"}
-    p = subprocess.Popen([sys.executable, "-m", "skin_offline.cli", *map(str, args)], stdout=subprocess.DEVNULL,
-                         stderr=slave, env={**e, "TERM": "xterm", **env})
+    p = subprocess.Popen(
+        [sys.executable, "-m", "skin_offline.cli", *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=slave,
+        env={**e, "TERM": "xterm", **env},
+    )
     os.close(slave)
     chunks = []
     while True:

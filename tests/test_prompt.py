@@ -41,6 +41,7 @@ def tok(sp_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> TextTo
 
 # ---- reference: LLaVA's code, with the slow tokenizer emulated on sentencepiece ----------------
 
+
 def llava_prompt(turns: list[tuple[str, str | None]]) -> str:
     """conv_templates["mistral_instruct"].get_prompt() (SeparatorStyle.LLAMA_2, sep="", sep2="</s>")
     after the eval scripts' `qs = DEFAULT_IMAGE_TOKEN + "\\n" + qs` on the first question."""
@@ -144,8 +145,9 @@ def test_multi_turn_layout(tok: TextTokenizer, sp) -> None:
     # "[INST] <image>\nq1 [/INST] a1 </s>[INST] q2 [/INST]": the answer keeps its trailing " " before
     # EOS, and the next "[INST]" is encoded as a new segment (its own dummy prefix).
     ids = build_prompt_ids(tok, "q2", [("q1", "a1")])
-    assert ids == ([1] + sp.encode("[INST] ") + [-200] + sp.encode("\nq1 [/INST] a1 ") + [2]
-                   + sp.encode("[INST] q2 [/INST]"))
+    assert ids == (
+        [1] + sp.encode("[INST] ") + [-200] + sp.encode("\nq1 [/INST] a1 ") + [2] + sp.encode("[INST] q2 [/INST]")
+    )
 
 
 def test_empty_answer_is_skipped_like_llava(tok: TextTokenizer, sp) -> None:
@@ -155,7 +157,8 @@ def test_empty_answer_is_skipped_like_llava(tok: TextTokenizer, sp) -> None:
 
 
 _SAFE_TEXT = st.text(alphabet=st.characters(exclude_categories=("Cs", "Cc")), min_size=1, max_size=80).filter(
-    lambda s: s.strip() == s and s and not any(t in s for t in ("<image>", "<s>", "</s>", "<unk>")))
+    lambda s: s.strip() == s and s and not any(t in s for t in ("<image>", "<s>", "</s>", "<unk>"))
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -166,6 +169,7 @@ def test_prompt_property_matches_llava(tok: TextTokenizer, sp, question: str, an
 
 
 # ---- user text stays text -----------------------------------------------------------------------
+
 
 def test_typed_image_tag_is_text(tok: TextTokenizer, sp) -> None:
     q = "Compare <image> with <image>\nplease"
@@ -186,9 +190,12 @@ def test_typed_specials_are_text(tok: TextTokenizer, sp, q: str) -> None:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(question=st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=80)
-       | st.lists(st.sampled_from(["<image>", "</s>", "<s>", "[INST]", "[/INST]", " ", "\n", "a", "\x00"]),
-                  max_size=12).map("".join))
+@given(
+    question=st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=80)
+    | st.lists(
+        st.sampled_from(["<image>", "</s>", "<s>", "[INST]", "[/INST]", " ", "\n", "a", "\x00"]), max_size=12
+    ).map("".join)
+)
 def test_any_text_gives_one_slot_and_no_controls(tok: TextTokenizer, question: str) -> None:
     try:
         ids = build_prompt_ids(tok, question)
@@ -200,6 +207,7 @@ def test_any_text_gives_one_slot_and_no_controls(tok: TextTokenizer, question: s
 
 
 # ---- validation and helpers ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("q", ["", "   ", "\n\t ", "\x00\x01\x1b", "\r\n"])
 def test_empty_question(tok: TextTokenizer, q: str) -> None:
@@ -243,7 +251,11 @@ def test_prompt_splices_image_rows_at_the_placeholder_for_any_span(tok: TextToke
     embed = lambda xs: table[np.asarray(xs, np.int64)]  # noqa: E731
     feats = -np.arange(1, 8, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)  # [7,3]: -1 .. -7
     full = p.embeds(embed, feats)
-    want = [float(t) for t in ids[:p.image_at]] + [-float(i) for i in range(1, 8)] + [float(t) for t in ids[p.image_at + 1:]]
+    want = (
+        [float(t) for t in ids[: p.image_at]]
+        + [-float(i) for i in range(1, 8)]
+        + [float(t) for t in ids[p.image_at + 1 :]]
+    )
     assert full.shape == (p.length, 3) and full[:, 0].tolist() == want
     for chunk in (1, 3, 7, 50):
         parts = [p.embeds(embed, feats, s, min(s + chunk, p.length)) for s in range(0, p.length, chunk)]
@@ -253,4 +265,4 @@ def test_prompt_splices_image_rows_at_the_placeholder_for_any_span(tok: TextToke
         p.embeds(embed, None, 0, p.image_end)
     pos = p.positions("sha")
     assert len(pos) == p.length and pos[p.image_at] == ("sha", 0) and pos[p.image_end - 1] == ("sha", 6)
-    assert pos[:p.image_at] == list(ids[:p.image_at]) and pos[p.image_end:] == list(ids[p.image_at + 1:])
+    assert pos[: p.image_at] == list(ids[: p.image_at]) and pos[p.image_end :] == list(ids[p.image_at + 1 :])

@@ -48,10 +48,16 @@ def _reference_greedy(proxy, ids: list[int], pixels: np.ndarray, n: int) -> list
         expanded += [image_id] * tokens if t == -200 else [t]
     input_ids = torch.tensor([expanded])
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids, pixel_values=torch.from_numpy(pixels),
-                             attention_mask=torch.ones_like(input_ids), max_new_tokens=n, do_sample=False,
-                             eos_token_id=model.config.text_config.eos_token_id, pad_token_id=0)
-    return out[0, input_ids.shape[1]:].tolist()
+        out = model.generate(
+            input_ids=input_ids,
+            pixel_values=torch.from_numpy(pixels),
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=model.config.text_config.eos_token_id,
+            pad_token_id=0,
+        )
+    return out[0, input_ids.shape[1] :].tolist()
 
 
 def test_fp32_proxy_is_token_identical_to_transformers(proxy, fp32):
@@ -66,7 +72,7 @@ def test_fp32_proxy_is_token_identical_to_transformers(proxy, fp32):
     q = "What is this lesion? Describe its colour."
     ans = model.ask(img, q, max_new_tokens=24)
     ref = _reference_greedy(proxy, build_prompt_ids(model.tokenizer, q), model.pixels(img), 24)
-    assert ans.token_ids == ref[:len(ans.token_ids)] and (len(ans.token_ids) == 24 or ref[len(ans.token_ids)] == 2)
+    assert ans.token_ids == ref[: len(ans.token_ids)] and (len(ans.token_ids) == 24 or ref[len(ans.token_ids)] == 2)
     assert ans.answer == model.tokenizer.decode(ans.token_ids) and ans.answer.strip()
 
 
@@ -99,8 +105,25 @@ def test_int4_proxy_answers_through_ask_classify_and_serve(int4, tmp_path):
     img = tmp_path / "lesion.png"
     random_image(11).save(img)
     q = "What is this lesion?"
-    done = subprocess.run([sys.executable, "-m", "skin_offline.cli", "ask", str(img), q, "--bundle", str(folder),
-                           "--max-new-tokens", "20", "--threads", "1"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "skin_offline.cli",
+            "ask",
+            str(img),
+            q,
+            "--bundle",
+            str(folder),
+            "--max-new-tokens",
+            "20",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     answer = done.stdout.rstrip("\n")
     assert answer.strip()
@@ -112,8 +135,9 @@ def test_int4_proxy_answers_through_ask_classify_and_serve(int4, tmp_path):
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         model_id = client.models.list().data[0].id
-        r = client.chat.completions.create(model=model_id, messages=[user(q, image_url(11))], max_tokens=20,
-                                           temperature=0)
+        r = client.chat.completions.create(
+            model=model_id, messages=[user(q, image_url(11))], max_tokens=20, temperature=0
+        )
         assert r.choices[0].message.content == answer
     finally:
         assert server.stop() == 0

@@ -26,8 +26,13 @@ PROBES = ProbeSet(image_seeds=(0, 1), num_questions=2, new_tokens=12)
 
 def _quantize(llava_model, tmp_path_factory, precision: str):
     out = tmp_path_factory.mktemp("quality") / precision
-    r = quantize_bundle(llava_model.bundle_dir, out, QuantConfig(precision, vision="int8"), log=lambda m: None,
-                        probe_kw={"probes": PROBES, "threads": 1})
+    r = quantize_bundle(
+        llava_model.bundle_dir,
+        out,
+        QuantConfig(precision, vision="int8"),
+        log=lambda m: None,
+        probe_kw={"probes": PROBES, "threads": 1},
+    )
     return out, r.manifest
 
 
@@ -75,9 +80,14 @@ def test_report_is_stored_and_says_what_it_measured(quantized, llava_model):
     assert any("decoder.int8" in line and "top-1" in line for line in lines)
 
 
-@pytest.mark.parametrize("which,precision,multi_row", [("quantized", Precision.INT8, "int8"),
-                                                       ("hybrid", Precision.INT4, "int8-qgemm"),
-                                                       ("hybrid", Precision.INT8, "int8")])
+@pytest.mark.parametrize(
+    "which,precision,multi_row",
+    [
+        ("quantized", Precision.INT8, "int8"),
+        ("hybrid", Precision.INT4, "int8-qgemm"),
+        ("hybrid", Precision.INT8, "int8"),
+    ],
+)
 def test_quality_numbers_recompute_from_the_graphs(which, precision, multi_row, llava_model, request):
     """Every figure of the report from the graphs, with an independent loop. The hybrid's int4 entry is the path
     as it runs (int8 QGEMM prefill, int4 decode); its int8 entry is the QGEMM graph alone (the int8-only tier)."""
@@ -95,8 +105,13 @@ def test_quality_numbers_recompute_from_the_graphs(which, precision, multi_row, 
         img = probe_image(seed)
         f32 = ref.image_features(ref.pixels(img))
         fq = got.image_features(got.pixels(img))
-        cos.append(float(torch.nn.functional.cosine_similarity(torch.from_numpy(f32.reshape(1, -1)).double(),
-                                                               torch.from_numpy(fq.reshape(1, -1)).double())))
+        cos.append(
+            float(
+                torch.nn.functional.cosine_similarity(
+                    torch.from_numpy(f32.reshape(1, -1)).double(), torch.from_numpy(fq.reshape(1, -1)).double()
+                )
+            )
+        )
         for q in questions:
             ids = build_prompt_ids(ref.tokenizer, q)
             p32, pq = embed_prompt(ref, ids, f32), embed_prompt(got, ids, fq)
@@ -146,7 +161,9 @@ def test_streamed_checkpoint_report_equals_the_fp32_bundle_report(hybrid, llava_
             assert a[fig] == pytest.approx(b[fig], rel=1e-3), (key, fig)
         assert a["max_abs_logit_diff"] == pytest.approx(b["max_abs_logit_diff"], abs=1e-4)
         assert a["pipeline"] == b["pipeline"]
-    assert streamed["vision.int8"]["feature_cosine_min"] == pytest.approx(m.quality["vision.int8"]["feature_cosine_min"], abs=1e-6)
+    assert streamed["vision.int8"]["feature_cosine_min"] == pytest.approx(
+        m.quality["vision.int8"]["feature_cosine_min"], abs=1e-6
+    )
 
 
 def test_report_names_no_paths(hybrid):
@@ -163,7 +180,9 @@ def test_fp32_against_itself_is_perfect(llava_model, tmp_path):
 
     out = tmp_path / "fp16"
     quantize_bundle(llava_model.bundle_dir, out, QuantConfig("fp16"), quality=False, log=lambda m: None)
-    rep = quality_report(llava_model.bundle_dir, out, ProbeSet(image_seeds=(0,), num_questions=1, new_tokens=8), threads=1)
+    rep = quality_report(
+        llava_model.bundle_dir, out, ProbeSet(image_seeds=(0,), num_questions=1, new_tokens=8), threads=1
+    )
     d = rep["decoder.fp16"]
     assert d["top1_agreement"] == 1.0 and d["greedy_identical"] == 1.0
     assert d["kl_max"] < 1e-5 and d["max_abs_logit_diff"] < 0.02

@@ -54,7 +54,9 @@ def test_each_precision_loads_and_answers(llava_model, tmp_path, precision, visi
         model = SkinVL(Bundle.load(out, threads=1, allow_cpu_fp16=True), TextTokenizer.from_file(out / names.TOKENIZER))
     else:
         model = SkinVL.load(out, threads=1)
-    assert model.bundle.decoder.session.get_inputs()[0].type == ("tensor(float16)" if precision == "fp16" else "tensor(float)")
+    assert model.bundle.decoder.session.get_inputs()[0].type == (
+        "tensor(float16)" if precision == "fp16" else "tensor(float)"
+    )
     ans = model.ask(random_image(5), "What is this lesion?", max_new_tokens=8)
     assert 1 <= len(ans.token_ids) <= 8 and all(0 <= t < m.model.vocab_size for t in ans.token_ids)
     # first-step logits stay close to fp32 (int4 noise on this tiny model is ~0.5 of a ~3 logit scale)
@@ -141,15 +143,28 @@ def test_cli_quantize_then_info_and_ask_precision(llava_model, tmp_path):
     from skin_offline.cli import app
 
     out = tmp_path / "q8"
-    r = CliRunner().invoke(app, ["quantize", str(llava_model.bundle_dir), str(out), "--precision", "int8",
-                                 "--block-size", "64", "--asymmetric", "--no-quality"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "quantize",
+            str(llava_model.bundle_dir),
+            str(out),
+            "--precision",
+            "int8",
+            "--block-size",
+            "64",
+            "--asymmetric",
+            "--no-quality",
+        ],
+    )
     assert r.exit_code == 0, r.output
     info = CliRunner().invoke(app, ["info", str(out)])
     assert "decoder    int8" in info.output and "block 64, asym, acc 4, lm_head int8" in info.output
     bad = CliRunner().invoke(app, ["quantize", str(llava_model.bundle_dir), str(tmp_path / "x"), "--precision", "int3"])
     assert bad.exit_code == 2 and "'int3' is not one of" in bad.output and len(bad.output.splitlines()) == 1
-    ask = CliRunner().invoke(app, ["ask", str(_png(tmp_path)), "hi", "--bundle", str(out), "--precision", "int4",
-                                   "--max-new-tokens", "2"])
+    ask = CliRunner().invoke(
+        app, ["ask", str(_png(tmp_path)), "hi", "--bundle", str(out), "--precision", "int4", "--max-new-tokens", "2"]
+    )
     assert ask.exit_code == 4 and "no int4 decoder graph" in ask.output
 
 
@@ -182,7 +197,9 @@ def _data_theory(plan, block_size: int, symmetric: bool) -> float:
     return plan.quantized_params * bytes_per_weight(bits.pop(), block_size, symmetric) + plan.float_params * 4
 
 
-@pytest.mark.parametrize("precision,lm_head,symmetric", [("int4", "int4", True), ("int4", "fp32", False), ("int8", "int8", True)])
+@pytest.mark.parametrize(
+    "precision,lm_head,symmetric", [("int4", "int4", True), ("int4", "fp32", False), ("int8", "int8", True)]
+)
 def test_sizes_within_10_percent_of_theory(mid_bundle, tmp_path, precision, lm_head, symmetric):
     cfg = QuantConfig(precision, lm_head=lm_head, symmetric=symmetric)
     r = quantize_bundle(mid_bundle, tmp_path / "q", cfg, quality=False, log=lambda m: None)
@@ -218,6 +235,7 @@ def test_quantize_peak_memory_is_bounded(mid_bundle, tmp_path):
     (allocator arenas, protobuf, the packed copy's scales). Loading the fp32 decoder whole (128 MB) fails it.
     Round-to-nearest: the weight stream alone. The calibrated pass adds torch and one layer's calibration
     activations, bounded by the dry run's figure (test_export_plan's peak-RSS test)."""
+
     def run(*args) -> int:
         out = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, check=True)
         return int(out.stdout.split()[-1])
@@ -229,10 +247,14 @@ def test_quantize_peak_memory_is_bounded(mid_bundle, tmp_path):
     src = onnx.load(str(mid_bundle / names.DECODER_GRAPH), load_external_data=False)
     largest_tensor = max(int(np.prod(t.dims)) * 4 for t in src.graph.initializer)
     bound = 1.5 * largest_out + largest_tensor + 16e6
-    fp32_decoder = sum((mid_bundle / f).stat().st_size for f in (names.DECODER_GRAPH, names.external_data_name(names.DECODER_GRAPH)))
+    fp32_decoder = sum(
+        (mid_bundle / f).stat().st_size for f in (names.DECODER_GRAPH, names.external_data_name(names.DECODER_GRAPH))
+    )
     assert bound < fp32_decoder  # the check can tell streaming from a whole-graph load
-    print(f"quantize peak RSS {peak / 1e6:.0f} MB, baseline {base / 1e6:.0f} MB, delta {(peak - base) / 1e6:.0f} MB, "
-          f"bound {bound / 1e6:.0f} MB, largest output graph {largest_out / 1e6:.0f} MB, fp32 decoder {fp32_decoder / 1e6:.0f} MB")
+    print(
+        f"quantize peak RSS {peak / 1e6:.0f} MB, baseline {base / 1e6:.0f} MB, delta {(peak - base) / 1e6:.0f} MB, "
+        f"bound {bound / 1e6:.0f} MB, largest output graph {largest_out / 1e6:.0f} MB, fp32 decoder {fp32_decoder / 1e6:.0f} MB"
+    )
     assert peak - base < bound
 
 
@@ -246,7 +268,10 @@ def test_export_with_precision_writes_only_the_quantized_bundle(llava_model, tmp
     assert r.exit_code == 0, r.output
     m = Manifest.read(out)
     # the int4 decode graph (default) and the int8 QGEMM graph multi-row calls run through (Prefill.INT8)
-    assert [(g.precision.value, g.kernel.value) for g in m.variants(names.ROLE_DECODER)] == [("int4", "nbits"), ("int8", "qgemm")]
+    assert [(g.precision.value, g.kernel.value) for g in m.variants(names.ROLE_DECODER)] == [
+        ("int4", "nbits"),
+        ("int8", "qgemm"),
+    ]
     assert m.pick(names.ROLE_EMBEDDINGS).precision == Precision.INT8
     assert "decoder.int4" in m.quality and m.quality["measured_on"]["probes"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e4"]  # the fp32 scratch export is gone
@@ -257,8 +282,9 @@ def test_keep_source_bundle_serves_both_precisions(llava_model, tmp_path):
     from skin_offline.runtime.pipeline import SkinVL
 
     out = tmp_path / "both"
-    m = quantize_bundle(llava_model.bundle_dir, out, QuantConfig("int4"), quality=False, keep_source=True,
-                        log=lambda m: None).manifest
+    m = quantize_bundle(
+        llava_model.bundle_dir, out, QuantConfig("int4"), quality=False, keep_source=True, log=lambda m: None
+    ).manifest
     assert [g.precision.value for g in m.variants(names.ROLE_DECODER)][0] == "int4"  # the new variant is the default
     assert {g.precision.value for g in m.variants(names.ROLE_DECODER)} == {"int4", "int8", "fp32"}
     img = random_image(7)
@@ -268,7 +294,9 @@ def test_keep_source_bundle_serves_both_precisions(llava_model, tmp_path):
     assert fp32.ask(img, "What is this lesion?", max_new_tokens=12).token_ids == ref
     default = SkinVL.load(out, threads=1)
     assert default.bundle.embeddings.dtype == np.int8
-    assert default.bundle.decoder.session.get_inputs() and "MatMulNBits" in (out / m.pick(names.ROLE_DECODER).file).read_bytes().decode("latin-1")
+    assert default.bundle.decoder.session.get_inputs() and "MatMulNBits" in (
+        out / m.pick(names.ROLE_DECODER).file
+    ).read_bytes().decode("latin-1")
 
 
 def test_fp16_halves_the_decoder_and_keeps_rope_and_rmsnorm_in_fp32(mid_bundle, tmp_path):
@@ -280,8 +308,10 @@ def test_fp16_halves_the_decoder_and_keeps_rope_and_rmsnorm_in_fp32(mid_bundle, 
     f32 = {t.name for t in g.initializer if t.data_type == onnx.TensorProto.FLOAT}
     matmul_weights = {n.input[1] for n in g.node if n.op_type == "MatMul"} & {t.name for t in g.initializer}
     assert matmul_weights and not matmul_weights & f32  # every weight MatMul is fp16
-    assert all(n.startswith(("layers.", "norm.")) and n.endswith("layernorm.weight") or n == "norm.weight"
-               or "const" in n for n in f32)  # only RMSNorm weights and RoPE/eps constants stay fp32
+    assert all(
+        n.startswith(("layers.", "norm.")) and n.endswith("layernorm.weight") or n == "norm.weight" or "const" in n
+        for n in f32
+    )  # only RMSNorm weights and RoPE/eps constants stay fp32
     pos_cast = [n for n in g.node if n.op_type == "Cast" and n.input[0] == names.POSITION_IDS]
     assert [a.i for a in pos_cast[0].attribute if a.name == "to"] == [onnx.TensorProto.FLOAT]
 
@@ -317,8 +347,10 @@ def test_scale_search_never_increases_a_blocks_error(llava_model, tmp_path):
         p, s, _ = _pack(w, bits, 32, True)
         p2, s2 = _pack_search(w, bits, 32)
         zp = 1 << (bits - 1)
+
         def deq(pk, sc, bits=bits, zp=zp):
-            return ((_unpack(pk, bits).reshape(64, -1, 32) - zp) * sc.reshape(64, -1, 1))  # [N,K/bs,bs]
+            return (_unpack(pk, bits).reshape(64, -1, 32) - zp) * sc.reshape(64, -1, 1)  # [N,K/bs,bs]
+
         x = w.T.reshape(64, -1, 32)
         e_abs = np.square(deq(p, s) - x).sum(-1)
         e_srch = np.square(deq(p2, s2) - x).sum(-1)
@@ -332,7 +364,9 @@ def test_scale_search_never_increases_a_blocks_error(llava_model, tmp_path):
     assert d["scales"] == "activation-search" and d["method"] == "rtn" and d["calibration"]["sequences"] >= 128
     from skin_offline.runtime.pipeline import SkinVL
 
-    ans = SkinVL.load(tmp_path / "q", threads=1, device="cpu").ask(random_image(3), "Describe the lesion.", max_new_tokens=4)
+    ans = SkinVL.load(tmp_path / "q", threads=1, device="cpu").ask(
+        random_image(3), "Describe the lesion.", max_new_tokens=4
+    )
     assert len(ans.token_ids) >= 1
 
 
@@ -353,12 +387,18 @@ def test_int8_vision_is_dynamic_quantization_close_to_fp32(llava_model, tmp_path
     m = _quantize(llava_model.bundle_dir, out, precision="int4", vision="int8", quality=True)
     vis = m.pick(names.ROLE_VISION)
     assert vis.precision == Precision.INT8 and vis.details["op"] == "DynamicQuantizeMatMul"
-    assert [g.precision for g in m.variants(names.ROLE_VISION)] == [Precision.INT8]  # no dead fp32 tower (1.2 GB at CLIP-L)
+    assert [g.precision for g in m.variants(names.ROLE_VISION)] == [
+        Precision.INT8
+    ]  # no dead fp32 tower (1.2 GB at CLIP-L)
     assert not (out / names.VISION_GRAPH).exists()
     g = onnx.load(str(out / vis.file), load_external_data=False).graph
     weights = {t.name for t in g.initializer}
-    assert any(n.op_type == "DynamicQuantizeMatMul" for n in g.node) and not any(n.op_type == "MatMulNBits" for n in g.node)
-    assert not [n.name for n in g.node if n.op_type == "MatMul" and n.input[1] in weights]  # every weight MatMul is int8
+    assert any(n.op_type == "DynamicQuantizeMatMul" for n in g.node) and not any(
+        n.op_type == "MatMulNBits" for n in g.node
+    )
+    assert not [
+        n.name for n in g.node if n.op_type == "MatMul" and n.input[1] in weights
+    ]  # every weight MatMul is int8
     assert all((out / f).stat().st_mode & 0o044 == 0o044 for f in m.files)
     pixels = llava_model.runtime.pixels(random_image(9))
     f32 = llava_model.runtime.bundle.vision.encode(pixels)[0]
@@ -368,7 +408,9 @@ def test_int8_vision_is_dynamic_quantization_close_to_fp32(llava_model, tmp_path
     # (onnxruntime 1.32's AVX-512 VNNI kernels), > 0.999 on the Intel machine before it; a wrong scale or a transposed
     # weight gives < 0.5. Whether a tower this close is good enough by default is the gate's call (next test).
     assert cos.min() > 0.98
-    reports = [r for r in (m.quality.get("graphs") or m.quality).values() if isinstance(r, dict) and "feature_cosine_min" in r]
+    reports = [
+        r for r in (m.quality.get("graphs") or m.quality).values() if isinstance(r, dict) and "feature_cosine_min" in r
+    ]
     assert reports and all(r["feature_cosine_min"] > 0.98 for r in reports)  # the manifest's quality report
 
 
@@ -381,8 +423,9 @@ def test_default_int8_vision_is_gated_by_its_feature_cosine(llava_model, tmp_pat
     from skin_offline.export.quality import probe_image
     from skin_offline.runtime.pipeline import SkinVL
 
-    forced = quantize_bundle(llava_model.bundle_dir, tmp_path / "c", QuantConfig("int4", vision="int8"), quality=False,
-                             log=lambda m: None).manifest
+    forced = quantize_bundle(
+        llava_model.bundle_dir, tmp_path / "c", QuantConfig("int4", vision="int8"), quality=False, log=lambda m: None
+    ).manifest
     vis = forced.pick(names.ROLE_VISION)
     assert vis.precision == Precision.INT8  # asked for: kept whatever its cosine
     int8 = SkinVL.load(tmp_path / "c", threads=1, device="cpu")
@@ -392,16 +435,22 @@ def test_default_int8_vision_is_gated_by_its_feature_cosine(llava_model, tmp_pat
         a, b = (x.bundle.vision.encode(pixels).reshape(-1).astype(np.float64) for x in (llava_model.runtime, int8))
         cos.append(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
     assert abs(vis.details["feature_cosine_min"] - min(cos)) < 1e-4
-    m = quantize_bundle(llava_model.bundle_dir, tmp_path / "a", QuantConfig("int4"), quality=False, log=lambda m: None).manifest
+    m = quantize_bundle(
+        llava_model.bundle_dir, tmp_path / "a", QuantConfig("int4"), quality=False, log=lambda m: None
+    ).manifest
     assert (m.pick(names.ROLE_VISION).precision == Precision.INT8) == (min(cos) >= q.VISION_INT8_MIN_COSINE)
     monkeypatch.setattr(q, "VISION_INT8_MIN_COSINE", min(cos) + 1e-3)  # just above: the gate must reject
     said = []
-    m = quantize_bundle(llava_model.bundle_dir, tmp_path / "b", QuantConfig("int4"), quality=False, log=said.append).manifest
+    m = quantize_bundle(
+        llava_model.bundle_dir, tmp_path / "b", QuantConfig("int4"), quality=False, log=said.append
+    ).manifest
     assert [g.precision for g in m.variants(names.ROLE_VISION)] == [Precision.FP32]
     assert not (tmp_path / "b" / names.variant_file(names.VISION_GRAPH, "int8")).exists()
     assert any("vision int8 rejected" in line for line in said)
     monkeypatch.setattr(q, "VISION_INT8_MIN_COSINE", min(cos) - 1e-3)  # just below: kept, its figure recorded
-    m = quantize_bundle(llava_model.bundle_dir, tmp_path / "d", QuantConfig("int4"), quality=False, log=lambda m: None).manifest
+    m = quantize_bundle(
+        llava_model.bundle_dir, tmp_path / "d", QuantConfig("int4"), quality=False, log=lambda m: None
+    ).manifest
     assert [g.precision for g in m.variants(names.ROLE_VISION)] == [Precision.INT8]
     assert m.pick(names.ROLE_VISION).details["feature_cosine_min"] >= q.VISION_INT8_MIN_COSINE
     assert QuantConfig("fp16").resolved_vision() == Precision.FP32

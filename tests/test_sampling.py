@@ -25,9 +25,18 @@ def hf_distribution(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
     return torch.softmax(scores, -1)[0].numpy()
 
 
-@pytest.mark.parametrize("temperature,top_p,top_k", [
-    (1.0, 1.0, 0), (0.2, 0.9, 0), (0.7, 0.5, 0), (1.3, 1.0, 40), (0.8, 0.95, 50), (1.0, 0.01, 0), (2.0, 0.999, 0),
-])
+@pytest.mark.parametrize(
+    "temperature,top_p,top_k",
+    [
+        (1.0, 1.0, 0),
+        (0.2, 0.9, 0),
+        (0.7, 0.5, 0),
+        (1.3, 1.0, 40),
+        (0.8, 0.95, 50),
+        (1.0, 0.01, 0),
+        (2.0, 0.999, 0),
+    ],
+)
 @pytest.mark.parametrize("seed", range(3))
 def test_filtered_distribution_matches_hf_warpers(temperature, top_p, top_k, seed):
     rng = np.random.default_rng(seed)

@@ -73,8 +73,11 @@ def test_non_streamed_equals_ask_cli(client, model_id, llava_model, tmp_path):
 def test_streamed_equals_non_streamed_with_usage_chunk(client, model_id):
     msgs = [user("Is it benign?", image_url(12))]
     full = client.chat.completions.create(model=model_id, messages=msgs, max_tokens=N)
-    chunks = list(client.chat.completions.create(model=model_id, messages=msgs, max_tokens=N, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=model_id, messages=msgs, max_tokens=N, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -95,8 +98,22 @@ def test_multi_turn_equals_chat_cli(client, model_id, llava_model, tmp_path):
     img = tmp_path / "lesion.png"
     random_image(13).save(img)
     q1, q2, q3 = "What is this lesion?", "Is the border regular?", "Should it be biopsied?"
-    want = cli("chat", img, "-q", q1, "-q", q2, "-q", q3, "--bundle", llava_model.bundle_dir,
-               "--max-new-tokens", N, "--threads", 1)
+    want = cli(
+        "chat",
+        img,
+        "-q",
+        q1,
+        "-q",
+        q2,
+        "-q",
+        q3,
+        "--bundle",
+        llava_model.bundle_dir,
+        "--max-new-tokens",
+        N,
+        "--threads",
+        1,
+    )
     assert want.returncode == 0, want.stderr
     msgs, answers = [user(q1, image_url(13))], []
     for q in (q2, q3, None):
@@ -114,7 +131,9 @@ def test_concurrent_requests_equal_sequential(client, model_id, llava_model):
     def one(job):
         seed, q = job
         stream = job[0] % 2 == 0
-        r = client.chat.completions.create(model=model_id, messages=[user(q, image_url(seed))], max_tokens=N, stream=stream)
+        r = client.chat.completions.create(
+            model=model_id, messages=[user(q, image_url(seed))], max_tokens=N, stream=stream
+        )
         if stream:
             return "".join(c.choices[0].delta.content or "" for c in r if c.choices)
         return r.choices[0].message.content
@@ -126,19 +145,26 @@ def test_concurrent_requests_equal_sequential(client, model_id, llava_model):
 
 def test_sampling_stop_and_system_policy(client, model_id, llava_model):
     rt, img, q = llava_model.runtime, random_image(31), "Describe it."
-    seeded = [client.chat.completions.create(model=model_id, messages=[user(q, image_url(31))], max_tokens=N,
-                                             temperature=0.9, top_p=0.95, seed=7).choices[0].message.content for _ in range(2)]
+    seeded = [
+        client.chat.completions.create(
+            model=model_id, messages=[user(q, image_url(31))], max_tokens=N, temperature=0.9, top_p=0.95, seed=7
+        )
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    ]
     assert seeded[0] == seeded[1] == rt.ask(img, q, max_new_tokens=N, temperature=0.9, top_p=0.95, seed=7).answer
     full = rt.ask(img, q, max_new_tokens=N).answer
     stop = full[4:7]
     r = client.chat.completions.create(model=model_id, messages=[user(q, image_url(31))], max_tokens=N, stop=[stop])
-    assert r.choices[0].message.content == full[:full.index(stop)] and r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
     # documented policy: a system message is prepended to the first question; an empty one changes nothing
     sys_msg = {"role": "system", "content": "Answer briefly."}
     r = client.chat.completions.create(model=model_id, messages=[sys_msg, user(q, image_url(31))], max_tokens=N)
     assert r.choices[0].message.content == rt.ask(img, "Answer briefly.\n\n" + q, max_new_tokens=N).answer
-    r = client.chat.completions.create(model=model_id, messages=[{"role": "system", "content": ""}, user(q, image_url(31))],
-                                       max_tokens=N)
+    r = client.chat.completions.create(
+        model=model_id, messages=[{"role": "system", "content": ""}, user(q, image_url(31))], max_tokens=N
+    )
     assert r.choices[0].message.content == full
 
 

@@ -85,41 +85,121 @@ CASES = {
     "n-2": (ok_body(n=2), 400, "unsupported_parameter", "n"),
     "top-logprobs-without-logprobs": (ok_body(top_logprobs=2), 400, "unsupported_parameter", "top_logprobs"),
     "tools": (ok_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "unsupported_parameter", "tools"),
-    "json-schema-without-schema": (ok_body(response_format={"type": "json_schema"}), 400, "unsupported_parameter",
-                                   "response_format.json_schema"),
+    "json-schema-without-schema": (
+        ok_body(response_format={"type": "json_schema"}),
+        400,
+        "unsupported_parameter",
+        "response_format.json_schema",
+    ),
     "presence-penalty": (ok_body(presence_penalty=0.5), 400, "unsupported_parameter", "presence_penalty"),
     "max-tokens-disagree": (ok_body(max_tokens=3, max_completion_tokens=4), 400, "unsupported_parameter", "max_tokens"),
     "unknown-model": (ok_body(model="gpt-4o"), 404, "model_not_found", "model", "gpt-4o"),
-    "role-tool": ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, 400, "unsupported_value", "messages[0]"),
-    "part-audio": (parts(TEXT, {"type": "input_audio", "input_audio": {}}), 400, "unsupported_value", None, "input_audio"),
+    "role-tool": (
+        {"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]},
+        400,
+        "unsupported_value",
+        "messages[0]",
+    ),
+    "part-audio": (
+        parts(TEXT, {"type": "input_audio", "input_audio": {}}),
+        400,
+        "unsupported_value",
+        None,
+        "input_audio",
+    ),
     "no-image": ({"messages": [user("What is this?")]}, 400, "missing_image", "messages", "image"),
-    "two-images": (parts(TEXT, img_part(IMG), img_part(IMG)), 400, None, "messages[0].content[2].image_url.url", "one image"),
-    "image-in-second-turn": ({"messages": [user("Hi?", IMG), {"role": "assistant", "content": "x"}, user("Again?", IMG)]},
-                             400, None, "messages[2].content[0].image_url.url", "first user message"),
-    "http-url": (parts(TEXT, img_part("http://169.254.169.254/latest/meta-data")), 400, "image_url_not_allowed", None, "never fetched"),
-    "https-url": (parts(TEXT, img_part("https://example.com/lesion.jpg")), 400, "image_url_not_allowed", None, "never fetched"),
+    "two-images": (
+        parts(TEXT, img_part(IMG), img_part(IMG)),
+        400,
+        None,
+        "messages[0].content[2].image_url.url",
+        "one image",
+    ),
+    "image-in-second-turn": (
+        {"messages": [user("Hi?", IMG), {"role": "assistant", "content": "x"}, user("Again?", IMG)]},
+        400,
+        None,
+        "messages[2].content[0].image_url.url",
+        "first user message",
+    ),
+    "http-url": (
+        parts(TEXT, img_part("http://169.254.169.254/latest/meta-data")),
+        400,
+        "image_url_not_allowed",
+        None,
+        "never fetched",
+    ),
+    "https-url": (
+        parts(TEXT, img_part("https://example.com/lesion.jpg")),
+        400,
+        "image_url_not_allowed",
+        None,
+        "never fetched",
+    ),
     "ftp-url": (parts(TEXT, img_part("ftp://example.com/lesion.jpg")), 400, "image_url_not_allowed"),
-    "file-path-not-allowed": (parts(TEXT, img_part("/etc/passwd")), 400, "image_url_not_allowed", None, "--allow-files"),
-    "file-url-not-allowed": (parts(TEXT, img_part("file:///etc/passwd")), 400, "image_url_not_allowed", None, "--allow-files"),
+    "file-path-not-allowed": (
+        parts(TEXT, img_part("/etc/passwd")),
+        400,
+        "image_url_not_allowed",
+        None,
+        "--allow-files",
+    ),
+    "file-url-not-allowed": (
+        parts(TEXT, img_part("file:///etc/passwd")),
+        400,
+        "image_url_not_allowed",
+        None,
+        "--allow-files",
+    ),
     "bad-base64": (parts(TEXT, img_part("data:image/png;base64,@@@notbase64")), 400, "invalid_image", None, "base64"),
     "data-url-no-comma": (parts(TEXT, img_part("data:image/png;base64")), 400, "invalid_image"),
-    "data-url-text-mime": (parts(TEXT, img_part("data:text/plain;base64,aGVsbG8=")), 400, "invalid_image", None, "not an image"),
+    "data-url-text-mime": (
+        parts(TEXT, img_part("data:text/plain;base64,aGVsbG8=")),
+        400,
+        "invalid_image",
+        None,
+        "not an image",
+    ),
     "data-url-empty": (parts(TEXT, img_part("data:image/png;base64,")), 400, "invalid_image"),
     "not-an-image": (parts(TEXT, img_part(data_url(b"patient notes, not an image" * 4))), 400, "invalid_image"),
     "context-exceeded": (ok_body(max_tokens=5000), 400, "context_length_exceeded", None, "5000", "2048"),
     "empty-question": (parts(img_part(IMG)), 400, "invalid_prompt", None, "empty"),
-    "lone-surrogate": (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "'
-                       + IMG.encode() + b'"}}, {"type": "text", "text": "caf\\ud800"}]}]}', 400, "invalid_prompt", None, "UTF-8"),
+    "lone-surrogate": (
+        b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "'
+        + IMG.encode()
+        + b'"}}, {"type": "text", "text": "caf\\ud800"}]}]}',
+        400,
+        "invalid_prompt",
+        None,
+        "UTF-8",
+    ),
     "two-users-in-a-row": ({"messages": [user("Hi?", IMG), user("Again?")]}, 400, None, "messages[1]", "alternate"),
-    "ends-with-assistant": ({"messages": [user("Hi?", IMG), {"role": "assistant", "content": "x"}]}, 400, None, "messages", "last"),
-    "system-after-user": ({"messages": [user("Hi?", IMG), {"role": "system", "content": "x"}]}, 400, None, "messages[1]", "system"),
-    "starts-with-assistant": ({"messages": [{"role": "assistant", "content": "x"}, user("Hi?", IMG)]}, 400, None, "messages[0]"),
+    "ends-with-assistant": (
+        {"messages": [user("Hi?", IMG), {"role": "assistant", "content": "x"}]},
+        400,
+        None,
+        "messages",
+        "last",
+    ),
+    "system-after-user": (
+        {"messages": [user("Hi?", IMG), {"role": "system", "content": "x"}]},
+        400,
+        None,
+        "messages[1]",
+        "system",
+    ),
+    "starts-with-assistant": (
+        {"messages": [{"role": "assistant", "content": "x"}, user("Hi?", IMG)]},
+        400,
+        None,
+        "messages[0]",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_error_case(server, case):
-    body, status, code, param, *needles = (*CASES[case], None)[:max(4, len(CASES[case]))]
+    body, status, code, param, *needles = (*CASES[case], None)[: max(4, len(CASES[case]))]
     check_error(server.post(body), status, code, param, *needles)
 
 
@@ -153,14 +233,32 @@ def test_huge_bodies(server):
     # the same body sent chunked, without a Content-Length: refused while it streams in
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     try:
+
         def gen():
             for i in range(0, len(big), 65536):
-                yield big[i:i + 65536].encode()
-        conn.request("POST", "/v1/chat/completions", body=gen(), headers={"content-type": "application/json"},
-                     encode_chunked=True)
+                yield big[i : i + 65536].encode()
+
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            body=gen(),
+            headers={"content-type": "application/json"},
+            encode_chunked=True,
+        )
         r = conn.getresponse()
-        check_error(type("R", (), {"status": r.status, "headers": {k.lower(): v for k, v in r.getheaders()},
-                                   "json": lambda self, b=r.read(): json.loads(b)})(), 413, "request_too_large")
+        check_error(
+            type(
+                "R",
+                (),
+                {
+                    "status": r.status,
+                    "headers": {k.lower(): v for k, v in r.getheaders()},
+                    "json": lambda self, b=r.read(): json.loads(b),
+                },
+            )(),
+            413,
+            "request_too_large",
+        )
     except (BrokenPipeError, ConnectionResetError):
         pytest.fail("the server reset the connection instead of answering 413")
     finally:
@@ -174,7 +272,13 @@ def test_huge_bodies(server):
 def test_thousand_tiny_requests(server):
     """1000 tiny requests on 4 keep-alive connections: tiny good ones answered, bad ones refused, no 5xx."""
     good = json.dumps({"messages": [user("Hi?", data_url(png_bytes(random_image(9, size=(4, 4)))))], "max_tokens": 1})
-    bad = [b"{", b'{"messages": []}', json.dumps(ok_body(n=3)).encode(), b"\xff\xfe", json.dumps(ok_body(model="x")).encode()]
+    bad = [
+        b"{",
+        b'{"messages": []}',
+        json.dumps(ok_body(n=3)).encode(),
+        b"\xff\xfe",
+        json.dumps(ok_body(model="x")).encode(),
+    ]
 
     def worker(w: int):
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
@@ -207,5 +311,7 @@ def test_base64_with_line_breaks_is_accepted(server, llava_model):
     wrapped = base64.encodebytes(data).decode()  # newlines every 76 characters
     r = server.post(parts(TEXT, img_part("data:image/png;base64," + wrapped)))
     assert r.status == 200, r
-    assert r.json()["choices"][0]["message"]["content"] == \
-        llava_model.runtime.ask(data, "What is this?", max_new_tokens=4).answer
+    assert (
+        r.json()["choices"][0]["message"]["content"]
+        == llava_model.runtime.ask(data, "What is this?", max_new_tokens=4).answer
+    )

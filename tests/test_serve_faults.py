@@ -67,10 +67,19 @@ def rid(resp) -> str:
 
 # ----------------------------------------------------------------------------- full queue + keep-alive
 
+
 @pytest.fixture(scope="module")
 def small(llava_model, tmp_path_factory):
-    s = Server(llava_model.bundle_dir, "--parallel", "1", "--max-queue", "1", "--keepalive-s", "0.2",
-               log=tmp_path_factory.mktemp("serve-small") / "server.log")
+    s = Server(
+        llava_model.bundle_dir,
+        "--parallel",
+        "1",
+        "--max-queue",
+        "1",
+        "--keepalive-s",
+        "0.2",
+        log=tmp_path_factory.mktemp("serve-small") / "server.log",
+    )
     yield s
     assert s.stop() == 0
 
@@ -81,7 +90,9 @@ def test_queue_full_503_and_keepalive(small):
     cb, b = open_stream(small.port, long_body(2))  # B waits in the one queue place
     seen = []
     while not any(kind == "comment" for kind, _ in seen):
-        seen += read_until_content(b, 0) or [("comment", x) for x in [b.readline().decode().strip()] if x.startswith(":")]
+        seen += read_until_content(b, 0) or [
+            ("comment", x) for x in [b.readline().decode().strip()] if x.startswith(":")
+        ]
     assert seen and seen[0][0] == "data" or any(k == "comment" for k, _ in seen)
     r = small.post(long_body(3, n=5))  # C: no slot, no queue place
     check_error(r, 503, "server_busy", None, "retry")
@@ -109,19 +120,33 @@ def test_keepalive_comment_lines_while_waiting(small):
     events = sse_events(b)  # then B runs to its end
     cb.close()
     assert events[-1] == ("data", "[DONE]")
-    assert sum(1 for k, _ in events if k == "data" and _ != "[DONE]" and _["choices"]
-               and _["choices"][0]["delta"].get("content")) >= 1
+    assert (
+        sum(
+            1
+            for k, _ in events
+            if k == "data" and _ != "[DONE]" and _["choices"] and _["choices"][0]["delta"].get("content")
+        )
+        >= 1
+    )
 
 
 # ----------------------------------------------------------------------------- disconnects + load
+
 
 @pytest.fixture(scope="module")
 def busy(llava_model, tmp_path_factory):
     # MALLOC_ARENA_MAX=2: glibc's per-thread malloc arenas otherwise grow RSS for thousands of requests (measured:
     # +24 MB over 3200 requests, flattening, while Python's traced memory stayed flat); with 2 arenas RSS settles
     # within ~1000 requests, so the load test below sees the server's own memory, not the allocator's (README)
-    s = Server(llava_model.bundle_dir, "--parallel", "4", "--max-queue", "32", env={"MALLOC_ARENA_MAX": "2"},
-               log=tmp_path_factory.mktemp("serve-busy") / "server.log")
+    s = Server(
+        llava_model.bundle_dir,
+        "--parallel",
+        "4",
+        "--max-queue",
+        "32",
+        env={"MALLOC_ARENA_MAX": "2"},
+        log=tmp_path_factory.mktemp("serve-busy") / "server.log",
+    )
     yield s
     assert s.stop() == 0
 
@@ -144,29 +169,42 @@ def test_disconnect_cancels_the_row_within_one_step(busy, llava_model):
     stream_id = rid(s)
     drop(cs)
     cn = http.client.HTTPConnection("127.0.0.1", busy.port, timeout=60)
-    cn.request("POST", "/v1/chat/completions", body=json.dumps(long_body(9)), headers={"content-type": "application/json"})
+    cn.request(
+        "POST", "/v1/chat/completions", body=json.dumps(long_body(9)), headers={"content-type": "application/json"}
+    )
     time.sleep(0.3)  # prepared and decoding by now (the answer takes ~2 s)
     drop(cn)
     events = head + sse_events(other)
     co.close()
-    text = "".join(o["choices"][0]["delta"].get("content") or "" for k, o in events
-                   if k == "data" and o != "[DONE]" and o["choices"])
+    text = "".join(
+        o["choices"][0]["delta"].get("content") or ""
+        for k, o in events
+        if k == "data" and o != "[DONE]" and o["choices"]
+    )
     assert text == want and events[-1] == ("data", "[DONE]")
     after_s, ms_s = _cancel_fields(log_line(busy, stream_id))
-    json_line = wait_for(lambda: next((ln for ln in busy.log().splitlines() if "stream=0" in ln and "client_left" in ln), None))
+    json_line = wait_for(
+        lambda: next((ln for ln in busy.log().splitlines() if "stream=0" in ln and "client_left" in ln), None)
+    )
     after_j, ms_j = _cancel_fields(json_line)
     assert " 499 " in json_line
     assert after_s <= 1 and after_j <= 1, (after_s, after_j)
-    print(f"\n[disconnect: streamed row stopped {ms_s:.1f} ms / {after_s} token(s) after the cancel; "
-          f"non-streamed {ms_j:.1f} ms / {after_j} token(s)]")
+    print(
+        f"\n[disconnect: streamed row stopped {ms_s:.1f} ms / {after_s} token(s) after the cancel; "
+        f"non-streamed {ms_j:.1f} ms / {after_j} token(s)]"
+    )
     assert wait_for(lambda: metric(busy.request("GET", "/metrics").body.decode(), "skin_offline_active_slots") == 0)
 
 
 GOOD = [(seed, q) for seed in (51, 52, 53) for q in ("What is this?", "Describe the border.")]
-BAD = [b"{", json.dumps({"messages": []}).encode(), b"\xff",
-       json.dumps({"messages": [user("Hi?", data_url(b"not an image" * 9))]}).encode(),
-       json.dumps({"messages": [user("Hi?", image_url(1))], "n": 2}).encode(),
-       json.dumps({"messages": [user("Hi?", "https://example.com/x.jpg")]}).encode()]
+BAD = [
+    b"{",
+    json.dumps({"messages": []}).encode(),
+    b"\xff",
+    json.dumps({"messages": [user("Hi?", data_url(b"not an image" * 9))]}).encode(),
+    json.dumps({"messages": [user("Hi?", image_url(1))], "n": 2}).encode(),
+    json.dumps({"messages": [user("Hi?", "https://example.com/x.jpg")]}).encode(),
+]
 N_GOOD = 16
 
 
@@ -188,27 +226,40 @@ def _run(server, kind: str, job, rng: random.Random) -> tuple[str, int | None, s
             r.read()
             return kind, r.status, None
         if kind in ("good", "good-stream"):
-            conn.request("POST", "/v1/chat/completions", body=json.dumps(_good_body(job, kind == "good-stream")),
-                         headers={"content-type": "application/json"})
+            conn.request(
+                "POST",
+                "/v1/chat/completions",
+                body=json.dumps(_good_body(job, kind == "good-stream")),
+                headers={"content-type": "application/json"},
+            )
             r = conn.getresponse()
             if kind == "good":
                 return kind, r.status, json.loads(r.read())["choices"][0]["message"]["content"]
             events = sse_events(r)
             assert events[-1] == ("data", "[DONE]")
-            text = "".join(o["choices"][0]["delta"].get("content") or "" for k, o in events
-                           if k == "data" and o != "[DONE]" and o["choices"])
+            text = "".join(
+                o["choices"][0]["delta"].get("content") or ""
+                for k, o in events
+                if k == "data" and o != "[DONE]" and o["choices"]
+            )
             return kind, r.status, text
         # a client that leaves: mid-stream, or before a non-streamed answer
         body = long_body(job[0], n=400)
         if kind == "leave-stream":
-            conn.request("POST", "/v1/chat/completions", body=json.dumps({**body, "stream": True}),
-                         headers={"content-type": "application/json"})
+            conn.request(
+                "POST",
+                "/v1/chat/completions",
+                body=json.dumps({**body, "stream": True}),
+                headers={"content-type": "application/json"},
+            )
             r = conn.getresponse()
             status = r.status
             read_until_content(r, rng.randint(1, 3))
             drop(conn)
             return kind, status, None
-        conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"content-type": "application/json"})
+        conn.request(
+            "POST", "/v1/chat/completions", body=json.dumps(body), headers={"content-type": "application/json"}
+        )
         time.sleep(rng.uniform(0.0, 0.05))
         drop(conn)
         return kind, None, None
@@ -248,8 +299,10 @@ def test_load_mixed_clients(busy, llava_model):
         assert r.status == 200
         sequential[job] = r.json()["choices"][0]["message"]["content"]
     seed, q = GOOD[0]
-    assert sequential[GOOD[0]] == llava_model.runtime.ask(random_image(seed, size=LOAD_IMAGE), q,
-                                                          max_new_tokens=N_GOOD).answer
+    assert (
+        sequential[GOOD[0]]
+        == llava_model.runtime.ask(random_image(seed, size=LOAD_IMAGE), q, max_new_tokens=N_GOOD).answer
+    )
     proc = psutil.Process(busy.proc.pid)
     _load(busy, _mix(200, 0), 16)  # warm-up: allocator pools, thread pools, caches reach their steady size
     assert wait_for(lambda: _settled(busy), 60)
@@ -269,8 +322,10 @@ def test_load_mixed_clients(busy, llava_model):
     fds_ok = wait_for(lambda: proc.num_fds() <= fds0, 15)
     rss1 = proc.memory_info().rss
     growth_mb = (rss1 - rss0) / 2**20
-    print(f"\n[load: 200 requests / 16 clients in {wall:.1f} s ({200 / wall:.0f} req/s); RSS {rss0 / 2**20:.0f} -> "
-          f"{rss1 / 2**20:.0f} MB; fds {fds0} -> {proc.num_fds()}]")
+    print(
+        f"\n[load: 200 requests / 16 clients in {wall:.1f} s ({200 / wall:.0f} req/s); RSS {rss0 / 2**20:.0f} -> "
+        f"{rss1 / 2**20:.0f} MB; fds {fds0} -> {proc.num_fds()}]"
+    )
     assert fds_ok, (fds0, proc.num_fds())
     # ~130 requests carry a 230 KB image (300 KB of base64): keeping a body, a decoded image (230 KB) or a KV cache
     # (1 MB) per request would add 30-130 MB; after the warm-up the allocator moves by a few MB (measured 2-4)
@@ -280,6 +335,7 @@ def test_load_mixed_clients(busy, llava_model):
 
 
 # ----------------------------------------------------------------------------- signals and loading
+
 
 def _refused(port: int) -> bool:
     try:
@@ -310,7 +366,9 @@ def test_sigterm_finishes_or_cancels_in_flight_and_exits_0(llava_model, tmp_path
         s.kill()
     assert rc == 0
     for end in ends:  # each stream either completed or says why it ended: never a silent cut
-        assert end == ("data", "[DONE]") or (end[0] == "data" and end[1]["error"]["code"] == "server_shutting_down"), end
+        assert end == ("data", "[DONE]") or (end[0] == "data" and end[1]["error"]["code"] == "server_shutting_down"), (
+            end
+        )
     assert ends[1][1] != "[DONE]"
     print(f"\n[SIGTERM: exit 0 after {took:.1f} s with a 1 s grace period]")
     assert "Traceback" not in s.log()

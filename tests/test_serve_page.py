@@ -18,8 +18,15 @@ playwright = pytest.importorskip("playwright.sync_api")  # test extra: installed
 
 CHROMIUM = os.environ.get("SKIN_OFFLINE_CHROMIUM", "/usr/bin/chromium")
 # the flags known to work here as root with no network (/work/.library/env/machines/python.md)
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 N = 24
 
 
@@ -63,7 +70,9 @@ def test_ask_follow_up_and_stop(page, server, llava_model, tmp_path):
     random_image(77).save(img)
     page.goto(server.url + "/")
     page.wait_for_selector("#model-info[data-state=ready]")
-    assert llava_model.bundle_dir.name in page.text_content("#model-info") and "fp32" in page.text_content("#model-info")
+    assert llava_model.bundle_dir.name in page.text_content("#model-info") and "fp32" in page.text_content(
+        "#model-info"
+    )
     assert page.is_visible("#warning") and "RANDOM weights" in page.text_content("#warning")
     assert "not a diagnosis" in page.text_content(".disclaimer")
 
@@ -91,7 +100,9 @@ def test_ask_follow_up_and_stop(page, server, llava_model, tmp_path):
     page.fill("#question", "Describe it in detail.")
     page.click("#ask")
     # waited for in the page, not polled from here: the tiny model writes the whole answer in seconds
-    page.wait_for_function("() => (document.querySelector('.turn.assistant:last-child .text') || {}).textContent?.length > 20")
+    page.wait_for_function(
+        "() => (document.querySelector('.turn.assistant:last-child .text') || {}).textContent?.length > 20"
+    )
     page.click("#stop")
     page.wait_for_selector("#status[data-state=stopped]")
     assert wait_for(lambda: "finish=client_left" in server.log(), 30)
@@ -112,8 +123,10 @@ def test_ask_follow_up_and_stop(page, server, llava_model, tmp_path):
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     code = readme.split("```js\n", 1)[1].split("```", 1)[0]
     page.set_input_files("#file", str(img))
-    got = page.evaluate(f"async () => {{ {code}; return await ask(document.getElementById('file').files[0], "
-                        f"'What is this lesion?', {{ url: location.origin }}); }}")
+    got = page.evaluate(
+        f"async () => {{ {code}; return await ask(document.getElementById('file').files[0], "
+        f"'What is this lesion?', {{ url: location.origin }}); }}"
+    )
     assert got == rt.ask(img, "What is this lesion?", max_new_tokens=256).answer
 
     assert all(u.startswith(server.url) or u.startswith("data:") for u in page.requests), page.requests

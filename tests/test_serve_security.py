@@ -23,15 +23,19 @@ ORIGIN = "http://localhost:3000"
 
 # ------------------------------------------------------------------ refusals at startup (no socket bound)
 
-@pytest.mark.parametrize("args, needle", [
-    (("--host", "0.0.0.0"), "without an API key"),
-    (("--host", "192.168.1.10"), "without an API key"),
-    (("--host", "0.0.0.0", "--api-key", "short"), "shorter than 16"),
-    (("--cors-origin", "*"), "wildcard"),
-    (("--cors-origin", "localhost:3000"), "not an origin"),
-    (("--allow-files", "/nonexistent/folder"), "not a folder"),
-    (("--api-key", "a" * 20, "--api-key-file", "/tmp/k"), "not both"),
-])
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (("--host", "0.0.0.0"), "without an API key"),
+        (("--host", "192.168.1.10"), "without an API key"),
+        (("--host", "0.0.0.0", "--api-key", "short"), "shorter than 16"),
+        (("--cors-origin", "*"), "wildcard"),
+        (("--cors-origin", "localhost:3000"), "not an origin"),
+        (("--allow-files", "/nonexistent/folder"), "not a folder"),
+        (("--api-key", "a" * 20, "--api-key-file", "/tmp/k"), "not both"),
+    ],
+)
 def test_refuses_to_start(args, needle, tmp_path, llava_model):
     r = cli("serve", "--bundle", llava_model.bundle_dir, "--port", "0", *args, home=tmp_path)
     assert_one_line_error(r, 2, needle)
@@ -62,18 +66,40 @@ def test_key_check_unit():
 
     k = KeyCheck("s3cret-key")
     assert k.ok(b"Bearer s3cret-key") and k.ok(b"bearer  s3cret-key ")
-    for bad in (None, b"", b"Bearer", b"Bearer ", b"Basic s3cret-key", b"s3cret-key", b"Bearer s3cret-ke", b"Bearer s3cret-key2"):
+    for bad in (
+        None,
+        b"",
+        b"Bearer",
+        b"Bearer ",
+        b"Basic s3cret-key",
+        b"s3cret-key",
+        b"Bearer s3cret-ke",
+        b"Bearer s3cret-key2",
+    ):
         assert not k.ok(bad), bad
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and is_loopback("127.1.2.3")
-    assert not is_loopback("0.0.0.0") and not is_loopback("::") and not is_loopback("10.0.0.2") and not is_loopback("myhost")
+    assert (
+        not is_loopback("0.0.0.0")
+        and not is_loopback("::")
+        and not is_loopback("10.0.0.2")
+        and not is_loopback("myhost")
+    )
 
 
 # ------------------------------------------------------------------ a server open to the network, with a key
 
+
 @pytest.fixture(scope="module")
 def lan(llava_model, tmp_path_factory):
-    s = Server(llava_model.bundle_dir, "--host", "0.0.0.0", "--cors-origin", ORIGIN,
-               log=tmp_path_factory.mktemp("serve-lan") / "server.log", env={"SKIN_OFFLINE_API_KEY": KEY})
+    s = Server(
+        llava_model.bundle_dir,
+        "--host",
+        "0.0.0.0",
+        "--cors-origin",
+        ORIGIN,
+        log=tmp_path_factory.mktemp("serve-lan") / "server.log",
+        env={"SKIN_OFFLINE_API_KEY": KEY},
+    )
     yield s
     assert s.stop() == 0
 
@@ -113,8 +139,11 @@ def test_openai_client_with_and_without_key(lan):
 
 
 def test_cors(lan):
-    pre = {"origin": ORIGIN, "access-control-request-method": "POST",
-           "access-control-request-headers": "authorization, content-type"}
+    pre = {
+        "origin": ORIGIN,
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization, content-type",
+    }
     r = lan.request("OPTIONS", "/v1/chat/completions", headers=pre)
     assert r.status == 200 and r.headers["access-control-allow-origin"] == ORIGIN
     assert "access-control-allow-credentials" not in r.headers
@@ -160,15 +189,28 @@ def _ask_file(server, url: str):
 def test_allow_files_confined(local, files, llava_model):
     want = llava_model.runtime.ask(random_image(3), "What is this?", max_new_tokens=6).answer
     allowed = files / "allowed"
-    for url in (str(allowed / "sub" / "lesion.png"), "sub/lesion.png", f"file://{allowed}/sub/lesion.png",
-                "file://localhost" + str(allowed / "sub" / "lesion.png"), "inner-link.png", "sub/../sub/lesion.png"):
+    for url in (
+        str(allowed / "sub" / "lesion.png"),
+        "sub/lesion.png",
+        f"file://{allowed}/sub/lesion.png",
+        "file://localhost" + str(allowed / "sub" / "lesion.png"),
+        "inner-link.png",
+        "sub/../sub/lesion.png",
+    ):
         r = _ask_file(local, url)
         assert r.status == 200 and r.json()["choices"][0]["message"]["content"] == want, (url, r)
-    for url, needle in ((str(files / "outside.png"), "outside"), ("../outside.png", "outside"),
-                        ("sub/../../outside.png", "outside"), ("escape.png", "outside"), ("dirlink/outside.png", "outside"),
-                        (f"file://{files}/outside.png", "outside"), ("sub", "not a regular file"),
-                        ("missing.png", "no such"), ("file://otherhost/etc/passwd", "local file"),
-                        ("/etc/passwd", "outside")):
+    for url, needle in (
+        (str(files / "outside.png"), "outside"),
+        ("../outside.png", "outside"),
+        ("sub/../../outside.png", "outside"),
+        ("escape.png", "outside"),
+        ("dirlink/outside.png", "outside"),
+        (f"file://{files}/outside.png", "outside"),
+        ("sub", "not a regular file"),
+        ("missing.png", "no such"),
+        ("file://otherhost/etc/passwd", "local file"),
+        ("/etc/passwd", "outside"),
+    ):
         check_error(_ask_file(local, url), 400, "image_url_not_allowed", None, needle)
 
 
@@ -188,9 +230,16 @@ def test_log_never_carries_patient_data(local, files, llava_model):
     answers = []
     bodies = [
         {"messages": [user(f"Is {WORD} malignant?", url)], "max_tokens": 12},
-        {"messages": [{"role": "system", "content": f"Patient {WORD}."}, user("What is this?", url),
-                      {"role": "assistant", "content": f"{WORD} answer"}, user(f"And {WORD}?")], "max_tokens": 12,
-         "stop": [WORD]},
+        {
+            "messages": [
+                {"role": "system", "content": f"Patient {WORD}."},
+                user("What is this?", url),
+                {"role": "assistant", "content": f"{WORD} answer"},
+                user(f"And {WORD}?"),
+            ],
+            "max_tokens": 12,
+            "stop": [WORD],
+        },
         {"messages": [user("What is this?", f"{WORD}-patient.png")], "max_tokens": 12, "stream": True},
         {"messages": [user("What is this?", url)], "model": WORD},
         {"messages": [user(f"{WORD}?", data_url(f"{WORD} is not an image".encode() * 3))]},
@@ -205,7 +254,9 @@ def test_log_never_carries_patient_data(local, files, llava_model):
             answers.append(r.json()["choices"][0]["message"]["content"])
     local.request("GET", f"/v1/{WORD}?q={WORD}")
     local.request("GET", f"/v1/models/{WORD}")
-    local.request("GET", "/v1/models", headers={"authorization": f"Bearer {WORD}", "user-agent": WORD, "x-patient": WORD})
+    local.request(
+        "GET", "/v1/models", headers={"authorization": f"Bearer {WORD}", "user-agent": WORD, "x-patient": WORD}
+    )
     assert local.request("GET", "/health").status == 200
     n = len(bodies) + 4  # every request is logged (the line comes once the response is sent) ...
     assert wait_for(lambda: len(re.findall(r" req-[0-9a-f]{12} ", local.log())) >= n), local.log()

@@ -28,7 +28,9 @@ Q = "Fill in the form."
 
 @pytest.fixture(scope="module")
 def server(llava_model, tmp_path_factory):
-    s = Server(llava_model.bundle_dir, "--parallel", "4", log=tmp_path_factory.mktemp("serve-structured") / "server.log")
+    s = Server(
+        llava_model.bundle_dir, "--parallel", "4", log=tmp_path_factory.mktemp("serve-structured") / "server.log"
+    )
     yield s
     assert s.stop() == 0
 
@@ -44,8 +46,13 @@ def _body(extra: dict, **kw) -> dict:
 
 def _cases():
     """(request fields, the runtime constraint they mean) for the whole suite."""
-    out = [({"response_format": {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": s, "strict": True}}},
-            JsonSchema(s)) for i, s in enumerate(SCHEMAS)]
+    out = [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": s, "strict": True}}},
+            JsonSchema(s),
+        )
+        for i, s in enumerate(SCHEMAS)
+    ]
     out.append(({"response_format": {"type": "json_object"}}, JsonObject()))
     out += [({"structured_outputs": {"regex": r}}, Regex(r)) for r in REGEXES]
     out += [({"structured_outputs": {"choice": c}}, Choice(c)) for c in CHOICES]
@@ -80,8 +87,13 @@ def test_the_suite_through_the_official_client(client, server):
         rf = fields.get("response_format")
         extra = {} if rf else {"extra_body": fields}
         try:
-            r = client.chat.completions.parse(model=model, messages=[user(Q, image_url(SEED))], max_tokens=N,
-                                              **({"response_format": rf} if rf else {}), **extra)
+            r = client.chat.completions.parse(
+                model=model,
+                messages=[user(Q, image_url(SEED))],
+                max_tokens=N,
+                **({"response_format": rf} if rf else {}),
+                **extra,
+            )
         except openai.LengthFinishReasonError:
             raw = server.post(_body(fields))
             assert raw.json()["choices"][0]["finish_reason"] == "length"
@@ -109,13 +121,15 @@ def test_parse_with_a_pydantic_model_end_to_end(client, llava_model):
     """The clinic tool's code path: `parse(response_format=ClinicForm)` gives a ClinicForm, streamed too."""
     model = client.models.list().data[0].id
     for seed in (SEED, 22, 23):
-        r = client.chat.completions.parse(model=model, messages=[user(Q, image_url(seed))], max_tokens=120,
-                                          response_format=ClinicForm)
+        r = client.chat.completions.parse(
+            model=model, messages=[user(Q, image_url(seed))], max_tokens=120, response_format=ClinicForm
+        )
         assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
         form = r.choices[0].message.parsed
         assert isinstance(form, ClinicForm) and form == ClinicForm.model_validate_json(r.choices[0].message.content)
-        with client.chat.completions.stream(model=model, messages=[user(Q, image_url(seed))], max_tokens=120,
-                                            response_format=ClinicForm) as stream:
+        with client.chat.completions.stream(
+            model=model, messages=[user(Q, image_url(seed))], max_tokens=120, response_format=ClinicForm
+        ) as stream:
             final = stream.get_final_completion()
         assert final.choices[0].message.parsed == form
 
@@ -123,8 +137,11 @@ def test_parse_with_a_pydantic_model_end_to_end(client, llava_model):
 def test_streamed_equals_non_streamed_with_logprobs(server):
     """Constrained and free answers with logprobs: the streamed chunks carry the same text and the same entries as
     the non-streamed body; every entry has OpenAI's shape, the top list holds top_logprobs alternatives."""
-    for extra in ({"structured_outputs": {"choice": CHOICES[2]}}, {"response_format": {"type": "json_schema", "json_schema":
-                  {"name": "form", "schema": CLINIC_FORM}}}, {}):
+    for extra in (
+        {"structured_outputs": {"choice": CHOICES[2]}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "form", "schema": CLINIC_FORM}}},
+        {},
+    ):
         body = _body(extra, logprobs=True, top_logprobs=3, max_tokens=32)
         full = server.post(body).json()["choices"][0]
         conn, resp = open_stream(server.port, {**body, "stream": True})
@@ -132,7 +149,9 @@ def test_streamed_equals_non_streamed_with_logprobs(server):
         conn.close()
         chunks = [o for k, o in events if k == "data" and o != "[DONE]" and o["choices"]]
         text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
-        streamed = [e for c in chunks if c["choices"][0].get("logprobs") for e in c["choices"][0]["logprobs"]["content"]]
+        streamed = [
+            e for c in chunks if c["choices"][0].get("logprobs") for e in c["choices"][0]["logprobs"]["content"]
+        ]
         assert text == full["message"]["content"]
         content = full["logprobs"]["content"]
         assert [e["token"] for e in streamed] == [e["token"] for e in content]
@@ -145,28 +164,44 @@ def test_streamed_equals_non_streamed_with_logprobs(server):
 
 def test_logprobs_through_the_official_client(client, llava_model):
     model = client.models.list().data[0].id
-    r = client.chat.completions.create(model=model, messages=[user(Q, image_url(SEED))], max_tokens=8, logprobs=True,
-                                       top_logprobs=2)
+    r = client.chat.completions.create(
+        model=model, messages=[user(Q, image_url(SEED))], max_tokens=8, logprobs=True, top_logprobs=2
+    )
     content = r.choices[0].logprobs.content
     want = llava_model.runtime.ask(random_image(SEED), Q, max_new_tokens=8, logprobs=2)
     assert [round(e.logprob, 5) for e in content] == [round(e.logprob, 5) for e in want.logprobs]
     assert all(len(e.top_logprobs) == 2 and isinstance(e.bytes, list) for e in content)
 
 
-@pytest.mark.parametrize("fields,param,match", [
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}}},
-     "response_format.json_schema.schema", "uniqueItems"),
-    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "required"),
-    ({"response_format": {"type": "xml"}}, "response_format.type", None),
-    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "exactly one"),
-    ({"structured_outputs": {"regex": "("}}, "structured_outputs.regex", "unclosed group"),
-    ({"structured_outputs": {"choice": []}}, "structured_outputs.choice", "one or more"),
-    ({"structured_outputs": {"grammar": "start: nope"}}, "structured_outputs.grammar", "unknown name"),
-    ({"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}}, "structured_outputs", "both"),
-    ({"structured_outputs": {"choice": ["a", "b"]}, "stop": ["x"]}, "structured_outputs.choice", "stop"),
-    ({"top_logprobs": 3}, "top_logprobs", "logprobs"),
-    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", None),
-])
+@pytest.mark.parametrize(
+    "fields,param,match",
+    [
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}},
+                }
+            },
+            "response_format.json_schema.schema",
+            "uniqueItems",
+        ),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "required"),
+        ({"response_format": {"type": "xml"}}, "response_format.type", None),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "exactly one"),
+        ({"structured_outputs": {"regex": "("}}, "structured_outputs.regex", "unclosed group"),
+        ({"structured_outputs": {"choice": []}}, "structured_outputs.choice", "one or more"),
+        ({"structured_outputs": {"grammar": "start: nope"}}, "structured_outputs.grammar", "unknown name"),
+        (
+            {"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}},
+            "structured_outputs",
+            "both",
+        ),
+        ({"structured_outputs": {"choice": ["a", "b"]}, "stop": ["x"]}, "structured_outputs.choice", "stop"),
+        ({"top_logprobs": 3}, "top_logprobs", "logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", None),
+    ],
+)
 def test_refusals_are_400s_naming_the_field_before_a_slot(server, fields, param, match):
     r = server.post(_body(fields))
     assert r.status == 400, r
@@ -180,12 +215,24 @@ def test_refusals_are_400s_naming_the_field_before_a_slot(server, fields, param,
 
 def test_only_the_kind_of_a_constraint_is_logged(server):
     secret = "Patient-Zelda-Quackenbush"
-    schema = {"type": "object", "properties": {"who": {"enum": [secret, "other"]}}, "required": ["who"],
-              "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"who": {"enum": [secret, "other"]}},
+        "required": ["who"],
+        "additionalProperties": False,
+    }
     r = server.post(_body({"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": schema}}}))
     assert r.status == 200
-    bad = server.post(_body({"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {
-        "enum": [secret], "uniqueItems": True, "type": "array"}}}}))
+    bad = server.post(
+        _body(
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "p", "schema": {"enum": [secret], "uniqueItems": True, "type": "array"}},
+                }
+            }
+        )
+    )
     assert bad.status == 400 and secret not in bad.body.decode()
     log = server.log()
     assert "constraint=json_schema" in log and secret not in log

@@ -54,12 +54,14 @@ def _multiframe(kind: str) -> bytes:
     frames = _frames()
     if kind == "jpeg":
         streams = [S.pillow_jpeg(f, 0, quality=100) for f in frames]
-        ds = S.encapsulated(S.native(frames, frames=3, sop_class=MF_TRUE_COLOUR_SC), streams, uid.JPEGBaseline8Bit,
-                            "YBR_FULL")
+        ds = S.encapsulated(
+            S.native(frames, frames=3, sop_class=MF_TRUE_COLOUR_SC), streams, uid.JPEGBaseline8Bit, "YBR_FULL"
+        )
     elif kind == "grey-deflated":
         grey = np.stack([S.grey_pixels(seed=i) for i in range(3)])
-        ds = S.native(grey, photometric="MONOCHROME2", frames=3, sop_class=MF_GREY_BYTE_SC,
-                      ts=uid.DeflatedExplicitVRLittleEndian)
+        ds = S.native(
+            grey, photometric="MONOCHROME2", frames=3, sop_class=MF_GREY_BYTE_SC, ts=uid.DeflatedExplicitVRLittleEndian
+        )
     else:
         ds = S.native(frames, frames=3, sop_class=MF_TRUE_COLOUR_SC)
         if kind == "rle":
@@ -68,12 +70,19 @@ def _multiframe(kind: str) -> bytes:
 
 
 LOSSY = {
-    "jpeg-baseline-YBR_FULL_422": lambda: S.write(S.encapsulated(S.native(RGB), [S.pillow_jpeg(RGB, 1)],
-                                                               uid.JPEGBaseline8Bit, "YBR_FULL_422")),
-    "jpeg-baseline-grey": lambda: S.write(S.encapsulated(S.native(S.grey_pixels(), photometric="MONOCHROME2"),
-                                                         [S.pillow_jpeg(S.grey_pixels(), 0)], uid.JPEGBaseline8Bit)),
-    "j2k-lossy-YBR_ICT": lambda: S.write(S.encapsulated(S.native(RGB), [S.pillow_j2k(RGB, lossless=False)],
-                                                        uid.JPEG2000, "YBR_ICT")),
+    "jpeg-baseline-YBR_FULL_422": lambda: S.write(
+        S.encapsulated(S.native(RGB), [S.pillow_jpeg(RGB, 1)], uid.JPEGBaseline8Bit, "YBR_FULL_422")
+    ),
+    "jpeg-baseline-grey": lambda: S.write(
+        S.encapsulated(
+            S.native(S.grey_pixels(), photometric="MONOCHROME2"),
+            [S.pillow_jpeg(S.grey_pixels(), 0)],
+            uid.JPEGBaseline8Bit,
+        )
+    ),
+    "j2k-lossy-YBR_ICT": lambda: S.write(
+        S.encapsulated(S.native(RGB), [S.pillow_j2k(RGB, lossless=False)], uid.JPEG2000, "YBR_ICT")
+    ),
     "jpegls-near-lossless": lambda: S.write(S.compressed(S.native(RGB), uid.JPEGLSNearLossless, jls_error=3)),
     "vl-photographic": lambda: S.write(S.native(RGB, sop_class=S.VL_PHOTO)),
 }
@@ -81,8 +90,10 @@ LOSSY = {
 CASES = {
     **{name: (lambda b=build: b()[0], 0, None) for name, build in D.EXACT.items()},
     **{name: (build, 0, None) for name, build in LOSSY.items()},
-    **{f"multiframe-{k}-frame-{f}": (lambda k=k: _multiframe(k), f, [f + 1])
-       for k, f in (("native", 2), ("rle", 1), ("jpeg", 2), ("grey-deflated", 1), ("native", 0))},
+    **{
+        f"multiframe-{k}-frame-{f}": (lambda k=k: _multiframe(k), f, [f + 1])
+        for k, f in (("native", 2), ("rle", 1), ("jpeg", 2), ("grey-deflated", 1), ("native", 0))
+    },
 }
 
 
@@ -114,8 +125,9 @@ def test_report_for_every_kind_the_loader_reads(case, model, tmp_path):
 def _dicom_text(s: str) -> str:
     """The rule written independently of the product: DICOM text allows LF, FF, CR and no other control character
     (dciodvfy refuses TAB as well), so TAB reads back as a space and each other C0 control (and DEL) as U+FFFD."""
-    return "".join(" " if c == "\t" else "\ufffd" if (ord(c) < 32 and c not in "\n\f\r") or ord(c) == 127 else c
-                   for c in s)
+    return "".join(
+        " " if c == "\t" else "\ufffd" if (ord(c) < 32 and c not in "\n\f\r") or ord(c) == 127 else c for c in s
+    )
 
 
 def test_the_validator_catches_a_broken_report(model, tmp_path):
@@ -132,8 +144,13 @@ def test_the_validator_catches_a_broken_report(model, tmp_path):
 
 
 def _producer(**kw):
-    base = dict(model_name="SkinVL-PubMM", precision="int4", bundle_fingerprint="ab" * 32, source_fingerprint="cd" * 8,
-                random_weights=False)
+    base = dict(
+        model_name="SkinVL-PubMM",
+        precision="int4",
+        bundle_fingerprint="ab" * 32,
+        source_fingerprint="cd" * 8,
+        random_weights=False,
+    )
     return sr.Producer(**{**base, **kw})
 
 
@@ -141,10 +158,16 @@ def test_structured_answer_partial_answer_and_history(tmp_path):
     """A constrained answer's JSON value is one TEXT item (its JSON) plus one per top-level key; a conversation is
     one measurement group per turn; an answer cut by the length limit makes the document PARTIAL and says so."""
     data = stored(S.write(S.native(RGB)))
-    structured = {"diagnosis": "melanoma", "confidence": 0.82, "features": ["asymmetry", "blue-white veil"],
-                  "benign": False}
-    turns = [sr.Turn("Is it symmetric?", "No.", None),
-             sr.Turn(QUESTION, '{"diagnosis": "melanoma", ...}', "length", structured)]
+    structured = {
+        "diagnosis": "melanoma",
+        "confidence": 0.82,
+        "features": ["asymmetry", "blue-white veil"],
+        "benign": False,
+    }
+    turns = [
+        sr.Turn("Is it symmetric?", "No.", None),
+        sr.Turn(QUESTION, '{"diagnosis": "melanoma", ...}', "length", structured),
+    ]
     ds = sr.structured_report(data, turns, _producer())
     path = sr.write_report(ds, tmp_path / "structured.dcm")
     assert_valid(path)
@@ -164,25 +187,42 @@ def test_structured_answer_partial_answer_and_history(tmp_path):
 
 def test_device_observer_and_algorithm_name_the_model(tmp_path):
     data = stored(S.write(S.native(RGB)))
-    path = sr.write_report(sr.structured_report(data, [sr.Turn("q", "a", "stop")], _producer(random_weights=True)),
-                           tmp_path / "who.dcm")
+    path = sr.write_report(
+        sr.structured_report(data, [sr.Turn("q", "a", "stop")], _producer(random_weights=True)), tmp_path / "who.dcm"
+    )
     back, doc, groups = read_back(path)
     items = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in back.ContentSequence}
     assert items["Observer Type"].ConceptCodeSequence[0].CodeMeaning == "Device"
     assert items["Device Observer Name"].TextValue == "SkinVL-PubMM"
     assert items["Device Observer Model Name"].TextValue == "SkinVL-PubMM int4"
     assert items["Device Observer Manufacturer"].TextValue == "skin-offline"
-    assert back.Manufacturer == "skin-offline" and back.SoftwareVersions == sr.Producer.__dataclass_fields__[
-        "software_version"].default
-    algo = {i.ConceptNameCodeSequence[0].CodeMeaning: i.TextValue for i in groups[0][0].ContentSequence
-            if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeMeaning.startswith("Algorithm")}
+    assert (
+        back.Manufacturer == "skin-offline"
+        and back.SoftwareVersions == sr.Producer.__dataclass_fields__["software_version"].default
+    )
+    algo = {
+        i.ConceptNameCodeSequence[0].CodeMeaning: i.TextValue
+        for i in groups[0][0].ContentSequence
+        if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeMeaning.startswith("Algorithm")
+    }
     assert algo["Algorithm Name"] == "SkinVL-PubMM"
-    params = [i.TextValue for i in groups[0][0].ContentSequence
-              if i.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Parameters"]
-    assert params == ["precision=int4", f"bundle_sha256={'ab' * 32}", f"checkpoint_fingerprint={'cd' * 8}",
-                      "random_weights=yes"]
-    comments = [i.TextValue for c in back.ContentSequence if c.ConceptNameCodeSequence[0].CodeMeaning ==
-                "Qualitative Evaluations" for i in c.ContentSequence]
+    params = [
+        i.TextValue
+        for i in groups[0][0].ContentSequence
+        if i.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Parameters"
+    ]
+    assert params == [
+        "precision=int4",
+        f"bundle_sha256={'ab' * 32}",
+        f"checkpoint_fingerprint={'cd' * 8}",
+        "random_weights=yes",
+    ]
+    comments = [
+        i.TextValue
+        for c in back.ContentSequence
+        if c.ConceptNameCodeSequence[0].CodeMeaning == "Qualitative Evaluations"
+        for i in c.ContentSequence
+    ]
     assert any("not a diagnosis" in c for c in comments) and any("random weights" in c for c in comments)
     assert "not a diagnosis" in back.SeriesDescription
 
@@ -202,11 +242,16 @@ def test_utf8_only_when_the_text_needs_it(tmp_path):
     """Source in Latin-1 with an umlaut in the name: the report says ISO_IR 192 and holds the same characters;
     an ASCII-only report states no character set (the default repertoire)."""
     latin = stored(S.write(S.native(RGB, SpecificCharacterSet="ISO_IR 100")), PatientName="Müller^Jürgen")
-    for data, question, answer, want in ((latin, "q", "a", "ISO_IR 192"),
-                                         (stored(S.write(S.native(RGB))), "Größe?", "5 mm – naevus", "ISO_IR 192"),
-                                         (stored(S.write(S.native(RGB))), "q", "a", None)):
-        path = sr.write_report(sr.structured_report(data, [sr.Turn(question, answer, "stop")], _producer()),
-                               tmp_path / "cs.dcm", force=True)
+    for data, question, answer, want in (
+        (latin, "q", "a", "ISO_IR 192"),
+        (stored(S.write(S.native(RGB))), "Größe?", "5 mm – naevus", "ISO_IR 192"),
+        (stored(S.write(S.native(RGB))), "q", "a", None),
+    ):
+        path = sr.write_report(
+            sr.structured_report(data, [sr.Turn(question, answer, "stop")], _producer()),
+            tmp_path / "cs.dcm",
+            force=True,
+        )
         assert_valid(path)
         back, _, groups = read_back(path)
         assert back.get("SpecificCharacterSet") == want
@@ -219,8 +264,9 @@ def test_utf8_only_when_the_text_needs_it(tmp_path):
 
 def test_control_characters_become_replacement_characters(tmp_path):
     data = stored(S.write(S.native(RGB)))
-    path = sr.write_report(sr.structured_report(data, [sr.Turn("q\x07", "a\x00b\x1bc\td\ne", "stop")], _producer()),
-                           tmp_path / "ctl.dcm")
+    path = sr.write_report(
+        sr.structured_report(data, [sr.Turn("q\x07", "a\x00b\x1bc\td\ne", "stop")], _producer()), tmp_path / "ctl.dcm"
+    )
     assert_valid(path)
     _, _, groups = read_back(path)
     assert texts(groups[0], "Answer") == ["a\ufffdb\ufffdc d\ne"] and texts(groups[0], "Question") == ["q\ufffd"]
@@ -242,14 +288,20 @@ def test_source_defects_are_copied_exactly_not_fixed(tmp_path):
     """A report copies the patient/study modules exactly, defects included: the plain samples' invalid Study Date and
     incomplete Other Patient IDs item. dciodvfy then reports for the report only what it reports for the source in
     those modules; values highdicom itself would refuse (a Patient's Sex of 'U') are carried over too."""
-    data = stored(S.write(S.native(RGB)), StudyDate=S.INVALID_DATE, PatientSex="U",
-                  OtherPatientIDsSequence=pydicom.dcmread(io.BytesIO(S.write(S.native(RGB)))).OtherPatientIDsSequence)
+    data = stored(
+        S.write(S.native(RGB)),
+        StudyDate=S.INVALID_DATE,
+        PatientSex="U",
+        OtherPatientIDsSequence=pydicom.dcmread(io.BytesIO(S.write(S.native(RGB)))).OtherPatientIDsSequence,
+    )
     path = sr.write_report(sr.structured_report(data, [sr.Turn("q", "a", "stop")], _producer()), tmp_path / "d.dcm")
     (tmp_path / "src.dcm").write_bytes(data)
     errors, _ = dciodvfy(path)
     source_errors, _ = dciodvfy(tmp_path / "src.dcm")
-    assert errors and all(("Study Date" in e or "TypeOfPatientID" in e or "Patient's Sex" in e
-                           or "invalid data values" in e) for e in errors), errors
+    assert errors and all(
+        ("Study Date" in e or "TypeOfPatientID" in e or "Patient's Sex" in e or "invalid data values" in e)
+        for e in errors
+    ), errors
     assert any("Study Date" in e for e in source_errors) and any("TypeOfPatientID" in e for e in source_errors)
     back, _, _ = read_back(path)
     assert back.StudyDate == S.INVALID_DATE and back.PatientSex == "U"
@@ -258,17 +310,21 @@ def test_source_defects_are_copied_exactly_not_fixed(tmp_path):
 
 # ---------------------------------------------------------------- sources a report cannot be made from
 
+
 def test_refused_sources_one_line_without_patient_data(tmp_path):
     png = tmp_path / "lesion.png"
     from PIL import Image
 
     Image.fromarray(RGB).save(png)
     no_uids = S.write(S.native(RGB))  # the plain samples have no study / series UIDs
-    cases = [(png, "is not a DICOM file"), (png.read_bytes(), "<image bytes> is not a DICOM file"),
-             (no_uids, "no Study Instance UID, Series Instance UID"),
-             (S.write_bare(S.native(RGB, ts=uid.ImplicitVRLittleEndian)), "is not a DICOM file"),
-             (S.write(S.native(RGB))[:300], "has no SOP Class UID"),  # cut inside the header
-             (tmp_path / "missing.dcm", "cannot read the image")]
+    cases = [
+        (png, "is not a DICOM file"),
+        (png.read_bytes(), "<image bytes> is not a DICOM file"),
+        (no_uids, "no Study Instance UID, Series Instance UID"),
+        (S.write_bare(S.native(RGB, ts=uid.ImplicitVRLittleEndian)), "is not a DICOM file"),
+        (S.write(S.native(RGB))[:300], "has no SOP Class UID"),  # cut inside the header
+        (tmp_path / "missing.dcm", "cannot read the image"),
+    ]
     for src, needle in cases:
         with pytest.raises(ImageError) as e:
             sr.structured_report(src, [sr.Turn("q", "a")], _producer())
@@ -337,6 +393,7 @@ def test_nothing_logged_or_warned_even_with_pydicom_debug(caplog, capfd, tmp_pat
 
 
 # ---------------------------------------------------------------- writing
+
 
 def test_write_is_atomic_and_keeps_existing_files(tmp_path):
     data = stored(S.write(S.native(RGB)))

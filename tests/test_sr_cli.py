@@ -51,14 +51,20 @@ def sources(tmp_path_factory) -> dict[str, Path]:
     grey = np.stack([S.grey_pixels(seed=i) for i in range(3)])
     kinds = {
         "IM000001": S.native(PX),  # dermoscopy, explicit VR little endian, no extension
-        "photo-jpeg.dcm": S.encapsulated(S.native(PX, sop_class=S.VL_PHOTO), [S.pillow_jpeg(PX, 1)],
-                                         uid.JPEGBaseline8Bit, "YBR_FULL_422"),
+        "photo-jpeg.dcm": S.encapsulated(
+            S.native(PX, sop_class=S.VL_PHOTO), [S.pillow_jpeg(PX, 1)], uid.JPEGBaseline8Bit, "YBR_FULL_422"
+        ),
         "rle.dcm": S.compressed(S.native(PX), uid.RLELossless),
         "multiframe.dcm": S.native(frames, frames=3, sop_class=MF_TRUE_COLOUR_SC),
-        "grey-bigendian.dcm": S.native(S.grey_pixels(bits=12).astype(np.uint16), photometric="MONOCHROME1",
-                                       bits_stored=12, ts=uid.ExplicitVRBigEndian),
-        "grey-deflated-mf.dcm": S.native(grey, photometric="MONOCHROME2", frames=3, sop_class=MF_GREY_BYTE_SC,
-                                         ts=uid.DeflatedExplicitVRLittleEndian),
+        "grey-bigendian.dcm": S.native(
+            S.grey_pixels(bits=12).astype(np.uint16),
+            photometric="MONOCHROME1",
+            bits_stored=12,
+            ts=uid.ExplicitVRBigEndian,
+        ),
+        "grey-deflated-mf.dcm": S.native(
+            grey, photometric="MONOCHROME2", frames=3, sop_class=MF_GREY_BYTE_SC, ts=uid.DeflatedExplicitVRLittleEndian
+        ),
     }
     for name, ds in kinds.items():
         (d / name).write_bytes(stored(S.write(ds)))
@@ -70,9 +76,17 @@ def _ask(bundle, image, out, *extra):
     return cli("ask", image, QUESTION, "--bundle", bundle, "--max-new-tokens", 10, "--sr", out, *extra)
 
 
-@pytest.mark.parametrize("name,frame", [("IM000001", 0), ("photo-jpeg.dcm", 0), ("rle.dcm", 0),
-                                        ("multiframe.dcm", 2), ("grey-bigendian.dcm", 0),
-                                        ("grey-deflated-mf.dcm", 1)])
+@pytest.mark.parametrize(
+    "name,frame",
+    [
+        ("IM000001", 0),
+        ("photo-jpeg.dcm", 0),
+        ("rle.dcm", 0),
+        ("multiframe.dcm", 2),
+        ("grey-bigendian.dcm", 0),
+        ("grey-deflated-mf.dcm", 1),
+    ],
+)
 def test_ask_json_sr(llava_model, sources, tmp_path, name, frame):
     out = tmp_path / "answer-sr.dcm"
     r = _ask(llava_model.bundle_dir, sources / name, out, "--json", "--frame", frame)
@@ -102,8 +116,19 @@ def test_streamed_ask_and_chat_sr(llava_model, sources, tmp_path):
     _, _, groups = read_back(tmp_path / "streamed.dcm")
     assert texts(groups[0], "Answer") == [r.stdout[:-1]]  # the streamed text and its final newline
     questions = [QUESTION, "Is it benign?", "Größe in mm?"]
-    r = cli("chat", sources / "multiframe.dcm", "--frame", 1, *sum((["-q", q] for q in questions), []), "--bundle", b,
-            "--max-new-tokens", 6, "--sr", tmp_path / "chat.dcm")
+    r = cli(
+        "chat",
+        sources / "multiframe.dcm",
+        "--frame",
+        1,
+        *sum((["-q", q] for q in questions), []),
+        "--bundle",
+        b,
+        "--max-new-tokens",
+        6,
+        "--sr",
+        tmp_path / "chat.dcm",
+    )
     assert_clean(r)
     assert r.returncode == 0, r.stderr
     assert_valid(tmp_path / "chat.dcm")
@@ -113,12 +138,28 @@ def test_streamed_ask_and_chat_sr(llava_model, sources, tmp_path):
     assert back.SpecificCharacterSet == "ISO_IR 192"
     assert_references(back, groups, (sources / "multiframe.dcm").read_bytes(), [2])
     # a chat that answered nothing writes nothing
-    r = subprocess.run([sys.executable, "-m", "skin_offline.cli", "chat", str(sources / "IM000001"), "--bundle", str(b),
-                        "--sr", str(tmp_path / "none.dcm")], input="", capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "skin_offline.cli",
+            "chat",
+            str(sources / "IM000001"),
+            "--bundle",
+            str(b),
+            "--sr",
+            str(tmp_path / "none.dcm"),
+        ],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0 and not (tmp_path / "none.dcm").exists() and "no DICOM SR was written" in r.stderr
 
 
 # ---------------------------------------------------------------- refusals: one line, no file, no patient data
+
 
 def test_refusals_before_the_model_loads(llava_model, sources, tmp_path):
     b = llava_model.bundle_dir
@@ -131,8 +172,12 @@ def test_refusals_before_the_model_loads(llava_model, sources, tmp_path):
     out.write_bytes(b"keep me")
     r = _ask(b, sources / "IM000001", out)
     assert_clean(r)
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ") \
-        and "already exists; pass --force" in r.stderr and out.read_bytes() == b"keep me"
+    assert (
+        r.returncode == 2
+        and r.stderr.strip().splitlines()[-1].startswith("error: ")
+        and "already exists; pass --force" in r.stderr
+        and out.read_bytes() == b"keep me"
+    )
     r = cli("chat", sources / "IM000001", "-q", QUESTION, "--bundle", b, "--sr", out)
     assert r.returncode == 2 and out.read_bytes() == b"keep me"
     r = _ask(b, sources / "IM000001", out, "--force")
@@ -183,10 +228,27 @@ def test_disk_full_mid_write_leaves_no_file(llava_model, sources, tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
-    r = subprocess.run([sys.executable, "-m", "skin_offline.cli", "ask", str(sources / "IM000001"), QUESTION,
-                        "--bundle", str(b), "--max-new-tokens", "10", "--sr", str(folder / "x.dcm")],
-                       capture_output=True, text=True, timeout=300, preexec_fn=limited,
-                       env={k: v for k, v in os.environ.items() if k != "SKIN_OFFLINE_DEBUG"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "skin_offline.cli",
+            "ask",
+            str(sources / "IM000001"),
+            QUESTION,
+            "--bundle",
+            str(b),
+            "--max-new-tokens",
+            "10",
+            "--sr",
+            str(folder / "x.dcm"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limited,
+        env={k: v for k, v in os.environ.items() if k != "SKIN_OFFLINE_DEBUG"},
+    )
     assert_clean(r)
     assert r.returncode == 1 and "nothing was written" in r.stderr and "x.dcm" in r.stderr, r.stderr
     assert list(folder.iterdir()) == []
@@ -213,6 +275,7 @@ def test_disk_full_mid_write_leaves_no_file(llava_model, sources, tmp_path):
 
 # ---------------------------------------------------------------- the server
 
+
 @pytest.fixture(scope="module")
 def server(llava_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("sr-server") / "server.log"
@@ -226,6 +289,7 @@ _VOLATILE = {"00080012", "00080013", "00080021", "00080023", "00080031", "000800
 
 def _content(ds: pydicom.Dataset, keep: set[str]) -> dict:
     """The report's JSON model with new UIDs and creation times left out (UIDs of the source are kept)."""
+
     def strip(obj):
         if isinstance(obj, dict):
             out = {}
@@ -239,6 +303,7 @@ def _content(ds: pydicom.Dataset, keep: set[str]) -> dict:
         if isinstance(obj, list):
             return [strip(x) for x in obj]
         return obj
+
     return strip(ds.to_json_dict())
 
 
@@ -249,8 +314,18 @@ def test_server_returns_the_cli_report(server, llava_model, sources, tmp_path):
 
     name = "multiframe.dcm"
     data = (sources / name).read_bytes()
-    r = cli("ask", sources / name, QUESTION, "--bundle", llava_model.bundle_dir, "--max-new-tokens", 10, "--json",
-            "--sr", tmp_path / "cli.dcm")
+    r = cli(
+        "ask",
+        sources / name,
+        QUESTION,
+        "--bundle",
+        llava_model.bundle_dir,
+        "--max-new-tokens",
+        10,
+        "--json",
+        "--sr",
+        tmp_path / "cli.dcm",
+    )
     assert r.returncode == 0, r.stderr
     printed = json.loads(r.stdout)
     body = {"messages": [user(QUESTION, data_url(data, "application/dicom"))], "max_tokens": 10, "dicom_sr": True}
@@ -261,8 +336,13 @@ def test_server_returns_the_cli_report(server, llava_model, sources, tmp_path):
     (tmp_path / "server.dcm").write_bytes(base64.b64decode(got["dicom_sr"]))
     assert_valid(tmp_path / "server.dcm")
     src = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    keep = {src.SOPClassUID, src.SOPInstanceUID, src.StudyInstanceUID, src.SeriesInstanceUID,
-            uid.Comprehensive3DSRStorage}
+    keep = {
+        src.SOPClassUID,
+        src.SOPInstanceUID,
+        src.StudyInstanceUID,
+        src.SeriesInstanceUID,
+        uid.Comprehensive3DSRStorage,
+    }
     cli_ds, server_ds = pydicom.dcmread(tmp_path / "cli.dcm"), pydicom.dcmread(tmp_path / "server.dcm")
     assert _content(server_ds, keep) == _content(cli_ds, keep)
     # the frame: the server reads frame 0 of a multi-frame file; the CLI's default too
@@ -270,8 +350,9 @@ def test_server_returns_the_cli_report(server, llava_model, sources, tmp_path):
     assert_references(server_ds, groups, data, [1])
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     model_id = server.request("GET", "/v1/models").json()["data"][0]["id"]
-    c = client.chat.completions.create(model=model_id, messages=body["messages"], max_tokens=10,
-                                       extra_body={"dicom_sr": True})
+    c = client.chat.completions.create(
+        model=model_id, messages=body["messages"], max_tokens=10, extra_body={"dicom_sr": True}
+    )
     sr_b64 = (c.model_extra or {})["dicom_sr"]
     assert _content(pydicom.dcmread(io.BytesIO(base64.b64decode(sr_b64))), keep) == _content(cli_ds, keep)
     # without the flag: no such field
@@ -281,8 +362,11 @@ def test_server_returns_the_cli_report(server, llava_model, sources, tmp_path):
 def test_server_conversation_refusals_and_patient_data(server, sources):
     data = (sources / "IM000001").read_bytes()
     seen = []
-    convo = [user("Is it benign?", data_url(data, "application/dicom")), {"role": "assistant", "content": "Probably."},
-             user(QUESTION)]
+    convo = [
+        user("Is it benign?", data_url(data, "application/dicom")),
+        {"role": "assistant", "content": "Probably."},
+        user(QUESTION),
+    ]
     reply = server.post({"messages": convo, "max_tokens": 6, "dicom_sr": True})
     assert reply.status == 200, reply
     body = reply.json()
@@ -298,17 +382,21 @@ def test_server_conversation_refusals_and_patient_data(server, sources):
     assert e["message"].startswith("the request's image is not a DICOM file")
     seen.append(r.body.decode())
     no_uids = S.write(S.native(PX))
-    r = server.post({"messages": [user(QUESTION, data_url(no_uids, "application/dicom"))], "max_tokens": 6,
-                     "dicom_sr": True})
+    r = server.post(
+        {"messages": [user(QUESTION, data_url(no_uids, "application/dicom"))], "max_tokens": 6, "dicom_sr": True}
+    )
     check_error(r, 400, "invalid_image", "dicom_sr", "no Study Instance UID")
     seen.append(r.body.decode())
-    r = server.post({"messages": [user(QUESTION, data_url(data, "application/dicom"))], "dicom_sr": True,
-                     "stream": True})
+    r = server.post(
+        {"messages": [user(QUESTION, data_url(data, "application/dicom"))], "dicom_sr": True, "stream": True}
+    )
     check_error(r, 400, "unsupported_parameter", "dicom_sr", "stream: false")
     r = server.post({"messages": [user(QUESTION, data_url(data, "application/dicom"))], "dicom_sr": "yes"})
     assert r.status == 400
     # still serving, nothing leaked in any body or the log
-    assert server.post({"messages": [user(QUESTION, data_url(data, "application/dicom"))], "max_tokens": 4}).status == 200
+    assert (
+        server.post({"messages": [user(QUESTION, data_url(data, "application/dicom"))], "max_tokens": 4}).status == 200
+    )
     text = ("".join(seen) + server.log()).lower()
     for secret in S.SECRETS:
         assert secret.lower() not in text, secret
@@ -317,13 +405,31 @@ def test_server_conversation_refusals_and_patient_data(server, sources):
 def test_constrained_answer_files_its_structured_value(llava_model, sources, tmp_path):
     """`ask --json-schema ... --sr`: the SR holds the answer and its parsed JSON (one item per key), as printed; a
     choice answer's text is its structured value; the server path carries the same."""
-    schema = {"type": "object", "properties": {"next": {"enum": ["urgent", "routine", "no action"]},
-                                               "size_mm": {"type": "integer", "minimum": 0, "maximum": 40}},
-              "required": ["next", "size_mm"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {
+            "next": {"enum": ["urgent", "routine", "no action"]},
+            "size_mm": {"type": "integer", "minimum": 0, "maximum": 40},
+        },
+        "required": ["next", "size_mm"],
+        "additionalProperties": False,
+    }
     (tmp_path / "form.json").write_text(json.dumps(schema))
     out = tmp_path / "form-sr.dcm"
-    r = cli("ask", sources / "IM000001", QUESTION, "--bundle", llava_model.bundle_dir, "--max-new-tokens", 40,
-            "--sr", out, "--json-schema", tmp_path / "form.json", "--json")
+    r = cli(
+        "ask",
+        sources / "IM000001",
+        QUESTION,
+        "--bundle",
+        llava_model.bundle_dir,
+        "--max-new-tokens",
+        40,
+        "--sr",
+        out,
+        "--json-schema",
+        tmp_path / "form.json",
+        "--json",
+    )
     assert_clean(r)
     assert r.returncode == 0, r.stderr
     printed = json.loads(r.stdout)
@@ -333,10 +439,23 @@ def test_constrained_answer_files_its_structured_value(llava_model, sources, tmp
     assert texts(groups[0], "Answer") == [printed["answer"]]
     [as_json] = texts(groups[0], "Structured answer (JSON)")
     assert json.loads(as_json) == printed["structured"]
-    assert texts(groups[0], "Structured answer field") == [f"{k}: {json.dumps(v)}" for k, v in printed["structured"].items()]
+    assert texts(groups[0], "Structured answer field") == [
+        f"{k}: {json.dumps(v)}" for k, v in printed["structured"].items()
+    ]
     out2 = tmp_path / "choice-sr.dcm"
-    r = cli("ask", sources / "IM000001", QUESTION, "--bundle", llava_model.bundle_dir, "--sr", out2,
-            "--choice", "urgent", "--choice", "routine")
+    r = cli(
+        "ask",
+        sources / "IM000001",
+        QUESTION,
+        "--bundle",
+        llava_model.bundle_dir,
+        "--sr",
+        out2,
+        "--choice",
+        "urgent",
+        "--choice",
+        "routine",
+    )
     assert r.returncode == 0, r.stderr
     _, _, groups = read_back(out2)
     answer = r.stdout.strip()

@@ -77,17 +77,27 @@ def test_standard_graphs_have_only_standard_ops(llava_model):
         assert build.nonstandard_ops(llava_model.bundle_dir / g.file) == []
     for g in m.graphs:  # a contrib-flavor graph, when the bundle has one, must be caught
         if g.flavor is Flavor.CONTRIB:
-            assert any(op.startswith("com.microsoft::") for op in build.nonstandard_ops(llava_model.bundle_dir / g.file))
+            assert any(
+                op.startswith("com.microsoft::") for op in build.nonstandard_ops(llava_model.bundle_dir / g.file)
+            )
             with pytest.raises(BundleError, match="non-standard ops"):
                 build.assert_standard_ops(llava_model.bundle_dir / g.file)
 
 
 def test_contrib_op_in_a_subgraph_is_caught(tmp_path):
-    inner = helper.make_graph([helper.make_node("FastGelu", ["x"], ["y"], domain="com.microsoft")], "inner", [],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    inner = helper.make_graph(
+        [helper.make_node("FastGelu", ["x"], ["y"], domain="com.microsoft")],
+        "inner",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     node = helper.make_node("If", ["c"], ["y"], then_branch=inner, else_branch=inner)
-    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    g = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     onnx.save(helper.make_model(g), tmp_path / "m.onnx")
     assert build.nonstandard_ops(tmp_path / "m.onnx") == ["com.microsoft::FastGelu"]
 
@@ -98,19 +108,31 @@ def test_plan_refuses_context_beyond_the_bundle(llava_model):
 
 
 def _record(**kw) -> te.EngineRecord:
-    base = dict(tensorrt_version="10.3.0", gpu_name=GPU.name, compute_capability=GPU.compute_capability,
-                onnxruntime_version="1.20.0", fp16=True, int8=False, max_context=300, max_batch=1, workspace_gb=2.0)
+    base = dict(
+        tensorrt_version="10.3.0",
+        gpu_name=GPU.name,
+        compute_capability=GPU.compute_capability,
+        onnxruntime_version="1.20.0",
+        fp16=True,
+        int8=False,
+        max_context=300,
+        max_batch=1,
+        workspace_gb=2.0,
+    )
     return te.EngineRecord(**{**base, **kw})
 
 
-@pytest.mark.parametrize("record,trt,gpu,match", [
-    (None, "10.3.0", GPU, "no TensorRT engines"),
-    (_record(), None, GPU, "libnvinfer"),
-    (_record(), "10.3.0", None, "no NVIDIA GPU"),
-    (_record(), "10.7.0", GPU, "built with TensorRT 10.3.0, this machine has 10.7.0"),
-    (_record(), "10.3.0", te.GpuInfo("NVIDIA GeForce RTX 4090", "8.9"), "compute capability 8.7"),
-    (_record(), "10.3.0", te.GpuInfo("NVIDIA Jetson Orin Nano", "8.7"), "built for NVIDIA Jetson AGX Orin"),
-])
+@pytest.mark.parametrize(
+    "record,trt,gpu,match",
+    [
+        (None, "10.3.0", GPU, "no TensorRT engines"),
+        (_record(), None, GPU, "libnvinfer"),
+        (_record(), "10.3.0", None, "no NVIDIA GPU"),
+        (_record(), "10.7.0", GPU, "built with TensorRT 10.3.0, this machine has 10.7.0"),
+        (_record(), "10.3.0", te.GpuInfo("NVIDIA GeForce RTX 4090", "8.9"), "compute capability 8.7"),
+        (_record(), "10.3.0", te.GpuInfo("NVIDIA Jetson Orin Nano", "8.7"), "built for NVIDIA Jetson AGX Orin"),
+    ],
+)
 def test_engines_for_another_gpu_or_tensorrt_are_refused(record, trt, gpu, match, tmp_path):
     with pytest.raises(DeviceError, match=match) as e:
         te.check_compatible(record, trt, gpu, tmp_path)
@@ -140,8 +162,12 @@ def bundle_with_engines(llava_model, tmp_path, monkeypatch):
         cache = folder / te.ENGINE_DIR / role
         cache.mkdir(parents=True)
         (cache / f"TensorrtExecutionProvider_{role}_sm87.engine").write_bytes(b"\0" * 64)
-        graphs[role] = {"file": variant.file, "precision": variant.precision.value, "cache_dir": f"{te.ENGINE_DIR}/{role}",
-                        "profiles": [{n: [list(s) for s in shp] for n, shp in p.shapes.items()} for p in profiles]}
+        graphs[role] = {
+            "file": variant.file,
+            "precision": variant.precision.value,
+            "cache_dir": f"{te.ENGINE_DIR}/{role}",
+            "profiles": [{n: [list(s) for s in shp] for n, shp in p.shapes.items()} for p in profiles],
+        }
     build.write_record(folder, _record(graphs=graphs))
     monkeypatch.setattr(devices, "available_providers", lambda: [TRT_EP, CUDA_EP, CPU_EP])
     monkeypatch.setattr(te, "tensorrt_version", lambda: "10.3.0")
@@ -161,8 +187,9 @@ def test_record_round_trips_and_engine_files_are_verified(bundle_with_engines):
     # load passes the recorded profiles back verbatim (onnxruntime rebuilds when they differ from the cache's)
     opts = rec.options(folder, names.ROLE_DECODER)
     assert opts["trt_engine_cache_path"] == str(folder / te.ENGINE_DIR / names.ROLE_DECODER)
-    assert opts == te.provider_options(folder / te.ENGINE_DIR / names.ROLE_DECODER,
-                                       te.decoder_profiles(m.model, 300), fp16=True, workspace_gb=2.0)
+    assert opts == te.provider_options(
+        folder / te.ENGINE_DIR / names.ROLE_DECODER, te.decoder_profiles(m.model, 300), fp16=True, workspace_gb=2.0
+    )
     (folder / engines[0]).write_bytes(b"\0" * 10)  # truncated engine: caught like any bundle file
     with pytest.raises(BundleError, match="truncated"):
         check_files(folder, Manifest.read(folder), hashes=False)

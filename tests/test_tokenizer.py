@@ -43,17 +43,61 @@ def tok(tokenizer_json: Path) -> TextTokenizer:
 
 
 CASES = [
-    "", " ", "  ", "   ", "\n", "\t", "\r\n", "a", "Hello world", " leading", "trailing ", "  two  spaces  ",
-    " " * 17, " " * 33 + "x", "x" + " " * 100, "What is this lesion?", "What is this lesion? ",
-    "[INST] ", "\nWhat is this lesion? [/INST]", "[INST] <image>\nWhat is this lesion? [/INST]",
-    "</s>", "<s>", "<unk>", "a </s>[INST] b", "<image>", "<<image>>", "<0x41>", "\u2581", "\u2581\u2581 x",
-    "naïve café résumé Ångström", "皮肤病变是什么？", "日本語のテキスト", "한국어", "Ελληνικά", "русский текст",
-    "emoji 🙂👍🏽👨‍👩‍👧 ok", "🙂🙂🙂", "\u200b\u200d\ufeff", "\x00\x01\x1b[31m", "\u3000full width",
-    "0123456789", "3.14159e-10", "1,234,567.89", "2024-11-29T01:19:00Z",
-    "def f(x):\n\treturn x ** 2  # square\n", "if (a && b) { return c[i]; }", "SELECT * FROM t WHERE x='y';",
-    "........", "----------", "==========", "**bold** __it__ ~~strike~~", "https://example.org/a?b=c&d=e",
+    "",
+    " ",
+    "  ",
+    "   ",
+    "\n",
+    "\t",
+    "\r\n",
+    "a",
+    "Hello world",
+    " leading",
+    "trailing ",
+    "  two  spaces  ",
+    " " * 17,
+    " " * 33 + "x",
+    "x" + " " * 100,
+    "What is this lesion?",
+    "What is this lesion? ",
+    "[INST] ",
+    "\nWhat is this lesion? [/INST]",
+    "[INST] <image>\nWhat is this lesion? [/INST]",
+    "</s>",
+    "<s>",
+    "<unk>",
+    "a </s>[INST] b",
+    "<image>",
+    "<<image>>",
+    "<0x41>",
+    "\u2581",
+    "\u2581\u2581 x",
+    "naïve café résumé Ångström",
+    "皮肤病变是什么？",
+    "日本語のテキスト",
+    "한국어",
+    "Ελληνικά",
+    "русский текст",
+    "emoji 🙂👍🏽👨‍👩‍👧 ok",
+    "🙂🙂🙂",
+    "\u200b\u200d\ufeff",
+    "\x00\x01\x1b[31m",
+    "\u3000full width",
+    "0123456789",
+    "3.14159e-10",
+    "1,234,567.89",
+    "2024-11-29T01:19:00Z",
+    "def f(x):\n\treturn x ** 2  # square\n",
+    "if (a && b) { return c[i]; }",
+    "SELECT * FROM t WHERE x='y';",
+    "........",
+    "----------",
+    "==========",
+    "**bold** __it__ ~~strike~~",
+    "https://example.org/a?b=c&d=e",
     "Melanoma vs. seborrheic keratosis: ABCDE criteria (asymmetry, border, colour, diameter >6 mm).",
-    "multi\nline\n\ntext\n", "tabs\t\tand  spaces \t mixed",
+    "multi\nline\n\ntext\n",
+    "tabs\t\tand  spaces \t mixed",
 ]
 
 
@@ -96,8 +140,33 @@ def test_very_long_text(tok: TextTokenizer, sp) -> None:
 
 
 _TEXT = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=120)
-_PIECEY = st.lists(st.sampled_from([" ", "  ", "\n", "\t", "a", "the", "ing", "</s>", "<s>", "[INST]", "<image>",
-                                    "é", "皮", "🙂", ".", "..", "=", "1", "\x00", "\u2581"]), max_size=40).map("".join)
+_PIECEY = st.lists(
+    st.sampled_from(
+        [
+            " ",
+            "  ",
+            "\n",
+            "\t",
+            "a",
+            "the",
+            "ing",
+            "</s>",
+            "<s>",
+            "[INST]",
+            "<image>",
+            "é",
+            "皮",
+            "🙂",
+            ".",
+            "..",
+            "=",
+            "1",
+            "\x00",
+            "\u2581",
+        ]
+    ),
+    max_size=40,
+).map("".join)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -109,8 +178,11 @@ def test_encode_property(tok: TextTokenizer, sp, text: str) -> None:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ids=st.lists(st.one_of(st.integers(1, 31999), st.integers(3, 258), st.sampled_from([28705, 259, 35, 1, 2])),
-                    max_size=16))
+@given(
+    ids=st.lists(
+        st.one_of(st.integers(1, 31999), st.integers(3, 258), st.sampled_from([28705, 259, 35, 1, 2])), max_size=16
+    )
+)
 def test_decode_property(tok: TextTokenizer, sp, ids: list[int]) -> None:
     # Arbitrary ids (what a model may generate): byte runs with invalid UTF-8, controls, leading spaces.
     assert tok.decode(ids) == sp.decode(ids)
@@ -136,8 +208,17 @@ def test_from_file_errors(tmp_path: Path) -> None:
 
 def test_rejects_text_matching_added_tokens(tokenizer_json: Path, tmp_path: Path) -> None:
     data = json.loads(tokenizer_json.read_text())
-    data["added_tokens"] = [{"id": 2, "content": "</s>", "single_word": False, "lstrip": False, "rstrip": False,
-                             "normalized": False, "special": True}]
+    data["added_tokens"] = [
+        {
+            "id": 2,
+            "content": "</s>",
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+    ]
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(BundleError, match="added tokens"):
         TextTokenizer.from_file(tmp_path / "tokenizer.json")
@@ -157,12 +238,23 @@ def test_write_from_tokenizer_json_only(tok: TextTokenizer, tokenizer_json: Path
     # A transformers-style file registers the specials as text-matching added tokens and adds BOS.
     data = json.loads(tokenizer_json.read_text())
     data["added_tokens"] = [
-        {"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
-         "normalized": False, "special": True} for i, c in [(0, "<unk>"), (1, "<s>"), (2, "</s>"), (32000, "<image>")]
+        {
+            "id": i,
+            "content": c,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for i, c in [(0, "<unk>"), (1, "<s>"), (2, "</s>"), (32000, "<image>")]
     ]
-    data["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
-                              {"Sequence": {"id": "A", "type_id": 0}}], "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
-                              "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+    data["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}},
+    }
     ckpt = tmp_path / "hf"
     ckpt.mkdir()
     (ckpt / "tokenizer.json").write_text(json.dumps(data))
@@ -216,8 +308,10 @@ def test_fetch_script_is_idempotent_and_offline_with_local_wheel(sp_model_path: 
 
 
 def test_runtime_imports_stay_light() -> None:
-    code = ("import sys, skin_offline.runtime.tokenizer, skin_offline.runtime.prompt; "
-            "heavy = {'transformers', 'sentencepiece', 'torch'} & set(sys.modules); assert not heavy, heavy")
+    code = (
+        "import sys, skin_offline.runtime.tokenizer, skin_offline.runtime.prompt; "
+        "heavy = {'transformers', 'sentencepiece', 'torch'} & set(sys.modules); assert not heavy, heavy"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr

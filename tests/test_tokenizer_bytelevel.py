@@ -49,7 +49,10 @@ def test_control_ids_come_from_the_checkpoint_configs(proxy, tok, original):
     cfg = token_config(proxy, Path(tok._tok and proxy / "tokenizer.json"))  # the source file itself: same answer
     tconf = json.loads((proxy / "tokenizer_config.json").read_text())
     assert tok.family == TokenizerFamily.BYTE_LEVEL
-    assert (tok.bos_id, tok.eos_id) == (original.token_to_id(tconf["bos_token"]), original.token_to_id(tconf["eos_token"]))
+    assert (tok.bos_id, tok.eos_id) == (
+        original.token_to_id(tconf["bos_token"]),
+        original.token_to_id(tconf["eos_token"]),
+    )
     assert (tok.bos_id, tok.eos_id) == (1, 2)  # text_config's bos_token_id / eos_token_id
     assert cfg.pad_id == original.token_to_id("<pad>") == 49153
     assert tok.vocab_size == 49152 and 0 in cfg.control_ids  # <|endoftext|>: special, inside the vocabulary
@@ -116,8 +119,11 @@ def test_any_text_round_trips(tok, original, text):
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table (the ByteLevel pre-tokenizer's alphabet), for the test's check."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) \
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\u00a1"), ord("\u00ac") + 1))
         + list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    )
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
@@ -141,7 +147,7 @@ def test_label_ids_are_their_ids_inside_the_full_answer_turn(tok):
     for label in labels:
         full = tok.encode(head + " " + label + " ")
         ids = label_token_ids(tok, label)
-        assert full[:len(h)] == h and full[len(h):len(h) + len(ids)] == ids, label
+        assert full[: len(h)] == h and full[len(h) : len(h) + len(ids)] == ids, label
         assert tok.decode(ids) == " " + label
 
 

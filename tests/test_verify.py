@@ -22,8 +22,9 @@ from skin_offline.manifest import Manifest, file_entry
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "skin_offline.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "skin_offline.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def _rehash(folder, *files):
@@ -108,7 +109,9 @@ def test_a_wrong_graph_with_right_weights_is_caught_by_the_layer_check(llava_mod
     b = tmp_path / "b"
     shutil.copytree(llava_model.bundle_dir, b)
     model = onnx.load(str(b / names.DECODER_CONTRIB_GRAPH), load_external_data=False)
-    node = next(n for n in model.graph.node if n.op_type == "SkipSimplifiedLayerNormalization" and "ln1b" in n.output[0])
+    node = next(
+        n for n in model.graph.node if n.op_type == "SkipSimplifiedLayerNormalization" and "ln1b" in n.output[0]
+    )
     next(a for a in node.attribute if a.name == "epsilon").f = 0.5
     (b / names.DECODER_CONTRIB_GRAPH).write_bytes(model.SerializeToString())
     _rehash(b, names.DECODER_CONTRIB_GRAPH)
@@ -123,8 +126,13 @@ def test_an_export_that_writes_a_wrong_weight_stops_and_writes_nothing(llava_mod
     real = to_onnx.build_decoder_fast
 
     def wrong(spec, tensor, *a, **kw):  # the contrib graph's builder reads layer 1's o_proj from layer 0
-        return real(spec, lambda n: tensor(n.replace("layers.1.self_attn.o_proj", "layers.0.self_attn.o_proj")), *a,
-                    shared=None, **{k: v for k, v in kw.items() if k != "shared"})
+        return real(
+            spec,
+            lambda n: tensor(n.replace("layers.1.self_attn.o_proj", "layers.0.self_attn.o_proj")),
+            *a,
+            shared=None,
+            **{k: v for k, v in kw.items() if k != "shared"},
+        )
 
     monkeypatch.setattr(to_onnx, "build_decoder_fast", wrong)
     with pytest.raises(VerificationError, match=r"decoder_contrib.onnx: layers.1.self_attn.o_proj.weight \(fp32\): "):

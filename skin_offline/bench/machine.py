@@ -66,8 +66,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-KERNEL_FEATURES = ("amx_int8", "amx_bf16", "amx_tile", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512bw", "avx512f",
-                   "avx2", "fma", "asimddp", "i8mm", "sve", "sve2", "bf16")
+KERNEL_FEATURES = (
+    "amx_int8",
+    "amx_bf16",
+    "amx_tile",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512bw",
+    "avx512f",
+    "avx2",
+    "fma",
+    "asimddp",
+    "i8mm",
+    "sve",
+    "sve2",
+    "bf16",
+)
 
 
 def cpu_features(flags: set[str] | None = None) -> list[str]:
@@ -99,8 +114,11 @@ def jetson_info() -> dict | None:
     release = _read("/etc/nv_tegra_release")
     if not release and not (model and ("jetson" in model.lower() or "orin" in model.lower())):
         return None
-    info = {"model": model, "l4t_release": release.splitlines()[0] if release else None,
-            "board_bandwidth_gb_per_s": board_bandwidth(model or "")}
+    info = {
+        "model": model,
+        "l4t_release": release.splitlines()[0] if release else None,
+        "board_bandwidth_gb_per_s": board_bandwidth(model or ""),
+    }
     mode = _nvpmodel_query() or _read("/var/lib/nvpmodel/status")  # "NV Power Mode: MAXN" / "pmode:0000 ..."
     if mode:
         info["power_mode"] = mode
@@ -177,8 +195,16 @@ def machine_info(bandwidth: bool = True, threads: int | None = None) -> MachineI
     except ImportError:  # psutil is in the bench extra; without it read the page count
         mem, phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), None
     return MachineInfo(
-        cpu_model=cpu_model(), logical_cores=os.cpu_count() or 1, physical_cores=phys, memory_bytes=int(mem),
-        python=platform.python_version(), onnxruntime=ort.__version__, providers=list(ort.get_available_providers()),
-        gpu=gpu_summary(), jetson=jetson_info(), bandwidth=probe_bandwidth(threads) if bandwidth else None,
-        cpu_features=cpu_features(), gemm_min_rows=default_gemm_min_rows(),
+        cpu_model=cpu_model(),
+        logical_cores=os.cpu_count() or 1,
+        physical_cores=phys,
+        memory_bytes=int(mem),
+        python=platform.python_version(),
+        onnxruntime=ort.__version__,
+        providers=list(ort.get_available_providers()),
+        gpu=gpu_summary(),
+        jetson=jetson_info(),
+        bandwidth=probe_bandwidth(threads) if bandwidth else None,
+        cpu_features=cpu_features(),
+        gemm_min_rows=default_gemm_min_rows(),
     )

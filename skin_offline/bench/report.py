@@ -18,7 +18,12 @@ ROWS = (
     ("decode_tokens_per_s", "decode", "tok/s"),
     ("end_to_end_s", "end to end", "s"),
 )
-CHART_STAGES = (("preprocess_s", "preprocess"), ("vision_s", "vision"), ("prefill_s", "prefill"), ("decode_s", "decode"))
+CHART_STAGES = (
+    ("preprocess_s", "preprocess"),
+    ("vision_s", "vision"),
+    ("prefill_s", "prefill"),
+    ("decode_s", "decode"),
+)
 
 
 def to_json(result: BenchResult) -> str:
@@ -37,8 +42,10 @@ def render(result: BenchResult, console=None) -> None:
 
     console = console or Console()
     mdl, med, roof, mach = result.model, result.medians, result.roofline, result.machine
-    t = Table(title=f"skin-offline bench: {mdl['precision']} {mdl['flavor']} on {mdl['provider']}, {mdl['threads']} threads, "
-                    f"{med['prompt_tokens']:.0f} prompt + {med['new_tokens']:.0f} new tokens, median of {len(result.runs)}")
+    t = Table(
+        title=f"skin-offline bench: {mdl['precision']} {mdl['flavor']} on {mdl['provider']}, {mdl['threads']} threads, "
+        f"{med['prompt_tokens']:.0f} prompt + {med['new_tokens']:.0f} new tokens, median of {len(result.runs)}"
+    )
     t.add_column("stage")
     t.add_column("median", justify="right")
     t.add_column("min .. max", justify="right")
@@ -48,29 +55,44 @@ def render(result: BenchResult, console=None) -> None:
     console.print(t)
     bw = mach.get("bandwidth") or {}
     cores = f"{mach['logical_cores']} logical / {mach.get('physical_cores')} physical cores"
-    console.print(f"machine: {mach['cpu_model']}, {cores}, {mach['memory_bytes'] / 2**30:.1f} GiB, onnxruntime {mach['onnxruntime']}")
+    console.print(
+        f"machine: {mach['cpu_model']}, {cores}, {mach['memory_bytes'] / 2**30:.1f} GiB, onnxruntime {mach['onnxruntime']}"
+    )
     if mach.get("cpu_features") is not None:
-        console.print(f"cpu kernels: {', '.join(mach['cpu_features']) or 'none of the int8 features'}; "
-                      f"calls of >= {mach.get('gemm_min_rows')} rows run the int8 GEMM graph when the bundle has one")
+        console.print(
+            f"cpu kernels: {', '.join(mach['cpu_features']) or 'none of the int8 features'}; "
+            f"calls of >= {mach.get('gemm_min_rows')} rows run the int8 GEMM graph when the bundle has one"
+        )
     if mach.get("gpu"):
         g = mach["gpu"]
         console.print(f"gpu: {g['name']} (compute {g['compute_capability']}, {g['memory_bytes'] / 2**30:.1f} GiB)")
     if mach.get("jetson"):
         j = mach["jetson"]
-        console.print(f"jetson: {j.get('model')} | {j.get('l4t_release')} | power mode: {j.get('power_mode', 'unknown')}")
+        console.print(
+            f"jetson: {j.get('model')} | {j.get('l4t_release')} | power mode: {j.get('power_mode', 'unknown')}"
+        )
     if bw:
-        console.print(f"memory bandwidth (probe): {bw['gb_per_s']:.1f} GB/s  ({', '.join(f'{k} {v}' for k, v in bw['kernels'].items())})")
-    console.print(f"peak RSS: {result.peak_rss_bytes / 2**30:.2f} GiB; decoder weights {mdl['decoder_weight_bytes'] / 2**30:.2f} GiB, "
-                  f"KV cache {mdl['kv_bytes_per_token'] * (med['prompt_tokens'] + med['new_tokens']) / 2**20:.1f} MiB at the end")
+        console.print(
+            f"memory bandwidth (probe): {bw['gb_per_s']:.1f} GB/s  ({', '.join(f'{k} {v}' for k, v in bw['kernels'].items())})"
+        )
+    console.print(
+        f"peak RSS: {result.peak_rss_bytes / 2**30:.2f} GiB; decoder weights {mdl['decoder_weight_bytes'] / 2**30:.2f} GiB, "
+        f"KV cache {mdl['kv_bytes_per_token'] * (med['prompt_tokens'] + med['new_tokens']) / 2**20:.1f} MiB at the end"
+    )
     line = f"decode roofline ({roof['bytes_per_token'] / 2**30:.2f} GiB read per token):"
     if "measured" in roof:
         line += f" {roof['measured']:.2f} tok/s at the measured {roof['measured_bandwidth_gb_per_s']:.1f} GB/s"
         if "fraction_of_measured" in roof:
             line += f" -> measured decode is {100 * roof['fraction_of_measured']:.0f}% of it"
     console.print(line)
-    console.print("  Jetson: " + ", ".join(f"{k.removeprefix('jetson_')} {roof[k]:.1f} tok/s" for k in
-                                          ("jetson_agx_orin", "jetson_orin_nano_super", "jetson_orin_nano"))
-                  + (f"; this board {roof['this_board']:.1f} tok/s" if "this_board" in roof else ""))
+    console.print(
+        "  Jetson: "
+        + ", ".join(
+            f"{k.removeprefix('jetson_')} {roof[k]:.1f} tok/s"
+            for k in ("jetson_agx_orin", "jetson_orin_nano_super", "jetson_orin_nano")
+        )
+        + (f"; this board {roof['this_board']:.1f} tok/s" if "this_board" in roof else "")
+    )
     for n in result.notes:
         console.print(f"note: {n}")
 
@@ -92,8 +114,10 @@ def write_chart(result: BenchResult, path: Path) -> Path:
     ax.set_yticks([])
     ax.set_xlabel("seconds (median)")
     m = result.model
-    ax.set_title(f"{m['precision']} on {m['provider']}: {med['prompt_tokens']:.0f} prompt + {med['new_tokens']:.0f} new tokens, "
-                 f"{med['decode_tokens_per_s']:.1f} tok/s decode")
+    ax.set_title(
+        f"{m['precision']} on {m['provider']}: {med['prompt_tokens']:.0f} prompt + {med['new_tokens']:.0f} new tokens, "
+        f"{med['decode_tokens_per_s']:.1f} tok/s decode"
+    )
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.6), ncol=4, fontsize=8, frameon=False)
     fig.tight_layout()
     path = Path(path)

@@ -24,8 +24,16 @@ from .machine import Bandwidth, MachineInfo, machine_info
 DEFAULT_QUESTION = "What is this lesion?"  # short: 576 image tokens + this = 587, so --prompt-tokens 600 is reachable
 FILLER = " skin"  # one token per repetition in the Mistral vocabulary; pads the question to --prompt-tokens
 JETSON_ROOFLINES_GBS = {"jetson_agx_orin": 204.8, "jetson_orin_nano_super": 102.0, "jetson_orin_nano": 68.0}
-STAGES = ("load_s", "preprocess_s", "vision_s", "prefill_s", "prefill_tokens_per_s", "ttft_s",
-          "decode_tokens_per_s", "end_to_end_s")
+STAGES = (
+    "load_s",
+    "preprocess_s",
+    "vision_s",
+    "prefill_s",
+    "prefill_tokens_per_s",
+    "ttft_s",
+    "decode_tokens_per_s",
+    "end_to_end_s",
+)
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,9 @@ def model_facts(model, threads: int) -> dict:
     past = next((i for i in model.bundle.decoder.session.get_inputs() if i.name == names.past_key(0)), None)
     kv_item = 2 if past is not None and "float16" in past.type else 4
     return {
-        "precision": dec.precision.value, "flavor": dec.flavor.value, "decoder_file": dec.file,
+        "precision": dec.precision.value,
+        "flavor": dec.flavor.value,
+        "decoder_file": dec.file,
         # many-row calls (prefill) ran through: the int8 GEMM graph of a hybrid bundle, or the decoder itself
         "prefill": f"{multi.precision.value} {multi.kernel.value}" if multi else dec.precision.value,
         "decoder_weight_bytes": weight_bytes,
@@ -111,7 +121,9 @@ def model_facts(model, threads: int) -> dict:
         "provider": model.bundle.decoder.session.get_providers()[0],
         "vision_provider": model.bundle.vision.session.get_providers()[0],
         "threads": threads,
-        "layers": m.model.num_layers, "hidden": m.model.hidden_size, "image_tokens": m.model.image_tokens,
+        "layers": m.model.num_layers,
+        "hidden": m.model.hidden_size,
+        "image_tokens": m.model.image_tokens,
     }
 
 
@@ -139,10 +151,15 @@ def one_run(model, image, question: str, new_tokens: int) -> dict:
     e2e = time.perf_counter() - t0
     t = last.timings
     return {
-        "preprocess_s": t.preprocess_s, "vision_s": t.vision_s, "prefill_s": t.prefill_s,
+        "preprocess_s": t.preprocess_s,
+        "vision_s": t.vision_s,
+        "prefill_s": t.prefill_s,
         "prefill_tokens_per_s": t.prompt_tokens / t.prefill_s if t.prefill_s > 0 else 0.0,
-        "ttft_s": t.ttft_s, "decode_tokens_per_s": t.decode_tokens_per_s, "end_to_end_s": e2e,
-        "prompt_tokens": t.prompt_tokens, "new_tokens": t.new_tokens,
+        "ttft_s": t.ttft_s,
+        "decode_tokens_per_s": t.decode_tokens_per_s,
+        "end_to_end_s": e2e,
+        "prompt_tokens": t.prompt_tokens,
+        "new_tokens": t.new_tokens,
     }
 
 
@@ -155,13 +172,17 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda m: None) -> 
     threads = cfg.threads or default_threads()
     t0 = time.perf_counter()
     bundle = Bundle.load(cfg.bundle, threads=threads, precision=cfg.precision, device=cfg.device, prefill=cfg.prefill)
-    model = SkinVL(bundle, TextTokenizer.from_file(bundle.folder / names.TOKENIZER), feature_cache_size=0, prompt_cache_size=0)
+    model = SkinVL(
+        bundle, TextTokenizer.from_file(bundle.folder / names.TOKENIZER), feature_cache_size=0, prompt_cache_size=0
+    )
     load_s = time.perf_counter() - t0
     facts = model_facts(model, threads)
     image = cfg.image if cfg.image is not None else demo_image()
     question = pad_question(model.tokenizer, cfg.question, bundle.manifest.model.image_tokens, cfg.prompt_tokens)
-    log(f"loaded {cfg.bundle} in {load_s:.2f}s: {facts['precision']} {facts['flavor']} decoder on {facts['provider']}, "
-        f"{threads} threads")
+    log(
+        f"loaded {cfg.bundle} in {load_s:.2f}s: {facts['precision']} {facts['flavor']} decoder on {facts['provider']}, "
+        f"{threads} threads"
+    )
     for i in range(cfg.warmup):
         log(f"warmup {i + 1}/{cfg.warmup}")
         one_run(model, image, question, cfg.new_tokens)
@@ -178,8 +199,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda m: None) -> 
     context = medians["prompt_tokens"] + medians["new_tokens"] / 2
     result = BenchResult(
         config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()} | {"question": question},
-        machine=machine.to_dict(), model=facts, runs=runs, medians=medians,
-        roofline=rooflines(machine.bandwidth, facts, context), peak_rss_bytes=peak,
+        machine=machine.to_dict(),
+        model=facts,
+        runs=runs,
+        medians=medians,
+        roofline=rooflines(machine.bandwidth, facts, context),
+        peak_rss_bytes=peak,
     )
     if medians["new_tokens"] < cfg.new_tokens:
         result.notes.append(f"the model stopped (EOS) after {medians['new_tokens']:.0f} of {cfg.new_tokens} tokens")

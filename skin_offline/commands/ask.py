@@ -38,8 +38,11 @@ def print_stream(responses, prefill: bool = False, before=None):
     sys.stdout.write("\n")
     t = last.timings
     done = f"prefilled {t.prefilled_tokens} of {t.prompt_tokens}, " if prefill else ""
-    typer.echo(f"[{t.new_tokens} tokens, {done}ttft {t.ttft_s:.2f}s, {t.decode_tokens_per_s:.1f} tok/s, "
-               f"finish: {last.finish_reason}]", err=True)
+    typer.echo(
+        f"[{t.new_tokens} tokens, {done}ttft {t.ttft_s:.2f}s, {t.decode_tokens_per_s:.1f} tok/s, "
+        f"finish: {last.finish_reason}]",
+        err=True,
+    )
     return "".join(parts), last
 
 
@@ -53,22 +56,31 @@ def _report_target(image: Path, frame: int, sr: Optional[Path], force: bool):
 
 
 def _sr_option():
-    return typer.Option(None, "--sr", metavar="OUT.dcm", help="also write the answer as a DICOM Structured Report, "
-                        "filed with the DICOM image's patient and study (README 'Filing the answer in a PACS')")
+    return typer.Option(
+        None,
+        "--sr",
+        metavar="OUT.dcm",
+        help="also write the answer as a DICOM Structured Report, "
+        "filed with the DICOM image's patient and study (README 'Filing the answer in a PACS')",
+    )
 
 
 def _force_option():
     return typer.Option(False, "--force", help="overwrite the --sr file if it exists")
 
 
-def read_constraint(json_schema: Optional[Path], regex: Optional[str], choice: Optional[list[str]],
-                    grammar: Optional[Path]):
+def read_constraint(
+    json_schema: Optional[Path], regex: Optional[str], choice: Optional[list[str]], grammar: Optional[Path]
+):
     """The one constraint option given (runtime/constraints.py) and its option name, or (None, "")."""
     from ..errors import UsageError
     from ..runtime.constraints import Choice, Grammar, JsonSchema, Regex
 
-    given = [(n, v) for n, v in (("--json-schema", json_schema), ("--regex", regex), ("--choice", choice),
-                                 ("--grammar", grammar)) if v]
+    given = [
+        (n, v)
+        for n, v in (("--json-schema", json_schema), ("--regex", regex), ("--choice", choice), ("--grammar", grammar))
+        if v
+    ]
     if len(given) > 1:
         raise UsageError(f"pass one constraint, not {' and '.join(n for n, _ in given)}")
     if not given:
@@ -78,14 +90,17 @@ def read_constraint(json_schema: Optional[Path], regex: Optional[str], choice: O
         try:
             text = Path(value).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"{name} {value}: cannot be read ({getattr(e, 'strerror', None) or e}); pass a "
-                             f"UTF-8 text file") from None
+            raise UsageError(
+                f"{name} {value}: cannot be read ({getattr(e, 'strerror', None) or e}); pass a UTF-8 text file"
+            ) from None
         if name == "--grammar":
             return Grammar(text), name
         try:
             return JsonSchema(json.loads(text)), name
         except json.JSONDecodeError as e:
-            raise UsageError(f"{name} {value}: not JSON ({e.msg} at line {e.lineno}); pass a JSON Schema file") from None
+            raise UsageError(
+                f"{name} {value}: not JSON ({e.msg} at line {e.lineno}); pass a JSON Schema file"
+            ) from None
     return (Regex(value) if name == "--regex" else Choice(value)), name
 
 
@@ -111,13 +126,21 @@ def register(app, friendly) -> None:
         threads: Optional[int] = threads_option(),
         precision: Optional[Precision] = precision_option(),
         as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming text"),
-        json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="answer with JSON valid under this "
-                                                   "JSON Schema file (see README: Structured answers)"),
+        json_schema: Optional[Path] = typer.Option(
+            None,
+            "--json-schema",
+            help="answer with JSON valid under this JSON Schema file (see README: Structured answers)",
+        ),
         regex: Optional[str] = typer.Option(None, "--regex", help="answer with text that fully matches this regex"),
         choice: Optional[list[str]] = typer.Option(None, "--choice", help="answer with exactly one of these (repeat)"),
         grammar: Optional[Path] = typer.Option(None, "--grammar", help="answer in the language of this Lark grammar"),
-        top_logprobs: Optional[int] = typer.Option(None, "--top-logprobs", min=0, max=20, help="with --json: each "
-                                                   "token's log-probability and this many alternatives"),
+        top_logprobs: Optional[int] = typer.Option(
+            None,
+            "--top-logprobs",
+            min=0,
+            max=20,
+            help="with --json: each token's log-probability and this many alternatives",
+        ),
         device: Device = device_option(),
         sr: Optional[Path] = _sr_option(),
         force: bool = _force_option(),
@@ -128,8 +151,14 @@ def register(app, friendly) -> None:
         from ..runtime.pipeline import SkinVL, collect
         from ..runtime.request import GenerationParams
 
-        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                  logprobs=top_logprobs)
+        kw = dict(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            logprobs=top_logprobs,
+        )
         GenerationParams(**kw)  # checked before the slow load
         if top_logprobs is not None and not as_json:
             raise UsageError("--top-logprobs prints with the JSON answer: add --json")
@@ -158,7 +187,9 @@ def register(app, friendly) -> None:
     def chat(
         image: Path = typer.Argument(..., help="image file the conversation is about"),
         frame: int = frame_option(),
-        question: Optional[list[str]] = typer.Option(None, "--question", "-q", help="ask these in order (default: read questions from stdin, one per line)"),
+        question: Optional[list[str]] = typer.Option(
+            None, "--question", "-q", help="ask these in order (default: read questions from stdin, one per line)"
+        ),
         bundle: Optional[Path] = bundle_option(),
         max_new_tokens: int = typer.Option(256, min=1),
         temperature: float = typer.Option(0.0, help="0 = greedy"),

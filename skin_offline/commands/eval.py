@@ -59,19 +59,35 @@ class _RayOption(TyperCommand):
 
 
 def ray_option():
-    return typer.Option(None, "--ray", metavar="[ADDRESS]",
-                        help="run the rows on Ray: alone, a local Ray on this machine; `auto` or HOST:PORT or "
-                             "ray://HOST:PORT joins a running cluster (the bundle must be at the same path on every "
-                             "node; see README 'Evaluating on a cluster')")
+    return typer.Option(
+        None,
+        "--ray",
+        metavar="[ADDRESS]",
+        help="run the rows on Ray: alone, a local Ray on this machine; `auto` or HOST:PORT or "
+        "ray://HOST:PORT joins a running cluster (the bundle must be at the same path on every "
+        "node; see README 'Evaluating on a cluster')",
+    )
 
 
 def actors_option():
-    return typer.Option(None, min=1, help="with --ray: Ray actors, each loading the bundle once (default: as many "
-                                          "as the cluster's CPUs allow at --threads each)")
+    return typer.Option(
+        None,
+        min=1,
+        help="with --ray: Ray actors, each loading the bundle once (default: as many "
+        "as the cluster's CPUs allow at --threads each)",
+    )
 
 
-def _cluster(ray: Optional[str], actors: Optional[int], threads: Optional[int], batch: int, bundle: Path,
-             precision, job, progress):
+def _cluster(
+    ray: Optional[str],
+    actors: Optional[int],
+    threads: Optional[int],
+    batch: int,
+    bundle: Path,
+    precision,
+    job,
+    progress,
+):
     """The Ray cluster for `--ray` (None without it; --actors alone is a usage error)."""
     from ..errors import UsageError
 
@@ -87,8 +103,11 @@ def _cluster(ray: Optional[str], actors: Optional[int], threads: Optional[int], 
 
 def _say_errors(n: int, out: Path) -> None:
     if n:
-        typer.echo(f"warning: {n} row(s) failed; the error column of {out / 'predictions.csv'} says why, and a rerun "
-                   f"tries them again", err=True)
+        typer.echo(
+            f"warning: {n} row(s) failed; the error column of {out / 'predictions.csv'} says why, and a rerun "
+            f"tries them again",
+            err=True,
+        )
 
 
 def _check_ray(cluster) -> None:
@@ -114,8 +133,12 @@ def register(app, friendly) -> None:
         seed: int = typer.Option(0, help="base seed of the paper protocol (row i uses seed + i)"),
         threads: Optional[int] = threads_option(),
         precision: Optional[Precision] = typer.Option(None, help="graph variant to run (default: the bundle's first)"),
-        batch: int = typer.Option(1, min=1, help="questions answered at once: the engine decodes them together "
-                                  "(every protocol: the paper's beams are rows of the same decoder runs)"),
+        batch: int = typer.Option(
+            1,
+            min=1,
+            help="questions answered at once: the engine decodes them together "
+            "(every protocol: the paper's beams are rows of the same decoder runs)",
+        ),
         quiet: bool = quiet_option(),
         ray: Optional[str] = ray_option(),
         actors: Optional[int] = actors_option(),
@@ -141,22 +164,34 @@ def register(app, friendly) -> None:
                 else:
                     _check_ray(cluster)
                     source, chosen = cluster.source, cluster.info.precision
-                meta = {"bundle": str(bundle), "precision": chosen, "protocol": protocol.value, "seed": seed,
-                        "max_new_tokens": max_new_tokens, "batch": batch}
+                meta = {
+                    "bundle": str(bundle),
+                    "precision": chosen,
+                    "protocol": protocol.value,
+                    "seed": seed,
+                    "max_new_tokens": max_new_tokens,
+                    "batch": batch,
+                }
                 if cluster is not None:
                     meta["ray"] = cluster.stats  # filled in as rows arrive: rows per node, restarts
                 if batch > 1 and chosen != "fp32" and not quiet:
                     # quantized kernels sum a many-row call in another order than a one-row call (and a hybrid
                     # bundle's wide steps run its int8 GEMM graph), so near-tied greedy choices can flip: say so
-                    typer.echo(f"note: --batch {batch} on an {chosen} bundle: batched decode steps round "
-                               f"differently from single ones, so some answers can differ from --batch 1 (fp32 gives "
-                               f"identical answers)", err=True)
+                    typer.echo(
+                        f"note: --batch {batch} on an {chosen} bundle: batched decode steps round "
+                        f"differently from single ones, so some answers can differ from --batch 1 (fp32 gives "
+                        f"identical answers)",
+                        err=True,
+                    )
                 s = evaluate_vqa(source, rows, images, out, meta, progress)
         typer.echo((out / "summary.md").read_text())
         _say_errors(s["errors"], out)
         if s["this_run"]["questions_per_minute"]:
-            typer.echo(f"[{s['this_run']['answered']} answered this run, {s['this_run']['questions_per_minute']:.1f} "
-                       f"questions/minute; results in {out}]", err=True)
+            typer.echo(
+                f"[{s['this_run']['answered']} answered this run, {s['this_run']['questions_per_minute']:.1f} "
+                f"questions/minute; results in {out}]",
+                err=True,
+            )
 
     @app.command("classify")
     @friendly
@@ -167,9 +202,13 @@ def register(app, friendly) -> None:
         labels: Optional[str] = typer.Option(None, help="comma-separated candidate diagnoses"),
         label_set: Optional[str] = typer.Option(None, help="a label set of the paper (HAM10000, ISIC, PAD, ...)"),
         labels_file: Optional[Path] = typer.Option(None, help="label-set JSON (default: the paper's sets)"),
-        method: ClassifyMethod = typer.Option(ClassifyMethod.LIKELIHOOD, help="likelihood (rank every label) or generate "
-                                              "(the answer constrained to exactly one label)"),
-        normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="mean (not sum) of the label tokens' log-probs"),
+        method: ClassifyMethod = typer.Option(
+            ClassifyMethod.LIKELIHOOD,
+            help="likelihood (rank every label) or generate (the answer constrained to exactly one label)",
+        ),
+        normalize: bool = typer.Option(
+            True, "--normalize/--no-normalize", help="mean (not sum) of the label tokens' log-probs"
+        ),
         protocol: Protocol = typer.Option(Protocol.GREEDY, help="decoding for --method generate: greedy or paper"),
         seed: int = typer.Option(0),
         threads: Optional[int] = threads_option(),
@@ -191,7 +230,9 @@ def register(app, friendly) -> None:
                 typer.echo(json.dumps(r.to_dict()))
                 return
             for i, s in enumerate(r.scores, 1):
-                typer.echo(f"{i:2d}. {s.label:40s} {100 * s.probability:6.2f}%  (score {s.score:.4f}, {s.n_tokens} tokens)")
+                typer.echo(
+                    f"{i:2d}. {s.label:40s} {100 * s.probability:6.2f}%  (score {s.score:.4f}, {s.n_tokens} tokens)"
+                )
         else:
             from ..eval.classify_eval import generate_predictor
 
@@ -220,8 +261,9 @@ def register(app, friendly) -> None:
         seed: int = typer.Option(0),
         threads: Optional[int] = threads_option(),
         precision: Optional[Precision] = typer.Option(None),
-        batch: int = typer.Option(1, min=1, help="images classified at once: their label rows share the engine's "
-                                  "decoder runs"),
+        batch: int = typer.Option(
+            1, min=1, help="images classified at once: their label rows share the engine's decoder runs"
+        ),
         quiet: bool = quiet_option(),
         ray: Optional[str] = ray_option(),
         actors: Optional[int] = actors_option(),
@@ -233,8 +275,13 @@ def register(app, friendly) -> None:
         names = _labels(labels, label_set, labels_file)
         rows = read_label_rows(csv, names, image_col, label_col, limit)
         job = ClassifyJob(tuple(names), method, normalize, protocol, seed, 256)
-        meta = {"bundle": str(bundle), "method": method.value, "normalized": normalize, "label_set": label_set,
-                "batch": batch}
+        meta = {
+            "bundle": str(bundle),
+            "method": method.value,
+            "normalized": normalize,
+            "label_set": label_set,
+            "batch": batch,
+        }
         with progress_for(quiet) as progress:
             cluster = _cluster(ray, actors, threads, batch, bundle, precision, job, progress)
             with cluster or contextlib.nullcontext():

@@ -30,21 +30,51 @@ def register(app, friendly) -> None:
     @app.command()
     @friendly
     def export(
-        src: Optional[Path] = typer.Argument(None, help="checkpoint folder (LLaVA or transformers Llava layout); omit with --base/--lora"),
+        src: Optional[Path] = typer.Argument(
+            None, help="checkpoint folder (LLaVA or transformers Llava layout); omit with --base/--lora"
+        ),
         out: Optional[Path] = typer.Argument(None, help="bundle folder to write (replaced atomically)"),
         base: Optional[Path] = typer.Option(None, help="base checkpoint a --lora adapter was trained on"),
-        lora: Optional[Path] = typer.Option(None, help="PEFT LoRA output folder (adapter + non_lora_trainables.bin), merged onto --base"),
-        dry_run: bool = typer.Option(False, "--dry-run", help="print what would be written, sizes and peak memory; write nothing"),
-        vision_tower: Optional[Path] = typer.Option(None, help="local CLIP checkpoint folder when config.json names a hub id"),
-        image_mode: Optional[PadMode] = typer.Option(None, help="pad (the model's training default) or crop (MM-Skin's evaluation)"),
-        max_context: Optional[int] = typer.Option(None, min=2, help="context limit (default: the checkpoint's, 2048 for LLaVA)"),
-        verify: bool = typer.Option(True, "--verify/--no-verify", help="check every graph against the checkpoint (transformers), layer by layer"),
-        quality: bool = typer.Option(True, "--quality/--no-quality", help="int4/int8/fp16: measure agreement with the checkpoint in fp32 (stored in the manifest, shown by `info`)"),
+        lora: Optional[Path] = typer.Option(
+            None, help="PEFT LoRA output folder (adapter + non_lora_trainables.bin), merged onto --base"
+        ),
+        dry_run: bool = typer.Option(
+            False, "--dry-run", help="print what would be written, sizes and peak memory; write nothing"
+        ),
+        vision_tower: Optional[Path] = typer.Option(
+            None, help="local CLIP checkpoint folder when config.json names a hub id"
+        ),
+        image_mode: Optional[PadMode] = typer.Option(
+            None, help="pad (the model's training default) or crop (MM-Skin's evaluation)"
+        ),
+        max_context: Optional[int] = typer.Option(
+            None, min=2, help="context limit (default: the checkpoint's, 2048 for LLaVA)"
+        ),
+        verify: bool = typer.Option(
+            True, "--verify/--no-verify", help="check every graph against the checkpoint (transformers), layer by layer"
+        ),
+        quality: bool = typer.Option(
+            True,
+            "--quality/--no-quality",
+            help="int4/int8/fp16: measure agreement with the checkpoint in fp32 (stored in the manifest, shown by `info`)",
+        ),
         threads: Optional[int] = typer.Option(None, min=1, help="threads for verification and the quality report"),
-        precision: Precision = typer.Option(Precision.FP32, help="fp32, or int4/int8/fp16 (quantized with `quantize`'s defaults)"),
-        quant_method: Optional[QuantMethod] = typer.Option(None, help="int4/int8 weights: gptq (calibrated; the int4 default) or rtn (round to nearest, no calibration)"),
-        scale_search: Optional[bool] = typer.Option(None, "--scale-search/--no-scale-search", help="each block's scale by the error on calibration activations (default: on with gptq, off with rtn)"),
-        calibration_images: Optional[Path] = typer.Option(None, help="folder of your own lesion photos to calibrate int4 on (read, encoded, never stored or logged); default: generated images"),
+        precision: Precision = typer.Option(
+            Precision.FP32, help="fp32, or int4/int8/fp16 (quantized with `quantize`'s defaults)"
+        ),
+        quant_method: Optional[QuantMethod] = typer.Option(
+            None,
+            help="int4/int8 weights: gptq (calibrated; the int4 default) or rtn (round to nearest, no calibration)",
+        ),
+        scale_search: Optional[bool] = typer.Option(
+            None,
+            "--scale-search/--no-scale-search",
+            help="each block's scale by the error on calibration activations (default: on with gptq, off with rtn)",
+        ),
+        calibration_images: Optional[Path] = typer.Option(
+            None,
+            help="folder of your own lesion photos to calibrate int4 on (read, encoded, never stored or logged); default: generated images",
+        ),
         quiet: bool = quiet_option(),
     ):
         """Export a SkinVL / LLaVA checkpoint folder to an ONNX bundle."""
@@ -52,22 +82,50 @@ def register(app, friendly) -> None:
         if dry_run:
             from ..export.plan import plan_export
 
-            plan_export(src, out, lora=lora, vision_tower=vision_tower, image_mode=image_mode, precision=precision,
-                        max_context=max_context, verify=verify, quality=quality, log=lambda m: typer.echo(m),
-                        quant_method=quant_method, scale_search=scale_search, calibration_images=calibration_images)
+            plan_export(
+                src,
+                out,
+                lora=lora,
+                vision_tower=vision_tower,
+                image_mode=image_mode,
+                precision=precision,
+                max_context=max_context,
+                verify=verify,
+                quality=quality,
+                log=lambda m: typer.echo(m),
+                quant_method=quant_method,
+                scale_search=scale_search,
+                calibration_images=calibration_images,
+            )
             return
         from ..export.to_onnx import export_bundle
 
         with progress_for(quiet) as progress:
-            export_bundle(src, out, vision_tower=vision_tower, image_mode=image_mode, max_context=max_context,
-                          verify=verify, quality=quality, log=progress, lora=lora, precision=precision,
-                          threads=threads, quant_method=quant_method, scale_search=scale_search,
-                          calibration_images=calibration_images)
+            export_bundle(
+                src,
+                out,
+                vision_tower=vision_tower,
+                image_mode=image_mode,
+                max_context=max_context,
+                verify=verify,
+                quality=quality,
+                log=progress,
+                lora=lora,
+                precision=precision,
+                threads=threads,
+                quant_method=quant_method,
+                scale_search=scale_search,
+                calibration_images=calibration_images,
+            )
 
     @app.command("make-demo-checkpoint")
     @friendly
-    def make_demo_checkpoint(out: Path = typer.Argument(...), layout: DemoLayout = typer.Option(DemoLayout.LLAVA),
-                             preset: DemoPreset = typer.Option(DemoPreset.TINY), seed: int = typer.Option(0)):
+    def make_demo_checkpoint(
+        out: Path = typer.Argument(...),
+        layout: DemoLayout = typer.Option(DemoLayout.LLAVA),
+        preset: DemoPreset = typer.Option(DemoPreset.TINY),
+        seed: int = typer.Option(0),
+    ):
         """Write a random-weight checkpoint of the SkinVL architecture (tests, demo, benchmarks)."""
         from ..export.factory import make_checkpoint
 

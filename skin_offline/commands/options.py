@@ -48,8 +48,9 @@ def image_source(image, frame: int):
     return ImageSource(image, frame)
 
 
-RANDOM_WEIGHTS_WARNING = ("warning: this bundle was exported from random weights (a demo/test checkpoint); "
-                          "its answers mean nothing")
+RANDOM_WEIGHTS_WARNING = (
+    "warning: this bundle was exported from random weights (a demo/test checkpoint); its answers mean nothing"
+)
 
 
 def warn_if_random(manifest: Manifest) -> None:

@@ -22,8 +22,11 @@ from .runlog import ERROR_FIELD, ResultLog, Source, WorkFn, local_source, read_c
 
 NO_LABEL = "(no label)"
 LABEL_SETS = Path(__file__).with_name("data") / "zero_shot_labels.json"
-SLICE_COLUMNS = {"age": ("age", "age_approx"), "sex": ("sex", "gender"),
-                 "skin_type": ("skin_type", "fitzpatrick", "fitzpatrick_scale", "skin_tone")}
+SLICE_COLUMNS = {
+    "age": ("age", "age_approx"),
+    "sex": ("sex", "gender"),
+    "skin_type": ("skin_type", "fitzpatrick", "fitzpatrick_scale", "skin_tone"),
+}
 FIELDS = ["image", "label", "prediction", "probability", "age", "sex", "skin_type", "seconds", ERROR_FIELD]
 
 
@@ -42,8 +45,9 @@ class LabelRow:
     slices: dict  # "age" / "sex" / "skin_type" -> value ("" when absent)
 
 
-def read_label_rows(path: Path, labels: list[str], image_col: str = "image", label_col: str = "label",
-                    limit: int | None = None) -> list[LabelRow]:
+def read_label_rows(
+    path: Path, labels: list[str], image_col: str = "image", label_col: str = "label", limit: int | None = None
+) -> list[LabelRow]:
     raw = read_csv(path)
     require_columns(raw, path, image_col, label_col)
     canon = {lab.casefold(): lab for lab in labels}
@@ -51,7 +55,9 @@ def read_label_rows(path: Path, labels: list[str], image_col: str = "image", lab
     for i, r in enumerate(raw[:limit] if limit else raw):
         truth = canon.get(r[label_col].strip().casefold())
         if truth is None:
-            raise UsageError(f"{path} row {i + 2}: label {r[label_col]!r} is not in the label set; fix the CSV or the set")
+            raise UsageError(
+                f"{path} row {i + 2}: label {r[label_col]!r} is not in the label set; fix the CSV or the set"
+            )
         found = {k: next((r[c].strip() for c in cols if r.get(c, "").strip()), "") for k, cols in SLICE_COLUMNS.items()}
         rows.append(LabelRow(i, r[image_col], truth, found))
     return rows
@@ -81,7 +87,9 @@ def classification_metrics(truth: list[str], pred: list[str], classes: list[str]
     return {
         "n": n,
         "accuracy": sum(t == p for t, p in zip(truth, pred)) / n if n else 0.0,
-        "balanced_accuracy": sum(per_class[c]["recall"] for c in present_true) / len(present_true) if present_true else 0.0,
+        "balanced_accuracy": sum(per_class[c]["recall"] for c in present_true) / len(present_true)
+        if present_true
+        else 0.0,
         "macro_f1": sum(per_class[c]["f1"] for c in present_any) / len(present_any) if present_any else 0.0,
         "no_label": pred.count(NO_LABEL),
         "per_class": per_class,
@@ -178,6 +186,7 @@ class ClassifyJob:
     def predictor(self, model) -> PredictFn:
         labels = list(self.labels)
         if self.method is ClassifyMethod.LIKELIHOOD:
+
             def predict(image):
                 r = model.classify(image, labels, normalize=self.normalize)
                 return r.top, r.scores[0].probability
@@ -190,14 +199,28 @@ class ClassifyJob:
         return row_worker(self.predictor(model))
 
 
-def run_classify_eval(predict: PredictFn, rows: list[LabelRow], classes: list[str], images: Path, out: Path,
-                      meta: dict | None = None, progress=None) -> dict:
+def run_classify_eval(
+    predict: PredictFn,
+    rows: list[LabelRow],
+    classes: list[str],
+    images: Path,
+    out: Path,
+    meta: dict | None = None,
+    progress=None,
+) -> dict:
     """Classify the pending rows in this process, then score; see evaluate_classify."""
     return evaluate_classify(local_source(row_worker(predict)), rows, classes, images, out, meta, progress)
 
 
-def evaluate_classify(source: Source, rows: list[LabelRow], classes: list[str], images: Path, out: Path,
-                      meta: dict | None = None, progress=None) -> dict:
+def evaluate_classify(
+    source: Source,
+    rows: list[LabelRow],
+    classes: list[str],
+    images: Path,
+    out: Path,
+    meta: dict | None = None,
+    progress=None,
+) -> dict:
     """Classify the pending rows through `source` (resumable), then write the metrics, confusion matrix and
     summary; returns the summary."""
     out = Path(out)
@@ -207,8 +230,10 @@ def evaluate_classify(source: Source, rows: list[LabelRow], classes: list[str], 
     recs, missing, answered, t_run = run.records, run.missing, run.answered, run.seconds
     if not recs:
         if run.errors:
-            raise UsageError(f"no image could be classified: all {len(run.errors)} row(s) failed (the error column "
-                             f"of {log.path} says why)")
+            raise UsageError(
+                f"no image could be classified: all {len(run.errors)} row(s) failed (the error column "
+                f"of {log.path} says why)"
+            )
         raise UsageError(f"no image could be classified: {len(missing)} missing under {images}; check --images")
     truth, pred = [r["label"] for r in recs], [r["prediction"] for r in recs]
     result = classification_metrics(truth, pred, classes)
@@ -224,11 +249,22 @@ def evaluate_classify(source: Source, rows: list[LabelRow], classes: list[str], 
             idx = [i for i, x in enumerate(values) if x == v]
             s = classification_metrics([truth[i] for i in idx], [pred[i] for i in idx], classes)
             slices[key][v] = {k: s[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1")}
-    summary = {**(meta or {}), "images": len(rows), "classified": len(recs), "errors": len(run.errors),
-               "missing_images": sorted(set(missing)),
-               "classes": classes, "metrics": result, "confusion": {"columns": cols, "matrix": m}, "slices": slices,
-               "this_run": {"classified": answered, "seconds": round(t_run, 3),
-                            "images_per_minute": round(60 * answered / t_run, 3) if t_run > 0 else None}}
+    summary = {
+        **(meta or {}),
+        "images": len(rows),
+        "classified": len(recs),
+        "errors": len(run.errors),
+        "missing_images": sorted(set(missing)),
+        "classes": classes,
+        "metrics": result,
+        "confusion": {"columns": cols, "matrix": m},
+        "slices": slices,
+        "this_run": {
+            "classified": answered,
+            "seconds": round(t_run, 3),
+            "images_per_minute": round(60 * answered / t_run, 3) if t_run > 0 else None,
+        },
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(_markdown(summary))
     return summary
@@ -236,15 +272,35 @@ def evaluate_classify(source: Source, rows: list[LabelRow], classes: list[str], 
 
 def _markdown(s: dict) -> str:
     m = s["metrics"]
-    failed = f" {s['errors']} failed (error column of predictions.csv; a rerun tries them again)." if s["errors"] else ""
-    lines = ["# Zero-shot classification", "", f"{s['classified']} of {s['images']} images classified, "
-             f"{len(s['missing_images'])} missing.{failed}", "", "| n | accuracy | balanced accuracy | macro-F1 |", "|---|---|---|---|",
-             f"| {m['n']} | {100 * m['accuracy']:.2f} | {100 * m['balanced_accuracy']:.2f} | {100 * m['macro_f1']:.2f} |",
-             "", "| class | support | precision | recall | F1 |", "|---|---|---|---|---|"]
-    lines += [f"| {c} | {v['support']} | {100 * v['precision']:.2f} | {100 * v['recall']:.2f} | {100 * v['f1']:.2f} |"
-              for c, v in m["per_class"].items()]
+    failed = (
+        f" {s['errors']} failed (error column of predictions.csv; a rerun tries them again)." if s["errors"] else ""
+    )
+    lines = [
+        "# Zero-shot classification",
+        "",
+        f"{s['classified']} of {s['images']} images classified, {len(s['missing_images'])} missing.{failed}",
+        "",
+        "| n | accuracy | balanced accuracy | macro-F1 |",
+        "|---|---|---|---|",
+        f"| {m['n']} | {100 * m['accuracy']:.2f} | {100 * m['balanced_accuracy']:.2f} | {100 * m['macro_f1']:.2f} |",
+        "",
+        "| class | support | precision | recall | F1 |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c} | {v['support']} | {100 * v['precision']:.2f} | {100 * v['recall']:.2f} | {100 * v['f1']:.2f} |"
+        for c, v in m["per_class"].items()
+    ]
     for key, groups in s["slices"].items():
-        lines += ["", f"## by {key}", "", "| value | n | accuracy | balanced accuracy | macro-F1 |", "|---|---|---|---|---|"]
-        lines += [f"| {v} | {g['n']} | {100 * g['accuracy']:.2f} | {100 * g['balanced_accuracy']:.2f} | {100 * g['macro_f1']:.2f} |"
-                  for v, g in groups.items()]
+        lines += [
+            "",
+            f"## by {key}",
+            "",
+            "| value | n | accuracy | balanced accuracy | macro-F1 |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {v} | {g['n']} | {100 * g['accuracy']:.2f} | {100 * g['balanced_accuracy']:.2f} | {100 * g['macro_f1']:.2f} |"
+            for v, g in groups.items()
+        ]
     return "\n".join(lines) + "\n"

@@ -80,8 +80,9 @@ class ActorInfo:
 def _node_name() -> str:
     import ray
 
-    return (f"{socket.gethostname()} ({ray.util.get_node_ip_address()}, "
-            f"node {ray.get_runtime_context().get_node_id()[:8]})")
+    return (
+        f"{socket.gethostname()} ({ray.util.get_node_ip_address()}, node {ray.get_runtime_context().get_node_id()[:8]})"
+    )
 
 
 class EvalActor:
@@ -92,8 +93,10 @@ class EvalActor:
         self.info_ = ActorInfo(node=_node_name(), pid=os.getpid())
         if not (Path(bundle) / "manifest.json").is_file():
             # reported by the driver as one line; raising here would bury it in a traceback
-            self.info_.problem = (f"bundle {bundle} not found on node {self.info_.node}; every node must see the "
-                                  f"bundle at the same absolute path (shared storage)")
+            self.info_.problem = (
+                f"bundle {bundle} not found on node {self.info_.node}; every node must see the "
+                f"bundle at the same absolute path (shared storage)"
+            )
             return
         try:
             from .. import names
@@ -157,15 +160,16 @@ def _probe(address: str) -> None:
     from ray._private import services  # Ray's own resolution of "auto" (RAY_ADDRESS, or this machine's cluster)
 
     if address.startswith("ray://"):
-        target = address[len("ray://"):]
+        target = address[len("ray://") :]
     else:
         try:
             target = services.canonicalize_bootstrap_address(address, None)
         except Exception as e:  # "auto" with no cluster running: Ray's ConnectionError says what to do
             raise ClusterError(f"cannot find a Ray cluster for --ray {address}: {e}") from None
         if target is None:
-            raise ClusterError(f"cannot find a Ray cluster for --ray {address}; start one with `ray start --head` "
-                               f"or pass its address") from None
+            raise ClusterError(
+                f"cannot find a Ray cluster for --ray {address}; start one with `ray start --head` or pass its address"
+            ) from None
     host, _, port = target.rpartition(":")
     host = host.strip("[]")
     try:
@@ -174,8 +178,10 @@ def _probe(address: str) -> None:
     except (OSError, ValueError) as e:
         why = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
         at = address if target == address else f"{address} = {target}"
-        raise ClusterError(f"cannot reach the Ray cluster at {at} ({why} within {CONNECT_TIMEOUT_S:.0f} s); "
-                           f"check the address and that `ray start --head` runs there") from None
+        raise ClusterError(
+            f"cannot reach the Ray cluster at {at} ({why} within {CONNECT_TIMEOUT_S:.0f} s); "
+            f"check the address and that `ray start --head` runs there"
+        ) from None
 
 
 # Ray's head always starts a small web process (even with include_dashboard=False) whose usage-stats module asks the
@@ -184,8 +190,14 @@ def _probe(address: str) -> None:
 # which honours the proxy variables: the processes a local Ray starts get a proxy on a closed loopback port, so
 # those probes end on 127.0.0.1 (measured with strace: benchmarks/README.md "Ray evaluation").
 DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: nothing listens there
-_NO_NETWORK_ENV = {"HTTP_PROXY": DEAD_PROXY, "HTTPS_PROXY": DEAD_PROXY, "http_proxy": DEAD_PROXY,
-                   "https_proxy": DEAD_PROXY, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+_NO_NETWORK_ENV = {
+    "HTTP_PROXY": DEAD_PROXY,
+    "HTTPS_PROXY": DEAD_PROXY,
+    "http_proxy": DEAD_PROXY,
+    "https_proxy": DEAD_PROXY,
+    "NO_PROXY": "127.0.0.1,localhost",
+    "no_proxy": "127.0.0.1,localhost",
+}
 
 
 def connect(address: str | None) -> None:
@@ -198,8 +210,10 @@ def connect(address: str | None) -> None:
         _probe(address)
     import ray
 
-    kw = dict(log_to_driver=False,  # workers' stdout/stderr stay in the nodes' Ray logs (actors print nothing)
-              logging_level=logging.ERROR)  # Ray's own start-up lines would mix with the command's output
+    kw = dict(
+        log_to_driver=False,  # workers' stdout/stderr stay in the nodes' Ray logs (actors print nothing)
+        logging_level=logging.ERROR,
+    )  # Ray's own start-up lines would mix with the command's output
     saved = {}
     if address is None:
         kw["include_dashboard"] = False
@@ -213,10 +227,15 @@ def connect(address: str | None) -> None:
             # Ray's temp folder, and wait minutes on one that is gone
             ray.init(address or "local", **kw)
     except (ConnectionError, ray.exceptions.AuthenticationError) as e:
-        hint = ("; if the cluster uses token authentication (Ray's default), set RAY_AUTH_MODE=token and give this "
-                "machine the cluster's token (RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)"
-                if os.environ.get("RAY_AUTH_MODE") != "token" else "")
-        raise ClusterError(f"cannot connect to the Ray cluster at {address}: {' '.join(str(e).split())}{hint}") from None
+        hint = (
+            "; if the cluster uses token authentication (Ray's default), set RAY_AUTH_MODE=token and give this "
+            "machine the cluster's token (RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)"
+            if os.environ.get("RAY_AUTH_MODE") != "token"
+            else ""
+        )
+        raise ClusterError(
+            f"cannot connect to the Ray cluster at {address}: {' '.join(str(e).split())}{hint}"
+        ) from None
     finally:
         for k, v in saved.items():
             if v is None:
@@ -258,8 +277,14 @@ class Cluster:
     """Connect, start the actors and check them (bundle on every node, one precision); `source` is the row source for
     runlog.run_rows. Use as a context manager: leaving it kills the actors and disconnects."""
 
-    def __init__(self, spec: ClusterSpec, bundle: str | Path, precision: str | None, job: Callable,
-                 log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        spec: ClusterSpec,
+        bundle: str | Path,
+        precision: str | None,
+        job: Callable,
+        log: Callable[[str], None] | None = None,
+    ):
         self.spec = spec
         self.bundle = str(Path(bundle).expanduser().absolute())  # the path every node must see
         self.precision = precision
@@ -284,8 +309,10 @@ class Cluster:
         nodes = sorted({i.node for i in self.infos})
         self.stats["ready_s"] = round(time.perf_counter() - t0, 3)
         self.stats["actor_load_s"] = [i.load_s for i in self.infos]
-        self.log(f"ray: {len(self.actors)} actor(s) x {self.spec.threads} thread(s) on {len(nodes)} node(s) of {where}, "
-                 f"ready in {self.stats['ready_s']:.1f} s")
+        self.log(
+            f"ray: {len(self.actors)} actor(s) x {self.spec.threads} thread(s) on {len(nodes)} node(s) of {where}, "
+            f"ready in {self.stats['ready_s']:.1f} s"
+        )
         return self
 
     def __exit__(self, *_) -> None:
@@ -305,11 +332,17 @@ class Cluster:
         fit, cpus = _capacity(spec.threads)
         n = spec.actors or fit
         if n < 1 or n > fit:
-            raise UsageError(f"the Ray cluster has {cpus} CPU(s): room for {fit} actor(s) of --threads {spec.threads}, "
-                             f"not {n}; lower --actors or --threads, or add nodes")
+            raise UsageError(
+                f"the Ray cluster has {cpus} CPU(s): room for {fit} actor(s) of --threads {spec.threads}, "
+                f"not {n}; lower --actors or --threads, or add nodes"
+            )
         actor = ray.remote(EvalActor).options(
-            num_cpus=spec.threads, max_concurrency=spec.batch, max_restarts=ACTOR_RESTARTS, max_task_retries=0,
-            scheduling_strategy="SPREAD")  # one per node first: the rows spread over every node
+            num_cpus=spec.threads,
+            max_concurrency=spec.batch,
+            max_restarts=ACTOR_RESTARTS,
+            max_task_retries=0,
+            scheduling_strategy="SPREAD",
+        )  # one per node first: the rows spread over every node
         self.actors = [actor.remote(self.bundle, spec.threads, self.precision, spec.batch, self.job) for _ in range(n)]
         try:
             # waits while actors load the bundle; a restart (killed while loading) is waited for too
@@ -317,8 +350,10 @@ class Cluster:
         except ray.exceptions.RayActorError as e:
             # Ray's message ends with the cause's own last line ("ModuleNotFoundError: ...") when there is one
             cause = next((ln.strip() for ln in reversed(str(e).splitlines()) if ln.strip()), type(e).__name__)
-            raise ClusterError(f"an actor died while starting (out of memory on its node? skin-offline missing or "
-                               f"another version there?): {cause[:300]}") from None
+            raise ClusterError(
+                f"an actor died while starting (out of memory on its node? skin-offline missing or "
+                f"another version there?): {cause[:300]}"
+            ) from None
         bad = next((i for i in self.infos if i.problem), None)
         if bad is not None:
             err = ClusterError(bad.problem)
@@ -326,10 +361,19 @@ class Cluster:
             raise err
         kinds = {i.precision for i in self.infos}
         if len(kinds) > 1:
-            raise BundleError(f"the nodes see different bundles at {self.bundle} (precisions {', '.join(sorted(kinds))}); "
-                              f"point every node at the same shared bundle")
-        self.stats = {"address": spec.address or LOCAL, "actors": n, "threads_per_actor": spec.threads,
-                      "batch_per_actor": spec.batch, "rows_per_node": {}, "actor_restarts": 0, "row_retries": 0}
+            raise BundleError(
+                f"the nodes see different bundles at {self.bundle} (precisions {', '.join(sorted(kinds))}); "
+                f"point every node at the same shared bundle"
+            )
+        self.stats = {
+            "address": spec.address or LOCAL,
+            "actors": n,
+            "threads_per_actor": spec.threads,
+            "batch_per_actor": spec.batch,
+            "rows_per_node": {},
+            "actor_restarts": 0,
+            "row_retries": 0,
+        }
 
     @property
     def info(self) -> ActorInfo:
@@ -360,8 +404,10 @@ class Cluster:
                 return None
             gave_up.append(reason)
             if not succeeded and len(gave_up) >= FAIL_FAST_ROWS:
-                raise ClusterError(f"the first {len(gave_up)} rows failed {ROW_ATTEMPTS} times each on the actors "
-                                   f"({reason}); stopping (a rerun resumes)")
+                raise ClusterError(
+                    f"the first {len(gave_up)} rows failed {ROW_ATTEMPTS} times each on the actors "
+                    f"({reason}); stopping (a rerun resumes)"
+                )
             return Done(row, None, 0.0, error=f"{reason} (failed {attempts} times)")
 
         while queue or inflight:
@@ -377,8 +423,10 @@ class Cluster:
                     load[slot] += 1
             if not inflight and not probes:
                 if not any(alive):
-                    raise ClusterError(f"every actor died more than {ACTOR_RESTARTS} times; stopping with "
-                                       f"{len(queue)} row(s) left (a rerun resumes)")
+                    raise ClusterError(
+                        f"every actor died more than {ACTOR_RESTARTS} times; stopping with "
+                        f"{len(queue)} row(s) left (a rerun resumes)"
+                    )
                 continue
             ready, _ = ray.wait([*inflight, *probes], num_returns=1)
             ref = ready[0]

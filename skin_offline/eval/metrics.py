@@ -101,5 +101,15 @@ def text_metrics(references: list[str], predictions: list[str]) -> TextMetrics:
     b = bleu(references, predictions) if references else {n: 0.0 for n in BLEU_WEIGHTS}
     r = rouge(references, predictions)
     recall = sum(token_recall(x, y) for x, y in zip(references, predictions)) / max(len(references), 1)
-    return TextMetrics(len(references), b[1], b[2], b[3], b[4], r["rouge1"], r["rouge2"], r["rougeL"],
-                       meteor(references, predictions), recall)
+    return TextMetrics(
+        len(references),
+        b[1],
+        b[2],
+        b[3],
+        b[4],
+        r["rouge1"],
+        r["rouge2"],
+        r["rougeL"],
+        meteor(references, predictions),
+        recall,
+    )

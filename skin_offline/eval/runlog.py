@@ -32,8 +32,10 @@ def require_columns(rows: list[dict[str, str]], path: Path, *names: str) -> None
     have = set(rows[0]) if rows else set()
     missing = [n for n in names if n not in have]
     if missing:
-        raise UsageError(f"{path} lacks column(s) {', '.join(missing)} (has: {', '.join(sorted(have)) or 'none'}); "
-                         f"rename the header or pass the column name option")
+        raise UsageError(
+            f"{path} lacks column(s) {', '.join(missing)} (has: {', '.join(sorted(have)) or 'none'}); "
+            f"rename the header or pass the column name option"
+        )
 
 
 class ResultLog:
@@ -161,8 +163,15 @@ def local_source(work: WorkFn, batch: int = 1) -> Source:
     return lambda pending: one_at_a_time(pending, work) if batch <= 1 else batched(pending, work, batch)
 
 
-def run_rows(rows: list, images: Path, log: ResultLog, key: Callable[[object], dict], source: Source,
-             what: str, progress: Log | None = None) -> RunResult:
+def run_rows(
+    rows: list,
+    images: Path,
+    log: ResultLog,
+    key: Callable[[object], dict],
+    source: Source,
+    what: str,
+    progress: Log | None = None,
+) -> RunResult:
     """The resumable loop shared by `eval` and `classify-eval`, local or on Ray: skip rows already in `log` (error
     rows are tried again), list missing images, hand the rest to `source` (local_source, or a cluster's) and write
     each result as soon as it arrives, in whatever order: an answered row's record, or an error row (`key(row)` +
@@ -182,8 +191,9 @@ def run_rows(rows: list, images: Path, log: ResultLog, key: Callable[[object], d
         with task(progress, what, total=len(pending), unit=what) as bar:
             for done in source(pending):
                 if done.error:
-                    log.write(done.row.index, {**key(done.row), "seconds": f"{done.seconds:.3f}",
-                                               ERROR_FIELD: done.error})
+                    log.write(
+                        done.row.index, {**key(done.row), "seconds": f"{done.seconds:.3f}", ERROR_FIELD: done.error}
+                    )
                     result.answered += 1
                 elif done.record is None:  # unreadable file: listed with the missing ones, not fatal
                     result.missing.append(done.row.image)

@@ -32,7 +32,9 @@ def write_synthetic_set(csv_path: Path, out: Path, rows: int = 20, seed: int = 0
         path = out / "images" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         h, w = rng.integers(120, 400, 2)
-        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(path, format="PNG")  # name kept as in the CSV
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(
+            path, format="PNG"
+        )  # name kept as in the CSV
     with open(out / "q.csv", "w", newline="", encoding="utf-8") as f:
         wr = csv.DictWriter(f, fieldnames=["image", "question", "answer"])
         wr.writeheader()
@@ -46,8 +48,10 @@ def write_synthetic_set(csv_path: Path, out: Path, rows: int = 20, seed: int = 0
     with open(out / "labels.csv", "w", newline="", encoding="utf-8") as f:
         wr = csv.writer(f)
         wr.writerow(["image", "label", "sex", "age"])
-        wr.writerows([name, labels[rng.integers(len(labels))], ("female", "male")[rng.integers(2)], int(rng.integers(18, 90))]
-                     for name in images)
+        wr.writerows(
+            [name, labels[rng.integers(len(labels))], ("female", "male")[rng.integers(2)], int(rng.integers(18, 90))]
+            for name in images
+        )
     return out
 
 

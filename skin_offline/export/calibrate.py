@@ -26,8 +26,15 @@ from .choices import QuantMethod  # noqa: F401  (re-exported: the method enum li
 from .gptq import Grid, Hessian, absmax_scales, block_scales, dequantize, gptq_codes, rtn_codes
 from .layerstream import KV, Group, release_memory
 
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-           "mlp.up_proj", "mlp.down_proj")
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 _MLP_STORE_BYTES = 1 << 30  # keep the MLP's inner activations for the second use up to this size, else recompute
 _CHUNK = 2048  # positions per MLP chunk
 
@@ -50,9 +57,15 @@ class MethodSpec:
         return self.gptq and k <= self.gptq_max_inputs
 
     def describe(self) -> str:
-        parts = [f"GPTQ (act order, static block scales) on weights with <= {self.gptq_max_inputs} inputs, "
-                 f"round to nearest above" if self.gptq else "round to nearest"]
-        parts.append("block scales searched by activation-weighted error" if self.scale_search else "absmax block scales")
+        parts = [
+            f"GPTQ (act order, static block scales) on weights with <= {self.gptq_max_inputs} inputs, "
+            f"round to nearest above"
+            if self.gptq
+            else "round to nearest"
+        ]
+        parts.append(
+            "block scales searched by activation-weighted error" if self.scale_search else "absmax block scales"
+        )
         return ", ".join(parts)
 
 
@@ -69,14 +82,22 @@ class Calibrator:
     torch; `stack`: a layerstream.CheckpointStack-like object (`cfg`, `rotary`, `num_layers`) for building layers;
     `groups`: the calibration sequences as embeddings."""
 
-    def __init__(self, stack, weights_of: Callable[[int], dict], groups: list[Group], grid: Grid,
-                 spec: MethodSpec = MethodSpec(), on_layer: Callable[[int], None] | None = None,
-                 source: dict | None = None):
+    def __init__(
+        self,
+        stack,
+        weights_of: Callable[[int], dict],
+        groups: list[Group],
+        grid: Grid,
+        spec: MethodSpec = MethodSpec(),
+        on_layer: Callable[[int], None] | None = None,
+        source: dict | None = None,
+    ):
         self.stack, self.weights_of, self.grid, self.spec = stack, weights_of, grid, spec
         self.source = source or {}
         self.on_layer = on_layer
-        self.hidden = [(g.prefix[None].astype(np.float32), [s[None].astype(np.float32) for s in g.suffixes])
-                       for g in groups]
+        self.hidden = [
+            (g.prefix[None].astype(np.float32), [s[None].astype(np.float32) for s in g.suffixes]) for g in groups
+        ]
         self.positions = sum(g.prefix.shape[0] + sum(s.shape[0] for s in g.suffixes) for g in groups)
         self.sequences = sum(len(g.suffixes) for g in groups)
         self.done = -1
@@ -155,8 +176,10 @@ class Calibrator:
             quantize(LINEARS[3:4], h_o)
             # gate, up read norm2(x + o(z)); down reads silu(gate) * up
             o = mods["self_attn.o_proj"]
-            resid = [(torch.from_numpy(hp) + o(zp), [torch.from_numpy(x) + o(t) for x, t in zip(hs, zs)])
-                     for (hp, hs), (zp, zs) in zip(seqs, z)]
+            resid = [
+                (torch.from_numpy(hp) + o(zp), [torch.from_numpy(x) + o(t) for x, t in zip(hs, zs)])
+                for (hp, hs), (zp, zs) in zip(seqs, z)
+            ]
             del z
             flat = [t for rp, rs in resid for t in (rp, *rs)]  # [1,S,H] each, sequence order
             normed = [layer.post_attention_layernorm(t) for t in flat]
@@ -170,7 +193,7 @@ class Calibrator:
             inner = []
             for t in normed:
                 for c in range(0, t.shape[1], _CHUNK):
-                    x = t[:, c:c + _CHUNK]
+                    x = t[:, c : c + _CHUNK]
                     a = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
                     h_down.add(a)
                     if store:
@@ -185,9 +208,9 @@ class Calibrator:
                         a = inner[k]
                         k += 1
                     else:
-                        x = t[:, c:c + _CHUNK]
+                        x = t[:, c : c + _CHUNK]
                         a = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
-                    parts.append(r[:, c:c + _CHUNK] + mlp.down_proj(a))
+                    parts.append(r[:, c : c + _CHUNK] + mlp.down_proj(a))
                 outs.append(torch.cat(parts, 1).numpy())
             del inner, normed, flat, resid
             it = iter(outs)
@@ -219,8 +242,12 @@ class Calibrator:
         seen = []
         hook = layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
         try:
-            layer.self_attn(hidden_states=layer.input_layernorm(xt), position_embeddings=self.stack.rotary(xt, pos),
-                            attention_mask=mask, cache=cache)
+            layer.self_attn(
+                hidden_states=layer.input_layernorm(xt),
+                position_embeddings=self.stack.rotary(xt, pos),
+                attention_mask=mask,
+                cache=cache,
+            )
         finally:
             hook.remove()
         return seen[0], cache.present
@@ -232,13 +259,12 @@ def calibrated_weight(name: str) -> bool:
 
 
 def _split(name: str) -> tuple[int, str] | None:
-    """"layers.3.mlp.up_proj.weight" -> (3, "mlp.up_proj"); None for weights the pass does not quantize."""
+    """ "layers.3.mlp.up_proj.weight" -> (3, "mlp.up_proj"); None for weights the pass does not quantize."""
     parts = name.split(".")
     if len(parts) < 4 or parts[0] != "layers" or parts[-1] != "weight":
         return None
     lin = ".".join(parts[2:-1])
     return (int(parts[1]), lin) if lin in LINEARS else None
-
 
 
 class BundleLayers:
@@ -250,11 +276,18 @@ class BundleLayers:
         from transformers import MistralConfig
         from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding
 
-        cfg = MistralConfig(vocab_size=dims.vocab_size, hidden_size=dims.hidden_size,
-                            intermediate_size=dims.intermediate_size, num_hidden_layers=1,
-                            num_attention_heads=dims.num_heads, num_key_value_heads=dims.num_kv_heads,
-                            head_dim=dims.head_dim, rope_theta=dims.rope_theta, rms_norm_eps=dims.rms_norm_eps,
-                            sliding_window=None)
+        cfg = MistralConfig(
+            vocab_size=dims.vocab_size,
+            hidden_size=dims.hidden_size,
+            intermediate_size=dims.intermediate_size,
+            num_hidden_layers=1,
+            num_attention_heads=dims.num_heads,
+            num_key_value_heads=dims.num_kv_heads,
+            head_dim=dims.head_dim,
+            rope_theta=dims.rope_theta,
+            rms_norm_eps=dims.rms_norm_eps,
+            sliding_window=None,
+        )
         cfg._attn_implementation = "eager"
         self.cfg, self.rotary, self.num_layers = cfg, MistralRotaryEmbedding(cfg), dims.num_layers
         self.source = source
@@ -282,8 +315,17 @@ class PassCost:
         return self.flops / (gflops * 1e9)
 
 
-def pass_cost(hidden: int, mlp: int, heads: int, kv_heads: int, head_dim: int, layers: int, positions: int,
-              spec: MethodSpec, store_mlp: bool | None = None) -> PassCost:
+def pass_cost(
+    hidden: int,
+    mlp: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    layers: int,
+    positions: int,
+    spec: MethodSpec,
+    store_mlp: bool | None = None,
+) -> PassCost:
     """FLOPs and peak working memory of the calibrated pass at these widths over `positions` calibration positions
     (attention scores ignored: sequences of a few hundred positions). Per layer: one forward through the layer's
     linears, the Hessians (X^T X: K^2 per position per distinct input), and per weight GPTQ's factorization
@@ -293,7 +335,7 @@ def pass_cost(hidden: int, mlp: int, heads: int, kv_heads: int, head_dim: int, l
     forward = 2 * sum(n * k for n, k in shapes)
     inputs = [hidden, q, hidden, mlp]  # distinct inputs: norm1(x), attention out, norm2(h), silu(gate) * up
     hess = 2 * sum(k * k for k in inputs if spec.uses_gptq(k))
-    gptq = sum(2 * n * k * k + (2 / 3) * k ** 3 for n, k in shapes if spec.uses_gptq(k))
+    gptq = sum(2 * n * k * k + (2 / 3) * k**3 for n, k in shapes if spec.uses_gptq(k))
     search = sum(n * k for n, k in shapes) * 6 * 17 if spec.scale_search else 0.0  # 17 candidate scales
     flops = layers * (positions * (forward + hess) + gptq + search)
     kmax = max([k for k in inputs if spec.uses_gptq(k)], default=0)

@@ -55,8 +55,12 @@ class CalibrationSpec:
         if self.images is not None and self.per_image is not None:
             return self
         images, per_image, cut = LARGE_DEFAULT if layer_params > LARGE_LAYER_PARAMS else SMALL_DEFAULT
-        return CalibrationSpec(self.images or images, self.per_image or per_image,
-                               self.max_answer_tokens if self.max_answer_tokens is not None else cut, self.image_dir)
+        return CalibrationSpec(
+            self.images or images,
+            self.per_image or per_image,
+            self.max_answer_tokens if self.max_answer_tokens is not None else cut,
+            self.image_dir,
+        )
 
     @property
     def sequences(self) -> int:
@@ -65,12 +69,18 @@ class CalibrationSpec:
     def describe(self, images_used: int) -> dict:
         """The manifest's record: what was calibrated on, never which files."""
         cut = f", answers cut at {self.max_answer_tokens} tokens" if self.max_answer_tokens else ""
-        return {"text": f"MM-Skin_test.csv rows listed in skin_offline/export/data/calibration.json "
-                        f"({self.sequences} of {len(load_pairs()[0])} question/answer pairs{cut})",
-                "images": (f"{images_used} images from --calibration-images" if self.image_dir is not None
-                           else f"{images_used} generated lesion-like images (probe_image seeds "
-                                f"{CALIBRATION_SEED}-{CALIBRATION_SEED + images_used - 1})"),
-                "sequences": self.sequences, "held_out": "the quality report's rows 1-16 and seeds 0-2"}
+        return {
+            "text": f"MM-Skin_test.csv rows listed in skin_offline/export/data/calibration.json "
+            f"({self.sequences} of {len(load_pairs()[0])} question/answer pairs{cut})",
+            "images": (
+                f"{images_used} images from --calibration-images"
+                if self.image_dir is not None
+                else f"{images_used} generated lesion-like images (probe_image seeds "
+                f"{CALIBRATION_SEED}-{CALIBRATION_SEED + images_used - 1})"
+            ),
+            "sequences": self.sequences,
+            "held_out": "the quality report's rows 1-16 and seeds 0-2",
+        }
 
 
 def load_pairs() -> tuple[list[int], list[tuple[str, str]]]:
@@ -100,7 +110,9 @@ def calibration_images(spec: CalibrationSpec) -> list:
         except ImageError:
             continue  # unreadable files are skipped (and not named: patient data is never logged)
     if not images:
-        raise UsageError(f"--calibration-images {folder} holds no readable image ({', '.join(IMAGE_SUFFIXES[:5])}, ...)")
+        raise UsageError(
+            f"--calibration-images {folder} holds no readable image ({', '.join(IMAGE_SUFFIXES[:5])}, ...)"
+        )
     return images
 
 
@@ -114,11 +126,12 @@ def sequence_ids(tok, question: str, answer: str, max_answer_tokens: int | None 
         answer_ids = answer_ids[:max_answer_tokens]
     ids = build_prompt_ids(tok, question) + answer_ids
     slot = ids.index(IMAGE_PLACEHOLDER)
-    return ids[:slot], ids[slot + 1:]
+    return ids[:slot], ids[slot + 1 :]
 
 
-def calibration_groups(tok, embed: Embed, feats: np.ndarray, per_image: int, offset: int = 0,
-                       max_answer_tokens: int | None = None) -> list:
+def calibration_groups(
+    tok, embed: Embed, feats: np.ndarray, per_image: int, offset: int = 0, max_answer_tokens: int | None = None
+) -> list:
     """One layerstream.Group per image of `feats` [I,N,H]: prefix = BOS "[INST] " + features, suffixes = `per_image`
     question/answer turns (the shipped pairs, in order from `offset`, cycling)."""
     from .layerstream import Group
@@ -150,8 +163,9 @@ def image_features(vision_graph: Path, images: list, preprocess_cfg, threads: in
     return feats
 
 
-def build_calibrator(cfg, stack, weights_of, embed: Embed, tok, vision_graph: Path, preprocess_cfg,
-                     threads: int | None = None, log=None):
+def build_calibrator(
+    cfg, stack, weights_of, embed: Embed, tok, vision_graph: Path, preprocess_cfg, threads: int | None = None, log=None
+):
     """The calibrated pass of QuantConfig `cfg` (block size resolved) over the decoder `stack` / `weights_of`
     (calibrate.Calibrator): calibration images through `vision_graph`, the shipped text through `tok` and `embed`."""
     from .calibrate import Calibrator
@@ -159,20 +173,29 @@ def build_calibrator(cfg, stack, weights_of, embed: Embed, tok, vision_graph: Pa
     from .quantize import _BITS
 
     c = stack.cfg
-    spec = cfg.calibration.resolved(layer_params(c.hidden_size, c.intermediate_size, c.num_attention_heads,
-                                                 c.num_key_value_heads, c.head_dim))
+    spec = cfg.calibration.resolved(
+        layer_params(c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+    )
     images = calibration_images(spec)
     if log is not None:
-        log(f"calibrating int4 on {spec.sequences} sequences over {len(images)} "
-            f"{'of your images' if spec.image_dir is not None else 'generated images'} ({cfg.method_spec().describe()})")
+        log(
+            f"calibrating int4 on {spec.sequences} sequences over {len(images)} "
+            f"{'of your images' if spec.image_dir is not None else 'generated images'} ({cfg.method_spec().describe()})"
+        )
     feats = image_features(vision_graph, images, preprocess_cfg, threads)
     n_images = len(images)
     del images
     # fewer readable clinic images than asked: the same number of sequences, more of them per image
     per_image = -(-spec.sequences // n_images)
     groups = calibration_groups(tok, embed, feats, per_image, max_answer_tokens=spec.max_answer_tokens)
-    return Calibrator(stack, weights_of, groups, Grid(_BITS[cfg.precision], cfg.block_size), cfg.method_spec(),
-                      source=spec.describe(n_images))
+    return Calibrator(
+        stack,
+        weights_of,
+        groups,
+        Grid(_BITS[cfg.precision], cfg.block_size),
+        cfg.method_spec(),
+        source=spec.describe(n_images),
+    )
 
 
 def layer_params(hidden: int, mlp: int, heads: int, kv_heads: int, head_dim: int) -> int:

@@ -52,8 +52,10 @@ def _weight_files(folder: Path) -> list[Path]:
             files = [folder / n for n in sorted(set(weight_map.values()))]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
-                raise CheckpointError(f"{index.name} names shards that are missing from {folder}: "
-                                      f"{', '.join(missing[:3])}; the download is incomplete")
+                raise CheckpointError(
+                    f"{index.name} names shards that are missing from {folder}: "
+                    f"{', '.join(missing[:3])}; the download is incomplete"
+                )
             if files:
                 return files
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
@@ -147,7 +149,8 @@ class TensorStore:
         h = self._handle(self._where[name])
         if hasattr(h, "get_slice"):
             return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}.get(
-                h.get_slice(name).get_dtype(), torch.float32)
+                h.get_slice(name).get_dtype(), torch.float32
+            )
         return h[name].dtype
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -188,7 +191,9 @@ class VisionSpec:
         """Encoder layers needed for hidden_states[select_layer] (hidden_states has layers + 1 entries)."""
         n = self.layers + 1 + self.select_layer if self.select_layer < 0 else self.select_layer
         if not 0 < n <= self.layers:
-            raise CheckpointError(f"mm_vision_select_layer {self.select_layer} is out of range for {self.layers} layers")
+            raise CheckpointError(
+                f"mm_vision_select_layer {self.select_layer} is out of range for {self.layers} layers"
+            )
         return n
 
     @property
@@ -247,7 +252,7 @@ class Checkpoint:
         for k in self.vision_store.keys():
             if not k.startswith(self.vision_prefix):
                 continue
-            short = k[len(self.vision_prefix):]
+            short = k[len(self.vision_prefix) :]
             if short.startswith("encoder.layers.") and int(short.split(".")[2]) >= keep:
                 continue
             if short.startswith(("post_layernorm", "head.")) or "position_ids" in short:
@@ -258,12 +263,19 @@ class Checkpoint:
     def text_names(self) -> list[str]:
         """Canonical names of every decoder tensor (embed_tokens included)."""
         prefix = _TEXT_PREFIXES[self.layout][0]
-        names = [k[len(prefix):] for k in self.store.keys() if k.startswith(prefix) and not k[len(prefix):].startswith(
-            ("mm_projector", "vision_tower", "multi_modal_projector")) and "rotary_emb" not in k]
+        names = [
+            k[len(prefix) :]
+            for k in self.store.keys()
+            if k.startswith(prefix)
+            and not k[len(prefix) :].startswith(("mm_projector", "vision_tower", "multi_modal_projector"))
+            and "rotary_emb" not in k
+        ]
         return names + ["lm_head.weight"]
 
     def text_shape(self, name: str) -> tuple[int, ...]:
-        return self.store.shape(_LM_HEAD[self.layout] if name == "lm_head.weight" else _TEXT_PREFIXES[self.layout][0] + name)
+        return self.store.shape(
+            _LM_HEAD[self.layout] if name == "lm_head.weight" else _TEXT_PREFIXES[self.layout][0] + name
+        )
 
 
 def _read_json(path: Path) -> dict:
@@ -280,7 +292,9 @@ def detect_layout(folder: Path, cfg: dict) -> str:
     mt = cfg.get("model_type", "")
     if "mm_vision_tower" in cfg or mt in ("llava_mistral", "llava_llama") or "LlavaMistral" in arch:
         if cfg.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-            raise CheckpointError(f"projector type {cfg.get('mm_projector_type')!r} is not supported (expected mlp2x_gelu)")
+            raise CheckpointError(
+                f"projector type {cfg.get('mm_projector_type')!r} is not supported (expected mlp2x_gelu)"
+            )
         return "llava"
     if mt == "llava" and "text_config" in cfg and "vision_config" in cfg:
         store_keys = TensorStore(folder).keys()
@@ -305,10 +319,14 @@ def detect_layout(folder: Path, cfg: dict) -> str:
 
 def _vision_from_cfg(vc: dict, select_layer: int) -> VisionSpec:
     return VisionSpec(
-        hidden=vc.get("hidden_size", 768), layers=vc.get("num_hidden_layers", 12),
-        heads=vc.get("num_attention_heads", 12), mlp=vc.get("intermediate_size", 3072),
-        image_size=vc.get("image_size", 224), patch_size=vc.get("patch_size", 32),
-        layer_norm_eps=vc.get("layer_norm_eps", 1e-5), hidden_act=vc.get("hidden_act", "quick_gelu"),
+        hidden=vc.get("hidden_size", 768),
+        layers=vc.get("num_hidden_layers", 12),
+        heads=vc.get("num_attention_heads", 12),
+        mlp=vc.get("intermediate_size", 3072),
+        image_size=vc.get("image_size", 224),
+        patch_size=vc.get("patch_size", 32),
+        layer_norm_eps=vc.get("layer_norm_eps", 1e-5),
+        hidden_act=vc.get("hidden_act", "quick_gelu"),
         select_layer=select_layer,
     )
 
@@ -322,9 +340,13 @@ def _preprocess_from(folders: list[Path], image_size: int, mode: PadMode) -> Pre
             size = size.get("shortest_edge", image_size) if isinstance(size, dict) else int(size)
             crop = pc.get("crop_size", image_size)
             crop = crop.get("height", image_size) if isinstance(crop, dict) else int(crop)
-            return PreprocessConfig(mode=mode, size=size, crop_size=crop,
-                                    mean=tuple(pc.get("image_mean", PreprocessConfig.mean)),
-                                    std=tuple(pc.get("image_std", PreprocessConfig.std)))
+            return PreprocessConfig(
+                mode=mode,
+                size=size,
+                crop_size=crop,
+                mean=tuple(pc.get("image_mean", PreprocessConfig.mean)),
+                std=tuple(pc.get("image_std", PreprocessConfig.std)),
+            )
     return PreprocessConfig(mode=mode, size=image_size, crop_size=image_size)
 
 
@@ -334,9 +356,14 @@ def _hub_cache_snapshots(name: str) -> list[Path]:
         return []
     import os
 
-    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+    hub = Path(
+        os.environ.get("HF_HUB_CACHE")
+        or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+    )
     snaps = hub / ("models--" + name.replace("/", "--")) / "snapshots"
-    return sorted((p for p in snaps.glob("*") if (p / "config.json").exists()), key=lambda p: p.stat().st_mtime, reverse=True)
+    return sorted(
+        (p for p in snaps.glob("*") if (p / "config.json").exists()), key=lambda p: p.stat().st_mtime, reverse=True
+    )
 
 
 def _find_vision_tower(folder: Path, cfg: dict, override: Path | None, store: TensorStore):
@@ -358,7 +385,9 @@ def _find_vision_tower(folder: Path, cfg: dict, override: Path | None, store: Te
         vstore = TensorStore(c)
         prefix = next((p for p in _VISION_PREFIXES["clip"] if p + "embeddings.patch_embedding.weight" in vstore), None)
         if prefix is None:
-            raise CheckpointError(f"{c} holds no CLIP vision weights (no vision_model.embeddings.patch_embedding.weight)")
+            raise CheckpointError(
+                f"{c} holds no CLIP vision weights (no vision_model.embeddings.patch_embedding.weight)"
+            )
         return vc, vstore, prefix, c
     for prefix in _VISION_PREFIXES["llava"]:
         if prefix + "embeddings.patch_embedding.weight" in store:
@@ -380,8 +409,9 @@ def open_checkpoint(folder: Path, vision_tower: Path | None = None, image_mode: 
         if (folder / "adapter_config.json").is_file():
             raise CheckpointError(f"{folder} is a LoRA adapter; export it with --base BASE_CHECKPOINT --lora {folder}")
         found = ", ".join(sorted(p.name for p in folder.iterdir())[:12]) or "nothing"
-        raise CheckpointError(f"{folder} has no config.json (found: {found}); expected a LLaVA or transformers "
-                              f"Llava checkpoint folder")
+        raise CheckpointError(
+            f"{folder} has no config.json (found: {found}); expected a LLaVA or transformers Llava checkpoint folder"
+        )
     cfg = _read_json(folder / "config.json")
     layout = detect_layout(folder, cfg)
     store = TensorStore(folder)
@@ -406,7 +436,9 @@ def open_checkpoint(folder: Path, vision_tower: Path | None = None, image_mode: 
             vc, vstore, vprefix, vfolder = _find_vision_tower(folder, cfg, vision_tower, store)
         else:
             vstore = store
-            vprefix = next((p for p in _VISION_PREFIXES[layout] if p + "embeddings.patch_embedding.weight" in store), None)
+            vprefix = next(
+                (p for p in _VISION_PREFIXES[layout] if p + "embeddings.patch_embedding.weight" in store), None
+            )
             if vprefix is None:
                 raise CheckpointError(f"{folder}: no vision tower weights under {_VISION_PREFIXES[layout]}")
         # llava-hf processors crop; SkinVL was trained with pad, so pad stays the default
@@ -416,9 +448,14 @@ def open_checkpoint(folder: Path, vision_tower: Path | None = None, image_mode: 
     heads = tc.get("num_attention_heads", 32)
     hidden = tc.get("hidden_size", 4096)
     text = TextSpec(
-        vocab=store.shape(_LM_HEAD[layout])[0], hidden=hidden, layers=tc.get("num_hidden_layers", 32), heads=heads,
-        kv_heads=tc.get("num_key_value_heads", heads), head_dim=tc.get("head_dim") or hidden // heads,
-        mlp=tc.get("intermediate_size", 14336), rms_norm_eps=tc.get("rms_norm_eps", 1e-5),
+        vocab=store.shape(_LM_HEAD[layout])[0],
+        hidden=hidden,
+        layers=tc.get("num_hidden_layers", 32),
+        heads=heads,
+        kv_heads=tc.get("num_key_value_heads", heads),
+        head_dim=tc.get("head_dim") or hidden // heads,
+        mlp=tc.get("intermediate_size", 14336),
+        rms_norm_eps=tc.get("rms_norm_eps", 1e-5),
         rope_theta=float(tc.get("rope_theta") or (tc.get("rope_parameters") or {}).get("rope_theta", 1e4)),
         max_context=max_ctx,
     )
@@ -427,7 +464,14 @@ def open_checkpoint(folder: Path, vision_tower: Path | None = None, image_mode: 
     vision = _vision_from_cfg(vc, select)
     pre = _preprocess_from(pre_folders, vision.image_size, mode)
     return Checkpoint(
-        folder=folder, layout=layout, text=text, vision=vision, preprocess=pre, store=store,
-        vision_store=vstore, vision_prefix=vprefix, projector_names=_PROJECTOR[layout],
+        folder=folder,
+        layout=layout,
+        text=text,
+        vision=vision,
+        preprocess=pre,
+        store=store,
+        vision_store=vstore,
+        vision_prefix=vprefix,
+        projector_names=_PROJECTOR[layout],
         random_weights=bool(cfg.get(names.CKPT_RANDOM_WEIGHTS, False)),
     )

@@ -52,8 +52,10 @@ class NBits:
 
     def pack(self, name: str, codes: np.ndarray, scales: np.ndarray) -> Tensors:
         """Symmetric codes [N,K] int8 in [-2^(bits-1), 2^(bits-1)-1] + scales [N, K/bs] -> the tensors `encode` writes."""
-        return [(name + names.Q_WEIGHT_SUFFIX.format(bits=self.bits), pack_codes(codes, self.bits, self.block_size)),
-                (name + names.Q_SCALES_SUFFIX, np.ascontiguousarray(scales, np.float32).reshape(-1))]
+        return [
+            (name + names.Q_WEIGHT_SUFFIX.format(bits=self.bits), pack_codes(codes, self.bits, self.block_size)),
+            (name + names.Q_SCALES_SUFFIX, np.ascontiguousarray(scales, np.float32).reshape(-1)),
+        ]
 
     def nbytes(self, k: int, n: int) -> list[int]:
         """Sizes of the tensors `encode` writes for a [K,N] weight, in order (export --dry-run)."""
@@ -68,8 +70,14 @@ class NBits:
         attrs = dict(K=int(k), N=int(n), bits=self.bits, block_size=self.block_size)
         if self.accuracy_level:
             attrs["accuracy_level"] = self.accuracy_level
-        return helper.make_node("MatMulNBits", [x, *(t for t, _ in tensors)], [out], name=f"{node_name}_Q{self.bits}",
-                                domain=MS_DOMAIN, **attrs)
+        return helper.make_node(
+            "MatMulNBits",
+            [x, *(t for t, _ in tensors)],
+            [out],
+            name=f"{node_name}_Q{self.bits}",
+            domain=MS_DOMAIN,
+            **attrs,
+        )
 
 
 def pack_codes(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:
@@ -97,8 +105,9 @@ class QGemm:
 
     def node(self, x: str, out: str, node_name: str, tensors: Tensors, k: int, n: int) -> NodeProto:
         # inputs: A, B (int8 [K,N]), b_scale [N]; no b_zero_point (symmetric) and no bias
-        return helper.make_node("DynamicQuantizeMatMul", [x, *(t for t, _ in tensors)], [out],
-                                name=f"{node_name}_QGEMM", domain=MS_DOMAIN)
+        return helper.make_node(
+            "DynamicQuantizeMatMul", [x, *(t for t, _ in tensors)], [out], name=f"{node_name}_QGEMM", domain=MS_DOMAIN
+        )
 
 
 Codec = NBits | QGemm
@@ -110,7 +119,7 @@ def pack_qgemm(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     safe = np.where(scales == 0, np.float32(1), scales)
     q = np.empty(w.shape, np.int8)
     for r in range(0, w.shape[0], 1024):  # row chunks: no full-size float temporaries at 7B widths
-        q[r:r + 1024] = np.clip(np.rint(w[r:r + 1024] / safe), -127, 127)
+        q[r : r + 1024] = np.clip(np.rint(w[r : r + 1024] / safe), -127, 127)
     return q, scales
 
 
@@ -134,7 +143,9 @@ SEARCH_FACTORS = tuple(np.round(np.linspace(1.0, 0.6, 17), 3))  # absmax first: 
 _SEARCH_ROWS = 64  # output rows per chunk: ~4 MB of blocks at K=14336, cache-sized
 
 
-def pack_nbits_search(w: np.ndarray, bits: int, block_size: int, factors=SEARCH_FACTORS) -> tuple[np.ndarray, np.ndarray]:
+def pack_nbits_search(
+    w: np.ndarray, bits: int, block_size: int, factors=SEARCH_FACTORS
+) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric MatMulNBits packing with each block's scale picked among `factors` x onnxruntime's absmax scale
     (signed max / -2^(bits-1)) by least squared error. onnxruntime has no such option, hence NumPy here; with
     factors=(1.0,) this reproduces `quantize_matmul_4bits/8bits` bit for bit (tested).
@@ -144,7 +155,7 @@ def pack_nbits_search(w: np.ndarray, bits: int, block_size: int, factors=SEARCH_
     packed = np.empty((n, kb, block_size * bits // 8), np.uint8)
     scales = np.empty((n, kb), np.float32)
     for r in range(0, n, _SEARCH_ROWS):
-        x = np.ascontiguousarray(w[:, r:r + _SEARCH_ROWS].T).reshape(-1, kb, block_size)  # [rows, K/bs, bs]
+        x = np.ascontiguousarray(w[:, r : r + _SEARCH_ROWS].T).reshape(-1, kb, block_size)  # [rows, K/bs, bs]
         peak = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)  # signed max-abs [rows, K/bs, 1]
         base = peak / np.float32(qmin)
         best_d, best_err = base, None
@@ -161,6 +172,6 @@ def pack_nbits_search(w: np.ndarray, bits: int, block_size: int, factors=SEARCH_
         codes = (np.clip(np.round(x / safe), qmin, qmax) - qmin).astype(np.uint8)  # stored with the implied zero point
         if bits == 4:
             codes = codes[..., 0::2] | (codes[..., 1::2] << 4)  # two per byte, low nibble first
-        packed[r:r + _SEARCH_ROWS] = codes
-        scales[r:r + _SEARCH_ROWS] = best_d[..., 0]
+        packed[r : r + _SEARCH_ROWS] = codes
+        scales[r : r + _SEARCH_ROWS] = best_d[..., 0]
     return packed, scales.reshape(-1)

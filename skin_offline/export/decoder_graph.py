@@ -48,7 +48,9 @@ def _linear(g: GraphBuilder, x: str, name: str, tensor: TensorFn) -> str:
     return g.op("MatMul", x, g.w(name, tensor(name).T), hint=name.replace(".", "_"))
 
 
-def build_decoder(spec: TextSpec, tensor: TensorFn, out_dir: Path, progress: Callable[[int], None] | None = None) -> tuple[str, str]:
+def build_decoder(
+    spec: TextSpec, tensor: TensorFn, out_dir: Path, progress: Callable[[int], None] | None = None
+) -> tuple[str, str]:
     """Write decoder.onnx + decoder.onnx.data into out_dir. Returns the two file names."""
     graph_file = names.DECODER_GRAPH
     data_file = names.external_data_name(graph_file)
@@ -118,7 +120,12 @@ def decoder_model(spec: TextSpec, tensor: TensorFn, data, progress: Callable[[in
         ctx = g.op("Reshape", g.op("Transpose", ctx, perm=[0, 2, 1, 3]), g.c([0, 0, nH * D]))  # [B,S,nH*D]
         x = g.op("Add", x, _linear(g, ctx, p + "self_attn.o_proj.weight", tensor), hint=f"resid{i}a")
 
-        h = _rms_norm(g, x, g.w(p + "post_attention_layernorm.weight", tensor(p + "post_attention_layernorm.weight")), spec.rms_norm_eps)
+        h = _rms_norm(
+            g,
+            x,
+            g.w(p + "post_attention_layernorm.weight", tensor(p + "post_attention_layernorm.weight")),
+            spec.rms_norm_eps,
+        )
         gate = _linear(g, h, p + "mlp.gate_proj.weight", tensor)
         up = _linear(g, h, p + "mlp.up_proj.weight", tensor)
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)

@@ -50,13 +50,27 @@ def rope_tables(spec: TextSpec, max_positions: int) -> tuple[np.ndarray, np.ndar
 def _skip_norm(g: GraphBuilder, x: str, resid: str, weight: str, eps: float, hint: str) -> tuple[str, str]:
     # (x, resid) [B,S,H] -> (RMSNorm(x + resid), x + resid); outputs 1-2 (mean, inv_std) are not wanted
     out, total = g.fresh(hint), g.fresh(hint + "_sum")
-    g.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [x, resid, weight], [out, "", "", total],
-                                    name=g.fresh("n_SkipSLN"), domain=MS, epsilon=eps))
+    g.nodes.append(
+        helper.make_node(
+            "SkipSimplifiedLayerNormalization",
+            [x, resid, weight],
+            [out, "", "", total],
+            name=g.fresh("n_SkipSLN"),
+            domain=MS,
+            epsilon=eps,
+        )
+    )
     return out, total
 
 
-def build_decoder_fast(spec: TextSpec, tensor: TensorFn, out_dir: Path, progress: Callable[[int], None] | None = None,
-                       max_positions: int | None = None, shared: dict | None = None) -> tuple[str, str]:
+def build_decoder_fast(
+    spec: TextSpec,
+    tensor: TensorFn,
+    out_dir: Path,
+    progress: Callable[[int], None] | None = None,
+    max_positions: int | None = None,
+    shared: dict | None = None,
+) -> tuple[str, str]:
     """Write decoder_contrib.onnx + its .data into out_dir. Returns the two file names.
 
     `max_positions` (default spec.max_context) sizes the RoPE tables: the bundle's context limit, which the
@@ -71,8 +85,14 @@ def build_decoder_fast(spec: TextSpec, tensor: TensorFn, out_dir: Path, progress
     return graph_file, data_file
 
 
-def decoder_fast_model(spec: TextSpec, tensor: TensorFn, data, progress: Callable[[int], None] | None = None,
-                       max_positions: int | None = None, shared: dict | None = None):
+def decoder_fast_model(
+    spec: TextSpec,
+    tensor: TensorFn,
+    data,
+    progress: Callable[[int], None] | None = None,
+    max_positions: int | None = None,
+    shared: dict | None = None,
+):
     """The contrib-op decoder graph, its weights sent to `data` (ExternalData, or LazyData: see decoder_graph)."""
     g = GraphBuilder(data, shared=shared)
     H, D, nH, kvH = spec.hidden, spec.head_dim, spec.heads, spec.kv_heads
@@ -100,8 +120,9 @@ def decoder_fast_model(spec: TextSpec, tensor: TensorFn, data, progress: Callabl
     seq = g.op("Gather", g.op("Shape", x), g.c([1]), axis=0)  # [1]
     pad = g.op("Unsqueeze", g.op("Cast", mask, to=TensorProto.BOOL), g.c([1, 2]))  # [B,1,1,T]
     bias = g.op("Where", pad, g.c(0.0, np.float32), g.c(np.finfo(np.float32).min, np.float32))
-    bias = g.op("Expand", bias, g.op("Concat", batch, g.c([1]), seq, total64, axis=0),
-                hint="attn_bias")  # [B,1,S,T] (GQA wants the S axis spelled out)
+    bias = g.op(
+        "Expand", bias, g.op("Concat", batch, g.c([1]), seq, total64, axis=0), hint="attn_bias"
+    )  # [B,1,S,T] (GQA wants the S axis spelled out)
 
     def norm_w(name: str) -> str:
         return g.w_shared(name, lambda: tensor(name))
@@ -110,8 +131,15 @@ def decoder_fast_model(spec: TextSpec, tensor: TensorFn, data, progress: Callabl
         return g.op("MatMul", x, g.w_shared(name, lambda: tensor(name).T), hint=hint)
 
     resid = x
-    h = g.op("SimplifiedLayerNormalization", x, norm_w("layers.0.input_layernorm.weight"),
-             axis=-1, epsilon=eps, stash_type=1, hint="ln0")
+    h = g.op(
+        "SimplifiedLayerNormalization",
+        x,
+        norm_w("layers.0.input_layernorm.weight"),
+        axis=-1,
+        epsilon=eps,
+        stash_type=1,
+        hint="ln0",
+    )
     # the hidden state between layers is never one tensor here: layer i leaves it as down_proj output + residual,
     # which the next SkipSimplifiedLayerNormalization adds (names.GRAPH_LAYERS_KEY records both halves)
     layers, x_in = [], [x]
@@ -128,13 +156,19 @@ def decoder_fast_model(spec: TextSpec, tensor: TensorFn, data, progress: Callabl
         q = g.op("RotaryEmbedding", q, pos, cos, sin, domain=MS, hint=f"q_rot{i}")
         k = g.op("RotaryEmbedding", k, pos, cos, sin, domain=MS, hint=f"k_rot{i}")
         attn = g.fresh(f"attn{i}")
-        g.nodes.append(helper.make_node(
-            "GroupQueryAttention",
-            [q, k, v, past_k, past_v, seqlens_k, total, "", "", "", bias],
-            [attn, names.present_key(i), names.present_value(i)],
-            name=g.fresh("n_GQA"), domain=MS, num_heads=nH, kv_num_heads=kvH, do_rotary=0,
-            scale=float(1.0 / np.sqrt(D)),
-        ))
+        g.nodes.append(
+            helper.make_node(
+                "GroupQueryAttention",
+                [q, k, v, past_k, past_v, seqlens_k, total, "", "", "", bias],
+                [attn, names.present_key(i), names.present_value(i)],
+                name=g.fresh("n_GQA"),
+                domain=MS,
+                num_heads=nH,
+                kv_num_heads=kvH,
+                do_rotary=0,
+                scale=float(1.0 / np.sqrt(D)),
+            )
+        )
         g.output(names.present_key(i), F32, ["batch", kvH, "present", D])
         g.output(names.present_value(i), F32, ["batch", kvH, "present", D])
         o = linear(attn, p + "self_attn.o_proj.weight", f"o{i}")

@@ -60,8 +60,17 @@ PRESETS = {
     DemoPreset.TINY.value: ModelSpec(),
     # exact SkinVL widths (CLIP ViT-L/14-336 in full, Mistral-7B widths) with a few decoder layers
     DemoPreset.BENCH.value: ModelSpec(
-        vision_hidden=1024, vision_layers=24, vision_heads=16, vision_mlp=4096, image_size=336,
-        hidden=4096, layers=4, heads=32, kv_heads=8, mlp=14336, init_std=0.02,
+        vision_hidden=1024,
+        vision_layers=24,
+        vision_heads=16,
+        vision_mlp=4096,
+        image_size=336,
+        hidden=4096,
+        layers=4,
+        heads=32,
+        kv_heads=8,
+        mlp=14336,
+        init_std=0.02,
     ),
 }
 
@@ -74,20 +83,40 @@ def _hf_config(spec: ModelSpec, vocab: int):
     from transformers import CLIPVisionConfig, LlavaConfig, MistralConfig
 
     vision = CLIPVisionConfig(
-        hidden_size=spec.vision_hidden, intermediate_size=spec.vision_mlp, num_hidden_layers=spec.vision_layers,
-        num_attention_heads=spec.vision_heads, image_size=spec.image_size, patch_size=spec.patch_size,
-        projection_dim=spec.hidden, hidden_act="quick_gelu",
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_mlp,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=spec.hidden,
+        hidden_act="quick_gelu",
     )
     text = MistralConfig(
-        vocab_size=vocab, hidden_size=spec.hidden, intermediate_size=spec.mlp, num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads, rope_theta=spec.rope_theta,
-        rms_norm_eps=spec.rms_norm_eps, max_position_embeddings=32768, sliding_window=None,
-        tie_word_embeddings=False, initializer_range=spec.init_std, bos_token_id=1, eos_token_id=2,
+        vocab_size=vocab,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.mlp,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        rope_theta=spec.rope_theta,
+        rms_norm_eps=spec.rms_norm_eps,
+        max_position_embeddings=32768,
+        sliding_window=None,
+        tie_word_embeddings=False,
+        initializer_range=spec.init_std,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     n_img = (spec.image_size // spec.patch_size) ** 2
     return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=32000, vision_feature_layer=-2,
-        vision_feature_select_strategy="default", projector_hidden_act="gelu", image_seq_length=n_img,
+        vision_config=vision,
+        text_config=text,
+        image_token_index=32000,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=n_img,
         tie_word_embeddings=False,
     )
 
@@ -119,11 +148,11 @@ def _canonical_state(model) -> dict[str, dict[str, torch.Tensor]]:
     for k, v in model.state_dict().items():
         v = v.detach().contiguous()
         if k.startswith("model.vision_tower."):
-            parts["vision"][k[len("model.vision_tower."):]] = v
+            parts["vision"][k[len("model.vision_tower.") :]] = v
         elif k.startswith("model.multi_modal_projector."):
-            parts["projector"][k[len("model.multi_modal_projector."):]] = v
+            parts["projector"][k[len("model.multi_modal_projector.") :]] = v
         elif k.startswith("model.language_model."):
-            parts["text"]["model." + k[len("model.language_model."):]] = v
+            parts["text"]["model." + k[len("model.language_model.") :]] = v
         elif k == "lm_head.weight":
             parts["text"]["lm_head.weight"] = v
         else:
@@ -131,8 +160,13 @@ def _canonical_state(model) -> dict[str, dict[str, torch.Tensor]]:
     return parts
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], folder: Path, shards: int = 1, fmt: str = "safetensors",
-                 dtype: torch.dtype | None = None) -> None:
+def save_tensors(
+    tensors: dict[str, torch.Tensor],
+    folder: Path,
+    shards: int = 1,
+    fmt: str = "safetensors",
+    dtype: torch.dtype | None = None,
+) -> None:
     """Write tensors as one file or `shards` files plus the HF index file (safetensors or .bin)."""
     from safetensors.torch import save_file
 
@@ -155,7 +189,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], folder: Path, shards: int = 1
     per = (len(keys) + shards - 1) // shards
     for i in range(shards):
         name = f"{stem}-{i + 1:05d}-of-{shards:05d}.{ext}"
-        part = {k: tensors[k] for k in keys[i * per:(i + 1) * per]}
+        part = {k: tensors[k] for k in keys[i * per : (i + 1) * per]}
         write(part, folder / name)
         for k, v in part.items():
             weight_map[k] = name
@@ -167,15 +201,36 @@ def save_tensors(tensors: dict[str, torch.Tensor], folder: Path, shards: int = 1
 def _write_tokenizer(folder: Path, tokenizer_model: Path, hf_added: bool) -> None:
     shutil.copyfile(tokenizer_model, folder / "tokenizer.model")
     cfg = {
-        "tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True, "add_eos_token": False,
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>",
-        "model_max_length": 2048, "padding_side": "right",
+        "tokenizer_class": "LlamaTokenizer",
+        "legacy": True,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<unk>",
+        "model_max_length": 2048,
+        "padding_side": "right",
     }
     if hf_added:
         cfg["pad_token"] = "<pad>"
         cfg["added_tokens_decoder"] = {
-            "32000": {"content": "<image>", "special": True, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False},
-            "32001": {"content": "<pad>", "special": True, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False},
+            "32000": {
+                "content": "<image>",
+                "special": True,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "single_word": False,
+            },
+            "32001": {
+                "content": "<pad>",
+                "special": True,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "single_word": False,
+            },
         }
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
 
@@ -184,19 +239,32 @@ def _write_clip_tower(folder: Path, spec: ModelSpec, vision: dict[str, torch.Ten
     """A CLIP checkpoint folder laid out like openai/clip-vit-large-patch14-336 (vision half only)."""
     folder.mkdir(parents=True, exist_ok=True)
     cfg = {
-        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": spec.hidden,
+        "architectures": ["CLIPModel"],
+        "model_type": "clip",
+        "projection_dim": spec.hidden,
         "vision_config": {
-            "hidden_size": spec.vision_hidden, "intermediate_size": spec.vision_mlp,
-            "num_hidden_layers": spec.vision_layers, "num_attention_heads": spec.vision_heads,
-            "image_size": spec.image_size, "patch_size": spec.patch_size, "hidden_act": "quick_gelu",
-            "layer_norm_eps": 1e-5, "model_type": "clip_vision_model",
+            "hidden_size": spec.vision_hidden,
+            "intermediate_size": spec.vision_mlp,
+            "num_hidden_layers": spec.vision_layers,
+            "num_attention_heads": spec.vision_heads,
+            "image_size": spec.image_size,
+            "patch_size": spec.patch_size,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+            "model_type": "clip_vision_model",
         },
     }
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     pre = {
-        "crop_size": {"height": spec.image_size, "width": spec.image_size}, "do_center_crop": True,
-        "do_normalize": True, "do_resize": True, "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
-        "resample": 3, "size": {"shortest_edge": spec.image_size}, "image_processor_type": "CLIPImageProcessor",
+        "crop_size": {"height": spec.image_size, "width": spec.image_size},
+        "do_center_crop": True,
+        "do_normalize": True,
+        "do_resize": True,
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
+        "resample": 3,
+        "size": {"shortest_edge": spec.image_size},
+        "image_processor_type": "CLIPImageProcessor",
     }
     (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
     save_tensors({"vision_model." + k: v for k, v in vision.items()}, folder, dtype=dtype)
@@ -205,24 +273,49 @@ def _write_clip_tower(folder: Path, spec: ModelSpec, vision: dict[str, torch.Ten
 def _llava_config(spec: ModelSpec, vocab: int, tower: str, dtype: torch.dtype | None) -> dict:
     """config.json of the original LLaVA layout (LlavaMistralForCausalLM, as SkinVL ships it)."""
     return {
-        "architectures": ["LlavaMistralForCausalLM"], "model_type": "llava_mistral",
-        "hidden_size": spec.hidden, "intermediate_size": spec.mlp, "num_attention_heads": spec.heads,
-        "num_hidden_layers": spec.layers, "num_key_value_heads": spec.kv_heads,
-        "rms_norm_eps": spec.rms_norm_eps, "rope_theta": spec.rope_theta, "vocab_size": vocab,
-        "max_position_embeddings": 32768, "sliding_window": None, "tie_word_embeddings": False,
-        "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
-        "mm_vision_tower": tower, "mm_projector_type": "mlp2x_gelu",
-        "mm_hidden_size": spec.vision_hidden, "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
-        "image_aspect_ratio": "pad", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
+        "architectures": ["LlavaMistralForCausalLM"],
+        "model_type": "llava_mistral",
+        "hidden_size": spec.hidden,
+        "intermediate_size": spec.mlp,
+        "num_attention_heads": spec.heads,
+        "num_hidden_layers": spec.layers,
+        "num_key_value_heads": spec.kv_heads,
+        "rms_norm_eps": spec.rms_norm_eps,
+        "rope_theta": spec.rope_theta,
+        "vocab_size": vocab,
+        "max_position_embeddings": 32768,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "mm_vision_tower": tower,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_hidden_size": spec.vision_hidden,
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "image_aspect_ratio": "pad",
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
         "tokenizer_model_max_length": spec.max_context,
         "torch_dtype": "float32" if dtype is None else str(dtype).split(".")[-1],
         RANDOM_WEIGHTS_KEY: True,
     }
 
 
-def write_checkpoint(model, spec: ModelSpec, out: Path, layout: str, tokenizer_model: Path, *,
-                     shards: int = 1, fmt: str = "safetensors", dtype: torch.dtype | None = None,
-                     vision_tower: Path | None = None, vision_tower_name: str | None = None) -> Path:
+def write_checkpoint(
+    model,
+    spec: ModelSpec,
+    out: Path,
+    layout: str,
+    tokenizer_model: Path,
+    *,
+    shards: int = 1,
+    fmt: str = "safetensors",
+    dtype: torch.dtype | None = None,
+    vision_tower: Path | None = None,
+    vision_tower_name: str | None = None,
+) -> Path:
     """Write `model` (from build_reference) to `out` in `layout`. Returns `out`.
 
     For the llava layout the CLIP tower goes to `vision_tower` (default: `out`/../<out.name>-clip) and
@@ -248,8 +341,12 @@ def write_checkpoint(model, spec: ModelSpec, out: Path, layout: str, tokenizer_m
         if layout == "hf":
             tensors = {"model.vision_tower." + k: v for k, v in parts["vision"].items()}
             tensors.update({"model.multi_modal_projector." + k: v for k, v in parts["projector"].items()})
-            tensors.update({("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v
-                            for k, v in parts["text"].items()})
+            tensors.update(
+                {
+                    ("model.language_model." + k[len("model.") :] if k.startswith("model.") else k): v
+                    for k, v in parts["text"].items()
+                }
+            )
         else:  # hf-old: transformers < 4.52 nesting
             tensors = {"vision_tower.vision_model." + k: v for k, v in parts["vision"].items()}
             tensors.update({"multi_modal_projector." + k: v for k, v in parts["projector"].items()})
@@ -259,9 +356,13 @@ def write_checkpoint(model, spec: ModelSpec, out: Path, layout: str, tokenizer_m
         cfg[RANDOM_WEIGHTS_KEY] = True
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
         pre = {
-            "crop_size": {"height": spec.image_size, "width": spec.image_size}, "do_center_crop": True,
-            "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "resample": 3,
-            "size": {"shortest_edge": spec.image_size}, "image_processor_type": "CLIPImageProcessor",
+            "crop_size": {"height": spec.image_size, "width": spec.image_size},
+            "do_center_crop": True,
+            "image_mean": CLIP_MEAN,
+            "image_std": CLIP_STD,
+            "resample": 3,
+            "size": {"shortest_edge": spec.image_size},
+            "image_processor_type": "CLIPImageProcessor",
         }
         (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
     save_tensors(tensors, out, shards=shards, fmt=fmt, dtype=dtype)
@@ -280,12 +381,29 @@ def make_checkpoint(out: Path, layout: str = "llava", preset_name: str = "tiny",
 
 
 # --- LoRA training output (MM-Skin's finetune_lora.sh): PEFT adapter + non_lora_trainables.bin ---
-LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LORA_TARGETS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
-def write_lora_adapter(model, spec: ModelSpec, out: Path, *, r: int = 8, alpha: float = 16.0, seed: int = 1,
-                       fmt: str = "safetensors", with_non_lora: bool = True, std: float = 0.05):
+def write_lora_adapter(
+    model,
+    spec: ModelSpec,
+    out: Path,
+    *,
+    r: int = 8,
+    alpha: float = 16.0,
+    seed: int = 1,
+    fmt: str = "safetensors",
+    with_non_lora: bool = True,
+    std: float = 0.05,
+):
     """Write a PEFT LoRA adapter for a llava-layout base made from `model` (+ a retrained projector in
     non_lora_trainables.bin, keyed as LLaVA saves it). Returns the merged reference model: a copy of
     `model` with W + (alpha/r) * B @ A on every target and the new projector, computed with plain torch.
@@ -330,9 +448,16 @@ def write_lora_adapter(model, spec: ModelSpec, out: Path, *, r: int = 8, alpha: 
 def _write_adapter_config(out: Path, r: int, alpha: float) -> None:
     """PEFT's adapter_config.json as MM-Skin's finetune_lora.sh leaves it."""
     cfg = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.05,
-        "target_modules": sorted({t.split(".")[1] for t in LORA_TARGETS}), "bias": "none",
-        "fan_in_fan_out": False, "use_rslora": False, "base_model_name_or_path": "llava-med-v1.5-mistral-7b",
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.05,
+        "target_modules": sorted({t.split(".")[1] for t in LORA_TARGETS}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "base_model_name_or_path": "llava-med-v1.5-mistral-7b",
     }
     (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
 
@@ -349,16 +474,29 @@ def llava_tensor_shapes(spec: ModelSpec, vocab: int | None = None) -> dict[str, 
     shapes = {"model.embed_tokens.weight": (V, H)}
     for i in range(spec.layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (spec.heads * D, H), p + "self_attn.k_proj.weight": (spec.kv_heads * D, H),
-            p + "self_attn.v_proj.weight": (spec.kv_heads * D, H), p + "self_attn.o_proj.weight": (H, spec.heads * D),
-            p + "mlp.gate_proj.weight": (spec.mlp, H), p + "mlp.up_proj.weight": (spec.mlp, H),
-            p + "mlp.down_proj.weight": (H, spec.mlp),
-            p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
-        })
-    shapes.update({"model.norm.weight": (H,), "lm_head.weight": (V, H),
-                   "model.mm_projector.0.weight": (H, spec.vision_hidden), "model.mm_projector.0.bias": (H,),
-                   "model.mm_projector.2.weight": (H, H), "model.mm_projector.2.bias": (H,)})
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (spec.heads * D, H),
+                p + "self_attn.k_proj.weight": (spec.kv_heads * D, H),
+                p + "self_attn.v_proj.weight": (spec.kv_heads * D, H),
+                p + "self_attn.o_proj.weight": (H, spec.heads * D),
+                p + "mlp.gate_proj.weight": (spec.mlp, H),
+                p + "mlp.up_proj.weight": (spec.mlp, H),
+                p + "mlp.down_proj.weight": (H, spec.mlp),
+                p + "input_layernorm.weight": (H,),
+                p + "post_attention_layernorm.weight": (H,),
+            }
+        )
+    shapes.update(
+        {
+            "model.norm.weight": (H,),
+            "lm_head.weight": (V, H),
+            "model.mm_projector.0.weight": (H, spec.vision_hidden),
+            "model.mm_projector.0.bias": (H,),
+            "model.mm_projector.2.weight": (H, H),
+            "model.mm_projector.2.bias": (H,),
+        }
+    )
     return shapes
 
 
@@ -367,15 +505,27 @@ def clip_tensor_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     Hv, M = spec.vision_hidden, spec.vision_mlp
     n_pos = (spec.image_size // spec.patch_size) ** 2 + 1
     p = "vision_model."
-    shapes = {p + "embeddings.class_embedding": (Hv,), p + "embeddings.patch_embedding.weight": (Hv, 3, spec.patch_size, spec.patch_size),
-              p + "embeddings.position_embedding.weight": (n_pos, Hv), p + "pre_layrnorm.weight": (Hv,), p + "pre_layrnorm.bias": (Hv,)}
+    shapes = {
+        p + "embeddings.class_embedding": (Hv,),
+        p + "embeddings.patch_embedding.weight": (Hv, 3, spec.patch_size, spec.patch_size),
+        p + "embeddings.position_embedding.weight": (n_pos, Hv),
+        p + "pre_layrnorm.weight": (Hv,),
+        p + "pre_layrnorm.bias": (Hv,),
+    }
     for i in range(spec.vision_layers):
         q = f"{p}encoder.layers.{i}."
         for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
             shapes[q + f"self_attn.{proj}.weight"], shapes[q + f"self_attn.{proj}.bias"] = (Hv, Hv), (Hv,)
         for ln in ("layer_norm1", "layer_norm2"):
             shapes[q + f"{ln}.weight"], shapes[q + f"{ln}.bias"] = (Hv,), (Hv,)
-        shapes.update({q + "mlp.fc1.weight": (M, Hv), q + "mlp.fc1.bias": (M,), q + "mlp.fc2.weight": (Hv, M), q + "mlp.fc2.bias": (Hv,)})
+        shapes.update(
+            {
+                q + "mlp.fc1.weight": (M, Hv),
+                q + "mlp.fc1.bias": (M,),
+                q + "mlp.fc2.weight": (Hv, M),
+                q + "mlp.fc2.bias": (Hv,),
+            }
+        )
     shapes.update({p + "post_layernorm.weight": (Hv,), p + "post_layernorm.bias": (Hv,)})
     return shapes
 
@@ -388,8 +538,16 @@ def _random_tensor(name: str, shape: tuple[int, ...], std: float, gen: torch.Gen
     return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen).to(dtype)
 
 
-def stream_safetensors(shapes: dict[str, tuple[int, ...]], folder: Path, make, *, dtype=torch.bfloat16,
-                       shard_bytes: int = 4 << 30, stem: str = "model", progress=None) -> list[Path]:
+def stream_safetensors(
+    shapes: dict[str, tuple[int, ...]],
+    folder: Path,
+    make,
+    *,
+    dtype=torch.bfloat16,
+    shard_bytes: int = 4 << 30,
+    stem: str = "model",
+    progress=None,
+) -> list[Path]:
     """Write tensors produced one at a time by `make(name, shape)` into safetensors shards (+ index).
 
     Hand-written writer: safetensors' save_file wants every tensor of a shard in memory at once; the format
@@ -412,7 +570,11 @@ def stream_safetensors(shapes: dict[str, tuple[int, ...]], folder: Path, make, *
         header, off = {"__metadata__": {"format": "pt"}}, 0
         for name in names_:
             n = itemsize * int(torch.Size(shapes[name]).numel())
-            header[name] = {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": list(shapes[name]), "data_offsets": [off, off + n]}
+            header[name] = {
+                "dtype": _SAFETENSORS_DTYPE[dtype],
+                "shape": list(shapes[name]),
+                "data_offsets": [off, off + n],
+            }
             off += n
             weight_map[name] = fname
         total += off
@@ -433,9 +595,18 @@ def stream_safetensors(shapes: dict[str, tuple[int, ...]], folder: Path, make, *
     return files
 
 
-def write_streaming_checkpoint(out: Path, spec: ModelSpec, tokenizer_model: Path, *, dtype=torch.bfloat16,
-                               seed: int = 0, shard_bytes: int = 4 << 30, tokenizer: str = "model",
-                               vision_tower: Path | None = None, progress=None) -> Path:
+def write_streaming_checkpoint(
+    out: Path,
+    spec: ModelSpec,
+    tokenizer_model: Path,
+    *,
+    dtype=torch.bfloat16,
+    seed: int = 0,
+    shard_bytes: int = 4 << 30,
+    tokenizer: str = "model",
+    vision_tower: Path | None = None,
+    progress=None,
+) -> Path:
     """A random-weight llava-layout checkpoint of any size, one tensor in memory at a time.
 
     `tokenizer`: "model" (tokenizer.model, as SkinVL ships), "json" (only a tokenizer.json, as some
@@ -472,8 +643,17 @@ def checkpoint_bytes(spec: ModelSpec, dtype=torch.bfloat16) -> int:
     return itemsize * sum(int(torch.Size(s).numel()) for s in shapes.values())
 
 
-def write_streaming_lora_adapter(out: Path, spec: ModelSpec, *, r: int = 128, alpha: float = 64.0,
-                                 dtype=torch.bfloat16, seed: int = 1, std: float = 0.01, progress=None) -> Path:
+def write_streaming_lora_adapter(
+    out: Path,
+    spec: ModelSpec,
+    *,
+    r: int = 128,
+    alpha: float = 64.0,
+    dtype=torch.bfloat16,
+    seed: int = 1,
+    std: float = 0.01,
+    progress=None,
+) -> Path:
     """An MM-Skin-shaped LoRA output (r=128, alpha=64 on every LLM linear + non_lora_trainables.bin with the
     projector) for a llava-layout base of `spec`, written one tensor at a time (~0.75 GB at 7B)."""
     out = Path(out)
@@ -486,10 +666,20 @@ def write_streaming_lora_adapter(out: Path, spec: ModelSpec, *, r: int = 128, al
             key = f"base_model.model.model.layers.{i}.{target}"
             shapes[f"{key}.lora_A.weight"], shapes[f"{key}.lora_B.weight"] = (r, n_in), (n_out, r)
     gen = torch.Generator().manual_seed(seed)
-    stream_safetensors(shapes, out, lambda name, shape: _random_tensor(name, shape, std, gen, torch.float32),
-                       dtype=dtype, shard_bytes=1 << 40, stem="adapter_model", progress=progress)
-    non_lora = {f"base_model.model.{k}": _random_tensor(k, s, spec.init_std, gen, torch.float32)
-                for k, s in base.items() if k.startswith("model.mm_projector.")}
+    stream_safetensors(
+        shapes,
+        out,
+        lambda name, shape: _random_tensor(name, shape, std, gen, torch.float32),
+        dtype=dtype,
+        shard_bytes=1 << 40,
+        stem="adapter_model",
+        progress=progress,
+    )
+    non_lora = {
+        f"base_model.model.{k}": _random_tensor(k, s, spec.init_std, gen, torch.float32)
+        for k, s in base.items()
+        if k.startswith("model.mm_projector.")
+    }
     torch.save(non_lora, out / "non_lora_trainables.bin")
     _write_adapter_config(out, r, alpha)
     return out

@@ -51,8 +51,7 @@ def absmax_scales(w: np.ndarray, grid: Grid) -> np.ndarray:
     return (peak / np.float32(grid.qmin)).astype(np.float32)
 
 
-def block_scales(w: np.ndarray, grid: Grid, importance: np.ndarray | None = None,
-                 factors=SEARCH_FACTORS) -> np.ndarray:
+def block_scales(w: np.ndarray, grid: Grid, importance: np.ndarray | None = None, factors=SEARCH_FACTORS) -> np.ndarray:
     """Each block's scale among `factors` x its absmax scale, by least (importance-weighted) squared error.
     w [N,K] fp32, importance [K] >= 0 (diag of H) or None -> scales [N, K/bs] fp32."""
     n, k = w.shape
@@ -61,8 +60,8 @@ def block_scales(w: np.ndarray, grid: Grid, importance: np.ndarray | None = None
     out = np.empty((n, kb), np.float32)
     imp = None if importance is None else np.asarray(importance, np.float32).reshape(1, kb, bs)
     for r in range(0, n, _ROWS):
-        x = np.ascontiguousarray(w[r:r + _ROWS]).reshape(-1, kb, bs)  # [rows, K/bs, bs]
-        base = base_all[r:r + _ROWS, :, None]
+        x = np.ascontiguousarray(w[r : r + _ROWS]).reshape(-1, kb, bs)  # [rows, K/bs, bs]
+        base = base_all[r : r + _ROWS, :, None]
         best_d, best_err = base, None
         for f in factors:
             d = base * np.float32(f)
@@ -74,7 +73,7 @@ def block_scales(w: np.ndarray, grid: Grid, importance: np.ndarray | None = None
             else:
                 better = err < best_err
                 best_d, best_err = np.where(better, d, best_d), np.where(better, err, best_err)
-        out[r:r + _ROWS] = best_d[..., 0]
+        out[r : r + _ROWS] = best_d[..., 0]
     return out
 
 
@@ -91,7 +90,9 @@ def dequantize(codes: np.ndarray, scales: np.ndarray, grid: Grid) -> np.ndarray:
     return codes.astype(np.float32) * np.repeat(scales, grid.block_size, axis=1)
 
 
-def gptq_codes(w: np.ndarray, h, scales: np.ndarray, grid: Grid, damp: float = DAMP, act_order: bool = True) -> np.ndarray:
+def gptq_codes(
+    w: np.ndarray, h, scales: np.ndarray, grid: Grid, damp: float = DAMP, act_order: bool = True
+) -> np.ndarray:
     """GPTQ with static block scales. w [N,K] fp32 (checkpoint layout), h [K,K] (torch or NumPy, E[x^T x] up to a
     factor), scales [N, K/bs] -> codes [N,K] int8 in [qmin, qmax]. fp32 throughout (H's Cholesky included, after
     dampening); deterministic for a given machine and thread count."""

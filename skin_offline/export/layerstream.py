@@ -66,9 +66,16 @@ class LayerStack(Protocol):
         """[n,H] final hidden states -> [n,V] logits."""
 
 
-def run_pass(groups: list[Group], stack_for: Callable[[int], LayerStack], num_layers: int, *, keep_kv: bool = False,
-             kv_sink: Callable | None = None, on_layer: Callable | None = None,
-             on_done: Callable[[], None] | None = None) -> list[GroupOut]:
+def run_pass(
+    groups: list[Group],
+    stack_for: Callable[[int], LayerStack],
+    num_layers: int,
+    *,
+    keep_kv: bool = False,
+    kv_sink: Callable | None = None,
+    on_layer: Callable | None = None,
+    on_done: Callable[[], None] | None = None,
+) -> list[GroupOut]:
     """Every group through every layer; `stack_for(rows)` is the stack a call of that many rows runs on (one stack
     for a reference; the kernel policy's choice for a quantized bundle). `on_layer(i, layer, h_in, h_out)` sees group
     0's prefix entering and leaving layer i (verification), with the opened layer of its stack. Keys and values:
@@ -113,9 +120,17 @@ def run_pass(groups: list[Group], stack_for: Callable[[int], LayerStack], num_la
 
 
 # --- transformers' layers on the checkpoint's weights ---------------------------------------------------------
-LAYER_WEIGHTS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                 "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-                 "input_layernorm.weight", "post_attention_layernorm.weight")
+LAYER_WEIGHTS = (
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+)
 
 
 class _PresentKV:
@@ -173,9 +188,18 @@ class CheckpointStack:
         from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding
 
         t = ckpt.text
-        cfg = MistralConfig(vocab_size=t.vocab, hidden_size=t.hidden, intermediate_size=t.mlp, num_hidden_layers=1,
-                            num_attention_heads=t.heads, num_key_value_heads=t.kv_heads, head_dim=t.head_dim,
-                            rope_theta=t.rope_theta, rms_norm_eps=t.rms_norm_eps, sliding_window=None)
+        cfg = MistralConfig(
+            vocab_size=t.vocab,
+            hidden_size=t.hidden,
+            intermediate_size=t.mlp,
+            num_hidden_layers=1,
+            num_attention_heads=t.heads,
+            num_key_value_heads=t.kv_heads,
+            head_dim=t.head_dim,
+            rope_theta=t.rope_theta,
+            rms_norm_eps=t.rms_norm_eps,
+            sliding_window=None,
+        )
         cfg._attn_implementation = "eager"
         self.ckpt, self.cfg, self.num_layers = ckpt, cfg, t.layers
         self.rotary = MistralRotaryEmbedding(cfg)

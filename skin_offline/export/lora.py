@@ -51,24 +51,28 @@ class LoraConfig:
         if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
             raise CheckpointError(f"{path}: per-module rank_pattern/alpha_pattern is not supported")
         try:
-            return cls(r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", cfg["r"])), rslora=bool(cfg.get("use_rslora")))
+            return cls(
+                r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", cfg["r"])), rslora=bool(cfg.get("use_rslora"))
+            )
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path} has no valid LoRA rank 'r'; is this a PEFT adapter_config.json?") from None
 
 
 def _strip_peft(key: str) -> str:
     """PEFT's `base_model.model.<name>` -> `<name>` (the base checkpoint's own key)."""
-    return key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+    return key[len("base_model.model.") :] if key.startswith("base_model.model.") else key
 
 
 def _non_lora_key(key: str, base: TensorStore) -> str:
     """A non_lora_trainables.bin key -> the base key it replaces (LLaVA saves it with PEFT's prefixes)."""
     k = _strip_peft(key)
-    for cand in (k, k[len("model."):] if k.startswith("model.model.") else None):
+    for cand in (k, k[len("model.") :] if k.startswith("model.model.") else None):
         if cand and cand in base:
             return cand
-    raise CheckpointError(f"{NON_LORA} holds {key!r}, which matches no tensor of the base checkpoint; "
-                          f"is --base the model the adapter was trained on?")
+    raise CheckpointError(
+        f"{NON_LORA} holds {key!r}, which matches no tensor of the base checkpoint; "
+        f"is --base the model the adapter was trained on?"
+    )
 
 
 class MergedStore:
@@ -84,8 +88,10 @@ class MergedStore:
                 raise CheckpointError(f"adapter tensor {k!r}: LoRA biases (bias='lora_only'/'all') are not supported")
             if ".lora_A." not in k:
                 if ".lora_B." not in k and "lora_embedding" not in k:
-                    raise CheckpointError(f"adapter tensor {k!r} is not a LoRA A/B matrix (modules_to_save "
-                                          f"are not supported); merge that module into the base first")
+                    raise CheckpointError(
+                        f"adapter tensor {k!r} is not a LoRA A/B matrix (modules_to_save "
+                        f"are not supported); merge that module into the base first"
+                    )
                 if "lora_embedding" in k:
                     raise CheckpointError(f"adapter tensor {k!r}: LoRA on embeddings is not supported")
                 continue
@@ -95,8 +101,10 @@ class MergedStore:
                 raise CheckpointError(f"adapter has {k} without its lora_B; the adapter file is incomplete")
             target = module + ".weight"
             if target not in base:
-                raise CheckpointError(f"LoRA targets {module!r}, which the base checkpoint does not have; is --base "
-                                      f"the model the adapter was trained on?")
+                raise CheckpointError(
+                    f"LoRA targets {module!r}, which the base checkpoint does not have; is --base "
+                    f"the model the adapter was trained on?"
+                )
             self._lora[target] = (k, b_key)
         if not self._lora:
             raise CheckpointError(f"{adapter.folder}: the adapter holds no lora_A/lora_B tensors")
@@ -128,16 +136,20 @@ class MergedStore:
         if name in self._override:
             t = self.overrides.get(self._override[name])
             if tuple(t.shape) != self.base.shape(name):
-                raise CheckpointError(f"{NON_LORA}: {name} has shape {tuple(t.shape)}, the base has "
-                                      f"{self.base.shape(name)}; the files are from different models")
+                raise CheckpointError(
+                    f"{NON_LORA}: {name} has shape {tuple(t.shape)}, the base has "
+                    f"{self.base.shape(name)}; the files are from different models"
+                )
             return t
         w = self.base.get(name)  # [out,in]
         if name in self._lora:
             a_key, b_key = self._lora[name]
             a, b = self.adapter.get(a_key), self.adapter.get(b_key)  # [r,in], [out,r]
             if a.shape[1] != w.shape[1] or b.shape[0] != w.shape[0] or a.shape[0] != b.shape[1]:
-                raise CheckpointError(f"LoRA shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit {name} "
-                                      f"{tuple(w.shape)}; the adapter is for another base model")
+                raise CheckpointError(
+                    f"LoRA shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit {name} "
+                    f"{tuple(w.shape)}; the adapter is for another base model"
+                )
             w += self.config.scale * (b @ a)
         return w
 
@@ -149,14 +161,17 @@ class MergedStore:
         return h.hexdigest()
 
 
-def open_lora_checkpoint(base: Path, adapter: Path, vision_tower: Path | None = None,
-                         image_mode: PadMode | None = None) -> Checkpoint:
+def open_lora_checkpoint(
+    base: Path, adapter: Path, vision_tower: Path | None = None, image_mode: PadMode | None = None
+) -> Checkpoint:
     """Base checkpoint + PEFT adapter folder (+ its non_lora_trainables.bin) -> a merged, lazy Checkpoint."""
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file():
         found = ", ".join(sorted(p.name for p in adapter.iterdir())[:12]) if adapter.is_dir() else "nothing"
-        raise CheckpointError(f"--lora {adapter}: no adapter_config.json (found: {found}); expected a PEFT LoRA "
-                              f"output folder with adapter_config.json and adapter_model.safetensors")
+        raise CheckpointError(
+            f"--lora {adapter}: no adapter_config.json (found: {found}); expected a PEFT LoRA "
+            f"output folder with adapter_config.json and adapter_model.safetensors"
+        )
     weights = [adapter / f for f in ADAPTER_FILES if (adapter / f).is_file()][:1]
     if not weights:
         raise CheckpointError(f"--lora {adapter}: no {' or '.join(ADAPTER_FILES)}; the adapter folder is incomplete")
@@ -171,9 +186,18 @@ def open_lora_checkpoint(base: Path, adapter: Path, vision_tower: Path | None = 
     elif projector_keys <= set(store.overridden):
         projector = f"{NON_LORA} (trained with the adapter)"
     else:
-        raise CheckpointError(f"{non_lora} lacks the projector ({sorted(projector_keys - set(store.overridden))[0]}); "
-                              f"expected LLaVA's mm_projector weights saved with the adapter")
-    notes = {**ckpt.notes, "projector": projector, "lora": str(adapter.resolve()), "lora_r": config.r,
-             "lora_alpha": config.alpha, "lora_targets": store.lora_targets, "base": str(Path(base).resolve())}
+        raise CheckpointError(
+            f"{non_lora} lacks the projector ({sorted(projector_keys - set(store.overridden))[0]}); "
+            f"expected LLaVA's mm_projector weights saved with the adapter"
+        )
+    notes = {
+        **ckpt.notes,
+        "projector": projector,
+        "lora": str(adapter.resolve()),
+        "lora_r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_targets": store.lora_targets,
+        "base": str(Path(base).resolve()),
+    }
     vision_store = store if ckpt.vision_store is ckpt.store else ckpt.vision_store
     return dataclasses.replace(ckpt, store=store, vision_store=vision_store, notes=notes)

@@ -66,8 +66,9 @@ class LazyTensor:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
     def reshape(self, *shape) -> "LazyTensor":
-        return LazyTensor(np.empty(self.shape, np.bool_).reshape(*shape).shape, lambda: self._read().reshape(*shape),
-                          self.dtype)
+        return LazyTensor(
+            np.empty(self.shape, np.bool_).reshape(*shape).shape, lambda: self._read().reshape(*shape), self.dtype
+        )
 
     def __array__(self, dtype=None, copy=None):
         a = np.asarray(self._read(), self.dtype)
@@ -106,8 +107,9 @@ class LazyData:
 class GraphBuilder:
     """Collects nodes/initializers; `w()` streams big weights out, `c()` keeps small constants inline."""
 
-    def __init__(self, data: ExternalData | None, min_external_bytes: int = 1024,
-                 shared: dict[str, TensorProto] | None = None):
+    def __init__(
+        self, data: ExternalData | None, min_external_bytes: int = 1024, shared: dict[str, TensorProto] | None = None
+    ):
         self.data = data
         self.shared = shared or {}  # initializers already written by a sibling graph (same bytes, same file)
         self.min_external = min_external_bytes
@@ -143,11 +145,15 @@ class GraphBuilder:
 
     def op(self, op_type: str, *inputs: str, hint: str | None = None, n_out: int = 1, domain: str = "", **attrs):
         outs = [self.fresh(hint or op_type.lower()) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self.fresh("n_" + op_type), domain=domain, **attrs))
+        self.nodes.append(
+            helper.make_node(op_type, list(inputs), outs, name=self.fresh("n_" + op_type), domain=domain, **attrs)
+        )
         return outs[0] if n_out == 1 else outs
 
     def op_named(self, op_type: str, inputs: list[str], output: str, domain: str = "", **attrs) -> str:
-        self.nodes.append(helper.make_node(op_type, inputs, [output], name=self.fresh("n_" + op_type), domain=domain, **attrs))
+        self.nodes.append(
+            helper.make_node(op_type, inputs, [output], name=self.fresh("n_" + op_type), domain=domain, **attrs)
+        )
         return output
 
     def input(self, name: str, elem_type: int, shape: list) -> str:

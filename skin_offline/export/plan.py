@@ -65,9 +65,16 @@ class ExportPlan:
         return max(self.stages.values())
 
     def to_dict(self) -> dict:
-        return {"files": self.files, "total_bytes": self.total, "disk_needed_bytes": self.disk_needed,
-                "free_bytes": self.free_bytes, "existing_bytes": self.existing_bytes, "stages": self.stages,
-                "baseline_rss_bytes": self.baseline, "peak_bytes": self.peak}
+        return {
+            "files": self.files,
+            "total_bytes": self.total,
+            "disk_needed_bytes": self.disk_needed,
+            "free_bytes": self.free_bytes,
+            "existing_bytes": self.existing_bytes,
+            "stages": self.stages,
+            "baseline_rss_bytes": self.baseline,
+            "peak_bytes": self.peak,
+        }
 
 
 def _rss() -> int:
@@ -75,11 +82,23 @@ def _rss() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
 
 
-def plan_export(src: Path, out: Path, *, lora: Path | None = None, vision_tower: Path | None = None,
-                image_mode: PadMode | None = None, precision: Precision | str | None = None,
-                max_context: int | None = None, fast_decoder: bool = True, verify: bool = True,
-                quality: bool = True, log=print, quant_method=None, scale_search: bool | None = None,
-                calibration_images: Path | None = None) -> ExportPlan:
+def plan_export(
+    src: Path,
+    out: Path,
+    *,
+    lora: Path | None = None,
+    vision_tower: Path | None = None,
+    image_mode: PadMode | None = None,
+    precision: Precision | str | None = None,
+    max_context: int | None = None,
+    fast_decoder: bool = True,
+    verify: bool = True,
+    quality: bool = True,
+    log=print,
+    quant_method=None,
+    scale_search: bool | None = None,
+    calibration_images: Path | None = None,
+) -> ExportPlan:
     import onnxruntime  # noqa: F401  (the export imports these: part of its size)
     import transformers.models.mistral.modeling_mistral  # noqa: F401
 
@@ -105,10 +124,14 @@ def plan_export(src: Path, out: Path, *, lora: Path | None = None, vision_tower:
     # vision: fp32, then (int4/int8 exports, quantize's default) the int8 tower written from it, which replaces it
     # unless it fails the feature-cosine gate (assumed to pass here: the fp32 files are then the transient part)
     shapes = [(n, ckpt.vision_store.shape(ckpt.vision_prefix + n)) for n in ckpt.vision_names()]
-    shapes += [(f"{p}.{k}", ckpt.store.shape(f"{p}.{k}")) for p in ckpt.projector_names.values() for k in ("weight", "bias")]
+    shapes += [
+        (f"{p}.{k}", ckpt.store.shape(f"{p}.{k}")) for p in ckpt.projector_names.values() for k in ("weight", "bias")
+    ]
     vis = [4 * numel(s) for _, s in shapes]
-    vis32 = {names.external_data_name(names.VISION_GRAPH): _aligned([b for b in vis if b >= 1024]),
-             names.VISION_GRAPH: 4000 + 5000 * ckpt.vision.kept_layers}  # the proto: ~5 KB of nodes per layer
+    vis32 = {
+        names.external_data_name(names.VISION_GRAPH): _aligned([b for b in vis if b >= 1024]),
+        names.VISION_GRAPH: 4000 + 5000 * ckpt.vision.kept_layers,
+    }  # the proto: ~5 KB of nodes per layer
     transient = 0
     if cfg is not None and cfg.resolved_vision() == Precision.INT8:
         from .codecs import QGemm
@@ -116,7 +139,9 @@ def plan_export(src: Path, out: Path, *, lora: Path | None = None, vision_tower:
         sizes = []
         for name, shape in shapes:  # the encoder's dense weights [out,in] -> MatMul [in,out] -> int8 + scales
             dense = len(shape) == 2 and name.endswith(".weight") and "embedding" not in name
-            sizes += QGemm().nbytes(int(shape[1]), int(shape[0])) if dense else [b for b in [4 * numel(shape)] if b >= 1024]
+            sizes += (
+                QGemm().nbytes(int(shape[1]), int(shape[0])) if dense else [b for b in [4 * numel(shape)] if b >= 1024]
+            )
         vfile = names.variant_file(names.VISION_GRAPH, "int8")
         files[names.external_data_name(vfile)] = _aligned(sizes)
         files[vfile] = vis32[names.VISION_GRAPH] + 2000 * ckpt.vision.kept_layers  # scale inputs per MatMul
@@ -141,7 +166,8 @@ def plan_export(src: Path, out: Path, *, lora: Path | None = None, vision_tower:
     if cfg is None:
         std = decoder_model(t, tensor, lazy)
         files[names.external_data_name(names.DECODER_GRAPH)] = _aligned(
-            [lazy.sources[x.name].nbytes for x in std.graph.initializer if is_external(x)])
+            [lazy.sources[x.name].nbytes for x in std.graph.initializer if is_external(x)]
+        )
         files[names.DECODER_GRAPH] = std.ByteSize()
         if fast_decoder:  # shares the standard graph's weights; its own data is the RoPE tables
             fast = decoder_fast_model(t, tensor, LazyData(), max_positions=ctx)
@@ -154,12 +180,14 @@ def plan_export(src: Path, out: Path, *, lora: Path | None = None, vision_tower:
 
         if cfg.precision in _BITS:
             model = decoder_fast_model(t, tensor, lazy, max_positions=ctx)
-            dec32 = GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.CONTRIB, names.DECODER_CONTRIB_GRAPH,
-                                 attention=Attention.GQA)
+            dec32 = GraphVariant(
+                names.ROLE_DECODER, Precision.FP32, Flavor.CONTRIB, names.DECODER_CONTRIB_GRAPH, attention=Attention.GQA
+            )
         else:
             model = decoder_model(t, tensor, lazy)
-            dec32 = GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.STANDARD, names.DECODER_GRAPH,
-                                 attention=Attention.CONCAT)
+            dec32 = GraphVariant(
+                names.ROLE_DECODER, Precision.FP32, Flavor.STANDARD, names.DECODER_GRAPH, attention=Attention.CONCAT
+            )
         cfg, plans = decoder_plans(cfg, GraphSource.lazy(dec32.file, model, lazy), dec32, str(src))
         for plan in plans:
             keep = convert_graph_fp16(_copy(model))[1] if plan.to_fp16 else set()
@@ -185,7 +213,8 @@ def plan_export(src: Path, out: Path, *, lora: Path | None = None, vision_tower:
             layer_cut = max(layer_cut, max(per_layer.values(), default=0))
         emb = cfg.embeddings
         files[names.variant_file(names.EMBEDDINGS, emb.value)] = 128 + t.vocab * t.hidden * (
-            4 if emb == EmbeddingPrecision.FP32 else 2 if emb == EmbeddingPrecision.FP16 else 1)
+            4 if emb == EmbeddingPrecision.FP32 else 2 if emb == EmbeddingPrecision.FP16 else 1
+        )
         if emb == EmbeddingPrecision.INT8:
             files[names.embedding_scales_file(emb.value)] = 128 + 4 * t.vocab
     tok = ckpt.folder / names.TOKENIZER
@@ -200,8 +229,10 @@ def plan_export(src: Path, out: Path, *, lora: Path | None = None, vision_tower:
     if cfg is not None and cfg.calibrated:
         cost, seconds = _calibration_cost(ckpt, cfg)
         stages["calibrated int4 pass"] = stages["write"] + cost.peak_bytes
-        notes.append(f"calibrated int4 pass ({cfg.method_spec().describe()}): {cost.flops / 1e12:.0f} TFLOP, "
-                     f"~{seconds / 60:.1f} min at this machine's fp32 GEMM rate now, on top of the rest of the export")
+        notes.append(
+            f"calibrated int4 pass ({cfg.method_spec().describe()}): {cost.flops / 1e12:.0f} TFLOP, "
+            f"~{seconds / 60:.1f} min at this machine's fp32 GEMM rate now, on top of the rest of the export"
+        )
     if transient:  # the int8 tower's gate: the fp32 and int8 vision graphs loaded side by side
         stages["vision int8 gate"] = baseline + sum(vis) + sum(vis) // 4 + ACTIVATIONS
     if verify or (quality and cfg is not None):
@@ -250,8 +281,12 @@ def _calibration_cost(ckpt, cfg):
 
 
 def _layer_params(t) -> int:
-    return (2 * t.heads * t.head_dim * t.hidden + 2 * t.kv_heads * t.head_dim * t.hidden + 3 * t.hidden * t.mlp
-            + 2 * t.hidden)
+    return (
+        2 * t.heads * t.head_dim * t.hidden
+        + 2 * t.kv_heads * t.head_dim * t.hidden
+        + 3 * t.hidden * t.mlp
+        + 2 * t.hidden
+    )
 
 
 def _copy(model):
@@ -264,17 +299,31 @@ def _copy(model):
 
 def _report(plan: ExportPlan, ckpt, lora, out, cfg, log) -> None:
     gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
-    what = "fp32" if cfg is None else f"{cfg.precision.value} (prefill {cfg.prefill.value}, lm_head {cfg.lm_head.value})"
-    log(f"dry run: {ckpt.layout} layout{' + LoRA ' + str(lora) if lora else ''}, projector: "
-        f"{ckpt.notes.get('projector', ckpt.layout)}, {what}; nothing written")
+    what = (
+        "fp32" if cfg is None else f"{cfg.precision.value} (prefill {cfg.prefill.value}, lm_head {cfg.lm_head.value})"
+    )
+    log(
+        f"dry run: {ckpt.layout} layout{' + LoRA ' + str(lora) if lora else ''}, projector: "
+        f"{ckpt.notes.get('projector', ckpt.layout)}, {what}; nothing written"
+    )
     for name, size in plan.files.items():
         log(f"  would write {Path(out) / name}  {gb(size)}")
     need = plan.disk_needed
     ok = plan.free_bytes > need
-    log(f"  bundle {gb(plan.total)}; disk needed {gb(need)} (every file written once, no fp32 copy)"
-        + (f", and the {gb(plan.existing_bytes)} bundle already at {out} stays until replaced" if plan.existing_bytes else "")
-        + f"; {plan.free_bytes / 1e9:.1f} GB free" + ("" if ok else ": NOT ENOUGH, free space or pick another folder"))
-    log(f"  expected peak memory {gb(plan.peak)} (this process {gb(plan.baseline)}; by stage: "
-        + ", ".join(f"{k} {gb(v)}" for k, v in plan.stages.items()) + ")")
+    log(
+        f"  bundle {gb(plan.total)}; disk needed {gb(need)} (every file written once, no fp32 copy)"
+        + (
+            f", and the {gb(plan.existing_bytes)} bundle already at {out} stays until replaced"
+            if plan.existing_bytes
+            else ""
+        )
+        + f"; {plan.free_bytes / 1e9:.1f} GB free"
+        + ("" if ok else ": NOT ENOUGH, free space or pick another folder")
+    )
+    log(
+        f"  expected peak memory {gb(plan.peak)} (this process {gb(plan.baseline)}; by stage: "
+        + ", ".join(f"{k} {gb(v)}" for k, v in plan.stages.items())
+        + ")"
+    )
     for note in plan.notes:
         log(f"  {note}")

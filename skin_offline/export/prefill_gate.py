@@ -49,25 +49,36 @@ class PrefillCheck:
 
     def details(self, kept: bool) -> dict:
         """For the decode graph's manifest entry (kept or not, the measurement stays with the bundle)."""
-        return {"prefill_gate": {"kl_mean": round(self.prefill_kl, 5), "decode_kl_mean": round(self.decode_kl, 5),
-                                 "top1_agreement": round(self.prefill_top1, 4),
-                                 "decode_top1_agreement": round(self.decode_top1, 4), "positions": self.positions,
-                                 "passed": self.passed, "prefill_graph_kept": kept}}
+        return {
+            "prefill_gate": {
+                "kl_mean": round(self.prefill_kl, 5),
+                "decode_kl_mean": round(self.decode_kl, 5),
+                "top1_agreement": round(self.prefill_top1, 4),
+                "decode_top1_agreement": round(self.decode_top1, 4),
+                "positions": self.positions,
+                "passed": self.passed,
+                "prefill_graph_kept": kept,
+            }
+        }
 
     def describe(self) -> str:
-        return (f"top-1 agreement with fp32 {self.prefill_top1:.1%} (decode graph {self.decode_top1:.1%}), mean KL "
-                f"{self.prefill_kl:.3f} nats (decode graph {self.decode_kl:.3f}) over {self.positions} positions")
+        return (
+            f"top-1 agreement with fp32 {self.prefill_top1:.1%} (decode graph {self.decode_top1:.1%}), mean KL "
+            f"{self.prefill_kl:.3f} nats (decode graph {self.decode_kl:.3f}) over {self.positions} positions"
+        )
 
 
-def probe_groups(tok, embed: Callable[[list[int]], np.ndarray], vision_graph: Path, preprocess_cfg,
-                 threads: int | None) -> list[Group]:
+def probe_groups(
+    tok, embed: Callable[[list[int]], np.ndarray], vision_graph: Path, preprocess_cfg, threads: int | None
+) -> list[Group]:
     """Probe images through the fp32 vision graph, each followed by MM-Skin question/answer turns."""
     from .calibration import calibration_groups, image_features
     from .quality import probe_image
 
     feats = image_features(vision_graph, [probe_image(s) for s in PROBE_IMAGES], preprocess_cfg, threads)  # [I,N,H]
-    return calibration_groups(tok, embed, feats, TURNS_PER_IMAGE, offset=PAIR_OFFSET,
-                              max_answer_tokens=MAX_ANSWER_TOKENS)
+    return calibration_groups(
+        tok, embed, feats, TURNS_PER_IMAGE, offset=PAIR_OFFSET, max_answer_tokens=MAX_ANSWER_TOKENS
+    )
 
 
 def _turn_logits(stack: LayerStack, groups: list[Group]) -> np.ndarray:
@@ -78,8 +89,9 @@ def _turn_logits(stack: LayerStack, groups: list[Group]) -> np.ndarray:
     return logits
 
 
-def measure_prefill(reference: LayerStack, decode_graph: Path, prefill_graph: Path, groups: list[Group],
-                    threads: int | None = None) -> PrefillCheck:
+def measure_prefill(
+    reference: LayerStack, decode_graph: Path, prefill_graph: Path, groups: list[Group], threads: int | None = None
+) -> PrefillCheck:
     from .quality import logit_metrics
 
     ref = _turn_logits(reference, groups)
@@ -88,12 +100,24 @@ def measure_prefill(reference: LayerStack, decode_graph: Path, prefill_graph: Pa
         stack = GraphStack(path, threads)
         got[name] = logit_metrics(ref, _turn_logits(stack, groups))
         stack.close()
-    return PrefillCheck(got["prefill"]["kl_mean"], got["decode"]["kl_mean"], got["prefill"]["top1_agreement"],
-                        got["decode"]["top1_agreement"], ref.shape[0])
+    return PrefillCheck(
+        got["prefill"]["kl_mean"],
+        got["decode"]["kl_mean"],
+        got["prefill"]["top1_agreement"],
+        got["decode"]["top1_agreement"],
+        ref.shape[0],
+    )
 
 
-def gate_prefill(decoders: list[GraphVariant], out_dir: Path, gated: bool, reference: LayerStack,
-                 groups: Callable[[], list[Group]], threads: int | None, log: Callable[[str], None]) -> list[GraphVariant]:
+def gate_prefill(
+    decoders: list[GraphVariant],
+    out_dir: Path,
+    gated: bool,
+    reference: LayerStack,
+    groups: Callable[[], list[Group]],
+    threads: int | None,
+    log: Callable[[str], None],
+) -> list[GraphVariant]:
     """`decoders` as written, with the hybrid's prefill graph measured (the figures in the decode graph's details,
     "prefill_gate") and, when `gated` and it fails, removed with its files. Bundles without a decode + prefill pair
     come back unchanged."""
@@ -104,13 +128,17 @@ def gate_prefill(decoders: list[GraphVariant], out_dir: Path, gated: bool, refer
     if len(qgemm) != 1 or len(decode) != 1:  # no prefill graph, or the int8-only tier (one QGEMM graph)
         return decoders
     (p,), (d,) = qgemm, decode
-    log(f"checking the int8 prefill graph against fp32 ({len(PROBE_IMAGES)} probe images x {TURNS_PER_IMAGE} turns) ...")
+    log(
+        f"checking the int8 prefill graph against fp32 ({len(PROBE_IMAGES)} probe images x {TURNS_PER_IMAGE} turns) ..."
+    )
     check = measure_prefill(reference, Path(out_dir) / d.file, Path(out_dir) / p.file, groups(), threads)
     kept = check.passed or not gated
     d2 = replace(d, details={**d.details, **check.details(kept)})
     if not kept:
-        log(f"int8 prefill graph rejected: {check.describe()}; prompts prefill on the {d.precision.value} decode "
-            f"graph (slower first token; --prefill int8 forces the graph)")
+        log(
+            f"int8 prefill graph rejected: {check.describe()}; prompts prefill on the {d.precision.value} decode "
+            f"graph (slower first token; --prefill int8 forces the graph)"
+        )
         for f in (p.file, *p.data_files):
             (Path(out_dir) / f).unlink()
         return [d2]

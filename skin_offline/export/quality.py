@@ -44,8 +44,10 @@ FALLBACK_QUESTIONS = (
     "What type of tissue is present in this image?",
     "Where is the lesion located on the body?",
 )
-NOTE = ("agreement with fp32 on synthetic images; a random-weight model says little about a real checkpoint's "
-        "accuracy, rerun on the real export")
+NOTE = (
+    "agreement with fp32 on synthetic images; a random-weight model says little about a real checkpoint's "
+    "accuracy, rerun on the real export"
+)
 NOTE_REAL = "agreement with fp32 on synthetic lesion-like images and MM-Skin questions"
 METHOD = "fp32 teacher-forced along each quantized model's own greedy answer (prefill + per-token decode)"
 # the quantized side loads one decode graph whole; one that would take the process past this is not measured
@@ -83,7 +85,6 @@ def probe_image(seed: int, size: tuple[int, int] = (160, 120)) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-
 # --- references ---------------------------------------------------------------------------------------------
 class CheckpointReference:
     """fp32 from the checkpoint: transformers' CLIP tower + projector, the embedding rows, Mistral layers streamed."""
@@ -94,8 +95,10 @@ class CheckpointReference:
         self.ckpt, self.stack = ckpt, CheckpointStack(ckpt)
 
     def describe(self) -> dict:
-        return {"reference": "checkpoint (transformers, one layer in memory at a time)",
-                "source_fingerprint": self.ckpt.store.fingerprint()}
+        return {
+            "reference": "checkpoint (transformers, one layer in memory at a time)",
+            "source_fingerprint": self.ckpt.store.fingerprint(),
+        }
 
     def vision(self, pixels: np.ndarray) -> np.ndarray:
         from . import reference
@@ -122,9 +125,11 @@ class BundleReference:
         self.table, _ = _load_table(self.folder, m, m.pick(names.ROLE_EMBEDDINGS, Precision.FP32))
 
     def describe(self) -> dict:
-        return {"reference": "fp32 bundle graphs (one layer in memory at a time)",
-                "source_fingerprint": self.manifest.source.get("fingerprint"),
-                "source_manifest_files": {k: v.sha256 for k, v in self.manifest.files.items()}}
+        return {
+            "reference": "fp32 bundle graphs (one layer in memory at a time)",
+            "source_fingerprint": self.manifest.source.get("fingerprint"),
+            "source_manifest_files": {k: v.sha256 for k, v in self.manifest.files.items()},
+        }
 
     def vision(self, pixels: np.ndarray) -> np.ndarray:
         return _encode(self.folder / self.vision_graph.file, pixels, self.threads)
@@ -139,7 +144,7 @@ def _encode(path: Path, pixels: np.ndarray, threads: int | None) -> np.ndarray:
     from ..runtime.vision import VisionEncoder
 
     enc = VisionEncoder(SessionFactory(threads=threads).create(path))
-    out = np.concatenate([enc.encode(pixels[b:b + 1]) for b in range(pixels.shape[0])])
+    out = np.concatenate([enc.encode(pixels[b : b + 1]) for b in range(pixels.shape[0])])
     del enc
     release_memory()
     return out
@@ -167,9 +172,9 @@ class Probes:
         questions, source = probes.questions()
         ids = [build_prompt_ids(tok, q) for q in questions]
         slot = ids[0].index(IMAGE_PLACEHOLDER)
-        assert all(x[:slot + 1] == ids[0][:slot + 1] for x in ids)  # the template's prefix is question-independent
+        assert all(x[: slot + 1] == ids[0][: slot + 1] for x in ids)  # the template's prefix is question-independent
         pixels = np.concatenate([preprocess(probe_image(s), m.preprocess) for s in probes.image_seeds])
-        return cls(questions, source, ids[0][:slot], [x[slot + 1:] for x in ids], pixels, probes.new_tokens)
+        return cls(questions, source, ids[0][:slot], [x[slot + 1 :] for x in ids], pixels, probes.new_tokens)
 
     def groups(self, embed: Callable[[list[int]], np.ndarray], feats: np.ndarray, answers=None) -> list:
         """layerstream groups, one per image: the prefix (ids + that image's features [N,H]) and as suffixes, per
@@ -182,11 +187,14 @@ class Probes:
         pieces = [self.prefix_ids, *self.text_ids] + [a[:-1] for ans in sets if ans is not None for a in ans]
         rows = embed([t for p in pieces for t in p])  # one read of the table
         parts = np.split(rows, np.cumsum([len(p) for p in pieces])[:-1])
-        pre, texts, ans_rows = parts[0], parts[1:1 + nq], parts[1 + nq:]
+        pre, texts, ans_rows = parts[0], parts[1 : 1 + nq], parts[1 + nq :]
         out = []
         for img in range(n_img):
-            suffixes = [texts[q] if ans is None else np.concatenate([texts[q], ans_rows[e * n_img * nq + img * nq + q]])
-                        for e, ans in enumerate(sets) for q in range(nq)]
+            suffixes = [
+                texts[q] if ans is None else np.concatenate([texts[q], ans_rows[e * n_img * nq + img * nq + q]])
+                for e, ans in enumerate(sets)
+                for q in range(nq)
+            ]
             out.append(Group(np.concatenate([pre, feats[img]]), suffixes))
         return out
 
@@ -196,8 +204,9 @@ def _graph_bytes(m: Manifest, g) -> int:
     return sum(m.files[f].size for f in {g.file, *g.data_files} if f in m.files)
 
 
-def quantized_answers(folder: Path, m: Manifest, g, probes: Probes, feats: np.ndarray, threads: int | None,
-                      log=None) -> tuple[list[list[int]], list[np.ndarray]]:
+def quantized_answers(
+    folder: Path, m: Manifest, g, probes: Probes, feats: np.ndarray, threads: int | None, log=None
+) -> tuple[list[list[int]], list[np.ndarray]]:
     """Decoder `g`'s greedy answers (per image, per question) and the logits that chose each token [n,V], the way a
     request runs: one prefill call of the prompt through the graph the kernel policy picks for its rows (a hybrid
     bundle's int8 prefill graph), cut per layer so that graph is never loaded whole; then one decode step per token
@@ -231,6 +240,7 @@ def quantized_answers(folder: Path, m: Manifest, g, probes: Probes, feats: np.nd
     # all prompts in one pass (one session per layer of the prefill graph); their keys go to disk as they come
     # (0.16 GB per 600-token prompt at 7B) and return one prompt at a time, next to the decode graph
     with tempfile.TemporaryDirectory(dir=Path(folder).parent, prefix=f".{Path(folder).name}.kv-") as spill:
+
         def sink(j: int, i: int, k: np.ndarray, v: np.ndarray) -> None:
             np.save(Path(spill) / f"{j}.{i}.k.npy", k)
             np.save(Path(spill) / f"{j}.{i}.v.npy", v)
@@ -241,8 +251,11 @@ def quantized_answers(folder: Path, m: Manifest, g, probes: Probes, feats: np.nd
         own.close()
         multi.close()
         release_memory()
-        dec = make_decoder(SessionFactory(threads=threads).create(folder / g.file), m.model,
-                           share_buffer=g.attention is not None and g.attention.in_place)
+        dec = make_decoder(
+            SessionFactory(threads=threads).create(folder / g.file),
+            m.model,
+            share_buffer=g.attention is not None and g.attention.in_place,
+        )
         answers, logits = [], []
         with task(log, f"quality: {g.file} answers", total=len(groups), unit="probes") as t:
             for j, o in enumerate(outs):
@@ -266,8 +279,16 @@ def quantized_answers(folder: Path, m: Manifest, g, probes: Probes, feats: np.nd
 
 
 # --- the report -----------------------------------------------------------------------------------------------
-def measure(folder: Path, reference, probes: ProbeSet = ProbeSet(), *, quality: bool = True, verifier=None,
-            threads: int | None = None, log=None) -> dict:
+def measure(
+    folder: Path,
+    reference,
+    probes: ProbeSet = ProbeSet(),
+    *,
+    quality: bool = True,
+    verifier=None,
+    threads: int | None = None,
+    log=None,
+) -> dict:
     """The quality report of bundle `folder` against `reference` (CheckpointReference / BundleReference), and with
     `verifier` (verify.Verifier, checkpoint references only) its checks in the same layer-streamed pass."""
     from ..progress import task
@@ -278,8 +299,10 @@ def measure(folder: Path, reference, probes: ProbeSet = ProbeSet(), *, quality: 
     pr = Probes.build(folder, m, probes)
     n_img, nq = pr.pixels.shape[0], len(pr.questions)
     if log is not None:
-        log(f"{'verifying and measuring' if verifier and quality else 'verifying' if verifier else 'measuring'} "
-            f"on {n_img} probe images x {nq} questions (fp32 reference: {reference.describe()['reference']}) ...")
+        log(
+            f"{'verifying and measuring' if verifier and quality else 'verifying' if verifier else 'measuring'} "
+            f"on {n_img} probe images x {nq} questions (fp32 reference: {reference.describe()['reference']}) ..."
+        )
     with task(log, "reference image features", total=1, unit="passes") as t:
         ref_feats = reference.vision(pr.pixels)  # [I,N,H]
         release_memory()
@@ -294,8 +317,10 @@ def measure(folder: Path, reference, probes: ProbeSet = ProbeSet(), *, quality: 
             verifier.vision(g, f, ref_feats)
         if quality and g.precision != Precision.FP32:
             cos = [_cosine(f[i], ref_feats[i]) for i in range(n_img)]
-            report[f"vision.{g.precision.value}"] = {"feature_cosine_mean": float(np.mean(cos)),
-                                                     "feature_cosine_min": float(np.min(cos))}
+            report[f"vision.{g.precision.value}"] = {
+                "feature_cosine_mean": float(np.mean(cos)),
+                "feature_cosine_min": float(np.min(cos)),
+            }
     if verifier is not None:
         verifier.embeddings(reference.ckpt)
 
@@ -306,9 +331,11 @@ def measure(folder: Path, reference, probes: ProbeSet = ProbeSet(), *, quality: 
         key = f"{g.role}.{g.precision.value}"
         need = _graph_bytes(m, g)
         if need > probes.memory_budget - (1 << 30):
-            report[key] = {"skipped": f"its decode graph alone is {need / 1e9:.1f} GB, over the report's memory "
-                                      f"budget ({probes.memory_budget / 1e9:.1f} GB in all); measure it on a machine "
-                                      f"that serves it: quantize --keep-source from an fp32 bundle"}
+            report[key] = {
+                "skipped": f"its decode graph alone is {need / 1e9:.1f} GB, over the report's memory "
+                f"budget ({probes.memory_budget / 1e9:.1f} GB in all); measure it on a machine "
+                f"that serves it: quantize --keep-source from an fp32 bundle"
+            }
             continue
         vis = _picked(m, names.ROLE_VISION, g.precision)
         answers[key] = quantized_answers(folder, m, g, pr, feats[vis], threads, log)
@@ -318,23 +345,37 @@ def measure(folder: Path, reference, probes: ProbeSet = ProbeSet(), *, quality: 
     sets = [[a for a in answers[key][0]] for key, _, _ in entries]  # per entry: answers in (image, question) order
     ref_groups = pr.groups(reference.embed, ref_feats, answers=sets or None)
     stack = reference.stack
-    with task(log, "fp32 reference" + (" + verification" if verifier else ""), total=stack.num_layers,
-              unit="layers") as t:
-        outs = run_pass(ref_groups, lambda rows: stack, stack.num_layers,
-                        on_layer=verifier.layer if verifier is not None else None, on_done=t.advance)
+    with task(
+        log, "fp32 reference" + (" + verification" if verifier else ""), total=stack.num_layers, unit="layers"
+    ) as t:
+        outs = run_pass(
+            ref_groups,
+            lambda rows: stack,
+            stack.num_layers,
+            on_layer=verifier.layer if verifier is not None else None,
+            on_done=t.advance,
+        )
     if verifier is not None:
         verifier.head(stack, outs[0].prefix)
     release_memory()
 
-    on = {**reference.describe(), "method": METHOD, "images": [f"probe_image(seed={s})" for s in probes.image_seeds],
-          "questions": pr.questions, "questions_source": pr.source, "new_tokens": n, "probes": n_img * nq,
-          "note": NOTE if m.random_weights else NOTE_REAL, "probe_set": asdict(probes)}
+    on = {
+        **reference.describe(),
+        "method": METHOD,
+        "images": [f"probe_image(seed={s})" for s in probes.image_seeds],
+        "questions": pr.questions,
+        "questions_source": pr.source,
+        "new_tokens": n,
+        "probes": n_img * nq,
+        "note": NOTE if m.random_weights else NOTE_REAL,
+        "probe_set": asdict(probes),
+    }
     # every probe's answer positions through the reference head in one call (the lm_head is read once)
     rows = [outs[i].suffixes[e * nq + q][-n:] for e in range(len(entries)) for i in range(n_img) for q in range(nq)]
     heads = np.split(stack.head(np.concatenate(rows)), len(rows)) if rows else []  # [n,V] each
     for e, (key, g, vis) in enumerate(entries):
         toks, got = answers[key]
-        ref_l = heads[e * n_img * nq:(e + 1) * n_img * nq]
+        ref_l = heads[e * n_img * nq : (e + 1) * n_img * nq]
         prefix = []
         for r, a in zip(ref_l, toks):
             k = next((i for i, t in enumerate(a) if int(np.argmax(r[i])) != t), n)
@@ -343,8 +384,11 @@ def measure(folder: Path, reference, probes: ProbeSet = ProbeSet(), *, quality: 
             **logit_metrics(np.concatenate(ref_l), np.concatenate(got)),
             "greedy_prefix_agreement": float(np.mean(prefix) / n),
             "greedy_identical": float(np.mean([k == n for k in prefix])),
-            "pipeline": {"vision": vis, "embeddings": _picked(m, names.ROLE_EMBEDDINGS, g.precision),
-                         "multi_row": _multi_row_name(m, g)},
+            "pipeline": {
+                "vision": vis,
+                "embeddings": _picked(m, names.ROLE_EMBEDDINGS, g.precision),
+                "multi_row": _multi_row_name(m, g),
+            },
             "quantization": quantization_of(g),
         }
     return {"measured_on": on, **report} if quality else {}
@@ -380,8 +424,7 @@ def _multi_row_name(m: Manifest, g) -> str:
     return f"{partner.precision.value}-{partner.kernel.value}" if partner is not None else g.precision.value
 
 
-def quality_report(src: Path, dst: Path, probes: ProbeSet = ProbeSet(), threads: int | None = None,
-                   log=None) -> dict:
+def quality_report(src: Path, dst: Path, probes: ProbeSet = ProbeSet(), threads: int | None = None, log=None) -> dict:
     """Every quantized variant of bundle `dst` against the fp32 graphs of bundle `src` (`quantize`)."""
     return measure(dst, BundleReference(src, threads), probes, threads=threads, log=log)
 
@@ -396,12 +439,15 @@ def logit_metrics(ref: np.ndarray, got: np.ndarray) -> dict:
     """[n,V] fp32 vs quantized logits of the same positions -> agreement figures."""
     kl = []
     for r in range(0, ref.shape[0], 32):  # in row chunks: float64 temporaries of [32,V], not [n,V]
-        lp, lq = _log_softmax(ref[r:r + 32]), _log_softmax(got[r:r + 32])
+        lp, lq = _log_softmax(ref[r : r + 32]), _log_softmax(got[r : r + 32])
         kl.append((np.exp(lp) * (lp - lq)).sum(axis=-1))  # [32] KL(fp32 || quantized), nats
     kl = np.concatenate(kl)
-    return {"top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean()), "kl_mean": float(kl.mean()),
-            "kl_max": float(kl.max()), "max_abs_logit_diff": float(np.abs(ref - got).max())}
-
+    return {
+        "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean()),
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "max_abs_logit_diff": float(np.abs(ref - got).max()),
+    }
 
 
 # --- for `skin-offline info` ----------------------------------------------------------------------------
@@ -409,8 +455,11 @@ def format_details(details: dict) -> str:
     """A graph variant's quantization details in one short phrase ('' for none)."""
     if "bits" not in details:
         return ""
-    parts = [f"block {details.get('block_size')}", "sym" if details.get("symmetric") else "asym",
-             f"acc {details.get('accuracy_level')}"]
+    parts = [
+        f"block {details.get('block_size')}",
+        "sym" if details.get("symmetric") else "asym",
+        f"acc {details.get('accuracy_level')}",
+    ]
     if "lm_head" in details:
         parts.append(f"lm_head {details['lm_head']}")
     if details.get("scales") == "mse-search":
@@ -423,8 +472,10 @@ def format_details(details: dict) -> str:
         parts.append(f"calibrated on {details['calibration'].get('sequences')} sequences")
     gate = details.get("prefill_gate")
     if gate:  # prefill_gate.PrefillCheck.details
-        parts.append(f"int8 prefill graph {'kept' if gate['prefill_graph_kept'] else 'rejected'}: top-1 "
-                     f"{gate['top1_agreement']:.1%} vs {gate['decode_top1_agreement']:.1%} for this graph")
+        parts.append(
+            f"int8 prefill graph {'kept' if gate['prefill_graph_kept'] else 'rejected'}: top-1 "
+            f"{gate['top1_agreement']:.1%} vs {gate['decode_top1_agreement']:.1%} for this graph"
+        )
     return "[" + ", ".join(parts) + "]"
 
 
@@ -434,9 +485,11 @@ def format_report(report: dict) -> list[str]:
     on = report.get("measured_on", {})
     if on:
         ref = f"{on['reference'].split(' (')[0]}, " if on.get("reference") else ""
-        lines.append(f"quality vs fp32 ({ref}{on.get('probes')} probes: {len(on.get('images', []))} synthetic images x "
-                     f"{len(on.get('questions', []))} questions from {on.get('questions_source')}, "
-                     f"{on.get('new_tokens')} tokens each)")
+        lines.append(
+            f"quality vs fp32 ({ref}{on.get('probes')} probes: {len(on.get('images', []))} synthetic images x "
+            f"{len(on.get('questions', []))} questions from {on.get('questions_source')}, "
+            f"{on.get('new_tokens')} tokens each)"
+        )
     for key, r in report.items():
         if key == "measured_on" or not isinstance(r, dict):
             continue
@@ -444,18 +497,23 @@ def format_report(report: dict) -> list[str]:
             lines.append(f"  {key:14s} not measured: {r['skipped']}")
             continue
         if "feature_cosine_mean" in r:
-            lines.append(f"  {key:14s} image-feature cosine mean {r['feature_cosine_mean']:.6f}, min {r['feature_cosine_min']:.6f}")
+            lines.append(
+                f"  {key:14s} image-feature cosine mean {r['feature_cosine_mean']:.6f}, min {r['feature_cosine_min']:.6f}"
+            )
             continue
         pipe = r.get("pipeline", {})
         q = r.get("quantization", {})
         if q.get("calibration"):
-            lines.append(f"  {key:14s} weights: {q['method']} ({q['scales']} scales), calibrated on "
-                         f"{q['calibration'].get('sequences')} sequences: {q['calibration'].get('images')}")
+            lines.append(
+                f"  {key:14s} weights: {q['method']} ({q['scales']} scales), calibrated on "
+                f"{q['calibration'].get('sequences')} sequences: {q['calibration'].get('images')}"
+            )
         lines.append(
             f"  {key:14s} top-1 {r['top1_agreement']:.1%}, KL mean {r['kl_mean']:.2e} max {r['kl_max']:.2e}, "
             f"max |dlogit| {r['max_abs_logit_diff']:.3g}, greedy prefix {r['greedy_prefix_agreement']:.1%}, "
             f"identical {r['greedy_identical']:.0%} (vision {pipe.get('vision')}, embeddings {pipe.get('embeddings')}"
-            + (f", prefill {pipe['multi_row']})" if pipe.get("multi_row") else ")"))
+            + (f", prefill {pipe['multi_row']})" if pipe.get("multi_row") else ")")
+        )
     if on.get("note"):
         lines.append(f"  note: {on['note']}")
     return lines

@@ -93,8 +93,13 @@ class QuantConfig:
     def __post_init__(self):
         flags = {"precision": "--precision", "lm_head": "--lm-head", "vision": "--vision", "embeddings": "--embeddings"}
         if self.lm_head is None:
-            object.__setattr__(self, "lm_head", Precision.FP32 if _choice(Precision, self.precision, "--precision")
-                               == Precision.FP16 else Precision.INT8)
+            object.__setattr__(
+                self,
+                "lm_head",
+                Precision.FP32
+                if _choice(Precision, self.precision, "--precision") == Precision.FP16
+                else Precision.INT8,
+            )
         for k in ("precision", "lm_head", "vision"):
             if getattr(self, k) is not None:
                 object.__setattr__(self, k, _choice(Precision, getattr(self, k), flags[k]))
@@ -123,10 +128,14 @@ class QuantConfig:
         if self.scale_search is None:
             object.__setattr__(self, "scale_search", self.method == QuantMethod.GPTQ)
         if self.calibrated and self.precision not in _BITS:
-            raise ConfigError(f"--quant-method gptq / --scale-search are for int4/int8 decoders, not {self.precision.value}")
+            raise ConfigError(
+                f"--quant-method gptq / --scale-search are for int4/int8 decoders, not {self.precision.value}"
+            )
         if self.calibrated and not self.symmetric:
-            raise ConfigError("--quant-method gptq and --scale-search work with --symmetric only; "
-                              "use --quant-method rtn for --asymmetric")
+            raise ConfigError(
+                "--quant-method gptq and --scale-search work with --symmetric only; "
+                "use --quant-method rtn for --asymmetric"
+            )
 
     @property
     def calibrated(self) -> bool:
@@ -148,13 +157,22 @@ class QuantConfig:
     def default_prefill(self, source: GraphVariant) -> Prefill:
         """INT8 for an int4 decoder built from a GroupQueryAttention graph (the multi-row graph shares its KV
         cache in place); the decoder itself otherwise."""
-        return Prefill.INT8 if self.precision == Precision.INT4 and source.attention is not None and source.attention.in_place else Prefill.DECODER
+        return (
+            Prefill.INT8
+            if self.precision == Precision.INT4 and source.attention is not None and source.attention.in_place
+            else Prefill.DECODER
+        )
 
     def details(self, bits_precision: Precision) -> dict:
-        d = {"block_size": self.block_size, "symmetric": self.symmetric, "accuracy_level": self.accuracy_level,
-             "op": "MatMulNBits", "bits": _BITS[bits_precision],
-             "method": self.method.value if self.calibrated else QuantMethod.RTN.value,
-             "scales": "activation-search" if self.calibrated and self.scale_search else "absmax"}
+        d = {
+            "block_size": self.block_size,
+            "symmetric": self.symmetric,
+            "accuracy_level": self.accuracy_level,
+            "op": "MatMulNBits",
+            "bits": _BITS[bits_precision],
+            "method": self.method.value if self.calibrated else QuantMethod.RTN.value,
+            "scales": "activation-search" if self.calibrated and self.scale_search else "absmax",
+        }
         if self.calibrated:
             d["method_detail"] = self.method_spec().describe()
         return d
@@ -242,8 +260,14 @@ def auto_block_size(graphs: list[onnx.ModelProto]) -> int:
     return next((b for b in (128, 64, 32, 16) if all(k % b == 0 for k in ks)), 16)
 
 
-def plan_graph(source: GraphSource, dst_name: str, precision: Precision, cfg: QuantConfig, lm_head: Precision | None,
-               kernel: Kernel = Kernel.NBITS) -> GraphPlan:
+def plan_graph(
+    source: GraphSource,
+    dst_name: str,
+    precision: Precision,
+    cfg: QuantConfig,
+    lm_head: Precision | None,
+    kernel: Kernel = Kernel.NBITS,
+) -> GraphPlan:
     """Which weights of `src` get which codec (all checks before any file is written). `kernel` QGEMM: every weight
     MatMul (lm_head included) as int8 per-column for DynamicQuantizeMatMul; NBITS: MatMulNBits at `precision`,
     the lm_head at `lm_head`."""
@@ -266,16 +290,20 @@ def plan_graph(source: GraphSource, dst_name: str, precision: Precision, cfg: Qu
                         f"use a block size that divides {k}"
                     )
                 calibrated = cfg.calibrated and p == precision and calibrated_weight(wname)
-                codecs[wname] = NBits(_BITS[p], cfg.block_size, cfg.symmetric, cfg.accuracy_level, calibrated=calibrated)
+                codecs[wname] = NBits(
+                    _BITS[p], cfg.block_size, cfg.symmetric, cfg.accuracy_level, calibrated=calibrated
+                )
             qparams += k * n
     total = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == TensorProto.FLOAT)
-    return GraphPlan(source, dst_name, codecs, precision == Precision.FP16, qparams, total - qparams,
-                     len(model.graph.initializer))
+    return GraphPlan(
+        source, dst_name, codecs, precision == Precision.FP16, qparams, total - qparams, len(model.graph.initializer)
+    )
 
 
 # --- rewriting one graph --------------------------------------------------------------------------------
-def quantize_graph(plan: GraphPlan, out_dir: Path, cfg: QuantConfig, on_tensor: Callable[[], None] | None = None,
-                   calibrator=None) -> tuple[str, str]:
+def quantize_graph(
+    plan: GraphPlan, out_dir: Path, cfg: QuantConfig, on_tensor: Callable[[], None] | None = None, calibrator=None
+) -> tuple[str, str]:
     """Write plan.dst_name (+ .data) into out_dir, streaming each initializer. Returns (graph, data) names."""
     return quantize_graphs([plan], out_dir, on_tensor, calibrator)[0]
 
@@ -291,8 +319,9 @@ class _Writing:
     replaced: dict = field(default_factory=dict)  # MatMul node name -> its codec's node
 
 
-def quantize_graphs(plans: list[GraphPlan], out_dir: Path, on_tensor: Callable[[], None] | None = None,
-                    calibrator=None) -> list[tuple[str, str]]:
+def quantize_graphs(
+    plans: list[GraphPlan], out_dir: Path, on_tensor: Callable[[], None] | None = None, calibrator=None
+) -> list[tuple[str, str]]:
     """Write every plan's graph (+ .data) into out_dir from their one source, reading each initializer once (from the
     fp32 bundle, or from the checkpoint) and handing it to every plan: copied, cast to fp16, or encoded by its codec
     (codecs.py); a calibrated codec packs the codes `calibrator` (calibrate.Calibrator) made for that weight, which
@@ -308,8 +337,15 @@ def quantize_graphs(plans: list[GraphPlan], out_dir: Path, on_tensor: Callable[[
         keep = set()
         if plan.to_fp16:
             model, keep = convert_graph_fp16(model)
-        writing.append(_Writing(plan, model, ExternalData(Path(out_dir) / names.external_data_name(plan.dst_name)), keep,
-                                _weight_matmuls(model)))
+        writing.append(
+            _Writing(
+                plan,
+                model,
+                ExternalData(Path(out_dir) / names.external_data_name(plan.dst_name)),
+                keep,
+                _weight_matmuls(model),
+            )
+        )
     for t in source.model.graph.initializer:
         if on_tensor is not None:
             on_tensor()
@@ -320,7 +356,11 @@ def quantize_graphs(plans: list[GraphPlan], out_dir: Path, on_tensor: Callable[[
                 a = arr
                 if w.plan.to_fp16 and a.dtype == np.float32 and t.name not in w.keep_fp32:
                     a = np.clip(a, -65504, 65504).astype(np.float16)  # the fp16 range (masks stay finite)
-                w.inits.append(w.data.add(t.name, a) if a.nbytes >= 1024 else numpy_helper.from_array(np.ascontiguousarray(a), t.name))
+                w.inits.append(
+                    w.data.add(t.name, a)
+                    if a.nbytes >= 1024
+                    else numpy_helper.from_array(np.ascontiguousarray(a), t.name)
+                )
                 continue
             if getattr(codec, "calibrated", False):
                 if calibrator is None:
@@ -392,8 +432,11 @@ def convert_graph_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str
             island.add(n.input[0])
         to_float = n.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.FLOAT for a in n.attribute)
         seed = to_float and n.input[0] in int_inputs  # positions -> RoPE angles
-        stays = n.op_type in _ISLAND_OPS and any(i in island for i in n.input) \
+        stays = (
+            n.op_type in _ISLAND_OPS
+            and any(i in island for i in n.input)
             and all(i in island or i in inits for i in n.input if i)
+        )
         if seed or stays:
             island.update(n.output)
             keep.update(i for i in n.input if i in float_inits)
@@ -423,8 +466,9 @@ def _npy_reader(path: Path):
 
 def _npy_writer(path: Path, shape: tuple, dtype):
     f = open(path, "wb")
-    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                             "fortran_order": False, "shape": tuple(shape)})
+    np.lib.format.write_array_header_1_0(
+        f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+    )
     return f
 
 
@@ -434,12 +478,18 @@ def quantize_embeddings(src: Path, out_dir: Path, precision: EmbeddingPrecision)
     if dtype != np.float32:
         raise BundleError(f"{src.name} is {dtype}, expected float32; quantize from an fp32 bundle")
     with fin:
-        return quantize_table(lambda r0, rows: np.frombuffer(fin.read(rows * h * 4), np.float32).reshape(rows, h),
-                              v, h, out_dir, precision)
+        return quantize_table(
+            lambda r0, rows: np.frombuffer(fin.read(rows * h * 4), np.float32).reshape(rows, h),
+            v,
+            h,
+            out_dir,
+            precision,
+        )
 
 
-def quantize_table(rows_at: Callable[[int, int], np.ndarray], v: int, h: int, out_dir: Path,
-                   precision: EmbeddingPrecision) -> tuple[str, tuple[str, ...]]:
+def quantize_table(
+    rows_at: Callable[[int, int], np.ndarray], v: int, h: int, out_dir: Path, precision: EmbeddingPrecision
+) -> tuple[str, tuple[str, ...]]:
     """The token table, read `rows_at(first, count)` ([count,H] fp32) in order, written at `precision` (fp16, or int8
     + per-row scales); from an fp32 bundle's file or straight from the checkpoint. Returns (table, (scales,))."""
     table_name = names.variant_file(names.EMBEDDINGS, precision.value)
@@ -454,7 +504,7 @@ def quantize_table(rows_at: Callable[[int, int], np.ndarray], v: int, h: int, ou
                 continue
             s = np.abs(chunk).max(axis=1) / 127.0  # [r]
             s[s == 0] = 1.0
-            scales[r0:r0 + rows] = s
+            scales[r0 : r0 + rows] = s
             fout.write(np.clip(np.rint(chunk / s[:, None]), -127, 127).astype(np.int8).tobytes())
     if scales is None:
         return table_name, ()
@@ -464,8 +514,14 @@ def quantize_table(rows_at: Callable[[int, int], np.ndarray], v: int, h: int, ou
 
 
 def embedding_variant(precision: EmbeddingPrecision, efile: str, edata: tuple[str, ...]) -> GraphVariant:
-    return GraphVariant(names.ROLE_EMBEDDINGS, Precision(precision.value), Flavor.STANDARD, efile, edata,
-                        {"scales": "per_row_symmetric"} if edata else {})
+    return GraphVariant(
+        names.ROLE_EMBEDDINGS,
+        Precision(precision.value),
+        Flavor.STANDARD,
+        efile,
+        edata,
+        {"scales": "per_row_symmetric"} if edata else {},
+    )
 
 
 # --- the bundle -------------------------------------------------------------------------------------------
@@ -500,8 +556,9 @@ def vision_feature_cosine(fp32_graph: Path, int8_graph: Path, pre, seeds=(0, 1, 
     return min(cos)
 
 
-def write_vision(src_graph: Path, vis32: GraphVariant, out_dir: Path, cfg: QuantConfig, gated: bool, pre,
-                 log: Log) -> GraphVariant | None:
+def write_vision(
+    src_graph: Path, vis32: GraphVariant, out_dir: Path, cfg: QuantConfig, gated: bool, pre, log: Log
+) -> GraphVariant | None:
     """The vision tower at `cfg.vision` (int8 / fp16) written next to its fp32 graph `src_graph`, streamed one weight
     at a time like the decoder (bounded memory: CLIP-L is 1.2 GB at fp32 whatever the LLM). int8 is the QGEMM codec
     (int8 per-column weights, activations quantized per call: DynamicQuantizeMatMul, the op onnxruntime's own dynamic
@@ -509,15 +566,23 @@ def write_vision(src_graph: Path, vis32: GraphVariant, out_dir: Path, cfg: Quant
     (random weights, 2 threads): 0.72 s vs 2.15 s fp32. A `gated` (default) int8 tower is kept only when its features
     pass VISION_INT8_MIN_COSINE against the fp32 one; returns None (its files removed) when it does not."""
     precision, kernel = (Precision.INT8, Kernel.QGEMM) if cfg.vision == Precision.INT8 else (cfg.vision, Kernel.NBITS)
-    plan = plan_graph(GraphSource.from_file(src_graph), names.variant_file(names.VISION_GRAPH, precision.value),
-                      precision, cfg, None, kernel=kernel)
+    plan = plan_graph(
+        GraphSource.from_file(src_graph),
+        names.variant_file(names.VISION_GRAPH, precision.value),
+        precision,
+        cfg,
+        None,
+        kernel=kernel,
+    )
     (g,) = write_plans([plan], out_dir, cfg, {src_graph.name: vis32}, log)
     if precision != Precision.INT8:
         return g
     cos = vision_feature_cosine(src_graph, Path(out_dir) / g.file, pre)
     if gated and cos < VISION_INT8_MIN_COSINE:
-        log(f"vision int8 rejected: image-feature cosine {cos:.5f} < {VISION_INT8_MIN_COSINE} against the fp32 tower on "
-            f"the probe images; the bundle keeps the fp32 tower (--vision int8 forces it)")
+        log(
+            f"vision int8 rejected: image-feature cosine {cos:.5f} < {VISION_INT8_MIN_COSINE} against the fp32 tower on "
+            f"the probe images; the bundle keeps the fp32 tower (--vision int8 forces it)"
+        )
         for f in (g.file, *g.data_files):
             (Path(out_dir) / f).unlink()
         return None
@@ -530,8 +595,9 @@ def _copy_variant(src_dir: Path, g: GraphVariant, tmp: Path) -> None:
         shutil.copyfile(src_dir / f, tmp / f)  # sendfile: bytes never pass through our memory
 
 
-def _variant(plan: GraphPlan, gfile: str, dfile: str, cfg: QuantConfig, source: GraphVariant,
-             calibrator=None) -> GraphVariant:
+def _variant(
+    plan: GraphPlan, gfile: str, dfile: str, cfg: QuantConfig, source: GraphVariant, calibrator=None
+) -> GraphVariant:
     """The manifest entry of a graph `quantize_graph` wrote from `source` (an fp32 variant)."""
     details: dict = {"source_file": plan.source.name}
     kernels = {c.kernel for c in plan.codecs.values()}
@@ -554,11 +620,21 @@ def _variant(plan: GraphPlan, gfile: str, dfile: str, cfg: QuantConfig, source: 
         kernel = Kernel.FLOAT
     # contrib ops make the graph contrib-flavored; `attention` keeps what the source used, since the runtime
     # picks its KV-cache strategy (share-buffer GroupQueryAttention or plain Concat) from it
-    return GraphVariant(source.role, precision, Flavor.CONTRIB if kernels else source.flavor, gfile, (dfile,), details,
-                        attention=source.attention, kernel=kernel)
+    return GraphVariant(
+        source.role,
+        precision,
+        Flavor.CONTRIB if kernels else source.flavor,
+        gfile,
+        (dfile,),
+        details,
+        attention=source.attention,
+        kernel=kernel,
+    )
 
 
-def decoder_plans(cfg: QuantConfig, source: GraphSource, dec32: GraphVariant, where: str) -> tuple[QuantConfig, list[GraphPlan]]:
+def decoder_plans(
+    cfg: QuantConfig, source: GraphSource, dec32: GraphVariant, where: str
+) -> tuple[QuantConfig, list[GraphPlan]]:
     """The config with its defaults resolved for this fp32 decoder (block size, prefill) and the decoder graphs to
     write from it: the `cfg.precision` decoder and, with Prefill.INT8, the int8 QGEMM graph for many-row calls.
     Every check (block sizes, shapes) happens here, before a byte is written. Shared by `quantize` and `export`."""
@@ -567,21 +643,39 @@ def decoder_plans(cfg: QuantConfig, source: GraphSource, dec32: GraphVariant, wh
     if cfg.prefill is None:
         cfg = replace(cfg, prefill=cfg.default_prefill(dec32))
     elif cfg.prefill == Prefill.INT8 and not (dec32.attention and dec32.attention.in_place):
-        raise UsageError(f"--prefill int8 needs the contrib (GroupQueryAttention) fp32 decoder, which {where} lacks; "
-                         f"re-export it (the default) or use --prefill decoder")
+        raise UsageError(
+            f"--prefill int8 needs the contrib (GroupQueryAttention) fp32 decoder, which {where} lacks; "
+            f"re-export it (the default) or use --prefill decoder"
+        )
     qgemm_decoder = cfg.prefill == Prefill.INT8 and cfg.precision == Precision.INT8  # int8-only: one QGEMM graph
     plans = []
     if not qgemm_decoder:
-        plans.append(plan_graph(source, names.variant_file(names.DECODER_GRAPH, cfg.precision.value),
-                                cfg.precision, cfg, cfg.lm_head if cfg.precision in _BITS else None))
+        plans.append(
+            plan_graph(
+                source,
+                names.variant_file(names.DECODER_GRAPH, cfg.precision.value),
+                cfg.precision,
+                cfg,
+                cfg.lm_head if cfg.precision in _BITS else None,
+            )
+        )
     if cfg.prefill == Prefill.INT8:  # the multi-row graph: same source graph, every weight int8 per column
-        plans.append(plan_graph(source, names.kernel_variant_file(names.DECODER_GRAPH, "int8", Kernel.QGEMM.value),
-                                Precision.INT8, cfg, None, kernel=Kernel.QGEMM))
+        plans.append(
+            plan_graph(
+                source,
+                names.kernel_variant_file(names.DECODER_GRAPH, "int8", Kernel.QGEMM.value),
+                Precision.INT8,
+                cfg,
+                None,
+                kernel=Kernel.QGEMM,
+            )
+        )
     return cfg, plans
 
 
-def write_plans(plans: list[GraphPlan], out_dir: Path, cfg: QuantConfig, sources: dict[str, GraphVariant],
-                log: Log, calibrator=None) -> list[GraphVariant]:
+def write_plans(
+    plans: list[GraphPlan], out_dir: Path, cfg: QuantConfig, sources: dict[str, GraphVariant], log: Log, calibrator=None
+) -> list[GraphVariant]:
     """Write the planned graphs, those of one source in one pass over its weights; their manifest entries
     (`sources`: fp32 variant by file name). `calibrator`: the calibrated pass for plans with calibrated codecs."""
     graphs = []
@@ -597,8 +691,18 @@ def write_plans(plans: list[GraphPlan], out_dir: Path, cfg: QuantConfig, sources
     return graphs
 
 
-def _gate_prefill(graphs: list[GraphVariant], tmp: Path, gated: bool, src: Path, m: Manifest, dec32: GraphVariant,
-                  vis32: GraphVariant, emb32: GraphVariant, threads: int | None, log: Log) -> list[GraphVariant]:
+def _gate_prefill(
+    graphs: list[GraphVariant],
+    tmp: Path,
+    gated: bool,
+    src: Path,
+    m: Manifest,
+    dec32: GraphVariant,
+    vis32: GraphVariant,
+    emb32: GraphVariant,
+    threads: int | None,
+    log: Log,
+) -> list[GraphVariant]:
     """prefill_gate.gate_prefill with the source bundle's fp32 graphs as the reference."""
     from ..runtime.bundle import _load_table
     from ..runtime.tokenizer import TextTokenizer
@@ -607,15 +711,27 @@ def _gate_prefill(graphs: list[GraphVariant], tmp: Path, gated: bool, src: Path,
 
     def groups():
         table, _ = _load_table(src, m, emb32)
-        return probe_groups(TextTokenizer.from_file(src / names.TOKENIZER, m.tokens),
-                            lambda ids: np.asarray(table[np.asarray(ids, np.int64)], np.float32),
-                            src / vis32.file, m.preprocess, threads)
+        return probe_groups(
+            TextTokenizer.from_file(src / names.TOKENIZER, m.tokens),
+            lambda ids: np.asarray(table[np.asarray(ids, np.int64)], np.float32),
+            src / vis32.file,
+            m.preprocess,
+            threads,
+        )
 
     return gate_prefill(graphs, tmp, gated, GraphStack(src / dec32.file, threads), groups, threads, log)
 
 
-def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = True, log: Log = print,
-                    probe_kw: dict | None = None, keep_source: bool = False) -> QuantResult:
+def quantize_bundle(
+    src: Path,
+    out: Path,
+    cfg: QuantConfig,
+    *,
+    quality: bool = True,
+    log: Log = print,
+    probe_kw: dict | None = None,
+    keep_source: bool = False,
+) -> QuantResult:
     """Read the fp32 bundle `src`, write a bundle at `out` (atomically) carrying the cfg's variants, listed first
     (the defaults); with `keep_source` the source's variants follow (`ask --precision fp32` still works)."""
     from ..runtime.bundle import check_files
@@ -630,10 +746,14 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
         vis32 = m.pick(names.ROLE_VISION, Precision.FP32)
         # int4/int8 from the contrib (GroupQueryAttention) fp32 graph when there is one: the runtime's fast path;
         # fp16 from the standard graph (GPU providers and TensorRT run standard ops)
-        dec32 = m.pick(names.ROLE_DECODER, Precision.FP32, Flavor.CONTRIB if cfg.precision in _BITS else Flavor.STANDARD)
+        dec32 = m.pick(
+            names.ROLE_DECODER, Precision.FP32, Flavor.CONTRIB if cfg.precision in _BITS else Flavor.STANDARD
+        )
         emb32 = m.pick(names.ROLE_EMBEDDINGS, Precision.FP32)
     except BundleError:
-        raise BundleError(f"{src} has no fp32 graphs to quantize from; quantize the bundle `skin-offline export` wrote") from None
+        raise BundleError(
+            f"{src} has no fp32 graphs to quantize from; quantize the bundle `skin-offline export` wrote"
+        ) from None
     vision_gated = cfg.vision_defaulted  # a default int8 tower must earn its place (cosine gate below)
     cfg = replace(cfg, vision=cfg.resolved_vision())
     dec_source = GraphSource.from_file(src / dec32.file)
@@ -642,8 +762,10 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
 
     if Precision.FP16 in (cfg.precision, cfg.vision):
         # measured here (2 cores, decode tok/s, interleaved medians): hidden-512 model fp16 18.9 vs fp32 20.7; tiny 111 vs 221
-        log("note: fp16 graphs are for GPU providers; the CPU runtime refuses them (onnxruntime's CPU provider runs "
-            "fp16 through inserted casts, slower than fp32); use int8/int4 for a smaller CPU bundle")
+        log(
+            "note: fp16 graphs are for GPU providers; the CPU runtime refuses them (onnxruntime's CPU provider runs "
+            "fp16 through inserted casts, slower than fp32); use int8/int4 for a smaller CPU bundle"
+        )
     with atomic_folder(out) as tmp:
         shutil.copyfile(src / names.TOKENIZER, tmp / names.TOKENIZER)
         calibrator = None
@@ -655,17 +777,29 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
 
             layers = BundleLayers(m.model, dec_source)
             table, _ = _load_table(src, m, emb32)
-            calibrator = build_calibrator(cfg, layers, layers.weights,
-                                          lambda ids: np.asarray(table[np.asarray(ids, np.int64)], np.float32),
-                                          TextTokenizer.from_file(src / names.TOKENIZER, m.tokens), src / vis32.file,
-                                          m.preprocess, (probe_kw or {}).get("threads"), log)
+            calibrator = build_calibrator(
+                cfg,
+                layers,
+                layers.weights,
+                lambda ids: np.asarray(table[np.asarray(ids, np.int64)], np.float32),
+                TextTokenizer.from_file(src / names.TOKENIZER, m.tokens),
+                src / vis32.file,
+                m.preprocess,
+                (probe_kw or {}).get("threads"),
+                log,
+            )
         graphs = write_plans(plans, tmp, cfg, {dec32.file: dec32}, log, calibrator)
         del calibrator
-        graphs = _gate_prefill(graphs, tmp, prefill_gated, src, m, dec32, vis32, emb32, (probe_kw or {}).get("threads"), log)
+        graphs = _gate_prefill(
+            graphs, tmp, prefill_gated, src, m, dec32, vis32, emb32, (probe_kw or {}).get("threads"), log
+        )
         # the fp32 vision graph stays next to an fp16 one (the CPU provider refuses fp16) and as the default; an int8
         # one replaces it (runs everywhere onnxruntime does; --keep-source carries fp32 too) unless it fails the gate
-        vis = write_vision(src / vis32.file, vis32, tmp, cfg, vision_gated, m.preprocess, log) \
-            if cfg.vision != Precision.FP32 else None
+        vis = (
+            write_vision(src / vis32.file, vis32, tmp, cfg, vision_gated, m.preprocess, log)
+            if cfg.vision != Precision.FP32
+            else None
+        )
         if vis is not None:
             graphs.append(vis)
         if vis is None or vis.precision != Precision.INT8 or keep_source:
@@ -688,9 +822,21 @@ def quantize_bundle(src: Path, out: Path, cfg: QuantConfig, *, quality: bool = T
             graphs += [g for g in m.graphs if g not in graphs]
         graphs.sort(key=lambda g: order.get(g.role, 3))  # stable: new variants stay ahead of the source's
         files = folder_entries(tmp, log)
-        manifest = Manifest(**{**m.__dict__, "graphs": tuple(graphs), "files": files, "quality": {},
-                               "source": {**m.source, "quantized_from": {"bundle": str(src.resolve()),
-                                                                          "files": {k: v.sha256 for k, v in m.files.items()}}}})
+        manifest = Manifest(
+            **{
+                **m.__dict__,
+                "graphs": tuple(graphs),
+                "files": files,
+                "quality": {},
+                "source": {
+                    **m.source,
+                    "quantized_from": {
+                        "bundle": str(src.resolve()),
+                        "files": {k: v.sha256 for k, v in m.files.items()},
+                    },
+                },
+            }
+        )
         manifest.write(tmp)
         if quality:  # against the source's fp32 graphs, cut per layer: bounded memory at any size (quality.py)
             from .quality import quality_report

@@ -19,9 +19,16 @@ def vision_features(ckpt: Checkpoint, pixel_values: np.ndarray) -> np.ndarray:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     v = ckpt.vision
-    cfg = CLIPVisionConfig(hidden_size=v.hidden, intermediate_size=v.mlp, num_hidden_layers=v.kept_layers,
-                           num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
-                           layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act)
+    cfg = CLIPVisionConfig(
+        hidden_size=v.hidden,
+        intermediate_size=v.mlp,
+        num_hidden_layers=v.kept_layers,
+        num_attention_heads=v.heads,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        layer_norm_eps=v.layer_norm_eps,
+        hidden_act=v.hidden_act,
+    )
     with torch.device("meta"):  # no random init: the checkpoint's tensors become the parameters (one copy, 1.2 GB)
         model = CLIPVisionModel(cfg).eval()
     state = ckpt.vision_state_dict()
@@ -32,7 +39,11 @@ def vision_features(ckpt: Checkpoint, pixel_values: np.ndarray) -> np.ndarray:
     for name, buf in list(model.named_buffers()):  # non-persistent buffers (position_ids) are not in a state dict
         if buf.is_meta:
             owner = model.get_submodule(name.rpartition(".")[0])
-            value = torch.arange(buf.shape[-1]).expand(buf.shape) if "position_ids" in name else torch.zeros(buf.shape, dtype=buf.dtype)
+            value = (
+                torch.arange(buf.shape[-1]).expand(buf.shape)
+                if "position_ids" in name
+                else torch.zeros(buf.shape, dtype=buf.dtype)
+            )
             owner.register_buffer(name.rpartition(".")[2], value.clone(), persistent=False)
     missing = [k for k in missing if not k.startswith("post_layernorm") and "position_ids" not in k]
     if missing or unexpected:
@@ -51,9 +62,18 @@ def decoder_logits(ckpt: Checkpoint, embeds: np.ndarray) -> np.ndarray:
     from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralRMSNorm, MistralRotaryEmbedding
 
     t = ckpt.text
-    cfg = MistralConfig(vocab_size=t.vocab, hidden_size=t.hidden, intermediate_size=t.mlp, num_hidden_layers=1,
-                        num_attention_heads=t.heads, num_key_value_heads=t.kv_heads, head_dim=t.head_dim,
-                        rope_theta=t.rope_theta, rms_norm_eps=t.rms_norm_eps, sliding_window=None)
+    cfg = MistralConfig(
+        vocab_size=t.vocab,
+        hidden_size=t.hidden,
+        intermediate_size=t.mlp,
+        num_hidden_layers=1,
+        num_attention_heads=t.heads,
+        num_key_value_heads=t.kv_heads,
+        head_dim=t.head_dim,
+        rope_theta=t.rope_theta,
+        rms_norm_eps=t.rms_norm_eps,
+        sliding_window=None,
+    )
     cfg._attn_implementation = "eager"
     x = torch.from_numpy(embeds)
     seq = x.shape[1]

@@ -41,8 +41,10 @@ class Boundaries:
 def boundaries(model: onnx.ModelProto, graph_file: str) -> Boundaries:
     props = {p.key: p.value for p in model.metadata_props}
     if names.GRAPH_LAYERS_KEY not in props:
-        raise BundleError(f"{graph_file} records no layer boundaries (exported by an older skin-offline); "
-                          f"re-export the bundle to verify it layer by layer")
+        raise BundleError(
+            f"{graph_file} records no layer boundaries (exported by an older skin-offline); "
+            f"re-export the bundle to verify it layer by layer"
+        )
     d = json.loads(props[names.GRAPH_LAYERS_KEY])
     return Boundaries(d["layers"], d["head_in"])
 
@@ -102,7 +104,9 @@ class DecoderGraph:
         inputs = [helper.make_tensor_value_info(n, ft, None) for n in cut_in]
         inputs += [self.graph_inputs[n] for n in sorted(set(used_inputs)) if n not in stop]
         outputs = [helper.make_tensor_value_info(n, ft, None) for n in outs]
-        graph = helper.make_graph(nodes, f"{self.model.graph.name}_cut{layer}", inputs, outputs, list(used_inits.values()))
+        graph = helper.make_graph(
+            nodes, f"{self.model.graph.name}_cut{layer}", inputs, outputs, list(used_inits.values())
+        )
         m = helper.make_model(graph, opset_imports=list(self.model.opset_import), producer_name="skin-offline")
         m.ir_version = self.model.ir_version
         return m
@@ -133,8 +137,12 @@ class DecoderGraph:
                 anon.CopyFrom(x)
                 anon.name = ""
                 return f"c:{hashlib.sha256(anon.SerializeToString()).hexdigest()[:16]}"
-            for a, b in ((names.past_key(layer), "past_k"), (names.past_value(layer), "past_v"),
-                         (names.present_key(layer), "present_k"), (names.present_value(layer), "present_v")):
+            for a, b in (
+                (names.past_key(layer), "past_k"),
+                (names.past_value(layer), "past_v"),
+                (names.present_key(layer), "present_k"),
+                (names.present_value(layer), "present_v"),
+            ):
                 if t == a:
                     return b
             if t in self.graph_inputs:
@@ -157,11 +165,14 @@ class DecoderGraph:
         # the cut model lives in memory: its external initializers resolve against the bundle folder
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path.parent))
         try:
-            return ort.InferenceSession(self.cut(layer, exact).SerializeToString(), sess_options=so,
-                                        providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(
+                self.cut(layer, exact).SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"]
+            )
         except Exception as e:  # onnxruntime's own error types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BundleError(f"cannot load layer {layer} of {self.path.name}: {first}; run `skin-offline verify`") from None
+            raise BundleError(
+                f"cannot load layer {layer} of {self.path.name}: {first}; run `skin-offline verify`"
+            ) from None
 
 
 def _exact(nodes: list) -> list:
@@ -187,8 +198,15 @@ def _exact(nodes: list) -> list:
     return out
 
 
-def run_layer(session, hidden: np.ndarray, past: tuple[np.ndarray, np.ndarray] | None, layer: int,
-              kv_heads: int, head_dim: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def run_layer(
+    session,
+    hidden: np.ndarray,
+    past: tuple[np.ndarray, np.ndarray] | None,
+    layer: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype=np.float32,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """[1,S,H] hidden state after `past` ([1,kvH,P,D] keys, values) -> (hidden out [1,S,H], present k, v [1,kvH,P+S,D])."""
     s = hidden.shape[1]
     if past is None:

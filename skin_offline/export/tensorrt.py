@@ -50,23 +50,31 @@ def nonstandard_ops(graph_path: Path) -> list[str]:
 def assert_standard_ops(graph_path: Path) -> None:
     bad = nonstandard_ops(graph_path)
     if bad:
-        raise BundleError(f"{graph_path.name} uses non-standard ops TensorRT cannot run ({', '.join(bad)}); "
-                          f"build engines from the bundle's standard-flavor graph (skin-offline info lists them)")
+        raise BundleError(
+            f"{graph_path.name} uses non-standard ops TensorRT cannot run ({', '.join(bad)}); "
+            f"build engines from the bundle's standard-flavor graph (skin-offline info lists them)"
+        )
 
 
 def standard_variant(manifest: Manifest, role: str, precision: Precision | None) -> GraphVariant:
-    cands = [g for g in manifest.variants(role) if g.flavor is Flavor.STANDARD
-             and (precision is None or g.precision is precision)]
+    cands = [
+        g
+        for g in manifest.variants(role)
+        if g.flavor is Flavor.STANDARD and (precision is None or g.precision is precision)
+    ]
     if not cands:
         have = ", ".join(f"{g.precision.value}/{g.flavor.value}" for g in manifest.variants(role)) or "none"
         want = precision.value if precision else "any"
-        raise BundleError(f"bundle has no standard-op {role} graph at precision {want} (it has: {have}); "
-                          f"TensorRT needs one: re-export or pick another --precision")
+        raise BundleError(
+            f"bundle has no standard-op {role} graph at precision {want} (it has: {have}); "
+            f"TensorRT needs one: re-export or pick another --precision"
+        )
     return cands[0]
 
 
-def plan(manifest: Manifest, max_context: int | None, max_batch: int = 1,
-         precision: Precision | None = None) -> dict[str, tuple[GraphVariant, list[te.Profile]]]:
+def plan(
+    manifest: Manifest, max_context: int | None, max_batch: int = 1, precision: Precision | None = None
+) -> dict[str, tuple[GraphVariant, list[te.Profile]]]:
     """role -> (standard graph, optimization profiles) for the engines to build."""
     limit = manifest.model.max_context
     ctx = max_context or limit
@@ -74,10 +82,14 @@ def plan(manifest: Manifest, max_context: int | None, max_batch: int = 1,
         raise UsageError(f"--max-context {ctx} must be between 2 and the bundle's context {limit}")
     vis_prec = precision if precision in {g.precision for g in manifest.variants(names.ROLE_VISION)} else None
     return {
-        names.ROLE_VISION: (standard_variant(manifest, names.ROLE_VISION, vis_prec),
-                            te.vision_profiles(manifest.preprocess.crop_size, max_batch)),
-        names.ROLE_DECODER: (standard_variant(manifest, names.ROLE_DECODER, precision),
-                             te.decoder_profiles(manifest.model, ctx, max_batch)),
+        names.ROLE_VISION: (
+            standard_variant(manifest, names.ROLE_VISION, vis_prec),
+            te.vision_profiles(manifest.preprocess.crop_size, max_batch),
+        ),
+        names.ROLE_DECODER: (
+            standard_variant(manifest, names.ROLE_DECODER, precision),
+            te.decoder_profiles(manifest.model, ctx, max_batch),
+        ),
     }
 
 
@@ -94,7 +106,9 @@ def _dummy_feeds(session, profile: te.Profile) -> dict:
     if names.POSITION_IDS in feeds:  # positions continue after the past
         s = feeds[names.POSITION_IDS].shape[1]
         total = feeds[names.ATTENTION_MASK].shape[1]
-        feeds[names.POSITION_IDS] = np.arange(total - s, total, dtype=np.int64)[None].repeat(feeds[names.POSITION_IDS].shape[0], 0)
+        feeds[names.POSITION_IDS] = np.arange(total - s, total, dtype=np.int64)[None].repeat(
+            feeds[names.POSITION_IDS].shape[0], 0
+        )
     return feeds
 
 
@@ -114,9 +128,17 @@ def write_record(folder: Path, record: te.EngineRecord) -> None:
     os.replace(tmp, path)  # a crash leaves the old manifest, never half of one
 
 
-def build_engines(folder: Path, *, fp16: bool = False, int8: bool = False, max_context: int | None = None,
-                  workspace_gb: float = 4.0, max_batch: int = 1, precision: str | None = None,
-                  log: Callable[[str], None] = print) -> te.EngineRecord:
+def build_engines(
+    folder: Path,
+    *,
+    fp16: bool = False,
+    int8: bool = False,
+    max_context: int | None = None,
+    workspace_gb: float = 4.0,
+    max_batch: int = 1,
+    precision: str | None = None,
+    log: Callable[[str], None] = print,
+) -> te.EngineRecord:
     import onnxruntime as ort
 
     folder = Path(folder)
@@ -128,11 +150,15 @@ def build_engines(folder: Path, *, fp16: bool = False, int8: bool = False, max_c
     choice = resolve(Device.TENSORRT)  # DeviceError (exit 5) without onnxruntime-gpu's TensorRT provider
     trt_version, gpu = te.tensorrt_version(), te.gpu_info()
     if trt_version is None or gpu is None:
-        raise DeviceError("TensorRT engines need an NVIDIA GPU and TensorRT's libnvinfer "
-                          f"(found: GPU {gpu.name if gpu else 'none'}, TensorRT {trt_version or 'none'}); {TRT_INSTALL}")
+        raise DeviceError(
+            "TensorRT engines need an NVIDIA GPU and TensorRT's libnvinfer "
+            f"(found: GPU {gpu.name if gpu else 'none'}, TensorRT {trt_version or 'none'}); {TRT_INSTALL}"
+        )
     if int8 and not all((folder / te.ENGINE_DIR / role / CALIBRATION_TABLE).is_file() for role in todo):
-        raise UsageError(f"--int8 needs a TensorRT calibration table {te.ENGINE_DIR}/<role>/{CALIBRATION_TABLE} for "
-                         f"each graph (fp32 graphs carry no int8 ranges); build fp16 engines instead")
+        raise UsageError(
+            f"--int8 needs a TensorRT calibration table {te.ENGINE_DIR}/<role>/{CALIBRATION_TABLE} for "
+            f"each graph (fp32 graphs carry no int8 ranges); build fp16 engines instead"
+        )
     from ..runtime.sessions import SessionFactory
 
     factory = SessionFactory(device=choice)
@@ -145,19 +171,37 @@ def build_engines(folder: Path, *, fp16: bool = False, int8: bool = False, max_c
                 if old.name != CALIBRATION_TABLE:
                     shutil.rmtree(old) if old.is_dir() else old.unlink()
         cache.mkdir(parents=True, exist_ok=True)
-        opts = te.provider_options(cache, profiles, fp16=fp16, int8=int8, workspace_gb=workspace_gb,
-                                   calibration_table=CALIBRATION_TABLE if int8 else None)
+        opts = te.provider_options(
+            cache,
+            profiles,
+            fp16=fp16,
+            int8=int8,
+            workspace_gb=workspace_gb,
+            calibration_table=CALIBRATION_TABLE if int8 else None,
+        )
         log(f"building TensorRT engine for {variant.file} ({len(profiles)} profile(s)) ...")
         t0 = time.perf_counter()
         session = factory.create(folder / variant.file, [(TRT_EP, opts), *choice.providers[1:]])
         for p in profiles:  # one run per profile: the engine exists and executes at its opt shapes
             session.run(None, _dummy_feeds(session, p))
         log(f"  built in {time.perf_counter() - t0:.0f}s")
-        graphs[role] = {"file": variant.file, "precision": variant.precision.value,
-                        "cache_dir": cache.relative_to(folder).as_posix(),
-                        "profiles": [{n: [list(s) for s in shp] for n, shp in p.shapes.items()} for p in profiles]}
-    record = te.EngineRecord(tensorrt_version=trt_version, gpu_name=gpu.name, compute_capability=gpu.compute_capability,
-                             onnxruntime_version=ort.__version__, fp16=fp16, int8=int8, max_context=ctx,
-                             max_batch=max_batch, workspace_gb=workspace_gb, graphs=graphs)
+        graphs[role] = {
+            "file": variant.file,
+            "precision": variant.precision.value,
+            "cache_dir": cache.relative_to(folder).as_posix(),
+            "profiles": [{n: [list(s) for s in shp] for n, shp in p.shapes.items()} for p in profiles],
+        }
+    record = te.EngineRecord(
+        tensorrt_version=trt_version,
+        gpu_name=gpu.name,
+        compute_capability=gpu.compute_capability,
+        onnxruntime_version=ort.__version__,
+        fp16=fp16,
+        int8=int8,
+        max_context=ctx,
+        max_batch=max_batch,
+        workspace_gb=workspace_gb,
+        graphs=graphs,
+    )
     write_record(folder, record)
     return record

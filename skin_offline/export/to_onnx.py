@@ -61,9 +61,17 @@ def _write_embeddings(ckpt: Checkpoint, folder: Path) -> str:
 def model_dims(ckpt: Checkpoint, max_context: int | None = None) -> ModelDims:
     t = ckpt.text
     return ModelDims(
-        vocab_size=t.vocab, hidden_size=t.hidden, num_layers=t.layers, num_heads=t.heads, num_kv_heads=t.kv_heads,
-        head_dim=t.head_dim, intermediate_size=t.mlp, rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta,
-        max_context=max_context or t.max_context, image_tokens=ckpt.vision.image_tokens,
+        vocab_size=t.vocab,
+        hidden_size=t.hidden,
+        num_layers=t.layers,
+        num_heads=t.heads,
+        num_kv_heads=t.kv_heads,
+        head_dim=t.head_dim,
+        intermediate_size=t.mlp,
+        rms_norm_eps=t.rms_norm_eps,
+        rope_theta=t.rope_theta,
+        max_context=max_context or t.max_context,
+        image_tokens=ckpt.vision.image_tokens,
         vision_hidden_size=ckpt.vision.hidden,
     )
 
@@ -76,11 +84,25 @@ def open_source(src: Path, lora: Path | None = None, **kw) -> Checkpoint:
     return open_lora_checkpoint(Path(src), Path(lora), **kw)
 
 
-def export_bundle(src: Path, out: Path, *, vision_tower: Path | None = None, image_mode: PadMode | None = None,
-                  max_context: int | None = None, verify: bool = True, quality: bool = True, log: Log = print,
-                  lora: Path | None = None, fast_decoder: bool = True, precision: Precision | str | None = None,
-                  probes=None, threads: int | None = None, quant_method=None, scale_search: bool | None = None,
-                  calibration_images: Path | None = None) -> Manifest:
+def export_bundle(
+    src: Path,
+    out: Path,
+    *,
+    vision_tower: Path | None = None,
+    image_mode: PadMode | None = None,
+    max_context: int | None = None,
+    verify: bool = True,
+    quality: bool = True,
+    log: Log = print,
+    lora: Path | None = None,
+    fast_decoder: bool = True,
+    precision: Precision | str | None = None,
+    probes=None,
+    threads: int | None = None,
+    quant_method=None,
+    scale_search: bool | None = None,
+    calibration_images: Path | None = None,
+) -> Manifest:
     """`src` is the checkpoint, or with `lora` the base checkpoint the PEFT adapter folder is merged onto.
 
     `precision` int4/int8/fp16 (quantize's defaults): each checkpoint weight is encoded as it is read, straight into
@@ -91,13 +113,20 @@ def export_bundle(src: Path, out: Path, *, vision_tower: Path | None = None, ima
     cfg = quant_config(precision, quant_method, scale_search, calibration_images)  # validated before any work
     t0 = time.perf_counter()
     ckpt = open_source(src, lora, vision_tower=vision_tower, image_mode=image_mode)
-    log(f"checkpoint: {ckpt.layout} layout, {ckpt.text.layers} decoder layers, hidden {ckpt.text.hidden}, "
+    log(
+        f"checkpoint: {ckpt.layout} layout, {ckpt.text.layers} decoder layers, hidden {ckpt.text.hidden}, "
         f"vision {ckpt.vision.hidden}x{ckpt.vision.kept_layers}/{ckpt.vision.layers} layers, "
-        f"{ckpt.vision.image_tokens} image tokens")
+        f"{ckpt.vision.image_tokens} image tokens"
+    )
     with atomic_folder(Path(out)) as tmp:
         with task(log, "vision graph", total=ckpt.vision.kept_layers, unit="layers") as t:
-            vfile, vdata = build_vision(ckpt.vision, lambda n: ckpt.vision_tensor(n).numpy(),
-                                        lambda n: ckpt.projector_tensor(n).numpy(), tmp, progress=lambda i: t.advance())
+            vfile, vdata = build_vision(
+                ckpt.vision,
+                lambda n: ckpt.vision_tensor(n).numpy(),
+                lambda n: ckpt.projector_tensor(n).numpy(),
+                tmp,
+                progress=lambda i: t.advance(),
+            )
         with task(log, "tokenizer", total=1, unit="files") as t:
             write_tokenizer_json(ckpt.folder, tmp / names.TOKENIZER)
             tokens = token_config(ckpt.folder, tmp / names.TOKENIZER)
@@ -112,8 +141,15 @@ def export_bundle(src: Path, out: Path, *, vision_tower: Path | None = None, ima
         if cfg is not None and cfg.resolved_vision() != Precision.FP32:  # the same vision step as `quantize`
             from .quantize import write_vision
 
-            vis = write_vision(tmp / vfile, vis32, tmp, replace(cfg, vision=cfg.resolved_vision()),
-                               cfg.vision_defaulted, ckpt.preprocess, log)
+            vis = write_vision(
+                tmp / vfile,
+                vis32,
+                tmp,
+                replace(cfg, vision=cfg.resolved_vision()),
+                cfg.vision_defaulted,
+                ckpt.preprocess,
+                log,
+            )
             if vis is not None and vis.precision == Precision.INT8:
                 for f in (vfile, *vdata):  # the int8 tower replaces the fp32 one (as quantize without --keep-source)
                     (tmp / f).unlink()
@@ -123,22 +159,42 @@ def export_bundle(src: Path, out: Path, *, vision_tower: Path | None = None, ima
         graphs = (*vision, *decoders)
         files = folder_entries(tmp, log)
         manifest = Manifest(
-            model=model_dims(ckpt, max_context), preprocess=ckpt.preprocess, prompt=PromptConfig("mistral_instruct"),
-            tokens=tokens, graphs=graphs, files=files,
-            source={"path": str(Path(src).resolve()), "layout": ckpt.layout, "fingerprint": ckpt.store.fingerprint(),
-                    "vision_tower": str(ckpt.vision_store.folder), "projector": ckpt.layout, **ckpt.notes,
-                    names.SOURCE_RANDOM_WEIGHTS: ckpt.random_weights},
+            model=model_dims(ckpt, max_context),
+            preprocess=ckpt.preprocess,
+            prompt=PromptConfig("mistral_instruct"),
+            tokens=tokens,
+            graphs=graphs,
+            files=files,
+            source={
+                "path": str(Path(src).resolve()),
+                "layout": ckpt.layout,
+                "fingerprint": ckpt.store.fingerprint(),
+                "vision_tower": str(ckpt.vision_store.folder),
+                "projector": ckpt.layout,
+                **ckpt.notes,
+                names.SOURCE_RANDOM_WEIGHTS: ckpt.random_weights,
+            },
             exporter=_versions(),
         )
         manifest.write(tmp)
-        manifest = check_bundle(tmp, manifest, ckpt, verify=verify, quality=quality and cfg is not None,
-                                probes=probes, threads=threads, log=log)
+        manifest = check_bundle(
+            tmp,
+            manifest,
+            ckpt,
+            verify=verify,
+            quality=quality and cfg is not None,
+            probes=probes,
+            threads=threads,
+            log=log,
+        )
     size = sum(e.size for e in manifest.files.values())
     log(f"bundle written to {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
     return manifest
 
 
-def quant_config(precision, quant_method=None, scale_search: bool | None = None, calibration_images: Path | None = None):
+def quant_config(
+    precision, quant_method=None, scale_search: bool | None = None, calibration_images: Path | None = None
+):
     """quantize.QuantConfig of `export --precision P [--quant-method M] [--scale-search] [--calibration-images DIR]`
     (quantize's defaults otherwise); None for fp32."""
     if precision is None or Precision(precision) == Precision.FP32:
@@ -150,30 +206,47 @@ def quant_config(precision, quant_method=None, scale_search: bool | None = None,
     from .calibration import CalibrationSpec
     from .quantize import QuantConfig
 
-    return QuantConfig(Precision(precision), method=quant_method, scale_search=scale_search,
-                       calibration=CalibrationSpec(image_dir=calibration_images))
+    return QuantConfig(
+        Precision(precision),
+        method=quant_method,
+        scale_search=scale_search,
+        calibration=CalibrationSpec(image_dir=calibration_images),
+    )
 
 
 def _fp32_decoders(ckpt: Checkpoint, tmp: Path, max_context: int | None, fast_decoder: bool, log: Log) -> tuple:
     """The standard decoder graph, the contrib one sharing its weights, the fp32 embedding table."""
     with task(log, "decoder graph", total=ckpt.text.layers, unit="layers") as t:
-        dfile, ddata = build_decoder(ckpt.text, lambda n: ckpt.text_tensor(n).numpy(), tmp,
-                                     progress=lambda i: t.advance())
+        dfile, ddata = build_decoder(
+            ckpt.text, lambda n: ckpt.text_tensor(n).numpy(), tmp, progress=lambda i: t.advance()
+        )
     contrib = ()
     if fast_decoder:  # onnxruntime contrib-op variant: the runtime's default on CPU (GQA, in-place KV cache)
         with task(log, "contrib decoder graph", total=ckpt.text.layers, unit="layers") as t:
-            ffile, fdata = build_decoder_fast(ckpt.text, lambda n: ckpt.text_tensor(n).numpy(), tmp,
-                                              max_positions=max_context or ckpt.text.max_context,
-                                              shared=external_initializers(tmp / dfile), progress=lambda i: t.advance())
-        contrib = (GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.CONTRIB, ffile, (ddata, fdata),
-                                attention=Attention.GQA),)
+            ffile, fdata = build_decoder_fast(
+                ckpt.text,
+                lambda n: ckpt.text_tensor(n).numpy(),
+                tmp,
+                max_positions=max_context or ckpt.text.max_context,
+                shared=external_initializers(tmp / dfile),
+                progress=lambda i: t.advance(),
+            )
+        contrib = (
+            GraphVariant(
+                names.ROLE_DECODER, Precision.FP32, Flavor.CONTRIB, ffile, (ddata, fdata), attention=Attention.GQA
+            ),
+        )
     efile = _write_embeddings(ckpt, tmp)
-    return (GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.STANDARD, dfile, (ddata,), attention=Attention.CONCAT),
-            *contrib, GraphVariant(names.ROLE_EMBEDDINGS, Precision.FP32, Flavor.STANDARD, efile))
+    return (
+        GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.STANDARD, dfile, (ddata,), attention=Attention.CONCAT),
+        *contrib,
+        GraphVariant(names.ROLE_EMBEDDINGS, Precision.FP32, Flavor.STANDARD, efile),
+    )
 
 
-def _quantized_decoders(ckpt: Checkpoint, tmp: Path, cfg, max_context: int | None, where: str, log: Log,
-                        probes: tuple) -> tuple:
+def _quantized_decoders(
+    ckpt: Checkpoint, tmp: Path, cfg, max_context: int | None, where: str, log: Log, probes: tuple
+) -> tuple:
     """The decoder graphs of `cfg` (quantize's plans: int4 + its int8 prefill graph by default) and the embedding
     table, each weight read from the checkpoint once and encoded on the way: the fp32 graph's structure is built
     first with every weight left unread (onnx_writer.LazyData), then quantize_graphs streams them. `probes`
@@ -199,12 +272,24 @@ def _quantized_decoders(ckpt: Checkpoint, tmp: Path, cfg, max_context: int | Non
 
     if cfg.precision in _BITS:  # int4/int8 from the contrib (GroupQueryAttention) graph, as `quantize` does
         model = decoder_fast_model(ckpt.text, tensor, lazy, max_positions=max_context or ckpt.text.max_context)
-        dec32 = GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.CONTRIB, names.DECODER_CONTRIB_GRAPH,
-                             (names.external_data_name(names.DECODER_CONTRIB_GRAPH),), attention=Attention.GQA)
+        dec32 = GraphVariant(
+            names.ROLE_DECODER,
+            Precision.FP32,
+            Flavor.CONTRIB,
+            names.DECODER_CONTRIB_GRAPH,
+            (names.external_data_name(names.DECODER_CONTRIB_GRAPH),),
+            attention=Attention.GQA,
+        )
     else:  # fp16 from the standard graph (GPU providers, TensorRT)
         model = decoder_model(ckpt.text, tensor, lazy)
-        dec32 = GraphVariant(names.ROLE_DECODER, Precision.FP32, Flavor.STANDARD, names.DECODER_GRAPH,
-                             (names.external_data_name(names.DECODER_GRAPH),), attention=Attention.CONCAT)
+        dec32 = GraphVariant(
+            names.ROLE_DECODER,
+            Precision.FP32,
+            Flavor.STANDARD,
+            names.DECODER_GRAPH,
+            (names.external_data_name(names.DECODER_GRAPH),),
+            attention=Attention.CONCAT,
+        )
     prefill_gated = cfg.prefill is None  # a defaulted int8 prefill graph must pass prefill_gate
     cfg, plans = decoder_plans(cfg, GraphSource.lazy(dec32.file, model, lazy), dec32, where)
     calibrator = None
@@ -216,8 +301,17 @@ def _quantized_decoders(ckpt: Checkpoint, tmp: Path, cfg, max_context: int | Non
         tok, vision_graph, threads = calib
         stack = CheckpointStack(ckpt)
         table = ckpt.text_tensor("embed_tokens.weight").numpy()  # [V,H]: the calibration rows, then dropped
-        calibrator = build_calibrator(cfg, stack, stack.weights, lambda ids: table[np.asarray(ids, np.int64)], tok,
-                                      vision_graph, ckpt.preprocess, threads, log)
+        calibrator = build_calibrator(
+            cfg,
+            stack,
+            stack.weights,
+            lambda ids: table[np.asarray(ids, np.int64)],
+            tok,
+            vision_graph,
+            ckpt.preprocess,
+            threads,
+            log,
+        )
         del table
     with _torch_threads(calib[2] if calib else None):
         decoders = write_plans(plans, tmp, cfg, {dec32.file: dec32}, log, calibrator)
@@ -230,7 +324,9 @@ def _quantized_decoders(ckpt: Checkpoint, tmp: Path, cfg, max_context: int | Non
 
         def groups():
             table = ckpt.text_tensor("embed_tokens.weight").numpy()  # [V,H]
-            return probe_groups(tok, lambda ids: table[np.asarray(ids, np.int64)], vision_graph, ckpt.preprocess, threads)
+            return probe_groups(
+                tok, lambda ids: table[np.asarray(ids, np.int64)], vision_graph, ckpt.preprocess, threads
+            )
 
         decoders = gate_prefill(decoders, tmp, prefill_gated, CheckpointStack(ckpt), groups, threads, log)
     log(f"writing {cfg.embeddings.value} embedding table ...")
@@ -239,7 +335,7 @@ def _quantized_decoders(ckpt: Checkpoint, tmp: Path, cfg, max_context: int | Non
         efile = _write_embeddings(ckpt, tmp)
         emb = GraphVariant(names.ROLE_EMBEDDINGS, Precision.FP32, Flavor.STANDARD, efile)
     else:
-        efile, edata = quantize_table(lambda r0, n: table[r0:r0 + n], *table.shape, tmp, cfg.embeddings)
+        efile, edata = quantize_table(lambda r0, n: table[r0 : r0 + n], *table.shape, tmp, cfg.embeddings)
         emb = embedding_variant(cfg.embeddings, efile, edata)
     return (*decoders, emb)
 
@@ -264,8 +360,17 @@ class _torch_threads:
             torch.set_num_threads(self.before)
 
 
-def check_bundle(folder: Path, manifest: Manifest, ckpt: Checkpoint, *, verify: bool = True, quality: bool = True,
-                 probes=None, threads: int | None = None, log: Log = print) -> Manifest:
+def check_bundle(
+    folder: Path,
+    manifest: Manifest,
+    ckpt: Checkpoint,
+    *,
+    verify: bool = True,
+    quality: bool = True,
+    probes=None,
+    threads: int | None = None,
+    log: Log = print,
+) -> Manifest:
     """Verification and the quality report of the bundle in `folder` against its checkpoint, in one layer-streamed
     pass (one decoder layer's weights in memory); a failed verification raises VerificationError. Returns the
     manifest with both recorded (and written)."""
@@ -275,8 +380,15 @@ def check_bundle(folder: Path, manifest: Manifest, ckpt: Checkpoint, *, verify: 
     from .verify import Verifier
 
     verifier = Verifier(folder, manifest, threads) if verify else None
-    report = measure(folder, CheckpointReference(ckpt), probes or ProbeSet(), quality=quality, verifier=verifier,
-                     threads=threads, log=log)
+    report = measure(
+        folder,
+        CheckpointReference(ckpt),
+        probes or ProbeSet(),
+        quality=quality,
+        verifier=verifier,
+        threads=threads,
+        log=log,
+    )
     if verifier is not None:
         verifier.raise_on_failure()
         manifest = replace(manifest, verification=verifier.result())
@@ -287,8 +399,16 @@ def check_bundle(folder: Path, manifest: Manifest, ckpt: Checkpoint, *, verify: 
     return manifest
 
 
-def verify_against_checkpoint(folder: Path, src: Path, *, lora: Path | None = None, vision_tower: Path | None = None,
-                              threads: int | None = None, probes=None, log: Log = print) -> dict:
+def verify_against_checkpoint(
+    folder: Path,
+    src: Path,
+    *,
+    lora: Path | None = None,
+    vision_tower: Path | None = None,
+    threads: int | None = None,
+    probes=None,
+    log: Log = print,
+) -> dict:
     """`skin-offline verify BUNDLE --against CKPT`: the export's verification of an existing bundle (read only);
     returns the record, raises VerificationError naming the first mismatch."""
     from ..runtime.bundle import check_files
@@ -300,8 +420,15 @@ def verify_against_checkpoint(folder: Path, src: Path, *, lora: Path | None = No
     check_files(folder, manifest, hashes=False)
     ckpt = open_source(src, lora, vision_tower=vision_tower, image_mode=manifest.preprocess.mode)
     verifier = Verifier(folder, manifest, threads)
-    measure(folder, CheckpointReference(ckpt), probes or ProbeSet(), quality=False, verifier=verifier, threads=threads,
-            log=log)
+    measure(
+        folder,
+        CheckpointReference(ckpt),
+        probes or ProbeSet(),
+        quality=False,
+        verifier=verifier,
+        threads=threads,
+        log=log,
+    )
     verifier.raise_on_failure()
     return verifier.result()
 

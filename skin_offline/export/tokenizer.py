@@ -52,8 +52,16 @@ _USER_DEFINED = sp_pb2.ModelProto.SentencePiece.USER_DEFINED
 _UNUSED = sp_pb2.ModelProto.SentencePiece.UNUSED
 # Strings whose encoding must match sentencepiece before a tokenizer.json is written.
 _SELF_CHECK = [
-    "", " ", "   x  ", "[INST] ", "\nWhat is this lesion? [/INST]", "a </s>[INST] b", "<s><unk>",
-    "naïve café 皮肤病变 🙂\t\r\n", "x" * 40 + " " * 37 + "=" * 33 + "." * 21, "0123456789.5e-3",
+    "",
+    " ",
+    "   x  ",
+    "[INST] ",
+    "\nWhat is this lesion? [/INST]",
+    "a </s>[INST] b",
+    "<s><unk>",
+    "naïve café 皮肤病变 🙂\t\r\n",
+    "x" * 40 + " " * 37 + "=" * 33 + "." * 21,
+    "0123456789.5e-3",
 ]
 
 
@@ -70,11 +78,14 @@ def _load_proto(model_path: Path) -> sp_pb2.ModelProto:
     try:
         proto.ParseFromString(Path(model_path).read_bytes())
     except (OSError, DecodeError) as exc:
-        raise CheckpointError(f"cannot read sentencepiece model {model_path}: {exc}; "
-                              "re-fetch it with `python scripts/fetch_tokenizer.py`") from exc
+        raise CheckpointError(
+            f"cannot read sentencepiece model {model_path}: {exc}; re-fetch it with `python scripts/fetch_tokenizer.py`"
+        ) from exc
     if not proto.pieces:
-        raise CheckpointError(f"{model_path} is not a sentencepiece model (no pieces); "
-                              "re-fetch it with `python scripts/fetch_tokenizer.py`")
+        raise CheckpointError(
+            f"{model_path} is not a sentencepiece model (no pieces); "
+            "re-fetch it with `python scripts/fetch_tokenizer.py`"
+        )
     return proto
 
 
@@ -95,8 +106,11 @@ def _check_supported(proto: sp_pb2.ModelProto, model_path: Path) -> None:
     if any(p.type in (_USER_DEFINED, _UNUSED) for p in proto.pieces):
         problems.append("it has user-defined or unused pieces")
     if problems:
-        raise CheckpointError(f"unsupported sentencepiece model {model_path}: " + "; ".join(problems)
-                              + "; use a Llama/Mistral-style tokenizer.model")
+        raise CheckpointError(
+            f"unsupported sentencepiece model {model_path}: "
+            + "; ".join(problems)
+            + "; use a Llama/Mistral-style tokenizer.model"
+        )
 
 
 def _merges(proto: sp_pb2.ModelProto) -> list[tuple[str, str]]:
@@ -126,13 +140,17 @@ def sentencepiece_to_tokenizer(model_path: str | os.PathLike[str]) -> Tokenizer:
     if len(vocab) != len(proto.pieces):
         raise CheckpointError(f"{model_path} has duplicate pieces; it cannot be converted")
     unk_piece = proto.pieces[proto.trainer_spec.unk_id].piece
-    bpe = models.BPE(vocab=vocab, merges=_merges(proto), unk_token=unk_piece,
-                     fuse_unk=True, byte_fallback=True)
+    bpe = models.BPE(vocab=vocab, merges=_merges(proto), unk_token=unk_piece, fuse_unk=True, byte_fallback=True)
     tok = Tokenizer(bpe)
     tok.normalizer = normalizers.Sequence([normalizers.Prepend(_SPACE), normalizers.Replace(" ", _SPACE)])
-    tok.decoder = decoders.Sequence([
-        decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
-    ])
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace(_SPACE, " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
     _self_check(tok, model_path)
     return tok
 
@@ -141,8 +159,10 @@ def _self_check(tok: Tokenizer, model_path: Path) -> None:
     sp = spm.SentencePieceProcessor(model_file=str(model_path))
     for text in _SELF_CHECK:
         if tok.encode(text, add_special_tokens=False).ids != sp.encode(text):
-            raise CheckpointError(f"tokenizer conversion of {model_path} does not match sentencepiece "
-                                  f"on {text!r}; report this with the model file")
+            raise CheckpointError(
+                f"tokenizer conversion of {model_path} does not match sentencepiece "
+                f"on {text!r}; report this with the model file"
+            )
 
 
 def _read_tokenizer_json(path: Path) -> dict:
@@ -184,8 +204,10 @@ def _sanitize_tokenizer_json(path: Path) -> Tokenizer:
     data = _read_tokenizer_json(path)
     family = tokenizer_family(data)
     if family is None:
-        raise CheckpointError(f"{path} is neither a Llama/Mistral (sentencepiece) BPE nor a byte-level BPE tokenizer; "
-                              f"provide the checkpoint's tokenizer.model")
+        raise CheckpointError(
+            f"{path} is neither a Llama/Mistral (sentencepiece) BPE nor a byte-level BPE tokenizer; "
+            f"provide the checkpoint's tokenizer.model"
+        )
     original = data
     data = {**data, "added_tokens": [], "post_processor": None, "truncation": None, "padding": None}
     try:
@@ -212,8 +234,10 @@ def _check_byte_level(tok: Tokenizer, original: Tokenizer, path: Path) -> None:
             continue
         ids = tok.encode(text, add_special_tokens=False).ids
         if ids != original.encode(text, add_special_tokens=False).ids or tok.decode(ids) != text:
-            raise CheckpointError(f"{path}: the exported tokenizer does not reproduce the original on {text!r}; "
-                                  f"report this with the tokenizer.json")
+            raise CheckpointError(
+                f"{path}: the exported tokenizer does not reproduce the original on {text!r}; "
+                f"report this with the tokenizer.json"
+            )
 
 
 def _tokenizer_source(source: Path) -> tuple[str, Path]:
@@ -223,14 +247,17 @@ def _tokenizer_source(source: Path) -> tuple[str, Path]:
             return "model", source / "tokenizer.model"
         if (source / "tokenizer.json").is_file():
             return "json", source / "tokenizer.json"
-        raise CheckpointError(f"no tokenizer in {source}: expected tokenizer.model (preferred) or "
-                              "tokenizer.json; copy the base model's tokenizer.model there")
+        raise CheckpointError(
+            f"no tokenizer in {source}: expected tokenizer.model (preferred) or "
+            "tokenizer.json; copy the base model's tokenizer.model there"
+        )
     if source.suffix == ".json" and source.is_file():
         return "json", source
     if source.is_file():
         return "model", source
-    raise CheckpointError(f"tokenizer source {source} does not exist; pass a checkpoint folder "
-                          "or a tokenizer.model file")
+    raise CheckpointError(
+        f"tokenizer source {source} does not exist; pass a checkpoint folder or a tokenizer.model file"
+    )
 
 
 def write_tokenizer_json(source: str | os.PathLike[str], out_path: str | os.PathLike[str]) -> Path:
@@ -307,19 +334,31 @@ def token_config(source: str | os.PathLike[str], written: str | os.PathLike[str]
         text = _content(tconf.get(f"{what}_token"))
         from_tok = original.token_to_id(text) if text is not None else None
         if text is not None and from_tok is None:
-            raise CheckpointError(f"tokenizer_config.json names {what}_token {text!r}, which the tokenizer does not "
-                                  f"know; fix the checkpoint's tokenizer files")
+            raise CheckpointError(
+                f"tokenizer_config.json names {what}_token {text!r}, which the tokenizer does not "
+                f"know; fix the checkpoint's tokenizer files"
+            )
         if from_model is not None and from_tok is not None and from_model != from_tok:
-            raise CheckpointError(f"the model config says {what}_token_id {from_model} but tokenizer_config.json's "
-                                  f"{what}_token {text!r} is id {from_tok}; fix one of them")
+            raise CheckpointError(
+                f"the model config says {what}_token_id {from_model} but tokenizer_config.json's "
+                f"{what}_token {text!r} is id {from_tok}; fix one of them"
+            )
         ids[what] = from_model if from_model is not None else from_tok
     for what in ("bos", "eos"):
         if ids[what] is None or not 0 <= ids[what] < len(vocab):
-            raise CheckpointError(f"no usable {what.upper()} token for {file} (got {ids[what]}): set {what}_token_id "
-                                  f"in config.json or {what}_token in tokenizer_config.json")
+            raise CheckpointError(
+                f"no usable {what.upper()} token for {file} (got {ids[what]}): set {what}_token_id "
+                f"in config.json or {what}_token in tokenizer_config.json"
+            )
     control = sorted(i for i, t in added.items() if t.special and i < len(vocab) and i not in (ids["bos"], ids["eos"]))
-    return TokenConfig(bos_id=ids["bos"], eos_id=ids["eos"], tokenizer_vocab_size=len(vocab),
-                       family=TokenizerFamily.BYTE_LEVEL, pad_id=ids["pad"], control_ids=tuple(control))
+    return TokenConfig(
+        bos_id=ids["bos"],
+        eos_id=ids["eos"],
+        tokenizer_vocab_size=len(vocab),
+        family=TokenizerFamily.BYTE_LEVEL,
+        pad_id=ids["pad"],
+        control_ids=tuple(control),
+    )
 
 
 def find_mistral_tokenizer_model() -> Path:
@@ -327,9 +366,13 @@ def find_mistral_tokenizer_model() -> Path:
     env = os.environ.get(TOKENIZER_MODEL_ENV)
     path = Path(env) if env else DEFAULT_TOKENIZER_MODEL
     if not path.is_file():
-        raise CheckpointError(f"Mistral tokenizer model not found at {path}; run `python scripts/fetch_tokenizer.py`"
-                              + (f" or fix ${TOKENIZER_MODEL_ENV}" if env else ""))
+        raise CheckpointError(
+            f"Mistral tokenizer model not found at {path}; run `python scripts/fetch_tokenizer.py`"
+            + (f" or fix ${TOKENIZER_MODEL_ENV}" if env else "")
+        )
     if sha256_file(path) != MISTRAL_TOKENIZER_SHA256:
-        raise CheckpointError(f"{path} is not the Mistral v1 tokenizer model (sha256 mismatch); "
-                              "run `python scripts/fetch_tokenizer.py`" + (f" or fix ${TOKENIZER_MODEL_ENV}" if env else ""))
+        raise CheckpointError(
+            f"{path} is not the Mistral v1 tokenizer model (sha256 mismatch); "
+            "run `python scripts/fetch_tokenizer.py`" + (f" or fix ${TOKENIZER_MODEL_ENV}" if env else "")
+        )
     return path

@@ -57,10 +57,16 @@ class GraphCheck:
     values: int = 0
 
     def to_dict(self) -> dict:
-        return {"precision": self.precision, "layers_checked": self.layers, "layers_run": self.numeric_layers,
-                "max_layer_rel_diff": self.max_rel_diff,
-                "head_rel_diff": self.head_rel_diff, "weights_checked": self.weights, "values_checked": self.values,
-                "mode": "stored weights, fp32 compute" if self.exact else "as stored"}
+        return {
+            "precision": self.precision,
+            "layers_checked": self.layers,
+            "layers_run": self.numeric_layers,
+            "max_layer_rel_diff": self.max_rel_diff,
+            "head_rel_diff": self.head_rel_diff,
+            "weights_checked": self.weights,
+            "values_checked": self.values,
+            "mode": "stored weights, fp32 compute" if self.exact else "as stored",
+        }
 
 
 @dataclass
@@ -85,8 +91,10 @@ class Verifier:
             stack = GraphStack(self.folder / g.file, self.threads, exact=exact)
             search = g.details.get("scales") == "mse-search"
             calibrated = g.details.get("scales") if "calibration" in g.details else None
-            self.graphs[g.file] = (stack, StoredWeights(self.folder, stack.graph.inits, nbits_search=search,
-                                                        calibrated=calibrated))
+            self.graphs[g.file] = (
+                stack,
+                StoredWeights(self.folder, stack.graph.inits, nbits_search=search, calibrated=calibrated),
+            )
             self.checks[g.file] = GraphCheck(g.file, g.precision.value, exact)
         self._seen: dict[tuple, object] = {}  # (data file, offset) -> WeightCheck: graphs sharing weights check once
 
@@ -100,9 +108,18 @@ class Verifier:
         chk = self.checks[file]
         used = {}
         for name, w in weights.items():
-            t = stored.inits.get(name) or next((stored.inits[name + s] for s in (names.Q_WEIGHT_SUFFIX.format(bits=4),
-                                               names.Q_WEIGHT_SUFFIX.format(bits=8), names.QGEMM_WEIGHT_SUFFIX)
-                                               if name + s in stored.inits), None)
+            t = stored.inits.get(name) or next(
+                (
+                    stored.inits[name + s]
+                    for s in (
+                        names.Q_WEIGHT_SUFFIX.format(bits=4),
+                        names.Q_WEIGHT_SUFFIX.format(bits=8),
+                        names.QGEMM_WEIGHT_SUFFIX,
+                    )
+                    if name + s in stored.inits
+                ),
+                None,
+            )
             key = (file, name) if t is None else tuple((e.key, e.value) for e in t.external_data) or (file, name)
             res = self._seen.get(key)
             if res is None:
@@ -136,13 +153,17 @@ class Verifier:
             chk.layers += 1
             if not numeric:
                 if i > 1 and stack.graph.signature(i) != self._signature.setdefault(file, stack.graph.signature(1)):
-                    self.failures.append(f"{file}: layer {i} is not the same computation as layer 1 (ops, attributes or "
-                                         f"wiring differ beyond the layer index)")
+                    self.failures.append(
+                        f"{file}: layer {i} is not the same computation as layer 1 (ops, attributes or "
+                        f"wiring differ beyond the layer index)"
+                    )
                 continue
             reference = want
             if deq:  # transformers on exactly the weights this graph stores
-                w = {k: (torch.from_numpy(deq[f"layers.{i}.{k}"]) if f"layers.{i}.{k}" in deq else v)
-                     for k, v in ref_layer.weights.items()}
+                w = {
+                    k: (torch.from_numpy(deq[f"layers.{i}.{k}"]) if f"layers.{i}.{k}" in deq else v)
+                    for k, v in ref_layer.weights.items()
+                }
                 reference = ref_layer.stack.open(i, w)(x, None)[0]
                 del w
             del deq  # (0.9 GB at 7B widths) before the graph's own copy is loaded
@@ -156,8 +177,10 @@ class Verifier:
             chk.numeric_layers += 1
             chk.max_rel_diff = max(chk.max_rel_diff, rel)
             if not rel <= self._bound(chk):
-                self.failures.append(f"{file}: layer {i} differs from transformers' by {rel:.2e} of the layer's "
-                                     f"update (bound {self._bound(chk):.0e})")
+                self.failures.append(
+                    f"{file}: layer {i} differs from transformers' by {rel:.2e} of the layer's "
+                    f"update (bound {self._bound(chk):.0e})"
+                )
 
     def head(self, reference_stack, h_final: np.ndarray) -> None:
         """Final norm + lm_head of every decoder graph on the reference's last hidden states [P,H]."""
@@ -174,11 +197,15 @@ class Verifier:
             if deq:
                 ref = _head_with(reference_stack, x, deq.get("lm_head.weight"))
             got = stack.head(x)
-            rel = float(np.linalg.norm((got - ref).astype(np.float64)) / max(np.linalg.norm(ref.astype(np.float64)), 1e-30))
+            rel = float(
+                np.linalg.norm((got - ref).astype(np.float64)) / max(np.linalg.norm(ref.astype(np.float64)), 1e-30)
+            )
             chk.head_rel_diff = rel
             if not rel <= self._bound(chk):
-                self.failures.append(f"{file}: final norm + lm_head differ from transformers' by {rel:.2e} "
-                                     f"(bound {self._bound(chk):.0e})")
+                self.failures.append(
+                    f"{file}: final norm + lm_head differ from transformers' by {rel:.2e} "
+                    f"(bound {self._bound(chk):.0e})"
+                )
 
     def embeddings(self, ckpt) -> None:
         from ..runtime.bundle import _load_table
@@ -207,15 +234,20 @@ class Verifier:
             self.failures.append(f"{g.file}: image features differ from transformers' CLIP + projector: {what}")
 
     def result(self) -> dict:
-        return {"passed": not self.failures, "probe_rows": VERIFY_ROWS,
-                "graphs": {**{f: c.to_dict() for f, c in self.checks.items()}, **self.other},
-                "failures": self.failures[:20]}
+        return {
+            "passed": not self.failures,
+            "probe_rows": VERIFY_ROWS,
+            "graphs": {**{f: c.to_dict() for f, c in self.checks.items()}, **self.other},
+            "failures": self.failures[:20],
+        }
 
     def raise_on_failure(self) -> None:
         if self.failures:
             more = f" (and {len(self.failures) - 1} more)" if len(self.failures) > 1 else ""
-            raise VerificationError(f"verification failed: {self.failures[0]}{more}; the bundle does not compute what "
-                                    f"the checkpoint does (nothing was written); this is a bug, report it")
+            raise VerificationError(
+                f"verification failed: {self.failures[0]}{more}; the bundle does not compute what "
+                f"the checkpoint does (nothing was written); this is a bug, report it"
+            )
 
 
 def _head_with(stack, x: np.ndarray, lm_head: np.ndarray | None) -> np.ndarray:
@@ -238,12 +270,16 @@ def format_verification(v: dict) -> list[str]:
     for f, g in v.get("graphs", {}).items():
         if "layers_checked" in g:
             head = "" if g.get("head_rel_diff") is None else f", head {g['head_rel_diff']:.1e}"
-            lines.append(f"  {f}: {g['layers_checked']} layers ({g.get('layers_run', g['layers_checked'])} run against "
-                         f"transformers, max rel diff {g['max_layer_rel_diff']:.1e}{head}); "
-                         f"{g['weights_checked']} weights ({g['values_checked'] / 1e6:.1f}M values) exact "
-                         f"[{g['mode']}]")
+            lines.append(
+                f"  {f}: {g['layers_checked']} layers ({g.get('layers_run', g['layers_checked'])} run against "
+                f"transformers, max rel diff {g['max_layer_rel_diff']:.1e}{head}); "
+                f"{g['weights_checked']} weights ({g['values_checked'] / 1e6:.1f}M values) exact "
+                f"[{g['mode']}]"
+            )
         elif "feature_cosine" in g:
-            lines.append(f"  {f}: image features rel diff {g['max_abs_diff_rel']:.1e}, cosine {g['feature_cosine']:.6f}")
+            lines.append(
+                f"  {f}: image features rel diff {g['max_abs_diff_rel']:.1e}, cosine {g['feature_cosine']:.6f}"
+            )
         elif "values_checked" in g:
             lines.append(f"  {f}: {g['values_checked'] / 1e6:.1f}M values exact ({g['stored_as']})")
     lines += [f"  failure: {x}" for x in v.get("failures", [])]

@@ -25,8 +25,14 @@ TensorFn = Callable[[str], np.ndarray]
 
 
 def _layer_norm(g: GraphBuilder, x: str, prefix: str, tensor: TensorFn, eps: float) -> str:
-    return g.op("LayerNormalization", x, g.w(prefix + ".weight", tensor(prefix + ".weight")),
-                g.w(prefix + ".bias", tensor(prefix + ".bias")), axis=-1, epsilon=eps)
+    return g.op(
+        "LayerNormalization",
+        x,
+        g.w(prefix + ".weight", tensor(prefix + ".weight")),
+        g.w(prefix + ".bias", tensor(prefix + ".bias")),
+        axis=-1,
+        epsilon=eps,
+    )
 
 
 def _dense(g: GraphBuilder, x: str, prefix: str, tensor: TensorFn) -> str:
@@ -43,8 +49,14 @@ def _act(g: GraphBuilder, x: str, kind: str) -> str:
     raise CheckpointError(f"vision activation {kind!r} not supported (expected quick_gelu or gelu)")
 
 
-def build_vision(spec: VisionSpec, tensor: TensorFn, projector: TensorFn, out_dir: Path,
-                 external: bool = True, progress: Callable[[int], None] | None = None) -> tuple[str, tuple[str, ...]]:
+def build_vision(
+    spec: VisionSpec,
+    tensor: TensorFn,
+    projector: TensorFn,
+    out_dir: Path,
+    external: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[str, tuple[str, ...]]:
     """Write vision.onnx (+ .data) into out_dir. Returns (graph file, data files). `progress(i)` after layer i."""
     graph_file = names.VISION_GRAPH
     data_file = names.external_data_name(graph_file)
@@ -56,8 +68,13 @@ def build_vision(spec: VisionSpec, tensor: TensorFn, projector: TensorFn, out_di
     n_tok = grid * grid + 1
 
     px = g.input(names.PIXEL_VALUES, F32, ["batch", 3, spec.image_size, spec.image_size])
-    patches = g.op("Conv", px, g.w("embeddings.patch_embedding.weight", tensor("embeddings.patch_embedding.weight")),
-                   strides=[spec.patch_size] * 2, kernel_shape=[spec.patch_size] * 2)  # [B,hid,g,g]
+    patches = g.op(
+        "Conv",
+        px,
+        g.w("embeddings.patch_embedding.weight", tensor("embeddings.patch_embedding.weight")),
+        strides=[spec.patch_size] * 2,
+        kernel_shape=[spec.patch_size] * 2,
+    )  # [B,hid,g,g]
     patches = g.op("Transpose", g.op("Reshape", patches, g.c([0, hid, grid * grid])), perm=[0, 2, 1])  # [B,N,hid]
     batch = g.op("Slice", g.op("Shape", px), g.c([0]), g.c([1]))
     cls = g.w("embeddings.class_embedding", tensor("embeddings.class_embedding").reshape(1, 1, hid))
@@ -69,7 +86,7 @@ def build_vision(spec: VisionSpec, tensor: TensorFn, projector: TensorFn, out_di
     x = g.op("Add", x, g.w("embeddings.position_embedding.weight", pos))
     x = _layer_norm(g, x, "pre_layrnorm", tensor, spec.layer_norm_eps)
 
-    scale = g.c(hd ** -0.5, np.float32)
+    scale = g.c(hd**-0.5, np.float32)
     for i in range(spec.kept_layers):
         p = f"encoder.layers.{i}."
         h = _layer_norm(g, x, p + "layer_norm1", tensor, spec.layer_norm_eps)

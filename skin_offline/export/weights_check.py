@@ -50,16 +50,19 @@ class WeightCheck:
         if self.bad_scales:
             parts.append(f"{self.bad_scales} scales are not what its quantization allows")
         if self.error_ratio is not None and self.error_ratio > CALIBRATED_ERROR_RATIO:
-            parts.append(f"its error is {self.error_ratio:.2f}x rounding to nearest's (at most "
-                         f"{CALIBRATED_ERROR_RATIO}x for a calibrated weight of this checkpoint)")
+            parts.append(
+                f"its error is {self.error_ratio:.2f}x rounding to nearest's (at most "
+                f"{CALIBRATED_ERROR_RATIO}x for a calibrated weight of this checkpoint)"
+            )
         return f"{self.name} ({self.stored_as}): " + ", ".join(parts)
 
 
 class StoredWeights:
     """Read a graph's stored initializers (seek/read from its external data) by checkpoint name."""
 
-    def __init__(self, folder: Path, inits: dict[str, TensorProto], nbits_search: bool = False,
-                 calibrated: str | None = None):
+    def __init__(
+        self, folder: Path, inits: dict[str, TensorProto], nbits_search: bool = False, calibrated: str | None = None
+    ):
         """`nbits_search`: the MatMulNBits weights were packed with the old --scale-search (manifest details);
         `calibrated`: the decoder's layer weights come from the calibrated pass, with scales "absmax" or
         "activation-search" (manifest details["scales"])."""
@@ -92,8 +95,12 @@ class StoredWeights:
             stored = self.read(name)
             want = w.T if stored.ndim == 2 else w
             want = want.astype(stored.dtype)
-            return WeightCheck(name, str(stored.dtype).replace("float", "fp"), int(w.size),
-                               mismatched=int((stored != want).sum()) if stored.shape == want.shape else int(w.size))
+            return WeightCheck(
+                name,
+                str(stored.dtype).replace("float", "fp"),
+                int(w.size),
+                mismatched=int((stored != want).sum()) if stored.shape == want.shape else int(w.size),
+            )
         if kind == "qgemm":
             codec, stored_as = QGemm(), "int8 per-column"
         elif self.calibrated and calibrated_weight(name):
@@ -160,15 +167,18 @@ class StoredWeights:
             return stored.T if stored.ndim == 2 else stored
         if kind == "qgemm":
             q = self.read(name + names.QGEMM_WEIGHT_SUFFIX)
-            return (q.T.astype(np.float32) * self.read(name + names.Q_SCALES_SUFFIX)[:, None])
+            return q.T.astype(np.float32) * self.read(name + names.Q_SCALES_SUFFIX)[:, None]
         bits = int(kind[-1])
         packed = self.read(name + names.Q_WEIGHT_SUFFIX.format(bits=bits))
         n, kb, nbytes = packed.shape
         bs = nbytes * 8 // bits
         s = self.read(name + names.Q_SCALES_SUFFIX).reshape(n, kb, 1)
         zname = name + names.Q_ZERO_POINTS_SUFFIX
-        zp = (_unpack(self.read(zname).reshape(n, -1), bits)[:, :kb, None].astype(np.float32) if zname in self.inits
-              else np.float32(1 << (bits - 1)))
+        zp = (
+            _unpack(self.read(zname).reshape(n, -1), bits)[:, :kb, None].astype(np.float32)
+            if zname in self.inits
+            else np.float32(1 << (bits - 1))
+        )
         codes = _unpack(packed.reshape(n * kb, nbytes), bits).reshape(n, kb, bs).astype(np.float32)
         return ((codes - zp) * s).reshape(n, kb * bs)[:, : like.shape[1]]
 
@@ -183,9 +193,20 @@ def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
-def _check_rows(name: str, stored_as: str, w: np.ndarray, codes: np.ndarray, scales: np.ndarray, qmin: int, qmax: int,
-                zero: int, levels_half: int, zp: np.ndarray | None, block: int | None = None,
-                search: bool = False) -> WeightCheck:
+def _check_rows(
+    name: str,
+    stored_as: str,
+    w: np.ndarray,
+    codes: np.ndarray,
+    scales: np.ndarray,
+    qmin: int,
+    qmax: int,
+    zero: int,
+    levels_half: int,
+    zp: np.ndarray | None,
+    block: int | None = None,
+    search: bool = False,
+) -> WeightCheck:
     """Codes [N, blocks, bs] (or [N, K] with one scale per row) against round(w / s) + zero point. w [N, K]."""
     n = w.shape[0]
     res = WeightCheck(name, stored_as, int(w.size))
@@ -193,11 +214,11 @@ def _check_rows(name: str, stored_as: str, w: np.ndarray, codes: np.ndarray, sca
         res.mismatched = res.values
         return res
     for r in range(0, n, _ROWS):
-        x = np.ascontiguousarray(w[r:r + _ROWS], np.float32)
+        x = np.ascontiguousarray(w[r : r + _ROWS], np.float32)
         x = x.reshape(x.shape[0], -1, block) if block else x.reshape(x.shape[0], 1, -1)  # [rows, blocks, bs]
-        c = codes[r:r + _ROWS].reshape(x.shape).astype(np.int32)
-        s = scales[r:r + _ROWS].reshape(x.shape[0], x.shape[1], 1).astype(np.float32)
-        z = zero if zp is None else zp[r:r + _ROWS].reshape(x.shape[0], x.shape[1], 1).astype(np.int32)
+        c = codes[r : r + _ROWS].reshape(x.shape).astype(np.int32)
+        s = scales[r : r + _ROWS].reshape(x.shape[0], x.shape[1], 1).astype(np.float32)
+        z = zero if zp is None else zp[r : r + _ROWS].reshape(x.shape[0], x.shape[1], 1).astype(np.int32)
         safe = np.where(s == 0, np.float32(1), s)
         ratio = x / safe
         want = np.clip(np.rint(ratio) + z, qmin, qmax).astype(np.int32)

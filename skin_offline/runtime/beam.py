@@ -58,8 +58,10 @@ class BeamConfig:
         if self.num_beams < 1:
             raise ConfigError(f"num_beams must be >= 1, not {self.num_beams}")
         if self.max_new_tokens < 1 or self.min_new_tokens < 0:
-            raise ConfigError(f"max_new_tokens must be >= 1 and min_new_tokens >= 0, not {self.max_new_tokens} "
-                              f"and {self.min_new_tokens}")
+            raise ConfigError(
+                f"max_new_tokens must be >= 1 and min_new_tokens >= 0, not {self.max_new_tokens} "
+                f"and {self.min_new_tokens}"
+            )
         if self.do_sample and self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0 when sampling, not {self.temperature}")
         if not 0 < self.top_p <= 1 or self.top_k < 0:
@@ -126,8 +128,8 @@ class BeamSearch:
             masks = [m.allowed() for m in self.matchers]
             for r in range(k):
                 allowed = masks[r if len(masks) > 1 else 0]
-                logp[r, :len(allowed)][~allowed] = -np.inf
-                logp[r, len(allowed):] = -np.inf
+                logp[r, : len(allowed)][~allowed] = -np.inf
+                logp[r, len(allowed) :] = -np.inf
         if cur < cfg.min_new_tokens:
             logp[:, eos] = -np.inf
         if cfg.do_sample:
@@ -165,7 +167,9 @@ class BeamSearch:
         self.fin_scores, self.fin_done = merged[pick], np.concatenate([self.fin_done, just])[pick]
 
         # stopping rule for the whole search (transformers' _check_early_stop_heuristic)
-        length = cfg.max_new_tokens if (cfg.early_stopping is EarlyStopping.NEVER and cfg.length_penalty > 0) else cur + 1
+        length = (
+            cfg.max_new_tokens if (cfg.early_stopping is EarlyStopping.NEVER and cfg.length_penalty > 0) else cur + 1
+        )
         best_running = self.run_scores[0] / float(length) ** cfg.length_penalty
         worst = np.where(self.fin_done, self.fin_scores.min(), _NEG)
         self.can_improve = self.can_improve and bool(np.any(best_running > worst))
@@ -177,8 +181,9 @@ class BeamSearch:
             text = self.tokenizer.decode([t for t in best if t != eos])
             return Step(delta=drop_answer_space(text) if self.matchers is not None else text, finish=reason)
         same = np.array_equal(parents, np.arange(k))
-        return Step(feed=tuple(int(t) for t in self.run_tokens[:, -1]),
-                    parents=None if same else tuple(int(p) for p in parents))
+        return Step(
+            feed=tuple(int(t) for t in self.run_tokens[:, -1]), parents=None if same else tuple(int(p) for p in parents)
+        )
 
     def prefetch(self) -> None:
         for m in self.matchers or ():

@@ -54,7 +54,9 @@ def check_files(folder: Path, manifest: Manifest, hashes: bool, on_bytes: Callab
             raise BundleError(f"bundle file {path} links outside the bundle folder; refusing it, re-export the bundle")
         size = path.stat().st_size
         if size != entry.size:
-            raise BundleError(f"bundle file {path} is {size} bytes, manifest says {entry.size} (truncated?); re-export it")
+            raise BundleError(
+                f"bundle file {path} is {size} bytes, manifest says {entry.size} (truncated?); re-export it"
+            )
         if (hashes or size <= HASH_AT_LOAD_MAX_BYTES) and sha256_file(path, on_bytes=on_bytes) != entry.sha256:
             raise BundleError(f"bundle file {path} does not match its sha256 (corrupted); re-export the bundle")
     for g in manifest.graphs:
@@ -70,13 +72,15 @@ def check_external_data(folder: Path, graph_file: str, allowed: set[str]) -> Non
     absolute paths, files the manifest does not hash): onnxruntime would otherwise open them."""
     for loc in external_locations(folder / graph_file):
         if loc not in allowed:
-            raise BundleError(f"graph {graph_file} reads weights from {loc!r}, which is not one of its bundle files "
-                              f"{sorted(allowed)}; refusing it, re-export the bundle")
+            raise BundleError(
+                f"graph {graph_file} reads weights from {loc!r}, which is not one of its bundle files "
+                f"{sorted(allowed)}; refusing it, re-export the bundle"
+            )
 
 
-
-def _decoder_flavor(manifest: Manifest, prec: Precision | None, flavor: Flavor | str | None,
-                    sessions: SessionFactory) -> Flavor:
+def _decoder_flavor(
+    manifest: Manifest, prec: Precision | None, flavor: Flavor | str | None, sessions: SessionFactory
+) -> Flavor:
     """The asked flavor, else CONTRIB on the CPU provider when the bundle has it at that precision (faster
     there: GroupQueryAttention + in-place KV cache), else STANDARD (portable, TensorRT)."""
     if flavor is not None:
@@ -117,16 +121,19 @@ def _available_memory() -> int | None:
     return None
 
 
-def _multi_row_graph(folder: Path, manifest: Manifest, dec: GraphVariant, prefill: Prefill | None,
-                     first_provider: Any) -> tuple[GraphVariant | None, tuple[str, ...]]:
+def _multi_row_graph(
+    folder: Path, manifest: Manifest, dec: GraphVariant, prefill: Prefill | None, first_provider: Any
+) -> tuple[GraphVariant | None, tuple[str, ...]]:
     """The int8 QGEMM graph many-row calls should run through, if any, and a notice when it is left unloaded."""
     provider = first_provider[0] if isinstance(first_provider, tuple) else first_provider
     partner = manifest.multi_row_partner(dec) if provider == "CPUExecutionProvider" else None
     if prefill == Prefill.DECODER:
         return None, ()
     if prefill == Prefill.INT8 and partner is None:
-        raise BundleError(f"bundle {folder} has no int8 prefill graph for its {dec.precision.value} decoder; "
-                          f"make one with `skin-offline quantize ... --prefill int8`, or use --prefill decoder")
+        raise BundleError(
+            f"bundle {folder} has no int8 prefill graph for its {dec.precision.value} decoder; "
+            f"make one with `skin-offline quantize ... --prefill int8`, or use --prefill decoder"
+        )
     if partner is None:
         return None, ()
     size = sum(manifest.files[f].size for f in {partner.file, *partner.data_files})
@@ -134,8 +141,10 @@ def _multi_row_graph(folder: Path, manifest: Manifest, dec: GraphVariant, prefil
     # the int8 graph is the bigger half of a hybrid bundle (7 GB at 7B): auto mode leaves it out rather than
     # push a small machine into swap; prefill then runs on the decode graph (slower first token, same answers' path)
     if prefill is None and free is not None and free < 1.2 * size + (512 << 20):
-        return None, (f"prefill graph {partner.file} ({size / 1e9:.1f} GB) left unloaded: {free / 1e9:.1f} GB of RAM "
-                      f"available; prompts prefill on the {dec.precision.value} graph (slower first token)",)
+        return None, (
+            f"prefill graph {partner.file} ({size / 1e9:.1f} GB) left unloaded: {free / 1e9:.1f} GB of RAM "
+            f"available; prompts prefill on the {dec.precision.value} graph (slower first token)",
+        )
     return partner, ()
 
 
@@ -148,17 +157,28 @@ class Bundle:
     embeddings: np.ndarray  # [V, H] memory-mapped (float32, float16, or int8 with row scales)
     embedding_scales: np.ndarray | None = None  # [V] float32 per-row scales of an int8 table
     notices: tuple[str, ...] = ()  # one-line facts a front end should show (e.g. a graph left unloaded)
-    picked: dict[str, GraphVariant] = field(default_factory=dict)  # role -> the GraphVariant loaded for it (+ "multi_row" when the int8 GEMM graph is loaded)
+    picked: dict[str, GraphVariant] = field(
+        default_factory=dict
+    )  # role -> the GraphVariant loaded for it (+ "multi_row" when the int8 GEMM graph is loaded)
 
     def loaded_files(self) -> set[str]:
         """The bundle files this Bundle's sessions and table read."""
         return {f for g in self.picked.values() for f in (g.file, *g.data_files)}
 
     @classmethod
-    def load(cls, folder: Path | str | None = None, *, threads: int | None = None, precision: Precision | str | None = None,
-             check_hashes: bool = False, sessions: SessionFactory | None = None,
-             flavor: Flavor | str | None = None, device: Any = None, allow_cpu_fp16: bool = False,
-             prefill: Prefill | str | None = None) -> "Bundle":
+    def load(
+        cls,
+        folder: Path | str | None = None,
+        *,
+        threads: int | None = None,
+        precision: Precision | str | None = None,
+        check_hashes: bool = False,
+        sessions: SessionFactory | None = None,
+        flavor: Flavor | str | None = None,
+        device: Any = None,
+        allow_cpu_fp16: bool = False,
+        prefill: Prefill | str | None = None,
+    ) -> "Bundle":
         """`prefill`: INT8 runs many-row calls through the bundle's int8 QGEMM graph (error if it has none), DECODER
         through the decode graph; None (auto) loads the QGEMM graph when the bundle has one and RAM holds it."""
         folder = Path(folder) if folder is not None else default_bundle_path()
@@ -176,38 +196,68 @@ class Bundle:
         sessions = sessions or SessionFactory(threads=threads, device=choice)
         prec = Precision(precision) if precision is not None else None
         # vision: the requested precision when the bundle has it, else its default (there is no int4 vision)
-        vis = manifest.pick(names.ROLE_VISION, prec if prec in {g.precision for g in manifest.variants(names.ROLE_VISION)} else None)
+        vis = manifest.pick(
+            names.ROLE_VISION, prec if prec in {g.precision for g in manifest.variants(names.ROLE_VISION)} else None
+        )
         dec = manifest.pick(names.ROLE_DECODER, prec, _decoder_flavor(manifest, prec, flavor, sessions))
         first = sessions.providers[0]
-        if dec.precision == Precision.FP16 and not allow_cpu_fp16 and \
-                (first[0] if isinstance(first, tuple) else first) == "CPUExecutionProvider":
+        if (
+            dec.precision == Precision.FP16
+            and not allow_cpu_fp16
+            and (first[0] if isinstance(first, tuple) else first) == "CPUExecutionProvider"
+        ):
             # measured (export/quantize.py): onnxruntime's CPU provider runs fp16 through inserted casts, slower than fp32
             from ..errors import DeviceError
 
-            raise DeviceError("fp16 graphs are for GPU providers (on the CPU provider they decode slower than fp32); "
-                              "use --device cuda, or --precision fp32/int8/int4 (`skin-offline quantize`) on CPU")
-        emb = manifest.pick(names.ROLE_EMBEDDINGS, prec if prec in {g.precision for g in manifest.variants(names.ROLE_EMBEDDINGS)} else None)
+            raise DeviceError(
+                "fp16 graphs are for GPU providers (on the CPU provider they decode slower than fp32); "
+                "use --device cuda, or --precision fp32/int8/int4 (`skin-offline quantize`) on CPU"
+            )
+        emb = manifest.pick(
+            names.ROLE_EMBEDDINGS,
+            prec if prec in {g.precision for g in manifest.variants(names.ROLE_EMBEDDINGS)} else None,
+        )
         table, scales = _load_table(folder, manifest, emb)
-        vision = VisionEncoder(sessions.create(folder / vis.file, graph_providers(choice, folder, names.ROLE_VISION, vis)))
+        vision = VisionEncoder(
+            sessions.create(folder / vis.file, graph_providers(choice, folder, names.ROLE_VISION, vis))
+        )
         dec_session = sessions.create(folder / dec.file, graph_providers(choice, folder, names.ROLE_DECODER, dec))
         partner, notices = _multi_row_graph(folder, manifest, dec, None if prefill is None else Prefill(prefill), first)
-        gemm = sessions.create(folder / partner.file, graph_providers(choice, folder, names.ROLE_DECODER, partner)) \
-            if partner is not None else None
+        gemm = (
+            sessions.create(folder / partner.file, graph_providers(choice, folder, names.ROLE_DECODER, partner))
+            if partner is not None
+            else None
+        )
         return cls(
-            folder=folder, manifest=manifest, vision=vision,
-            decoder=make_decoder(dec_session, manifest.model, share_buffer=dec.attention is not None and dec.attention.in_place, gemm_session=gemm),
-            embeddings=table, embedding_scales=scales, notices=notices,
-            picked={names.ROLE_VISION: vis, names.ROLE_DECODER: dec, names.ROLE_EMBEDDINGS: emb,
-                    **({"multi_row": partner} if partner is not None else {})},
+            folder=folder,
+            manifest=manifest,
+            vision=vision,
+            decoder=make_decoder(
+                dec_session,
+                manifest.model,
+                share_buffer=dec.attention is not None and dec.attention.in_place,
+                gemm_session=gemm,
+            ),
+            embeddings=table,
+            embedding_scales=scales,
+            notices=notices,
+            picked={
+                names.ROLE_VISION: vis,
+                names.ROLE_DECODER: dec,
+                names.ROLE_EMBEDDINGS: emb,
+                **({"multi_row": partner} if partner is not None else {}),
+            },
         )
 
     def check_parallel(self, parallel: int) -> None:
         """Refuse `parallel` > 1 on a decoder that takes one length for every row (exported before batching)."""
         dec = (self.picked or {}).get(names.ROLE_DECODER)
         if parallel > 1 and dec is not None and dec.attention == Attention.GQA_UNIFORM:
-            raise BundleError(f"bundle {self.folder} was exported before batched decoding (its decoder takes one "
-                              f"length for every row); re-export it with `skin-offline export` to serve requests in "
-                              f"parallel, or run with parallel 1")
+            raise BundleError(
+                f"bundle {self.folder} was exported before batched decoding (its decoder takes one "
+                f"length for every row); re-export it with `skin-offline export` to serve requests in "
+                f"parallel, or run with parallel 1"
+            )
 
     def embed(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """[n] token ids -> [n, H] float32 rows of the embedding table."""

@@ -45,8 +45,13 @@ class LabelScore:
     probability: float  # softmax of `score` over the label set
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "probability": round(self.probability, 6), "score": round(self.score, 6),
-                "logprob": round(self.logprob, 6), "n_tokens": self.n_tokens}
+        return {
+            "label": self.label,
+            "probability": round(self.probability, 6),
+            "score": round(self.score, 6),
+            "logprob": round(self.logprob, 6),
+            "n_tokens": self.n_tokens,
+        }
 
 
 @dataclass(frozen=True)
@@ -61,8 +66,12 @@ class Ranking:
         return self.scores[0].label
 
     def to_dict(self) -> dict:
-        d = {"question": self.question, "normalized": self.normalized, "prediction": self.top,
-             "ranking": [s.to_dict() for s in self.scores]}
+        d = {
+            "question": self.question,
+            "normalized": self.normalized,
+            "prediction": self.top,
+            "ranking": [s.to_dict() for s in self.scores],
+        }
         if self.notices:
             d["notices"] = list(self.notices)
         return d
@@ -110,7 +119,7 @@ class LabelScoring:
         return self._wave(0)
 
     def _wave(self, start: int) -> Step:
-        self.wave, self.j, self.next = self.rest[start:start + self.rows], 0, start + self.rows
+        self.wave, self.j, self.next = self.rest[start : start + self.rows], 0, start + self.rows
         if not self.wave:
             return Step(finish=FinishReason.STOP)
         return Step(feed=self._feed(), restart=True)
@@ -136,13 +145,25 @@ class LabelScoring:
         pass
 
 
-def rank(labels: list[str], token_logprobs: list[np.ndarray], question: str, normalize: bool = True,
-         notices: tuple[str, ...] = ()) -> Ranking:
+def rank(
+    labels: list[str],
+    token_logprobs: list[np.ndarray],
+    question: str,
+    normalize: bool = True,
+    notices: tuple[str, ...] = (),
+) -> Ranking:
     """Labels (canonical order) + their tokens' log-probs -> Ranking, best first, with softmax probabilities."""
     sums = np.array([lp.sum() for lp in token_logprobs])
     scores = np.array([lp.mean() for lp in token_logprobs]) if normalize else sums
     e = np.exp(scores - scores.max())
     probs = e / e.sum()
     order = sorted(range(len(labels)), key=lambda i: -scores[i])  # stable: ties keep the canonical order
-    return Ranking(question, tuple(LabelScore(labels[i], float(scores[i]), float(sums[i]), len(token_logprobs[i]),
-                                              float(probs[i])) for i in order), normalize, notices)
+    return Ranking(
+        question,
+        tuple(
+            LabelScore(labels[i], float(scores[i]), float(sums[i]), len(token_logprobs[i]), float(probs[i]))
+            for i in order
+        ),
+        normalize,
+        notices,
+    )

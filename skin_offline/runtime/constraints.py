@@ -130,8 +130,9 @@ def _check_shape(c: Constraint, field_name: str) -> None:
     else:
         size = 0
     if size > MAX_CONSTRAINT_BYTES:
-        raise ConstraintError(f"{field_name}: {size} bytes, over the limit of {MAX_CONSTRAINT_BYTES}; "
-                              f"simplify the constraint")
+        raise ConstraintError(
+            f"{field_name}: {size} bytes, over the limit of {MAX_CONSTRAINT_BYTES}; simplify the constraint"
+        )
 
 
 def _one_line(msg: str) -> str:
@@ -170,14 +171,17 @@ class Vocabulary:
     def compile(self, c: Constraint, field_name: str = "constraint") -> "Compiled":
         """Check a constraint and compile it against this vocabulary, or raise ConstraintError naming the field."""
         if not isinstance(c, tuple(KINDS)):
-            raise ConstraintError(f"{field_name}: not a constraint ({type(c).__name__}); use JsonSchema, JsonObject, "
-                                  f"Regex, Choice or Grammar")
+            raise ConstraintError(
+                f"{field_name}: not a constraint ({type(c).__name__}); use JsonSchema, JsonObject, "
+                f"Regex, Choice or Grammar"
+            )
         _check_shape(c, field_name)
         tok = self.ll
         import llguidance
 
-        grammar = json.dumps({"grammars": [{"name": "main", "lark_grammar": 'start: " "? @answer'},
-                                           _answer_grammar(c, field_name)]})
+        grammar = json.dumps(
+            {"grammars": [{"name": "main", "lark_grammar": 'start: " "? @answer'}, _answer_grammar(c, field_name)]}
+        )
         with self._lock:
             hit = self._compiled.get(grammar)
             if hit is not None:
@@ -253,7 +257,7 @@ class Matcher:
         else:
             self._pending.result()
             self._pending = None
-        bits = np.unpackbits(self._words.view(np.uint8), bitorder="little")[:self.vocab_size]
+        bits = np.unpackbits(self._words.view(np.uint8), bitorder="little")[: self.vocab_size]
         return bits.astype(bool)
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
@@ -266,8 +270,9 @@ class Matcher:
 
     def consume(self, token: int) -> None:
         if not self._m.consume_token(token):
-            raise ConstraintError(f"constraint: token {token} was chosen outside the allowed set "
-                                  f"({_one_line(self._m.get_error())})")
+            raise ConstraintError(
+                f"constraint: token {token} was chosen outside the allowed set ({_one_line(self._m.get_error())})"
+            )
 
     @property
     def complete(self) -> bool:

@@ -35,7 +35,9 @@ def _np_dtype(ort_type: str) -> np.dtype:
     except KeyError:
         from ..errors import BundleError
 
-        raise BundleError(f"decoder graph uses {ort_type}, which this runtime does not feed; re-export the bundle") from None
+        raise BundleError(
+            f"decoder graph uses {ort_type}, which this runtime does not feed; re-export the bundle"
+        ) from None
 
 
 def _mask_and_positions(cache_mask: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,7 +58,9 @@ class Decoder:
         types = {i.name: i.type for i in session.get_inputs()}
         self.embeds_dtype = _np_dtype(types[names.INPUTS_EMBEDS])
         self.kv_dtype = _np_dtype(types[names.past_key(0)])
-        self._outputs = [names.LOGITS] + [n for i in range(dims.num_layers) for n in (names.present_key(i), names.present_value(i))]
+        self._outputs = [names.LOGITS] + [
+            n for i in range(dims.num_layers) for n in (names.present_key(i), names.present_value(i))
+        ]
 
     def empty_cache(self, batch: int = 1) -> KVCache:
         d = self.dims
@@ -91,8 +95,14 @@ class FastDecoder(Decoder):
     many rows run through, as `policy` decides (runtime/kernels/policy.py); both write the same buffers, so a
     cache prefilled by one is continued by the other."""
 
-    def __init__(self, session: Any, dims: ModelDims, capacity: int | None = None, gemm_session: Any = None,
-                 policy: KernelPolicy | None = None):
+    def __init__(
+        self,
+        session: Any,
+        dims: ModelDims,
+        capacity: int | None = None,
+        gemm_session: Any = None,
+        policy: KernelPolicy | None = None,
+    ):
         super().__init__(session, dims)
         self.gemm_session = gemm_session
         self.policy = policy or KernelPolicy.for_this_machine()
@@ -107,8 +117,16 @@ class FastDecoder(Decoder):
         """`n` rows of KV memory for this decoder's graphs."""
         return KVRows(self.dims, self.kv_dtype, n, capacity or self.capacity)
 
-    def run_rows(self, kv: KVRows, start: int, stop: int, embeds: np.ndarray, mask: np.ndarray,
-                 positions: np.ndarray, keep: int = 1) -> np.ndarray:
+    def run_rows(
+        self,
+        kv: KVRows,
+        start: int,
+        stop: int,
+        embeds: np.ndarray,
+        mask: np.ndarray,
+        positions: np.ndarray,
+        keep: int = 1,
+    ) -> np.ndarray:
         """One run over rows [start, stop) of `kv` -> [B,keep,V] logits; the graph is picked by the call's rows."""
         session = self.session_for((stop - start) * embeds.shape[1])
         return kv.run(session, start, stop, embeds, mask, positions, keep, self.embeds_dtype, self.logits_dtype)
@@ -116,8 +134,12 @@ class FastDecoder(Decoder):
     def _writable(self, cache: KVCache, needed: int) -> KVRows:
         """The rows to extend `cache` in: its own when it is at their frontier and has room, else a copy."""
         store = getattr(cache, "store", None)
-        if isinstance(store, KVRows) and store.frontier == cache.length and needed <= store.capacity \
-                and store.keys[0].dtype == self.kv_dtype:
+        if (
+            isinstance(store, KVRows)
+            and store.frontier == cache.length
+            and needed <= store.capacity
+            and store.keys[0].dtype == self.kv_dtype
+        ):
             return store
         b, t = cache.mask.shape
         fresh = self.rows(b, max(self.capacity, -(-needed // 256) * 256))

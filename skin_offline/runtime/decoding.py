@@ -63,8 +63,16 @@ class Sampling:
 
     rows = 1
 
-    def __init__(self, sampling: SamplingConfig, max_new_tokens: int, tokenizer: TextTokenizer, eos_id: int,
-                 stop: tuple[str, ...] = (), matcher: Matcher | None = None, logprobs: int | None = None):
+    def __init__(
+        self,
+        sampling: SamplingConfig,
+        max_new_tokens: int,
+        tokenizer: TextTokenizer,
+        eos_id: int,
+        stop: tuple[str, ...] = (),
+        matcher: Matcher | None = None,
+        logprobs: int | None = None,
+    ):
         self.sample = make_sampler(sampling)
         self.out = TokenStream(tokenizer, eos_id, stop, answer_space=matcher is not None)
         self.eos_id = eos_id
@@ -99,8 +107,9 @@ class Sampling:
         logprobs: tuple[TokenLogprob, ...] = ()
         if delta or finish is not None:
             logprobs, self._held = tuple(self._held), []
-        return Step(feed=() if finish is not None else (token,), delta=delta, token=token, finish=finish,
-                    logprobs=logprobs)
+        return Step(
+            feed=() if finish is not None else (token,), delta=delta, token=token, finish=finish, logprobs=logprobs
+        )
 
     def outcome(self) -> Outcome:
         return Outcome(tuple(self.tokens), tuple(self.tokens))

@@ -23,14 +23,14 @@ class StreamingDetokenizer:
         text = self.tokenizer.decode(self.tokens)
         if text.endswith("\ufffd") or not text.startswith(self.emitted):
             return ""
-        delta, self.emitted = text[len(self.emitted):], text
+        delta, self.emitted = text[len(self.emitted) :], text
         return delta
 
     def flush(self) -> str:
         text = self.tokenizer.decode(self.tokens)
         if not text.startswith(self.emitted):  # cannot happen for prefix-stable decoders; be explicit
             raise RuntimeError("streamed text diverged from the full decode")
-        delta, self.emitted = text[len(self.emitted):], text
+        delta, self.emitted = text[len(self.emitted) :], text
         return delta
 
 
@@ -52,12 +52,13 @@ class StopText:
         hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if hits:
             self.stopped, self.held = True, ""
-            return text[:min(hits)]
+            return text[: min(hits)]
         # hold the longest tail that is a proper prefix of some stop string
-        keep = max((k for s in self.stops for k in range(min(len(s) - 1, len(text)), 0, -1)
-                    if text.endswith(s[:k])), default=0)
-        self.held = text[len(text) - keep:]
-        return text[:len(text) - keep]
+        keep = max(
+            (k for s in self.stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), default=0
+        )
+        self.held = text[len(text) - keep :]
+        return text[: len(text) - keep]
 
     def flush(self) -> str:
         out, self.held = self.held, ""

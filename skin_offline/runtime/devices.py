@@ -18,8 +18,10 @@ CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
 TRT_EP = "TensorrtExecutionProvider"
 
-GPU_INSTALL = ("pip uninstall -y onnxruntime && pip install 'skin-offline[gpu]' (onnxruntime-gpu); "
-               "on Jetson install the onnxruntime-gpu wheel built for your JetPack")
+GPU_INSTALL = (
+    "pip uninstall -y onnxruntime && pip install 'skin-offline[gpu]' (onnxruntime-gpu); "
+    "on Jetson install the onnxruntime-gpu wheel built for your JetPack"
+)
 TRT_INSTALL = "install TensorRT 10 (JetPack ships it; desktop: NVIDIA's tensorrt packages) next to onnxruntime-gpu"
 
 
@@ -36,6 +38,7 @@ PROVIDER = {Device.CPU: CPU_EP, Device.CUDA: CUDA_EP, Device.TENSORRT: TRT_EP}
 @dataclass(frozen=True)
 class DeviceChoice:
     """The resolved device and the onnxruntime providers list (in priority order) for a session."""
+
     device: Device
     providers: tuple = field(default=(CPU_EP,))  # names or (name, options) pairs
 
@@ -63,12 +66,20 @@ def available_providers() -> list[str]:
 def _missing(device: Device, available: list[str]) -> DeviceError:
     have = ", ".join(p.replace("ExecutionProvider", "") for p in available) or "none"
     how = GPU_INSTALL if device is Device.CUDA else f"{GPU_INSTALL}; then {TRT_INSTALL}"
-    return DeviceError(f"device '{device.value}' needs onnxruntime's {PROVIDER[device]}, which this onnxruntime "
-                       f"lacks (it has: {have}); {how}")
+    return DeviceError(
+        f"device '{device.value}' needs onnxruntime's {PROVIDER[device]}, which this onnxruntime "
+        f"lacks (it has: {have}); {how}"
+    )
 
 
-def resolve(device: "Device | str | None" = None, *, available: list[str] | None = None, has_engines: bool = False,
-            cuda_options: dict | None = None, trt_options: dict | None = None) -> DeviceChoice:
+def resolve(
+    device: "Device | str | None" = None,
+    *,
+    available: list[str] | None = None,
+    has_engines: bool = False,
+    cuda_options: dict | None = None,
+    trt_options: dict | None = None,
+) -> DeviceChoice:
     """Pick providers for `device`. `available` defaults to onnxruntime's list (tests pass their own)."""
     device = parse_device(device)
     available = available_providers() if available is None else list(available)

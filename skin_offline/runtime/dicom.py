@@ -56,9 +56,22 @@ _PALETTE = [f"{c}PaletteColorLookupTable{kind}" for c in ("Red", "Green", "Blue"
 _SEGMENTED = [f"Segmented{c}PaletteColorLookupTableData" for c in ("Red", "Green", "Blue")]
 # Everything we read from the data set; every other element (patient, study, private...) is skipped unread.
 HEADER_TAGS = [
-    "SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration", "NumberOfFrames", "Rows", "Columns",
-    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "BurnedInAnnotation",
-    "PaletteColorLookupTableUID", *_PALETTE, *_SEGMENTED, "ExtendedOffsetTable", "ExtendedOffsetTableLengths",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "PlanarConfiguration",
+    "NumberOfFrames",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "BurnedInAnnotation",
+    "PaletteColorLookupTableUID",
+    *_PALETTE,
+    *_SEGMENTED,
+    "ExtendedOffsetTable",
+    "ExtendedOffsetTableLengths",
 ]
 
 _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"}
@@ -83,8 +96,12 @@ _PLUGINS: dict[str, tuple[str, ...]] = {
     uid.RLELossless: ("pydicom",),
 }
 _J2K_FAMILY = {uid.JPEG2000Lossless, uid.JPEG2000, uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL, uid.HTJ2K}
-_NATIVE = {uid.ImplicitVRLittleEndian, uid.ExplicitVRLittleEndian, uid.ExplicitVRBigEndian,
-           uid.DeflatedExplicitVRLittleEndian}
+_NATIVE = {
+    uid.ImplicitVRLittleEndian,
+    uid.ExplicitVRLittleEndian,
+    uid.ExplicitVRBigEndian,
+    uid.DeflatedExplicitVRLittleEndian,
+}
 _VIDEO = set(uid.MPEGTransferSyntaxes)
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 
@@ -109,8 +126,9 @@ _quiet = _DropWhileReading()
 
 
 def _hush() -> None:
-    names = set(_quiet.PACKAGES) | {n for n in list(logging.Logger.manager.loggerDict)
-                                     if n.split(".")[0] in _quiet.PACKAGES}
+    names = set(_quiet.PACKAGES) | {
+        n for n in list(logging.Logger.manager.loggerDict) if n.split(".")[0] in _quiet.PACKAGES
+    }
     for n in names:
         logger = logging.getLogger(n)
         if _quiet not in logger.filters:
@@ -156,7 +174,11 @@ def _ts_name(ts: str) -> str:
     if name and name != ts:
         return name
     # Not in pydicom's dictionary: show the UID only if it is one (digits and dots), never other text.
-    return f"unknown transfer syntax {ts}" if ts and len(ts) <= 64 and _UID_RE.fullmatch(ts) else "an unrecognised transfer syntax"
+    return (
+        f"unknown transfer syntax {ts}"
+        if ts and len(ts) <= 64 and _UID_RE.fullmatch(ts)
+        else "an unrecognised transfer syntax"
+    )
 
 
 def _int(ds: Dataset, keyword: str, default: int | None = None) -> int | None:
@@ -193,7 +215,10 @@ def _parse_header(fp: BinaryIO) -> tuple[_Header, Dataset, bool | None]:
     if ts and ts != uid.DeflatedExplicitVRLittleEndian:
         tag = fp.read(4)  # dcmread stopped at the pixel data tag, or at the end of the data set
         has_pixels = len(tag) == 4 and struct.unpack(">HH" if ts == uid.ExplicitVRBigEndian else "<HH", tag) in (
-            (0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009))
+            (0x7FE0, 0x0010),
+            (0x7FE0, 0x0008),
+            (0x7FE0, 0x0009),
+        )
         if len(tag) == 4 and not has_pixels:
             raise ValueError("stopped before the end, not at pixel data")
         fp.seek(-len(tag), io.SEEK_CUR)
@@ -203,8 +228,11 @@ def _parse_header(fp: BinaryIO) -> tuple[_Header, Dataset, bool | None]:
     header = _Header(
         ts=ts,
         photometric=photometric if photometric in _PHOTOMETRICS else "",
-        rows=_int(ds, "Rows") or 0, columns=_int(ds, "Columns") or 0, samples=_int(ds, "SamplesPerPixel", 1) or 0,
-        bits_allocated=bits_allocated or 0, bits_stored=_int(ds, "BitsStored", bits_allocated) or 0,
+        rows=_int(ds, "Rows") or 0,
+        columns=_int(ds, "Columns") or 0,
+        samples=_int(ds, "SamplesPerPixel", 1) or 0,
+        bits_allocated=bits_allocated or 0,
+        bits_stored=_int(ds, "BitsStored", bits_allocated) or 0,
         signed=_int(ds, "PixelRepresentation", 0) == 1,
         frames=max(frames, 1) if frames is not None else 0,
         burned_in=str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES",
@@ -264,9 +292,11 @@ def _check_inflated_size(fp: BinaryIO, name: str, max_pixels: int) -> None:
             while chunk and not inflater.eof:
                 total += len(inflater.decompress(chunk, 1 << 22))
                 if total > cap:
-                    raise ImageError(f"{name}: deflated DICOM data set inflates to more than {cap >> 20} MiB, more "
-                                     f"than any image within the pixel limit needs; export the image uncompressed, "
-                                     f"or raise {MAX_PIXELS_ENV} if it is a genuine very large image")
+                    raise ImageError(
+                        f"{name}: deflated DICOM data set inflates to more than {cap >> 20} MiB, more "
+                        f"than any image within the pixel limit needs; export the image uncompressed, "
+                        f"or raise {MAX_PIXELS_ENV} if it is a genuine very large image"
+                    )
                 chunk = inflater.unconsumed_tail
     except zlib.error:
         raise ImageError(f"{name}: corrupt deflated DICOM data set; export or copy the file again") from None
@@ -288,8 +318,10 @@ def _read_header(fp: BinaryIO, name: str) -> tuple[_Header, Dataset, bool | None
 
 
 def _no_pixels(name: str) -> str:
-    return (f"{name}: DICOM file has no pixel data (a report, a DICOMDIR, a header only or a truncated file); "
-            "export the image itself, or copy the file again")
+    return (
+        f"{name}: DICOM file has no pixel data (a report, a DICOMDIR, a header only or a truncated file); "
+        "export the image itself, or copy the file again"
+    )
 
 
 def _check(h: _Header, name: str, frame: int, max_pixels: int, has_pixels: bool | None) -> None:
@@ -297,29 +329,42 @@ def _check(h: _Header, name: str, frame: int, max_pixels: int, has_pixels: bool 
     if h.ts in _VIDEO:
         raise ImageError(f"{name}: DICOM video ({h.ts_name}) is not supported; export a still image from the device")
     if h.ts not in _NATIVE and h.ts not in _PLUGINS:
-        raise ImageError(f"{name}: DICOM pixel data in {h.ts_name} is not supported; "
-                         "export the image uncompressed, as JPEG or as JPEG 2000")
+        raise ImageError(
+            f"{name}: DICOM pixel data in {h.ts_name} is not supported; "
+            "export the image uncompressed, as JPEG or as JPEG 2000"
+        )
     if has_pixels is False:
         raise ImageError(_no_pixels(name))
     if not h.photometric:
-        raise ImageError(f"{name}: DICOM image with an unsupported photometric interpretation ({h.ts_name}); "
-                         "supported: RGB, YBR_FULL(_422), YBR_ICT/RCT, PALETTE COLOR, MONOCHROME1/2")
+        raise ImageError(
+            f"{name}: DICOM image with an unsupported photometric interpretation ({h.ts_name}); "
+            "supported: RGB, YBR_FULL(_422), YBR_ICT/RCT, PALETTE COLOR, MONOCHROME1/2"
+        )
     ok_samples = 3 if h.photometric in _COLOUR else 1
     if h.samples != ok_samples or h.rows <= 0 or h.columns <= 0 or h.frames <= 0:
-        raise ImageError(f"{name}: corrupt DICOM image description ({h.photometric}, {h.samples} samples per pixel, "
-                         f"{h.columns}x{h.rows}, {h.frames} frame(s)); export the file again")
+        raise ImageError(
+            f"{name}: corrupt DICOM image description ({h.photometric}, {h.samples} samples per pixel, "
+            f"{h.columns}x{h.rows}, {h.frames} frame(s)); export the file again"
+        )
     if h.bits_allocated not in (1, 8, 16) or not 1 <= h.bits_stored <= h.bits_allocated:
-        raise ImageError(f"{name}: DICOM image with {h.bits_stored} of {h.bits_allocated} bits per sample is not "
-                         "supported (1 to 16 bits); export it as an 8- or 16-bit image")
+        raise ImageError(
+            f"{name}: DICOM image with {h.bits_stored} of {h.bits_allocated} bits per sample is not "
+            "supported (1 to 16 bits); export it as an 8- or 16-bit image"
+        )
     if h.rows * h.columns > max_pixels:
-        raise ImageError(f"{name}: image too large ({h.columns}x{h.rows} = {h.rows * h.columns} pixels > limit "
-                         f"{max_pixels}); downscale it or raise {MAX_PIXELS_ENV}")
+        raise ImageError(
+            f"{name}: image too large ({h.columns}x{h.rows} = {h.rows * h.columns} pixels > limit "
+            f"{max_pixels}); downscale it or raise {MAX_PIXELS_ENV}"
+        )
     if frame >= h.frames:
-        raise ImageError(f"{name}: frame {frame} does not exist: the image has {h.frames} frame(s), "
-                         f"numbered 0 to {h.frames - 1}")
+        raise ImageError(
+            f"{name}: frame {frame} does not exist: the image has {h.frames} frame(s), numbered 0 to {h.frames - 1}"
+        )
     if h.ts == uid.JPEGExtended12Bit and h.bits_stored > 8:
-        raise ImageError(f"{name}: 12-bit JPEG Extended DICOM is not supported (its only decoder is GPL-licensed); "
-                         "export the image uncompressed or as JPEG 2000")
+        raise ImageError(
+            f"{name}: 12-bit JPEG Extended DICOM is not supported (its only decoder is GPL-licensed); "
+            "export the image uncompressed or as JPEG 2000"
+        )
 
 
 def _plugin(h: _Header, name: str) -> str:
@@ -393,25 +438,32 @@ def _check_codestream(fp: BinaryIO, h: _Header, name: str, frame: int) -> None:
     data = _attempt(encoded_frame)
     fp.seek(start)
     if data is _FAILED:
-        raise ImageError(f"{name}: DICOM pixel data is truncated or corrupt ({h.describe()}); "
-                         "export or copy the file again")
+        raise ImageError(
+            f"{name}: DICOM pixel data is truncated or corrupt ({h.describe()}); export or copy the file again"
+        )
     if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
         # JPEG's EOI and JPEG 2000's EOC are both FFD9 (fragments may add one padding byte). Checked here because
         # CharLS spends ~10 s on a truncated JPEG-LS stream before failing (measured: 48x32 to 128x128 alike)
-        raise ImageError(f"{name}: DICOM pixel data is truncated ({h.describe()}): its compressed frame has no end "
-                         "marker; export or copy the file again")
+        raise ImageError(
+            f"{name}: DICOM pixel data is truncated ({h.describe()}): its compressed frame has no end "
+            "marker; export or copy the file again"
+        )
     size = _codestream_size(data, j2k=h.ts in _J2K_FAMILY)
     if size != (h.columns, h.rows):
         got = f"{size[0]}x{size[1]}" if size else "no readable size"
-        raise ImageError(f"{name}: corrupt DICOM image: its compressed frame declares {got} but the header says "
-                         f"{h.columns}x{h.rows}; export the file again")
+        raise ImageError(
+            f"{name}: corrupt DICOM image: its compressed frame declares {got} but the header says "
+            f"{h.columns}x{h.rows}; export the file again"
+        )
 
 
 def _to_8bit(a: np.ndarray, h: _Header, tags: Dataset) -> np.ndarray:
     """Decoded frame ([H,W] or [H,W,3], any integer dtype) -> uint8 (see the module docstring)."""
     if h.photometric == "PALETTE COLOR":
         rgb = apply_color_lut(a, tags)  # [H,W,3], 8- or 16-bit entries
-        bits = int(tags.RedPaletteColorLookupTableDescriptor[2]) if "RedPaletteColorLookupTableDescriptor" in tags else 16
+        bits = (
+            int(tags.RedPaletteColorLookupTableDescriptor[2]) if "RedPaletteColorLookupTableDescriptor" in tags else 16
+        )
         return _scale(rgb.astype(np.int64), 16 if bits > 8 else 8)
     v = a.astype(np.int64)
     if h.signed and h.photometric in _GREY:
@@ -463,8 +515,10 @@ def read_dicom(fp: BinaryIO, name: str, *, frame: int, max_pixels: int) -> Dicom
             _check_codestream(fp, header, name, frame)
             pixels = _attempt(_decode, fp, header, tags, name, frame, plugin)
             if pixels is _FAILED:
-                raise ImageError(f"{name}: DICOM pixel data is truncated or corrupt ({header.describe()}); "
-                                 "export or copy the file again")
+                raise ImageError(
+                    f"{name}: DICOM pixel data is truncated or corrupt ({header.describe()}); "
+                    "export or copy the file again"
+                )
             return DicomImage(pixels, header.burned_in)
     finally:
         _quiet.local.reading = False

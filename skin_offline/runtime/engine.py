@@ -205,7 +205,9 @@ class _Job:
     decoding: Decoding
     snap: Snapshot | None = None  # the prompt-cache entry (or earlier turn) its prompt starts from
     keep: int = 0  # positions of `snap` it reuses (0: prefill from scratch)
-    feats: np.ndarray | None = field(default=None, repr=False)  # [N,H] once the vision stage ran (None when keep covers it)
+    feats: np.ndarray | None = field(
+        default=None, repr=False
+    )  # [N,H] once the vision stage ran (None when keep covers it)
     slots: list[int] = field(default_factory=list)  # its KV rows; the prompt is prefilled into the first
     done: int = 0  # prompt positions in the first row
     forked: int = 1  # its first rows that hold the prompt (copied from the first once its prefill is done)
@@ -219,9 +221,19 @@ class _Job:
 
 
 class Engine:
-    def __init__(self, slots: SlotTable, vision: VisionStage, embed: EmbedFn, tokenizer: TextTokenizer, eos_id: int,
-                 *, parallel: int = 1, max_queue: int | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                 prompt_cache: PromptCache | None = None):
+    def __init__(
+        self,
+        slots: SlotTable,
+        vision: VisionStage,
+        embed: EmbedFn,
+        tokenizer: TextTokenizer,
+        eos_id: int,
+        *,
+        parallel: int = 1,
+        max_queue: int | None = None,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        prompt_cache: PromptCache | None = None,
+    ):
         """`slots` (slots.slot_table) holds every KV row; `parallel` requests hold rows at once."""
         if parallel < 1:
             raise UsageError(f"parallel must be >= 1, got {parallel}")
@@ -241,8 +253,10 @@ class Engine:
         self._prefilling: list[_Job] = []  # holding rows, prompt not done (oldest first)
         self._decoding: list[_Job] = []  # holding rows, decoding (admission order)
         self._closed = False
-        self._threads = [threading.Thread(target=self._vision_loop, name="skin-offline-vision", daemon=True),
-                         threading.Thread(target=self._loop, name="skin-offline-engine", daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._vision_loop, name="skin-offline-vision", daemon=True),
+            threading.Thread(target=self._loop, name="skin-offline-engine", daemon=True),
+        ]
         for t in self._threads:
             t.start()
         # at interpreter exit (Ctrl-C in the CLI, a server shutting down) stop the threads before onnxruntime's own
@@ -251,12 +265,27 @@ class Engine:
         atexit.register(lambda: (e := ref()) is not None and e.close(cancel=True, timeout=10))
 
     @classmethod
-    def for_bundle(cls, bundle: Any, tokenizer: TextTokenizer, vision: VisionStage, *, parallel: int = 1,
-                   rows_per_request: int = ROWS_PER_REQUEST, **kw: Any) -> "Engine":
+    def for_bundle(
+        cls,
+        bundle: Any,
+        tokenizer: TextTokenizer,
+        vision: VisionStage,
+        *,
+        parallel: int = 1,
+        rows_per_request: int = ROWS_PER_REQUEST,
+        **kw: Any,
+    ) -> "Engine":
         """An engine over a loaded bundle's decoder (runtime/bundle.py), with `parallel x rows_per_request` rows."""
         bundle.check_parallel(parallel)
-        return cls(slot_table(bundle.decoder, parallel * rows_per_request), vision, bundle.embed, tokenizer,
-                   bundle.manifest.tokens.eos_id, parallel=parallel, **kw)
+        return cls(
+            slot_table(bundle.decoder, parallel * rows_per_request),
+            vision,
+            bundle.embed,
+            tokenizer,
+            bundle.manifest.tokens.eos_id,
+            parallel=parallel,
+            **kw,
+        )
 
     # --- API ---
     def reserve(self) -> Reservation:
@@ -265,16 +294,19 @@ class Engine:
             self._take_place()
         return Reservation(self)
 
-    def submit(self, request: Request, *, cancel: threading.Event | None = None,
-               reservation: Reservation | None = None) -> Stream:
+    def submit(
+        self, request: Request, *, cancel: threading.Event | None = None, reservation: Reservation | None = None
+    ) -> Stream:
         """Queue a prepared request; raises EngineBusy when every slot and queue place is taken (unless it holds a
         `reservation`)."""
         decoding = self._decoding_for(request)
         if decoding.rows > self.slots.n:
             if reservation is not None:
                 reservation.release()
-            raise UsageError(f"this request needs {decoding.rows} KV rows (one per beam or label); the engine has "
-                             f"{self.slots.n}: use fewer beams or load the model with a larger `parallel`")
+            raise UsageError(
+                f"this request needs {decoding.rows} KV rows (one per beam or label); the engine has "
+                f"{self.slots.n}: use fewer beams or load the model with a larger `parallel`"
+            )
         stream = Stream(request, cancel, wake=self._notify)
         job = _Job(stream, decoding)
         with self._cond:
@@ -320,8 +352,9 @@ class Engine:
             raise EngineClosed("the engine is shutting down; not accepting new requests")
         busy = len(self._prefilling) + len(self._decoding)
         if self._waiting >= self.max_queue and busy + self._waiting >= self.parallel:
-            raise EngineBusy(f"all {self.parallel} slots are busy and {self._waiting} requests are waiting; "
-                             f"retry later")
+            raise EngineBusy(
+                f"all {self.parallel} slots are busy and {self._waiting} requests are waiting; retry later"
+            )
         self._waiting += 1
 
     def _unreserve(self) -> None:
@@ -339,8 +372,9 @@ class Engine:
             return BeamSearch(mode, self.eos_id, self.tokenizer, req.matcher)
         if isinstance(mode, Scoring):
             return LabelScoring([list(x) for x in mode.labels_ids], min(mode.rows, self.slots.n))
-        return Sampling(mode.sampling, req.max_new_tokens, self.tokenizer, self.eos_id, mode.stop, req.matcher,
-                        mode.logprobs)
+        return Sampling(
+            mode.sampling, req.max_new_tokens, self.tokenizer, self.eos_id, mode.stop, req.matcher, mode.logprobs
+        )
 
     # --- vision stage (its own thread) ---
     def _vision_loop(self) -> None:
@@ -422,7 +456,7 @@ class Engine:
                 job = self._ready.popleft()
                 self._waiting -= 1
                 self._free.sort()
-                job.slots, self._free = self._free[:job.decoding.rows], self._free[job.decoding.rows:]
+                job.slots, self._free = self._free[: job.decoding.rows], self._free[job.decoding.rows :]
             req = job.req
             try:
                 if job.keep:
@@ -440,8 +474,11 @@ class Engine:
         req = job.req
         start, total, image_end = job.done, req.prompt_tokens, req.prompt.image_end
         end = min(total, start + self.chunk_tokens)
-        store_image = self.prompt_cache.max_entries > 0 and start < image_end < total \
+        store_image = (
+            self.prompt_cache.max_entries > 0
+            and start < image_end < total
             and not self.prompt_cache.covers(req.positions[:image_end])
+        )
         if store_image and end > image_end:
             end = image_end  # a chunk boundary where the image ends, to keep "[INST] " + image for later questions
         if job.t_prefill is None:
@@ -462,7 +499,7 @@ class Engine:
 
     def _decode_step(self) -> None:
         jobs = list(self._decoding)
-        rows = [s for j in jobs for s in j.slots[:len(j.feed)]]
+        rows = [s for j in jobs for s in j.slots[: len(j.feed)]]
         try:
             embeds = self.embed([t for j in jobs for t in j.feed])[:, None]  # [B,1,H]
             logits = self.slots.decode(rows, embeds)  # [B,V]
@@ -472,7 +509,7 @@ class Engine:
         at = 0
         for j in jobs:
             n = len(j.feed)
-            self._advance(j, j.decoding.step, logits[at:at + n])
+            self._advance(j, j.decoding.step, logits[at : at + n])
             at += n
 
     def _advance(self, job: _Job, decide: Callable[[np.ndarray], Step], logits: np.ndarray) -> None:
@@ -554,8 +591,9 @@ class Engine:
             out = job.decoding.outcome()
             if out.tokens:
                 job.req.timings.new_tokens = len(out.tokens)
-            job.stream._push(Response(delta, None, reason, job.req.timings, out.tokens, snap, out.label_logprobs,
-                                      logprobs))
+            job.stream._push(
+                Response(delta, None, reason, job.req.timings, out.tokens, snap, out.label_logprobs, logprobs)
+            )
 
     def _fail(self, jobs: list[_Job], error: BaseException) -> None:
         for job in jobs:

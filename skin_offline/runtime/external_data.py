@@ -107,6 +107,8 @@ def external_locations(path: Path) -> list[str]:
             try:  # mmap indexing gives ints and slicing copies only the small slices we decode
                 _walk(mm, "model", 0, size, 0, out)
             except _Malformed:
-                raise BundleError(f"graph file {path} is not a valid ONNX model (truncated or corrupt); "
-                                  f"run `skin-offline verify` or re-export the bundle") from None
+                raise BundleError(
+                    f"graph file {path} is not a valid ONNX model (truncated or corrupt); "
+                    f"run `skin-offline verify` or re-export the bundle"
+                ) from None
     return out

@@ -166,8 +166,9 @@ def _register_heif(name: str) -> None:
     try:
         import pillow_heif
     except (ImportError, OSError):
-        raise ImageError(f"{name}: HEIC/HEIF photos need the optional heif extra: {HEIF_EXTRA} "
-                         f"(or {_CONVERT_HINT})") from None
+        raise ImageError(
+            f"{name}: HEIC/HEIF photos need the optional heif extra: {HEIF_EXTRA} (or {_CONVERT_HINT})"
+        ) from None
     pillow_heif.register_heif_opener()
     _heif_ready = True
 
@@ -182,8 +183,10 @@ def _open(fp: io.BytesIO | Path, head: bytes, name: str) -> Image.Image:
         _register_heif(name)
         return _open(fp, head, name)
     if _looks_like_bare_dicom(head):
-        raise ImageError(f"{name}: DICOM data without its file header (no 'DICM' preamble); export it from the PACS "
-                         "or viewer as a DICOM file (Part 10), or as JPEG or PNG") from None
+        raise ImageError(
+            f"{name}: DICOM data without its file header (no 'DICM' preamble); export it from the PACS "
+            "or viewer as a DICOM file (Part 10), or as JPEG or PNG"
+        ) from None
     fmt = _sniff(head)
     if fmt == "HEIC/HEIF":
         raise ImageError(f"{name}: corrupt or unsupported HEIC/HEIF file; {_CONVERT_HINT}") from None
@@ -193,6 +196,7 @@ def _open(fp: io.BytesIO | Path, head: bytes, name: str) -> Image.Image:
 
 
 # ---------------------------------------------------------------- decoding
+
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode.startswith("I;16") or img.mode == "I":
@@ -298,8 +302,10 @@ def _decode_dicom(fp: io.BytesIO | Path, name: str, frame: int, limit: int, noti
     else:
         d = read_dicom(fp, name, frame=frame, max_pixels=limit)
     if d.burned_in_annotation:
-        notices.append(f"{name}: the DICOM header says text is burned into the pixels (BurnedInAnnotation); "
-                       "patient details may be visible in the image and are seen by the model")
+        notices.append(
+            f"{name}: the DICOM header says text is burned into the pixels (BurnedInAnnotation); "
+            "patient details may be visible in the image and are seen by the model"
+        )
     return _to_rgb(Image.fromarray(d.pixels))  # [H,W,3] -> RGB, [H,W] -> L -> RGB
 
 
@@ -345,7 +351,9 @@ def read_image(src: Any, max_pixels: int | None = None, *, frame: int | None = N
             raise
         except Image.DecompressionBombError:
             hard = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else "?"
-            raise ImageError(f"{name}: image too large (over Pillow's hard limit of {hard} pixels); downscale it") from None
+            raise ImageError(
+                f"{name}: image too large (over Pillow's hard limit of {hard} pixels); downscale it"
+            ) from None
         except MemoryError:
             raise ImageError(f"{name}: not enough memory to decode the image; downscale it") from None
         except _PIL_ERRORS as e:
@@ -411,4 +419,3 @@ def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     std = np.asarray(cfg.std, dtype=np.float32)[:, None, None]
     x = (x - mean) / std
     return np.ascontiguousarray(x[None])  # [1, 3, S, S]
-

@@ -60,8 +60,11 @@ class Snapshot:
     def of(cls, cache: KVCache, positions: Sequence[Any], row: int = 0) -> "Snapshot":
         """Copy row `row` of an unpadded cache (its first len(positions) positions)."""
         n = len(positions)
-        return cls(tuple(positions), tuple(np.array(k[row, :, :n]) for k in cache.keys),
-                   tuple(np.array(v[row, :, :n]) for v in cache.values))
+        return cls(
+            tuple(positions),
+            tuple(np.array(k[row, :, :n]) for k in cache.keys),
+            tuple(np.array(v[row, :, :n]) for v in cache.values),
+        )
 
     def shared_prefix(self, positions: Sequence[Any]) -> int:
         """How many leading positions this snapshot holds for a prompt (leaving one to prefill)."""
@@ -73,8 +76,11 @@ class Snapshot:
 
     def as_cache(self, length: int) -> "HostCache":
         """Its first `length` positions as a batch-1 host cache."""
-        return HostCache([k[None, :, :length] for k in self.keys], [v[None, :, :length] for v in self.values],
-                         np.ones((1, length), np.int64))
+        return HostCache(
+            [k[None, :, :length] for k in self.keys],
+            [v[None, :, :length] for v in self.values],
+            np.ones((1, length), np.int64),
+        )
 
 
 class KVRows:
@@ -99,8 +105,10 @@ class KVRows:
         if key not in self._bindings:
             bind, keep = session.io_binding(), []
             for i in range(self.dims.num_layers):
-                for buf, past, present in ((self.keys[i], names.past_key(i), names.present_key(i)),
-                                           (self.values[i], names.past_value(i), names.present_value(i))):
+                for buf, past, present in (
+                    (self.keys[i], names.past_key(i), names.present_key(i)),
+                    (self.values[i], names.past_value(i), names.present_value(i)),
+                ):
                     ov = self._ort.OrtValue.ortvalue_from_numpy(buf[start:stop])  # contiguous: rows are the outer axis
                     bind.bind_ortvalue_input(past, ov)
                     bind.bind_ortvalue_output(present, ov)  # same memory: GQA writes in place
@@ -108,8 +116,18 @@ class KVRows:
             self._bindings[key] = (bind, keep)
         return self._bindings[key][0]
 
-    def run(self, session: Any, start: int, stop: int, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
-            keep: int, embeds_dtype: np.dtype, logits_dtype: np.dtype) -> np.ndarray:
+    def run(
+        self,
+        session: Any,
+        start: int,
+        stop: int,
+        embeds: np.ndarray,
+        mask: np.ndarray,
+        positions: np.ndarray,
+        keep: int,
+        embeds_dtype: np.dtype,
+        logits_dtype: np.dtype,
+    ) -> np.ndarray:
         """One decoder run over rows [start, stop): [B,S,H] embeddings, [B,T] mask, [B,S] positions ->
         [B,keep,V] float32 logits (a copy: the bound buffer is rewritten by the next run)."""
         bind = self._binding(session, start, stop)
@@ -136,8 +154,11 @@ class KVRows:
 
     def snapshot(self, row: int, positions: Sequence[Any]) -> Snapshot:
         n = len(positions)
-        return Snapshot(tuple(positions), tuple(np.array(k[row, :, :n]) for k in self.keys),
-                        tuple(np.array(v[row, :, :n]) for v in self.values))
+        return Snapshot(
+            tuple(positions),
+            tuple(np.array(k[row, :, :n]) for k in self.keys),
+            tuple(np.array(v[row, :, :n]) for v in self.values),
+        )
 
     def load(self, row: int, snap: Snapshot, length: int) -> None:
         """The snapshot's first `length` positions into `row`."""
@@ -162,8 +183,9 @@ class HostCache:
         _check_truncate(self, length)
         if length == self.length:
             return self
-        return HostCache([k[:, :, :length] for k in self.keys], [v[:, :, :length] for v in self.values],
-                         self.mask[:, :length])
+        return HostCache(
+            [k[:, :, :length] for k in self.keys], [v[:, :, :length] for v in self.values], self.mask[:, :length]
+        )
 
 
 class DeviceCache:
@@ -194,8 +216,9 @@ class DeviceCache:
         _check_truncate(self, length)
         if length == self.length:
             return self
-        return HostCache([k[:, :, :length] for k in self.keys], [v[:, :, :length] for v in self.values],
-                         self.mask[:, :length])  # uploaded again by the next forward: once per turn
+        return HostCache(
+            [k[:, :, :length] for k in self.keys], [v[:, :, :length] for v in self.values], self.mask[:, :length]
+        )  # uploaded again by the next forward: once per turn
 
 
 class StoreCache:
@@ -211,11 +234,11 @@ class StoreCache:
 
     @property
     def keys(self) -> list[np.ndarray]:  # views into the store
-        return [k[:, :, :self.length] for k in self.store.keys]
+        return [k[:, :, : self.length] for k in self.store.keys]
 
     @property
     def values(self) -> list[np.ndarray]:
-        return [v[:, :, :self.length] for v in self.store.values]
+        return [v[:, :, : self.length] for v in self.store.values]
 
     def truncate(self, length: int) -> "StoreCache":
         """No copy: continuing it copies the prefix first (copy-on-write, the store's frontier is past it)."""

@@ -59,8 +59,13 @@ class Answer:
 
     def to_dict(self, tokenizer: TextTokenizer | None = None) -> dict[str, Any]:
         """JSON-ready; with a `tokenizer`, logprobs in OpenAI's `logprobs.content` shape."""
-        d: dict[str, Any] = {"answer": self.answer, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
-                             "prompt_tokens": self.prompt_tokens, "timings": self.timings.to_dict()}
+        d: dict[str, Any] = {
+            "answer": self.answer,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "timings": self.timings.to_dict(),
+        }
         if self.logprobs is not None and tokenizer is not None:
             d["logprobs"] = {"content": logprob_content(tokenizer, self.logprobs)}
         if self.structured is not None:
@@ -71,8 +76,15 @@ class Answer:
 
 
 class SkinVL:
-    def __init__(self, bundle: Bundle, tokenizer: TextTokenizer, feature_cache_size: int = 8,
-                 prompt_cache_size: int = 4, parallel: int = 4, max_queue: int | None = None):
+    def __init__(
+        self,
+        bundle: Bundle,
+        tokenizer: TextTokenizer,
+        feature_cache_size: int = 8,
+        prompt_cache_size: int = 4,
+        parallel: int = 4,
+        max_queue: int | None = None,
+    ):
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.tokenizer = tokenizer
@@ -86,14 +98,24 @@ class SkinVL:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, bundle: str | Path | None = None, *, threads: int | None = None,
-             precision: Precision | str | None = None, check_hashes: bool = False, device: Any = None,
-             prefill: Prefill | str | None = None, parallel: int = 4, max_queue: int | None = None) -> "SkinVL":
+    def load(
+        cls,
+        bundle: str | Path | None = None,
+        *,
+        threads: int | None = None,
+        precision: Precision | str | None = None,
+        check_hashes: bool = False,
+        device: Any = None,
+        prefill: Prefill | str | None = None,
+        parallel: int = 4,
+        max_queue: int | None = None,
+    ) -> "SkinVL":
         # device: auto (default) | cpu | cuda | tensorrt (runtime/devices.py); unavailable -> DeviceError, no fallback
         # prefill: int8 | decoder | None (auto): the graph many-row calls run through (runtime/bundle.py)
         # parallel: requests decoded together (engine slots; untouched rows cost address space, not memory)
-        b = Bundle.load(bundle, threads=threads, precision=precision, check_hashes=check_hashes, device=device,
-                        prefill=prefill)
+        b = Bundle.load(
+            bundle, threads=threads, precision=precision, check_hashes=check_hashes, device=device, prefill=prefill
+        )
         return cls(b, TextTokenizer.from_file(b.folder / names.TOKENIZER), parallel=parallel, max_queue=max_queue)
 
     @property
@@ -101,8 +123,14 @@ class SkinVL:
         """The model's request engine (runtime/engine.py), started on first use."""
         with self._lock:
             if self._engine is None:
-                self._engine = Engine.for_bundle(self.bundle, self.tokenizer, self.vision, parallel=self.parallel,
-                                                 max_queue=self.max_queue, prompt_cache=self.prompt_cache)
+                self._engine = Engine.for_bundle(
+                    self.bundle,
+                    self.tokenizer,
+                    self.vision,
+                    parallel=self.parallel,
+                    max_queue=self.max_queue,
+                    prompt_cache=self.prompt_cache,
+                )
             return self._engine
 
     def close(self, timeout: float | None = None) -> None:
@@ -122,10 +150,20 @@ class SkinVL:
         return self.vision.features(pixels, key)
 
     # --- requests ---
-    def _request(self, image: Any, question: str, mode: Mode, max_new_tokens: int, *,
-                 history: Sequence[tuple[str, str]] = (), strict_context: bool = False, reuse: Snapshot | None = None,
-                 keep_snapshot: bool = False, constraint: Constraint | None = None,
-                 constraint_field: str = "constraint") -> Request:
+    def _request(
+        self,
+        image: Any,
+        question: str,
+        mode: Mode,
+        max_new_tokens: int,
+        *,
+        history: Sequence[tuple[str, str]] = (),
+        strict_context: bool = False,
+        reuse: Snapshot | None = None,
+        keep_snapshot: bool = False,
+        constraint: Constraint | None = None,
+        constraint_field: str = "constraint",
+    ) -> Request:
         """The prompt, pixels and limits every mode shares, checked in the caller's thread."""
         t0 = time.perf_counter()
         matcher: Matcher | None = None
@@ -144,18 +182,42 @@ class SkinVL:
         if strict_context:
             check_context(prompt.length, max_new_tokens, limit)
         key = pixel_key(pixels)
-        req = Request(prompt=prompt, pixels=pixels, image_key=key, positions=prompt.positions(key), mode=mode,
-                      max_new_tokens=min(max_new_tokens, limit - prompt.length), notices=loaded.notices,
-                      matcher=matcher, reuse=reuse, keep_snapshot=keep_snapshot, t_start=t0)
+        req = Request(
+            prompt=prompt,
+            pixels=pixels,
+            image_key=key,
+            positions=prompt.positions(key),
+            mode=mode,
+            max_new_tokens=min(max_new_tokens, limit - prompt.length),
+            notices=loaded.notices,
+            matcher=matcher,
+            reuse=reuse,
+            keep_snapshot=keep_snapshot,
+            t_start=t0,
+        )
         req.timings.preprocess_s = time.perf_counter() - t0
         req.timings.prompt_tokens = prompt.length
         return req
 
-    def prepare(self, image: Any, question: str, *, history: Sequence[tuple[str, str]] = (), max_new_tokens: int = 256,
-                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                stop: Sequence[str] = (), reuse: Snapshot | None = None, strict_context: bool = False,
-                keep_snapshot: bool = False, constraint: Constraint | None = None, logprobs: int | None = None,
-                constraint_field: str = "constraint") -> Request:
+    def prepare(
+        self,
+        image: Any,
+        question: str,
+        *,
+        history: Sequence[tuple[str, str]] = (),
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        reuse: Snapshot | None = None,
+        strict_context: bool = False,
+        keep_snapshot: bool = False,
+        constraint: Constraint | None = None,
+        logprobs: int | None = None,
+        constraint_field: str = "constraint",
+    ) -> Request:
         """A greedy or sampled answer, ready for `engine.submit` (runtime/request.py).
 
         The prompt must leave room for one new token; `max_new_tokens` is clipped to the context left, or with
@@ -163,27 +225,55 @@ class SkinVL:
         `reuse`: a snapshot of an earlier turn whose positions this prompt may share (Conversation passes it).
         `constraint` (runtime/constraints.py): the answer keeps to it (refused here, naming `constraint_field`, when
         it cannot be used); `logprobs`: each token's log-probability and that many alternatives on the responses."""
-        params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                  seed=seed, stop=tuple(stop), logprobs=logprobs)
+        params = GenerationParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=tuple(stop),
+            logprobs=logprobs,
+        )
         if constraint is not None and params.stop:
-            raise ConstraintError(f"{constraint_field}: stop strings cannot be combined with a constraint (a stop "
-                                  f"string could cut the answer short of valid); drop `stop`")
-        return self._request(image, question, params, max_new_tokens, history=history, strict_context=strict_context,
-                             reuse=reuse, keep_snapshot=keep_snapshot, constraint=constraint,
-                             constraint_field=constraint_field)
+            raise ConstraintError(
+                f"{constraint_field}: stop strings cannot be combined with a constraint (a stop "
+                f"string could cut the answer short of valid); drop `stop`"
+            )
+        return self._request(
+            image,
+            question,
+            params,
+            max_new_tokens,
+            history=history,
+            strict_context=strict_context,
+            reuse=reuse,
+            keep_snapshot=keep_snapshot,
+            constraint=constraint,
+            constraint_field=constraint_field,
+        )
 
-    def prepare_beam(self, image: Any, question: str, config: BeamConfig | None = None, *,
-                     constraint: Constraint | None = None, **kw: Any) -> Request:
+    def prepare_beam(
+        self,
+        image: Any,
+        question: str,
+        config: BeamConfig | None = None,
+        *,
+        constraint: Constraint | None = None,
+        **kw: Any,
+    ) -> Request:
         """A beam-search answer (runtime/beam.py): `config`, or its fields as keywords; max_new_tokens (and
         min_new_tokens) are clipped to the context left. With a `constraint` every beam keeps to it."""
         cfg = config if config is not None else BeamConfig(**kw)
         if constraint is not None and cfg.min_new_tokens:
-            raise ConstraintError(f"constraint: min_new_tokens ({cfg.min_new_tokens}) cannot be combined with a "
-                                  f"constraint (a complete answer must be able to end); set it to 0")
+            raise ConstraintError(
+                f"constraint: min_new_tokens ({cfg.min_new_tokens}) cannot be combined with a "
+                f"constraint (a complete answer must be able to end); set it to 0"
+            )
         req = self._request(image, question, cfg, cfg.max_new_tokens, constraint=constraint)
         if req.max_new_tokens < cfg.max_new_tokens:
-            req.mode = replace(cfg, max_new_tokens=req.max_new_tokens,
-                               min_new_tokens=min(cfg.min_new_tokens, req.max_new_tokens))
+            req.mode = replace(
+                cfg, max_new_tokens=req.max_new_tokens, min_new_tokens=min(cfg.min_new_tokens, req.max_new_tokens)
+            )
         return req
 
     def prepare_scoring(self, image: Any, labels: Sequence[str], batch_size: int = 8) -> tuple[Request, list[str]]:
@@ -192,14 +282,16 @@ class SkinVL:
         names = canonical_labels(labels)
         ids = tuple(tuple(label_token_ids(self.tokenizer, n)) for n in names)
         try:
-            req = self._request(image, question_for(names), Scoring(ids, batch_size), max(len(x) for x in ids),
-                                strict_context=True)
+            req = self._request(
+                image, question_for(names), Scoring(ids, batch_size), max(len(x) for x in ids), strict_context=True
+            )
         except ContextLengthError as e:
             raise ContextLengthError(f"{e} (the question lists every label; pass fewer or shorter labels)") from None
         return req, names
 
-    def stream(self, image: Any, question: str, *, cancel: threading.Event | None = None,
-               **kw: Any) -> Iterator[Response]:
+    def stream(
+        self, image: Any, question: str, *, cancel: threading.Event | None = None, **kw: Any
+    ) -> Iterator[Response]:
         """Answer `question` about `image`, streaming; keywords as `prepare` (history, max_new_tokens, sampling,
         stop, reuse). Setting `cancel` (or closing the iterator) stops the request at the engine's next step."""
         return iter(self.engine.submit(self.prepare(image, question, **kw), cancel=cancel))
@@ -207,8 +299,15 @@ class SkinVL:
     def ask(self, image: Any, question: str, **kw: Any) -> Answer:
         return collect(self.engine.submit(self.prepare(image, question, **kw)))
 
-    def generate_beam(self, image: Any, question: str, config: BeamConfig | None = None, *,
-                      constraint: Constraint | None = None, **kw: Any) -> Answer:
+    def generate_beam(
+        self,
+        image: Any,
+        question: str,
+        config: BeamConfig | None = None,
+        *,
+        constraint: Constraint | None = None,
+        **kw: Any,
+    ) -> Answer:
         """Beam search answer (runtime/beam.py); `config` a BeamConfig, or its fields as keywords."""
         return collect(self.engine.submit(self.prepare_beam(image, question, config, constraint=constraint, **kw)))
 
@@ -247,9 +346,16 @@ def _answer(responses: Iterator[Response] | Stream, req: Request | None, notices
     assert last is not None and last.finish_reason is not None and last.timings is not None
     asked = req is not None and isinstance(req.mode, GenerationParams) and req.mode.logprobs is not None
     answer = "".join(text)
-    return Answer(answer, list(last.tokens), last.finish_reason, last.timings, last.timings.prompt_tokens,
-                  req.notices if req is not None else notices, tuple(logprobs) if asked else None,
-                  structured_value(req.matcher if req is not None else None, answer, last.finish_reason))
+    return Answer(
+        answer,
+        list(last.tokens),
+        last.finish_reason,
+        last.timings,
+        last.timings.prompt_tokens,
+        req.notices if req is not None else notices,
+        tuple(logprobs) if asked else None,
+        structured_value(req.matcher if req is not None else None, answer, last.finish_reason),
+    )
 
 
 class Conversation:
@@ -272,8 +378,9 @@ class Conversation:
 
     def prepare(self, question: str, **kw: Any) -> Request:
         """This turn's request (history and the previous turn's KV included); run it with `run`."""
-        return self.model.prepare(self.image, question, history=tuple(self.history), reuse=self._last,
-                                  keep_snapshot=True, **kw)
+        return self.model.prepare(
+            self.image, question, history=tuple(self.history), reuse=self._last, keep_snapshot=True, **kw
+        )
 
     def stream(self, question: str, **kw: Any) -> Iterator[Response]:
         with self._lock:

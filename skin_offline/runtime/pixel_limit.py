@@ -20,5 +20,7 @@ def max_pixels_from_env() -> int:
     except ValueError:
         value = 0
     if value <= 0:
-        raise ImageError(f"{MAX_PIXELS_ENV}={raw!r} is not a positive integer; set it to a pixel count such as 100000000")
+        raise ImageError(
+            f"{MAX_PIXELS_ENV}={raw!r} is not a positive integer; set it to a pixel count such as 100000000"
+        )
     return value

@@ -51,8 +51,10 @@ def clean_text(text: str) -> str:
     if not isinstance(text, str):
         raise PromptError(f"expected a string, got {type(text).__name__}; pass questions and answers as str")
     if bad := _SURROGATE.search(text):  # undecodable argv bytes arrive as lone surrogates (PEP 383)
-        raise PromptError(f"text is not valid UTF-8 at character {bad.start()} ({ascii(bad.group())}); "
-                          f"check the terminal's encoding (LANG / LC_ALL) and pass UTF-8 text")
+        raise PromptError(
+            f"text is not valid UTF-8 at character {bad.start()} ({ascii(bad.group())}); "
+            f"check the terminal's encoding (LANG / LC_ALL) and pass UTF-8 text"
+        )
     return _CONTROL.sub("", text).strip()
 
 
@@ -84,8 +86,7 @@ def _segments(question: str, history: Sequence[tuple[str, str]]) -> list[str | _
     return [p for p in parts if p != ""]
 
 
-def build_prompt_ids(tokenizer: TextTokenizer, question: str,
-                     history: Sequence[tuple[str, str]] = ()) -> list[int]:
+def build_prompt_ids(tokenizer: TextTokenizer, question: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:
     """BOS + prompt ids, with IMAGE_PLACEHOLDER once at the image slot (first user turn).
 
     history: earlier (question, answer) turns, oldest first; the image belongs to the first.
@@ -134,7 +135,7 @@ class Prompt:
         """One entry per decoder position, image rows tagged (image sha256, row), so two prompts compare position by
         position (prompt_cache.py)."""
         at, n = self.image_at, self.image_tokens
-        return [*self.ids[:at], *((image_key, i) for i in range(n)), *self.ids[at + 1:]]
+        return [*self.ids[:at], *((image_key, i) for i in range(n)), *self.ids[at + 1 :]]
 
     def embeds(self, embed: EmbedFn, feats: np.ndarray | None, start: int = 0, end: int | None = None) -> np.ndarray:
         """Positions [start, end) -> [end-start, H]: text rows from the table, the image's rows from `feats` [N,H]
@@ -143,13 +144,13 @@ class Prompt:
         at, n, ids = self.image_at, self.image_tokens, self.ids
         parts = []
         if start < at:
-            parts.append(embed(ids[start:min(end, at)]))
+            parts.append(embed(ids[start : min(end, at)]))
         if start < at + n and end > at:
             if feats is None:
                 raise ValueError("the prompt span covers the image but no image features were given")
-            parts.append(feats[max(start, at) - at:min(end, at + n) - at])
+            parts.append(feats[max(start, at) - at : min(end, at + n) - at])
         if end > at + n:
-            parts.append(embed(ids[max(start, at + n) - n + 1:end - n + 1]))  # ids after the placeholder
+            parts.append(embed(ids[max(start, at + n) - n + 1 : end - n + 1]))  # ids after the placeholder
         return np.concatenate(parts)
 
 
@@ -157,7 +158,8 @@ def check_context(prompt_tokens: int, max_new_tokens: int, context_length: int) 
     """Raise ContextLengthError unless the prompt plus max_new_tokens fits the model's context."""
     if prompt_tokens + max_new_tokens > context_length:
         room = context_length - prompt_tokens
-        hint = (f"lower max_new_tokens to {room} or less" if room > 0
-                else "shorten the question or drop earlier turns")
-        raise ContextLengthError(f"prompt ({prompt_tokens} tokens incl. image) + max_new_tokens ({max_new_tokens}) "
-                                 f"exceeds the context of {context_length} tokens; {hint}")
+        hint = f"lower max_new_tokens to {room} or less" if room > 0 else "shorten the question or drop earlier turns"
+        raise ContextLengthError(
+            f"prompt ({prompt_tokens} tokens incl. image) + max_new_tokens ({max_new_tokens}) "
+            f"exceeds the context of {context_length} tokens; {hint}"
+        )

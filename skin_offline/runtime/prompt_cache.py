@@ -30,7 +30,9 @@ class PromptCache:
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self._entries.values())
 
-    def best(self, positions: Sequence[Any], at_least: int, extra: tuple[Snapshot, ...] = ()) -> tuple[Snapshot | None, int]:
+    def best(
+        self, positions: Sequence[Any], at_least: int, extra: tuple[Snapshot, ...] = ()
+    ) -> tuple[Snapshot | None, int]:
         """The snapshot (cached, or one of `extra`) sharing the most leading positions with `positions`, and how
         many it shares; (None, 0) unless that is at least `at_least`."""
         with self._lock:
@@ -50,18 +52,22 @@ class PromptCache:
     def covers(self, positions: Sequence[Any]) -> bool:
         """An entry already holds all of `positions` (no need to store them again)."""
         with self._lock:
-            return any(s.length >= len(positions) and s.positions[:len(positions)] == tuple(positions)
-                       for s in self._entries.values())
+            return any(
+                s.length >= len(positions) and s.positions[: len(positions)] == tuple(positions)
+                for s in self._entries.values()
+            )
 
     def put(self, snap: Snapshot) -> None:
         if self.max_entries <= 0 or snap.nbytes > self.max_bytes:
             return
         with self._lock:
             # an entry that is a prefix of the new one is redundant: the new one serves every prompt it served
-            for key in [k for k in self._entries if snap.positions[:len(k)] == k]:
+            for key in [k for k in self._entries if snap.positions[: len(k)] == k]:
                 del self._entries[key]
             self._entries[snap.positions] = snap
-            while len(self._entries) > self.max_entries or sum(s.nbytes for s in self._entries.values()) > self.max_bytes:
+            while (
+                len(self._entries) > self.max_entries or sum(s.nbytes for s in self._entries.values()) > self.max_bytes
+            ):
                 self._entries.popitem(last=False)
 
     def clear(self) -> None:

@@ -41,7 +41,9 @@ class GenerationParams:
             raise UsageError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise UsageError("stop strings must be non-empty strings")
-        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+        if self.logprobs is not None and not (
+            isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS
+        ):
             raise UsageError(f"top logprobs must be a whole number from 0 to {MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
         try:
             self.sampling  # noqa: B018 (validates temperature / top_p / top_k)

@@ -65,11 +65,14 @@ class Response:
     tokens: tuple[int, ...] = ()  # on the last response: the answer's token ids (EOS included when it ended with one)
     snapshot: Snapshot | None = None  # on the last response, when the request asked (conversations): its slot's KV
     label_logprobs: tuple[np.ndarray, ...] = ()  # on the last response of a label-scoring request: per label [n_tokens]
-    logprobs: tuple[TokenLogprob, ...] = ()  # when asked: the tokens generated since the previous response (EOS excluded)
+    logprobs: tuple[
+        TokenLogprob, ...
+    ] = ()  # when asked: the tokens generated since the previous response (EOS excluded)
 
 
 def logprob_content(tokenizer: Any, entries: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
     """OpenAI's `choices[].logprobs.content`: per token its text, logprob, UTF-8 bytes and the top alternatives."""
+
     def one(token: int, logprob: float) -> dict[str, Any]:
         b = tokenizer.token_bytes(token)
         return {"token": b.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(b)}

@@ -91,7 +91,7 @@ def _top_p_row(row: np.ndarray, top_p: float, min_keep: int) -> None:
     probs = np.exp(vals - vals[-1])
     probs *= (1.0 - outside) / probs.sum()
     remove = np.cumsum(probs) + outside <= 1.0 - top_p
-    remove[len(remove) - min_keep:] = False
+    remove[len(remove) - min_keep :] = False
     row[order[remove]] = -np.inf
 
 

@@ -49,10 +49,14 @@ class SessionFactory:
         import onnxruntime as ort
 
         try:
-            session = ort.InferenceSession(str(path), sess_options=self.options(), providers=providers or self.providers)
+            session = ort.InferenceSession(
+                str(path), sess_options=self.options(), providers=providers or self.providers
+            )
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BundleError(f"cannot load graph {path.name}: {first}; run `skin-offline verify` or re-export") from None
+            raise BundleError(
+                f"cannot load graph {path.name}: {first}; run `skin-offline verify` or re-export"
+            ) from None
         if self.device is not None:  # never a silent CPU fallback
             from .devices import check_session
 

@@ -35,6 +35,7 @@ class SlotTable(Protocol):
     def decode(self, slots: list[int], embeds: np.ndarray) -> np.ndarray: ...  # [B,1,H] -> [B,V]
 
     def copy(self, dst: list[int], src: list[int], length: int, start: int = 0) -> None: ...
+
     # rows dst[j] := rows src[j] up to `length`; positions before `start` are known to be equal already
 
     def truncate(self, slot: int, length: int) -> None: ...  # keep the first `length` positions
@@ -123,8 +124,11 @@ class PaddedSlots:
         keys, values = cache.keys, cache.values  # on a GPU: one download per change of the batch
         for j, r in enumerate(rows):
             p = int(pads[j])
-            self.caches[r] = HostCache([k[j:j + 1, :, p:] for k in keys], [v[j:j + 1, :, p:] for v in values],
-                                       np.ones((1, cache.length - p), np.int64))
+            self.caches[r] = HostCache(
+                [k[j : j + 1, :, p:] for k in keys],
+                [v[j : j + 1, :, p:] for v in values],
+                np.ones((1, cache.length - p), np.int64),
+            )
         self._batch = None
 
     def prefill(self, slot: int, embeds: np.ndarray) -> np.ndarray:
@@ -141,6 +145,7 @@ class PaddedSlots:
             lengths = np.array([self.caches[r].length for r in rows])
             width = int(lengths.max())
             pads = width - lengths
+
             def left_padded(per_row: list[np.ndarray]) -> np.ndarray:  # -> [B,kvH,width,D]
                 return np.concatenate([np.pad(a, ((0, 0), (0, 0), (int(p), 0), (0, 0))) for a, p in zip(per_row, pads)])
 

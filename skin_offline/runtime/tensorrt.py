@@ -36,9 +36,11 @@ DECODE_OPT_NEW = 128  # typical answer length the decode profile is tuned for
 
 # --- optimization profiles -----------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Profile:
     """min/opt/max shape per dynamic input (one TensorRT optimization profile)."""
+
     shapes: dict  # input name -> (min, opt, max), each a tuple of ints
 
 
@@ -55,9 +57,11 @@ def decoder_profiles(dims: ModelDims, max_context: int, max_batch: int = 1) -> l
 
     def shapes(s: tuple[int, int, int], total: tuple[int, int, int], past: tuple[int, int, int]) -> Profile:
         # each argument: (min, opt, max)
-        d = {names.INPUTS_EMBEDS: tuple((b, x, H) for b, x in zip((1, 1, B), s)),
-             names.ATTENTION_MASK: tuple((b, x) for b, x in zip((1, 1, B), total)),
-             names.POSITION_IDS: tuple((b, x) for b, x in zip((1, 1, B), s))}
+        d = {
+            names.INPUTS_EMBEDS: tuple((b, x, H) for b, x in zip((1, 1, B), s)),
+            names.ATTENTION_MASK: tuple((b, x) for b, x in zip((1, 1, B), total)),
+            names.POSITION_IDS: tuple((b, x) for b, x in zip((1, 1, B), s)),
+        }
         for i in range(dims.num_layers):
             for n in (names.past_key(i), names.past_value(i)):
                 d[n] = tuple((b, kvH, x, D) for b, x in zip((1, 1, B), past))
@@ -81,8 +85,15 @@ def profile_options(profiles: list[Profile]) -> dict[str, str]:
     return out
 
 
-def provider_options(cache_dir: Path, profiles: list[Profile], *, fp16: bool, int8: bool = False,
-                     workspace_gb: float = 4.0, calibration_table: str | None = None) -> dict:
+def provider_options(
+    cache_dir: Path,
+    profiles: list[Profile],
+    *,
+    fp16: bool,
+    int8: bool = False,
+    workspace_gb: float = 4.0,
+    calibration_table: str | None = None,
+) -> dict:
     """TensorrtExecutionProvider options for one graph whose engines live in `cache_dir`."""
     opts = {
         "trt_engine_cache_enable": "True",
@@ -100,6 +111,7 @@ def provider_options(cache_dir: Path, profiles: list[Profile], *, fp16: bool, in
 
 
 # --- the hardware that builds / runs engines -----------------------------------------------------
+
 
 @dataclass(frozen=True)
 class GpuInfo:
@@ -126,8 +138,16 @@ def gpu_info() -> GpuInfo | None:
         pass
     if shutil.which("nvidia-smi"):
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap,memory.total", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=10).stdout.strip().splitlines()
+            out = (
+                subprocess.run(
+                    ["nvidia-smi", "--query-gpu=name,compute_cap,memory.total", "--format=csv,noheader,nounits"],
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                )
+                .stdout.strip()
+                .splitlines()
+            )
             if out:
                 name, cc, mem_mib = (x.strip() for x in out[0].split(","))
                 return GpuInfo(name, cc, int(float(mem_mib)) << 20)
@@ -155,6 +175,7 @@ def tensorrt_version() -> str | None:
 
 # --- the record in the manifest ------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class EngineRecord:
     tensorrt_version: str
@@ -177,13 +198,20 @@ class EngineRecord:
         return asdict(self)
 
     def profiles(self, role: str) -> list[Profile]:
-        return [Profile({n: tuple(tuple(s) for s in shp) for n, shp in p.items()})
-                for p in self.graphs[role]["profiles"]]
+        return [
+            Profile({n: tuple(tuple(s) for s in shp) for n, shp in p.items()}) for p in self.graphs[role]["profiles"]
+        ]
 
     def options(self, folder: Path, role: str, calibration_table: str | None = None) -> dict:
         g = self.graphs[role]
-        return provider_options(Path(folder) / g["cache_dir"], self.profiles(role), fp16=self.fp16, int8=self.int8,
-                                workspace_gb=self.workspace_gb, calibration_table=calibration_table)
+        return provider_options(
+            Path(folder) / g["cache_dir"],
+            self.profiles(role),
+            fp16=self.fp16,
+            int8=self.int8,
+            workspace_gb=self.workspace_gb,
+            calibration_table=calibration_table,
+        )
 
 
 def read_record(folder: Path) -> EngineRecord | None:
@@ -196,23 +224,32 @@ def check_compatible(record: EngineRecord | None, trt_version: str | None, gpu: 
     """Refuse engines built for another GPU architecture or TensorRT version (they cannot be deserialized)."""
     rebuild = f"rebuild them here with `skin-offline build-engines {folder}`"
     if record is None:
-        raise DeviceError(f"bundle {folder} has no TensorRT engines; build them with `skin-offline build-engines {folder}` "
-                          f"(minutes, once per GPU) or use --device cuda")
+        raise DeviceError(
+            f"bundle {folder} has no TensorRT engines; build them with `skin-offline build-engines {folder}` "
+            f"(minutes, once per GPU) or use --device cuda"
+        )
     if trt_version is None:
-        raise DeviceError("TensorRT's library (libnvinfer) was not found; install TensorRT 10 next to onnxruntime-gpu "
-                          "(JetPack ships it) or use --device cuda")
+        raise DeviceError(
+            "TensorRT's library (libnvinfer) was not found; install TensorRT 10 next to onnxruntime-gpu "
+            "(JetPack ships it) or use --device cuda"
+        )
     if gpu is None:
         raise DeviceError("no NVIDIA GPU found (libcuda / nvidia-smi); TensorRT engines need one, use --device cpu")
     if record.tensorrt_version != trt_version:
-        raise DeviceError(f"the bundle's TensorRT engines were built with TensorRT {record.tensorrt_version}, this machine "
-                          f"has {trt_version}; {rebuild}")
+        raise DeviceError(
+            f"the bundle's TensorRT engines were built with TensorRT {record.tensorrt_version}, this machine "
+            f"has {trt_version}; {rebuild}"
+        )
     # TensorRT ties an engine to the device model it was tuned on (kernels, SM count), not only the architecture
     if record.compute_capability != gpu.compute_capability or record.gpu_name != gpu.name:
-        raise DeviceError(f"the bundle's TensorRT engines were built for {record.gpu_name} (compute capability "
-                          f"{record.compute_capability}), this GPU is {gpu.name} ({gpu.compute_capability}); {rebuild}")
+        raise DeviceError(
+            f"the bundle's TensorRT engines were built for {record.gpu_name} (compute capability "
+            f"{record.compute_capability}), this GPU is {gpu.name} ({gpu.compute_capability}); {rebuild}"
+        )
 
 
 # --- runtime: which providers a bundle's sessions get ---------------------------------------------
+
 
 def device_for_bundle(device: Any, folder: Path) -> Any:
     """Resolve --device for this bundle: TensorRT needs engines built here; `auto` skips incompatible ones."""
@@ -239,12 +276,16 @@ def graph_providers(choice: Any, folder: Path, role: str, variant: Any) -> list[
     if choice is None or choice.device is not Device.TENSORRT:
         return None
     if variant.flavor is not Flavor.STANDARD:
-        raise DeviceError(f"{variant.file} uses onnxruntime contrib ops, which TensorRT cannot run; "
-                          f"pick a standard-op precision (--precision fp32/fp16) or use --device cuda")
+        raise DeviceError(
+            f"{variant.file} uses onnxruntime contrib ops, which TensorRT cannot run; "
+            f"pick a standard-op precision (--precision fp32/fp16) or use --device cuda"
+        )
     record = read_record(folder)
     g = record.graphs.get(role) if record else None
     if record is None or g is None or g.get("file") != variant.file:
         built = g.get("file") if g else "nothing"
-        raise DeviceError(f"the bundle's TensorRT {role} engine was built from {built}, not {variant.file}; "
-                          f"run `skin-offline build-engines {folder}` for this precision")
+        raise DeviceError(
+            f"the bundle's TensorRT {role} engine was built from {built}, not {variant.file}; "
+            f"run `skin-offline build-engines {folder}` for this precision"
+        )
     return [(TRT_EP, record.options(folder, role)), *choice.providers[1:]]

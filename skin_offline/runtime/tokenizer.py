@@ -38,8 +38,10 @@ class TextTokenizer:
         tokenizer.no_truncation()  # a prompt is never cut silently; prompt.check_context reports it
         tokenizer.no_padding()
         if tokenizer.get_added_tokens_decoder():  # they would match typed "</s>" etc. as control ids
-            raise BundleError("tokenizer.json registers added tokens that match typed text; "
-                              "re-export the bundle with this version of skin-offline")
+            raise BundleError(
+                "tokenizer.json registers added tokens that match typed text; "
+                "re-export the bundle with this version of skin-offline"
+            )
         # The model vocabulary only: ids at or above it (llava-hf's <image>/<pad> and padded
         # embedding rows) are not text.
         vocab = tokenizer.get_vocab(with_added_tokens=False)
@@ -62,8 +64,7 @@ class TextTokenizer:
         except KeyError as exc:
             raise BundleError(f"tokenizer.json has no {exc.args[0]} piece; re-export the bundle") from None
         self._skip = {self.bos_id, self.eos_id, self.unk_id}
-        self._byte = {i: int(m.group(1), 16) for i, p in enumerate(self._pieces)
-                      if (m := _BYTE_PIECE.fullmatch(p))}
+        self._byte = {i: int(m.group(1), 16) for i, p in enumerate(self._pieces) if (m := _BYTE_PIECE.fullmatch(p))}
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], tokens: TokenConfig | None = None) -> TextTokenizer:
@@ -77,8 +78,10 @@ class TextTokenizer:
         if tokens is None:
             tokens = _manifest_tokens(Path(path).parent)
         if tokens is None and _is_byte_level(tok):
-            raise BundleError(f"{path} is a byte-level tokenizer and its control ids (BOS/EOS) are in the bundle's "
-                              f"{names.MANIFEST}, which is not next to it; load the bundle folder")
+            raise BundleError(
+                f"{path} is a byte-level tokenizer and its control ids (BOS/EOS) are in the bundle's "
+                f"{names.MANIFEST}, which is not next to it; load the bundle folder"
+            )
         return cls(tok, tokens)
 
     def encode(self, text: str) -> list[int]:
@@ -94,16 +97,18 @@ class TextTokenizer:
         pre-tokenization rules)."""
         h = self.encode(head)
         full = self.encode(head + " " + answer)
-        if full[:len(h)] == h:
-            return full[len(h):]
+        if full[: len(h)] == h:
+            return full[len(h) :]
         return self.encode(answer if self.family == TokenizerFamily.SENTENCEPIECE else " " + answer)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text without control ids and ids >= vocab_size: exactly as sentencepiece decodes (skipping <s>, </s>,
         <unk>), or as `tokenizers` decodes a byte-level tokenizer with skip_special_tokens."""
         if self.family == TokenizerFamily.BYTE_LEVEL:
-            return self._tok.decode([i for i in map(int, ids) if 0 <= i < self.vocab_size and i not in self._skip],
-                                    skip_special_tokens=False)
+            return self._tok.decode(
+                [i for i in map(int, ids) if 0 <= i < self.vocab_size and i not in self._skip],
+                skip_special_tokens=False,
+            )
         out: list[str] = []
         run = bytearray()  # consecutive byte-fallback pieces
         first = True  # sentencepiece strips "▁" only from the first visible piece
@@ -173,7 +178,9 @@ def _manifest_tokens(folder: Path) -> TokenConfig | None:
     try:
         return _from_dict(TokenConfig, d[names.K_TOKENS])
     except (KeyError, TypeError, ValueError) as exc:
-        raise BundleError(f"{folder / names.MANIFEST} has no valid tokens section ({exc}); re-export the bundle") from None
+        raise BundleError(
+            f"{folder / names.MANIFEST} has no valid tokens section ({exc}); re-export the bundle"
+        ) from None
 
 
 def _utf8_len(lead: int) -> int:
@@ -194,7 +201,7 @@ def _decode_bytes(data: bytearray) -> str:
     out, pos = [], 0
     while pos < len(data):
         n = _utf8_len(data[pos])
-        char = _utf8_char(bytes(data[pos:pos + n])) if n and pos + n <= len(data) else None
+        char = _utf8_char(bytes(data[pos : pos + n])) if n and pos + n <= len(data) else None
         out.append("\ufffd" if char is None else char)
         pos += 1 if char is None else n
     return "".join(out)

@@ -23,7 +23,9 @@ class VisionEncoder:
         """[B,3,S,S] float32 -> [B,N,H] float32 (N = image tokens, H = decoder hidden size)."""
         # fp16 graphs (GPU precision tier) take and give float16; the runtime works in float32
         dtype = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
-        (feats,) = self.session.run([names.IMAGE_FEATURES], {names.PIXEL_VALUES: np.ascontiguousarray(pixel_values, dtype)})
+        (feats,) = self.session.run(
+            [names.IMAGE_FEATURES], {names.PIXEL_VALUES: np.ascontiguousarray(pixel_values, dtype)}
+        )
         return feats.astype(np.float32, copy=False)
 
 

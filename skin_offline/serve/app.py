@@ -61,15 +61,30 @@ class ModelInfo:
         src = m.source
         where = Path(str(src.get("path", "?"))).name  # the folder's name only: no server paths to the network
         fp = str(src.get("fingerprint", ""))[:12]
-        prov = (f"exported from {where} ({src.get('layout', '?')} layout{', fingerprint ' + fp if fp else ''}) "
-                f"by skin-offline {m.exporter.get('skin_offline', '?')}")
-        return cls(id=model_id or folder.resolve().name, precision=dec.precision.value, random_weights=m.random_weights,
-                   context_length=m.model.max_context, image_tokens=m.model.image_tokens, provenance=prov,
-                   created=int((folder / names.MANIFEST).stat().st_mtime))
+        prov = (
+            f"exported from {where} ({src.get('layout', '?')} layout{', fingerprint ' + fp if fp else ''}) "
+            f"by skin-offline {m.exporter.get('skin_offline', '?')}"
+        )
+        return cls(
+            id=model_id or folder.resolve().name,
+            precision=dec.precision.value,
+            random_weights=m.random_weights,
+            context_length=m.model.max_context,
+            image_tokens=m.model.image_tokens,
+            provenance=prov,
+            created=int((folder / names.MANIFEST).stat().st_mtime),
+        )
 
     def card(self) -> S.ModelCard:
-        return S.ModelCard(id=self.id, created=self.created, precision=self.precision, random_weights=self.random_weights,
-                           context_length=self.context_length, image_tokens=self.image_tokens, provenance=self.provenance)
+        return S.ModelCard(
+            id=self.id,
+            created=self.created,
+            precision=self.precision,
+            random_weights=self.random_weights,
+            context_length=self.context_length,
+            image_tokens=self.image_tokens,
+            provenance=self.provenance,
+        )
 
 
 class ServerState:
@@ -98,7 +113,9 @@ class ServerState:
         engine's capacity, whatever the number of clients, since bodies are read only after admission."""
         c = self.config
         if self.closing:
-            raise busy("the server is shutting down; retry against a running server", "server_shutting_down", c.retry_after_s)
+            raise busy(
+                "the server is shutting down; retry against a running server", "server_shutting_down", c.retry_after_s
+            )
         if self.engine is None:
             raise busy("the model is still loading; retry in a moment", "model_loading", c.retry_after_s)
         try:
@@ -123,17 +140,21 @@ def _parse(body: bytes) -> S.ChatCompletionRequest:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise APIError(400, f"request body is not valid UTF-8 (byte {e.start}); send JSON encoded as UTF-8",
-                       code="invalid_json") from None
+        raise APIError(
+            400, f"request body is not valid UTF-8 (byte {e.start}); send JSON encoded as UTF-8", code="invalid_json"
+        ) from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise APIError(400, f"request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})",
-                       code="invalid_json") from None
+        raise APIError(
+            400, f"request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})", code="invalid_json"
+        ) from None
     except RecursionError:
         raise APIError(400, "request body JSON is nested too deeply", code="invalid_json") from None
     if not isinstance(obj, dict):
-        raise APIError(400, "request body must be a JSON object ({\"model\": ..., \"messages\": [...]})", code="invalid_json")
+        raise APIError(
+            400, 'request body must be a JSON object ({"model": ..., "messages": [...]})', code="invalid_json"
+        )
     try:
         return S.ChatCompletionRequest.model_validate(obj)
     except ValidationError as e:
@@ -144,8 +165,12 @@ def _parse(body: bytes) -> S.ChatCompletionRequest:
 
 def _check_model(state: ServerState, requested: str | None) -> None:
     if requested is not None and requested != state.model_id:
-        raise APIError(404, f"model {requested[:80]!r} not found; this server serves {state.model_id!r} (GET /v1/models)",
-                       param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"model {requested[:80]!r} not found; this server serves {state.model_id!r} (GET /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
 
 
 async def chat_completions(request: Request) -> Response:
@@ -158,7 +183,9 @@ async def chat_completions(request: Request) -> Response:
             place.release()
             return Response(status_code=499)
         # parsing, base64 and image decoding in a worker thread: a 20 MB body must not stall other streams
-        req, prepared, report = await anyio.to_thread.run_sync(partial(_build, state, body), limiter=state.prepare_limiter)
+        req, prepared, report = await anyio.to_thread.run_sync(
+            partial(_build, state, body), limiter=state.prepare_limiter
+        )
         assert state.engine is not None  # admitted: the engine runs
         try:
             stream = state.engine.submit(prepared, reservation=place)
@@ -211,8 +238,9 @@ async def health(request: Request) -> Response:
     if state.engine is None:
         return JSONResponse({"status": "loading"}, 503, headers={"retry-after": str(state.config.retry_after_s)})
     stats = state.engine.stats()
-    return JSONResponse({"status": "ok", "model": state.model_id, "slots": stats.slots, "active": stats.active,
-                         "queued": stats.queued})
+    return JSONResponse(
+        {"status": "ok", "model": state.model_id, "slots": stats.slots, "active": stats.active, "queued": stats.queued}
+    )
 
 
 async def metrics(request: Request) -> Response:
@@ -231,11 +259,19 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        e = APIError(404, "unknown route; this server has POST /v1/chat/completions, GET /v1/models, /health, "
-                          "/metrics and the web page at /", code="not_found")
+        e = APIError(
+            404,
+            "unknown route; this server has POST /v1/chat/completions, GET /v1/models, /health, "
+            "/metrics and the web page at /",
+            code="not_found",
+        )
     elif exc.status_code == 405:
-        e = APIError(405, f"method {request.method} is not allowed on this route", code="method_not_allowed",
-                     headers=dict(exc.headers or {}))
+        e = APIError(
+            405,
+            f"method {request.method} is not allowed on this route",
+            code="method_not_allowed",
+            headers=dict(exc.headers or {}),
+        )
     else:
         e = APIError(exc.status_code, str(exc.detail)[:200], code="http_error")
     return error_response(e)
@@ -243,8 +279,15 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     rid = request.scope.get("state", {}).get("record")
-    return error_response(APIError(500, f"internal error ({rid.id if rid else 'no id'}); the server log has its location",
-                                   SERVER, None, "internal_error"))
+    return error_response(
+        APIError(
+            500,
+            f"internal error ({rid.id if rid else 'no id'}); the server log has its location",
+            SERVER,
+            None,
+            "internal_error",
+        )
+    )
 
 
 def create_app(state: ServerState, on_startup: Callable[[asyncio.AbstractEventLoop], None] | None = None) -> RequestLog:
@@ -261,15 +304,26 @@ def create_app(state: ServerState, on_startup: Callable[[asyncio.AbstractEventLo
 
     middleware = [Middleware(HostCheck, allowed=loopback_hosts(c.host, c.port) if is_loopback(c.host) else None)]
     if c.cors_origins:
-        middleware.append(Middleware(CORSMiddleware, allow_origins=list(c.cors_origins), allow_credentials=False,
-                                     allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type"],
-                                     expose_headers=["x-request-id", "retry-after"], max_age=600))
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(c.cors_origins),
+                allow_credentials=False,
+                allow_methods=["GET", "POST"],
+                allow_headers=["authorization", "content-type"],
+                expose_headers=["x-request-id", "retry-after"],
+                max_age=600,
+            )
+        )
     middleware += [Middleware(Auth, key=c.api_key), Middleware(BodyLimit, limit=c.max_body_bytes)]
     app = Starlette(
         routes=[
-            Route("/", index), Route("/index.html", index),
-            Route("/health", health), Route("/metrics", metrics),
-            Route("/v1/models", models), Route("/v1/models/{model_id:path}", model),
+            Route("/", index),
+            Route("/index.html", index),
+            Route("/health", health),
+            Route("/metrics", metrics),
+            Route("/v1/models", models),
+            Route("/v1/models/{model_id:path}", model),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
@@ -286,8 +340,13 @@ class Loader:
     load exits), then hand it to the loop. After the server stops, `thread`, `result` and `late` (what could not be
     delivered to a stopped loop) say how the load ended."""
 
-    def __init__(self, state: ServerState, load: Callable[[], tuple[Any, Engine]],
-                 on_error: Callable[[BaseException], None], on_ready: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        state: ServerState,
+        load: Callable[[], tuple[Any, Engine]],
+        on_error: Callable[[BaseException], None],
+        on_ready: Callable[[], None] | None = None,
+    ):
         self.state, self.load, self.on_error, self.on_ready = state, load, on_error, on_ready
         self.thread: threading.Thread | None = None
         self.result: tuple[Any, Engine] | None = None
@@ -306,6 +365,7 @@ class Loader:
                 self.state.set_ready(model, engine)
                 if self.on_ready is not None:
                     self.on_ready()
+
             deliver(ready)
 
         def deliver(fn: Callable[..., None], *args: Any) -> None:

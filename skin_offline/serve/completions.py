@@ -32,23 +32,34 @@ def generation_kwargs(req: S.ChatCompletionRequest, default_max_tokens: int) -> 
     limit = req.token_limit
     constraint = req.constraint()
     return dict(
-        max_new_tokens=default_max_tokens if limit is None else limit, strict_context=limit is not None,
+        max_new_tokens=default_max_tokens if limit is None else limit,
+        strict_context=limit is not None,
         temperature=0.0 if req.temperature is None else float(req.temperature),
-        top_p=1.0 if req.top_p is None else float(req.top_p), top_k=req.top_k or 0, seed=req.seed,
-        stop=req.stop_list, logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-        constraint=constraint[0] if constraint else None, constraint_field=constraint[1] if constraint else "constraint",
+        top_p=1.0 if req.top_p is None else float(req.top_p),
+        top_k=req.top_k or 0,
+        seed=req.seed,
+        stop=req.stop_list,
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        constraint=constraint[0] if constraint else None,
+        constraint_field=constraint[1] if constraint else "constraint",
     )
 
 
 def _timings(t: Timings) -> S.Timings:
-    return S.Timings(ttft_s=round(t.ttft_s, 6), prefill_s=round(t.prefill_s, 6),
-                     decode_tokens_per_s=round(t.decode_tokens_per_s, 3), prompt_tokens=t.prompt_tokens,
-                     prefilled_tokens=t.prefilled_tokens, new_tokens=t.new_tokens)
+    return S.Timings(
+        ttft_s=round(t.ttft_s, 6),
+        prefill_s=round(t.prefill_s, 6),
+        decode_tokens_per_s=round(t.decode_tokens_per_s, 3),
+        prompt_tokens=t.prompt_tokens,
+        prefilled_tokens=t.prefilled_tokens,
+        new_tokens=t.new_tokens,
+    )
 
 
 def _usage(t: Timings) -> S.Usage:
-    return S.Usage(prompt_tokens=t.prompt_tokens, completion_tokens=t.new_tokens,
-                   total_tokens=t.prompt_tokens + t.new_tokens)
+    return S.Usage(
+        prompt_tokens=t.prompt_tokens, completion_tokens=t.new_tokens, total_tokens=t.prompt_tokens + t.new_tokens
+    )
 
 
 def _finish(r: EngineResponse) -> Literal["stop", "length"]:
@@ -61,8 +72,14 @@ def _sse(obj: Any) -> bytes:
 
 
 def _shutdown_error() -> APIError:
-    return APIError(503, "the server shut down before the answer was complete; retry", SERVER, None,
-                    "server_shutting_down", {"retry-after": "1"})
+    return APIError(
+        503,
+        "the server shut down before the answer was complete; retry",
+        SERVER,
+        None,
+        "server_shutting_down",
+        {"retry-after": "1"},
+    )
 
 
 class Completion:
@@ -107,8 +124,12 @@ class Completion:
         try:
             if r is not None and r.timings is not None and r.finish_reason is not None:
                 t = r.timings
-                rec.fields.update(prompt_tokens=t.prompt_tokens, completion_tokens=t.new_tokens,
-                                  ttft=f"{t.ttft_s:.3f}s", tok_s=f"{t.decode_tokens_per_s:.1f}")
+                rec.fields.update(
+                    prompt_tokens=t.prompt_tokens,
+                    completion_tokens=t.new_tokens,
+                    ttft=f"{t.ttft_s:.3f}s",
+                    tok_s=f"{t.decode_tokens_per_s:.1f}",
+                )
                 m.prompt_tokens.inc(t.prompt_tokens)
                 m.completion_tokens.inc(t.new_tokens)
                 if t.new_tokens:
@@ -175,10 +196,18 @@ class Completion:
             raise _shutdown_error()
         assert r.timings is not None  # the last response carries them
         body = S.ChatCompletion(
-            id=self.id, created=self.created, model=self.model_id, usage=_usage(r.timings), timings=_timings(r.timings),
-            choices=[S.Choice(message=S.AssistantOut(content=text), finish_reason=_finish(r),
-                              logprobs=self._logprobs(logprobs))],
-            warnings=self.notices, dicom_sr=await self._report(text, r) if self.report else None,
+            id=self.id,
+            created=self.created,
+            model=self.model_id,
+            usage=_usage(r.timings),
+            timings=_timings(r.timings),
+            choices=[
+                S.Choice(
+                    message=S.AssistantOut(content=text), finish_reason=_finish(r), logprobs=self._logprobs(logprobs)
+                )
+            ],
+            warnings=self.notices,
+            dicom_sr=await self._report(text, r) if self.report else None,
         )
         absent = {k for k in ("warnings", "dicom_sr") if getattr(body, k) is None}
         return JSONResponse(body.model_dump(mode="json", exclude=absent or None))
@@ -189,18 +218,30 @@ class Completion:
         from ..sr import server as sr
 
         structured = structured_value(self.stream.request.matcher, text, r.finish_reason)
-        return await asyncio.to_thread(sr.report_base64, self.report, self.state.model, text, r.finish_reason, structured)
+        return await asyncio.to_thread(
+            sr.report_base64, self.report, self.state.model, text, r.finish_reason, structured
+        )
 
     def sse_response(self) -> StreamingResponse:
         return StreamingResponse(self._events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
-    def _chunk(self, delta: S.Delta | None, finish: Literal["stop", "length"] | None = None, usage: S.Usage | None = None,
-               timings: S.Timings | None = None, warnings: list[str] | None = None,
-               logprobs: S.ChoiceLogprobs | None = None) -> bytes:
+    def _chunk(
+        self,
+        delta: S.Delta | None,
+        finish: Literal["stop", "length"] | None = None,
+        usage: S.Usage | None = None,
+        timings: S.Timings | None = None,
+        warnings: list[str] | None = None,
+        logprobs: S.ChoiceLogprobs | None = None,
+    ) -> bytes:
         chunk = S.ChatCompletionChunk(
-            id=self.id, created=self.created, model=self.model_id,
+            id=self.id,
+            created=self.created,
+            model=self.model_id,
             choices=[] if delta is None else [S.ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)],
-            usage=usage, timings=timings, warnings=warnings,
+            usage=usage,
+            timings=timings,
+            warnings=warnings,
         )
         exclude = set() if self.req.include_usage else {"usage"}
         if timings is None:

@@ -49,10 +49,13 @@ class ServeConfig:
             if self.api_key is None:
                 raise UsageError(
                     f"refusing to listen on {self.host} (reachable from the network) without an API key; "
-                    f"create one ({KEY_HINT}) or keep the default --host 127.0.0.1")
+                    f"create one ({KEY_HINT}) or keep the default --host 127.0.0.1"
+                )
             if len(self.api_key) < MIN_LAN_KEY_CHARS:
-                raise UsageError(f"the API key is shorter than {MIN_LAN_KEY_CHARS} characters, too weak for "
-                                 f"--host {self.host}; create a long one ({KEY_HINT})")
+                raise UsageError(
+                    f"the API key is shorter than {MIN_LAN_KEY_CHARS} characters, too weak for "
+                    f"--host {self.host}; create a long one ({KEY_HINT})"
+                )
         for origin in self.cors_origins:
             check_origin(origin)
         if self.allow_files is not None:
@@ -65,11 +68,15 @@ class ServeConfig:
 def check_origin(origin: str) -> None:
     """An exact browser origin (scheme://host[:port]); never the wildcard."""
     if origin == "*" or "*" in origin:
-        raise UsageError("--cors-origin takes exact origins (e.g. http://localhost:3000), not a wildcard: "
-                         "a wildcard lets any web page a clinician opens call this server")
+        raise UsageError(
+            "--cors-origin takes exact origins (e.g. http://localhost:3000), not a wildcard: "
+            "a wildcard lets any web page a clinician opens call this server"
+        )
     parts = urlsplit(origin)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("",) or parts.query:
-        raise UsageError(f"--cors-origin {origin!r} is not an origin; write scheme://host[:port], e.g. http://localhost:3000")
+        raise UsageError(
+            f"--cors-origin {origin!r} is not an origin; write scheme://host[:port], e.g. http://localhost:3000"
+        )
 
 
 def read_api_key(key: str | None, key_file: Path | None, env: Mapping[str, str] | None = None) -> str | None:
@@ -81,7 +88,9 @@ def read_api_key(key: str | None, key_file: Path | None, env: Mapping[str, str] 
         try:
             key = Path(key_file).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"--api-key-file {key_file}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+            raise UsageError(
+                f"--api-key-file {key_file}: cannot be read ({getattr(e, 'strerror', None) or e})"
+            ) from None
         if not key:
             raise UsageError(f"--api-key-file {key_file} is empty; write the key into it ({KEY_HINT})")
         return key

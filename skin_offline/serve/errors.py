@@ -51,7 +51,9 @@ def from_exception(e: SkinOfflineError, retry_after_s: int = 1) -> APIError:
     if isinstance(e, EngineBusy):
         return busy(f"{e}", "server_busy", retry_after_s)
     if isinstance(e, EngineClosed):
-        return busy("the server is shutting down; retry against a running server", "server_shutting_down", retry_after_s)
+        return busy(
+            "the server is shutting down; retry against a running server", "server_shutting_down", retry_after_s
+        )
     return APIError(500, f"{type(e).__name__}: the server could not run this request", SERVER, None, "internal_error")
 
 
@@ -78,8 +80,10 @@ def from_validation(e: ValidationError) -> APIError:
     param = param_path(err["loc"])
     kind = err["type"]
     if kind == "extra_forbidden":
-        msg = (f"unsupported parameter '{param}': this server implements the Chat Completions parameters listed in "
-               f"its README and refuses others rather than ignore something that would change the answer")
+        msg = (
+            f"unsupported parameter '{param}': this server implements the Chat Completions parameters listed in "
+            f"its README and refuses others rather than ignore something that would change the answer"
+        )
         return APIError(400, msg, INVALID, param, "unsupported_parameter")
     if kind == "missing":
         return APIError(400, f"missing required parameter '{param}'", INVALID, param, "missing_required_parameter")
@@ -87,7 +91,15 @@ def from_validation(e: ValidationError) -> APIError:
         ctx = err.get("ctx", {})
         tag = str(ctx.get("tag", "?"))[:40]
         what = "role" if "role" in str(ctx.get("discriminator")) else "content part type"
-        msg = (f"{param}: {what} {tag!r} is not supported (expected one of {ctx.get('expected_tags')}); "
-               f"SkinVL answers text questions about one image: no tools, audio or files")
+        msg = (
+            f"{param}: {what} {tag!r} is not supported (expected one of {ctx.get('expected_tags')}); "
+            f"SkinVL answers text questions about one image: no tools, audio or files"
+        )
         return APIError(400, msg, INVALID, param, "unsupported_value")
-    return APIError(400, f"invalid '{param}': {err['msg']}", INVALID, param, "invalid_type" if kind.endswith("_type") else "invalid_value")
+    return APIError(
+        400,
+        f"invalid '{param}': {err['msg']}",
+        INVALID,
+        param,
+        "invalid_type" if kind.endswith("_type") else "invalid_value",
+    )

@@ -57,21 +57,34 @@ def decode_image_url(url: str, param: str, files: Path | None, max_bytes: int) -
     if low.startswith("data:"):
         return _data_url(url, param)
     if low.startswith(("http://", "https://")):
-        raise _bad(param, "image URLs are never fetched: this server is offline by design; send the image inline "
-                          "as a data URL (data:image/jpeg;base64,...)", "image_url_not_allowed")
+        raise _bad(
+            param,
+            "image URLs are never fetched: this server is offline by design; send the image inline "
+            "as a data URL (data:image/jpeg;base64,...)",
+            "image_url_not_allowed",
+        )
     if low.startswith("file:"):
         parts = urlsplit(url)
         if parts.netloc not in ("", "localhost"):
-            raise _bad(param, "file:// URLs must name a local file (file:///path/to/image.jpg)", "image_url_not_allowed")
+            raise _bad(
+                param, "file:// URLs must name a local file (file:///path/to/image.jpg)", "image_url_not_allowed"
+            )
         raw = unquote(parts.path)
     elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url):
-        raise _bad(param, "unsupported image URL scheme; send the image as a data URL (data:image/jpeg;base64,...)",
-                   "image_url_not_allowed")
+        raise _bad(
+            param,
+            "unsupported image URL scheme; send the image as a data URL (data:image/jpeg;base64,...)",
+            "image_url_not_allowed",
+        )
     else:
         raw = url
     if files is None:
-        raise _bad(param, "image file paths are refused unless the server was started with --allow-files DIR; "
-                          "send the image as a data URL (data:image/jpeg;base64,...)", "image_url_not_allowed")
+        raise _bad(
+            param,
+            "image file paths are refused unless the server was started with --allow-files DIR; "
+            "send the image as a data URL (data:image/jpeg;base64,...)",
+            "image_url_not_allowed",
+        )
     try:
         return read_confined(files, raw, max_bytes)
     except FileRefused as e:
@@ -84,14 +97,20 @@ def _data_url(url: str, param: str) -> bytes:
         raise _bad(param, "malformed data URL (no comma); write data:image/jpeg;base64,<base64 bytes>", "invalid_image")
     mime, *params = [p.strip().lower() for p in head.split(";")]
     if mime and not (mime.startswith("image/") or mime in ("application/dicom", "application/octet-stream")):
-        raise _bad(param, f"data URL type {mime[:40]!r} is not an image; use image/jpeg, image/png, application/dicom, ...",
-                   "invalid_image")
+        raise _bad(
+            param,
+            f"data URL type {mime[:40]!r} is not an image; use image/jpeg, image/png, application/dicom, ...",
+            "invalid_image",
+        )
     if "base64" in params:
         try:
             data = base64.b64decode(payload.encode("ascii").translate(None, _WS), validate=True)
         except (binascii.Error, ValueError, UnicodeEncodeError):
-            raise _bad(param, "the data URL's base64 is invalid (bad characters or padding); encode the file with "
-                              "standard base64", "invalid_image") from None
+            raise _bad(
+                param,
+                "the data URL's base64 is invalid (bad characters or padding); encode the file with standard base64",
+                "invalid_image",
+            ) from None
     else:
         data = unquote_to_bytes(payload)
     if not data:
@@ -113,26 +132,38 @@ def to_chat(messages: Sequence[Any], *, files: Path | None, max_bytes: int) -> C
         role = "user" if isinstance(m, UserMessage) else "assistant"
         want = "user" if not turns or turns[-1][0] == "assistant" else "assistant"
         if role != want:
-            raise _bad(f"messages[{i}]", f"messages must alternate user and assistant (after any system messages), "
-                                          f"starting with user; messages[{i}] is a second {role} message in a row: merge them")
+            raise _bad(
+                f"messages[{i}]",
+                f"messages must alternate user and assistant (after any system messages), "
+                f"starting with user; messages[{i}] is a second {role} message in a row: merge them",
+            )
         if isinstance(m, UserMessage) and not isinstance(m.content, str):
             for j, part in enumerate(m.content):
                 if isinstance(part, ImagePart):
                     p = f"messages[{i}].content[{j}].image_url.url"
                     if image is not None:
-                        raise _bad(p, "SkinVL takes one image per conversation (in the first user message); "
-                                      "start a new conversation for another image")
+                        raise _bad(
+                            p,
+                            "SkinVL takes one image per conversation (in the first user message); "
+                            "start a new conversation for another image",
+                        )
                     if turns:
-                        raise _bad(p, "the image must be in the first user message (SkinVL's template has one image "
-                                      "slot, in the first turn); start a new conversation for a new image")
+                        raise _bad(
+                            p,
+                            "the image must be in the first user message (SkinVL's template has one image "
+                            "slot, in the first turn); start a new conversation for a new image",
+                        )
                     image, image_param = part.image_url.url, p
         assert isinstance(m, (UserMessage, AssistantMessage))
         turns.append((role, _text(m.content, f"messages[{i}]")))
     if not turns or turns[-1][0] != "user":
         raise _bad("messages", "the last message must be a user message (the question to answer)")
     if image is None:
-        raise _bad("messages", "SkinVL answers questions about an image: put one image_url part (a data URL) in the "
-                               "first user message", "missing_image")
+        raise _bad(
+            "messages",
+            "SkinVL answers questions about an image: put one image_url part (a data URL) in the first user message",
+            "missing_image",
+        )
     sys_text = "\n".join(s for s in (t.strip() for t in system) if s)
     texts = [t for _, t in turns]
     if sys_text:

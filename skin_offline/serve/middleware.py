@@ -59,8 +59,17 @@ class RequestRecord:
         self.pending -= 1
         if self.pending == 0:
             extra = " ".join(f"{k}={v}" for k, v in self.fields.items())
-            log.info("%s %s %s %d in=%dB out=%dB %.3fs%s", self.id, self.method, self.route, self.status,
-                     self.bytes_in, self.bytes_out, time.perf_counter() - self.t0, f" {extra}" if extra else "")
+            log.info(
+                "%s %s %s %d in=%dB out=%dB %.3fs%s",
+                self.id,
+                self.method,
+                self.route,
+                self.status,
+                self.bytes_in,
+                self.bytes_out,
+                time.perf_counter() - self.t0,
+                f" {extra}" if extra else "",
+            )
 
 
 class RequestLog:
@@ -97,11 +106,20 @@ class RequestLog:
         try:
             await self.app(scope, counting_receive, tagged_send)
         except Exception as e:  # noqa: BLE001 (the server must answer and keep serving)
-            where = "; ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in traceback.extract_tb(e.__traceback__)[-3:])
+            where = "; ".join(
+                f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in traceback.extract_tb(e.__traceback__)[-3:]
+            )
             rec.fields["error"] = f"{type(e).__name__}@{where}"
             if not started:
-                await error_response(APIError(500, f"internal error ({rec.id}); the server log has its location",
-                                              SERVER, None, "internal_error"))(scope, counting_receive, tagged_send)
+                await error_response(
+                    APIError(
+                        500,
+                        f"internal error ({rec.id}); the server log has its location",
+                        SERVER,
+                        None,
+                        "internal_error",
+                    )
+                )(scope, counting_receive, tagged_send)
         finally:
             if rec.status == 0:  # the client left before any response
                 rec.status = 499
@@ -119,10 +137,14 @@ class HostCheck:
         if scope["type"] == "http" and self.allowed is not None:
             host = dict(scope["headers"]).get(b"host")
             if host is not None and host.decode("latin-1").lower() not in self.allowed:
-                return await error_response(APIError(
-                    400, "Host header names another site; this server answers only to localhost / 127.0.0.1 "
-                         "(start it with --host and an API key to serve other names)", code="invalid_host",
-                ))(scope, receive, send)
+                return await error_response(
+                    APIError(
+                        400,
+                        "Host header names another site; this server answers only to localhost / 127.0.0.1 "
+                        "(start it with --host and an API key to serve other names)",
+                        code="invalid_host",
+                    )
+                )(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
@@ -138,10 +160,14 @@ class Auth:
             path = scope["path"]
             if not (path in OPEN_PATHS or path.startswith(STATIC_PREFIX)):
                 if not self.check.ok(dict(scope["headers"]).get(b"authorization")):
-                    return await error_response(APIError(
-                        401, "missing or invalid API key; send the header Authorization: Bearer YOUR_KEY",
-                        code="invalid_api_key", headers={"www-authenticate": "Bearer"},
-                    ))(scope, receive, send)
+                    return await error_response(
+                        APIError(
+                            401,
+                            "missing or invalid API key; send the header Authorization: Bearer YOUR_KEY",
+                            code="invalid_api_key",
+                            headers={"www-authenticate": "Bearer"},
+                        )
+                    )(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
@@ -150,9 +176,12 @@ class BodyTooLarge(APIError):
 
 
 def too_large(limit: int) -> BodyTooLarge:
-    return BodyTooLarge(413, f"request body is over the server's limit of {limit // (1024 * 1024)} MB "
-                             f"(--max-body-mb); send a smaller image (JPEG of a few MB is plenty: SkinVL sees 336 px)",
-                        code="request_too_large")
+    return BodyTooLarge(
+        413,
+        f"request body is over the server's limit of {limit // (1024 * 1024)} MB "
+        f"(--max-body-mb); send a smaller image (JPEG of a few MB is plenty: SkinVL sees 336 px)",
+        code="request_too_large",
+    )
 
 
 class BodyLimit:
@@ -172,7 +201,8 @@ class BodyLimit:
                 n = -1
             if n < 0:
                 return await error_response(APIError(400, "invalid Content-Length header", code="invalid_request"))(
-                    scope, receive, send)
+                    scope, receive, send
+                )
             if n > self.limit:
                 return await error_response(too_large(self.limit))(scope, receive, send)
         seen = 0

@@ -127,6 +127,7 @@ class ChatCompletionRequest(_Strict):
 
     def check_supported(self) -> None:
         """Refuse what SkinVL cannot honour (a 400 naming the field), never ignore it."""
+
         def no(param: str, why: str) -> NoReturn:
             raise APIError(400, f"'{param}' {why}", "invalid_request_error", param, "unsupported_parameter")
 
@@ -143,12 +144,16 @@ class ChatCompletionRequest(_Strict):
             no("logit_bias", "is not supported by this server")
         rf = self.response_format
         if rf is not None and rf.type == "json_schema" and rf.json_schema is None:
-            no("response_format.json_schema", "is required with type json_schema ({\"name\": ..., \"schema\": {...}})")
+            no("response_format.json_schema", 'is required with type json_schema ({"name": ..., "schema": {...}})')
         if rf is not None and rf.type != "json_schema" and rf.json_schema is not None:
             no("response_format.json_schema", f"is only read with type json_schema, not {rf.type}")
         so = self.structured_outputs
         if so is not None:
-            given = [k for k in ("json", "regex", "choice", "grammar") if getattr(so, "json_" if k == "json" else k) is not None]
+            given = [
+                k
+                for k in ("json", "regex", "choice", "grammar")
+                if getattr(so, "json_" if k == "json" else k) is not None
+            ]
             if len(given) != 1:
                 no("structured_outputs", f"takes exactly one of json, regex, choice, grammar (got {len(given)})")
             if rf is not None and rf.type != "text":
@@ -156,16 +161,21 @@ class ChatCompletionRequest(_Strict):
         if self.tools or self.functions:
             no("tools" if self.tools else "functions", "are not supported: SkinVL has no tool calling")
         if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
-            no("tool_choice" if self.tool_choice not in (None, "none") else "function_call",
-               "is not supported: SkinVL has no tool calling")
+            no(
+                "tool_choice" if self.tool_choice not in (None, "none") else "function_call",
+                "is not supported: SkinVL has no tool calling",
+            )
         if self.modalities not in (None, ["text"]):
-            no("modalities", "must be [\"text\"]: SkinVL answers in text only")
+            no("modalities", 'must be ["text"]: SkinVL answers in text only')
         if self.dicom_sr and self.stream:
             no("dicom_sr", "needs stream: false: the report comes with the whole answer")
         if self.stream_options is not None and not self.stream:
             no("stream_options", "is only allowed with stream: true")
-        if self.max_tokens is not None and self.max_completion_tokens is not None \
-                and self.max_tokens != self.max_completion_tokens:
+        if (
+            self.max_tokens is not None
+            and self.max_completion_tokens is not None
+            and self.max_tokens != self.max_completion_tokens
+        ):
             no("max_tokens", "and max_completion_tokens disagree; send one of them")
         stops = self.stop_list
         if len(stops) > MAX_STOP:
@@ -182,7 +192,9 @@ class ChatCompletionRequest(_Strict):
             return JsonObject(), "response_format"
         if rf is not None and rf.type == "json_schema" and rf.json_schema is not None:
             js = rf.json_schema
-            return (JsonObject() if js.schema_ is None else JsonSchema(js.schema_, js.name)), "response_format.json_schema.schema"
+            return (
+                JsonObject() if js.schema_ is None else JsonSchema(js.schema_, js.name)
+            ), "response_format.json_schema.schema"
         if so is None:
             return None
         if so.json_ is not None:
@@ -215,6 +227,7 @@ class Usage(BaseModel):
 
 class Timings(BaseModel):
     """Not OpenAI's: llama.cpp's server sends the same idea; clients ignore unknown fields."""
+
     ttft_s: float
     prefill_s: float
     decode_tokens_per_s: float

@@ -69,7 +69,9 @@ def read_confined(root: Path, raw: str, max_bytes: int) -> bytes:
     try:
         fd = os.open(resolved, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError:
-        raise FileRefused("image file inside the allowed folder cannot be opened (missing, a symlink, or no permission)") from None
+        raise FileRefused(
+            "image file inside the allowed folder cannot be opened (missing, a symlink, or no permission)"
+        ) from None
     try:
         proc = Path(f"/proc/self/fd/{fd}")
         real = Path(os.readlink(proc)) if proc.exists() else resolved  # /proc: Linux; elsewhere the resolved path

@@ -28,10 +28,13 @@ LOG_FORMAT = "%(asctime)s %(levelname).1s %(message)s"
 
 def bind(host: str, port: int) -> socket.socket:
     try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                          flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV)[0]
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV
+        )[0]
     except socket.gaierror as e:
-        raise UsageError(f"--host {host}: not an address of this machine ({e.strerror}); use 127.0.0.1 or 0.0.0.0") from None
+        raise UsageError(
+            f"--host {host}: not an address of this machine ({e.strerror}); use 127.0.0.1 or 0.0.0.0"
+        ) from None
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -75,15 +78,26 @@ class _Server(uvicorn.Server):
 def configure_logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    for name, level in (("skin_offline.serve", logging.INFO), ("uvicorn.error", logging.WARNING), ("uvicorn", logging.WARNING)):
+    for name, level in (
+        ("skin_offline.serve", logging.INFO),
+        ("uvicorn.error", logging.WARNING),
+        ("uvicorn", logging.WARNING),
+    ):
         lg = logging.getLogger(name)
         lg.handlers[:] = [handler]
         lg.setLevel(level)
         lg.propagate = False
 
 
-def serve(config: ServeConfig, bundle: Path, *, threads: int | None = None, precision: str | None = None,
-          device: Any = None, out: Callable[[str], None] = print) -> None:
+def serve(
+    config: ServeConfig,
+    bundle: Path,
+    *,
+    threads: int | None = None,
+    precision: str | None = None,
+    device: Any = None,
+    out: Callable[[str], None] = print,
+) -> None:
     info = ModelInfo.from_bundle(bundle, precision, config.model_id)  # a bad bundle fails here, before binding
     configure_logging()
     sock = bind(config.host, config.port)
@@ -96,8 +110,9 @@ def serve(config: ServeConfig, bundle: Path, *, threads: int | None = None, prec
     t0 = time.perf_counter()
 
     def load() -> tuple[SkinVL, Engine]:
-        model = SkinVL.load(bundle, threads=threads, precision=precision, device=device, parallel=cfg.parallel,
-                            max_queue=cfg.max_queue)
+        model = SkinVL.load(
+            bundle, threads=threads, precision=precision, device=device, parallel=cfg.parallel, max_queue=cfg.max_queue
+        )
         for n in model.bundle.notices:
             out(f"note: {n}")
         return model, model.engine  # the model's own engine: one prompt cache for every client
@@ -105,7 +120,9 @@ def serve(config: ServeConfig, bundle: Path, *, threads: int | None = None, prec
     def on_ready() -> None:
         engine = state.engine
         assert engine is not None
-        out(f"ready in {time.perf_counter() - t0:.1f}s: {cfg.parallel} slot(s), {engine.capacity} requests admitted at most")
+        out(
+            f"ready in {time.perf_counter() - t0:.1f}s: {cfg.parallel} slot(s), {engine.capacity} requests admitted at most"
+        )
 
     def on_error(e: BaseException) -> None:
         failure.append(e)
@@ -114,7 +131,7 @@ def serve(config: ServeConfig, bundle: Path, *, threads: int | None = None, prec
 
     url = _url(cfg.host if cfg.host not in ("0.0.0.0", "::") else socket.gethostname(), port)
     warn = "RANDOM WEIGHTS (demo): answers are meaningless" if info.random_weights else info.provenance
-    access = ("API key required (Authorization: Bearer)" if cfg.api_key else "no API key (loopback only)")
+    access = "API key required (Authorization: Bearer)" if cfg.api_key else "no API key (loopback only)"
     banner = [
         f"skin-offline serve: model {info.id!r} ({info.precision}; {warn})",
         f"  {url}/            web page",
@@ -125,14 +142,26 @@ def serve(config: ServeConfig, bundle: Path, *, threads: int | None = None, prec
     ]
     loader = Loader(state, load, on_error, on_ready)
 
-    def on_startup(loop: asyncio.AbstractEventLoop) -> None:  # signal handlers are in place by now: Ctrl-C from here on is a clean stop (exit 0)
+    def on_startup(
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:  # signal handlers are in place by now: Ctrl-C from here on is a clean stop (exit 0)
         for line in banner:
             out(line)
         loader(loop)
 
     app = create_app(state, on_startup=on_startup)
-    uv = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", http="h11", ws="none", loop="asyncio",
-                        server_header=False, timeout_keep_alive=5, timeout_graceful_shutdown=int(cfg.shutdown_grace_s + 15))
+    uv = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        http="h11",
+        ws="none",
+        loop="asyncio",
+        server_header=False,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=int(cfg.shutdown_grace_s + 15),
+    )
     server = _Server(uv, state)
     try:
         server.run(sockets=[sock])
@@ -156,4 +185,3 @@ def _with_port(config: ServeConfig, port: int) -> ServeConfig:
     from dataclasses import replace
 
     return replace(config, port=port, allow_files=config.allow_files)
-

@@ -26,8 +26,20 @@ from .source import SourceImage, read_source
 
 SR_EXTRA = "pip install 'skin-offline[dicom-sr]'"
 
-__all__ = ["Producer", "ReportError", "ReportExists", "ReportWriteError", "SourceImage", "Turn", "answer_report",
-           "check_output", "read_source", "report_bytes", "structured_report", "write_report"]
+__all__ = [
+    "Producer",
+    "ReportError",
+    "ReportExists",
+    "ReportWriteError",
+    "SourceImage",
+    "Turn",
+    "answer_report",
+    "check_output",
+    "read_source",
+    "report_bytes",
+    "structured_report",
+    "write_report",
+]
 
 
 class ReportError(SkinOfflineError):
@@ -61,12 +73,22 @@ def structured_report(source, turns: Sequence[Turn], producer: Producer, *, fram
         raise
     except Exception as e:  # noqa: BLE001  highdicom's and pydicom's messages may quote values: dropped, never shown
         kind = type(e).__name__
-    raise ReportError(f"{src.name}: could not build a DICOM Structured Report from this image's header ({kind}); "
-                      "export the image from the PACS again, or report it")
+    raise ReportError(
+        f"{src.name}: could not build a DICOM Structured Report from this image's header ({kind}); "
+        "export the image from the PACS again, or report it"
+    )
 
 
-def answer_report(model, source, question: str, answer, *, frame: int | None = None, structured: Any = None,
-                  history: Sequence[tuple[str, str]] = ()):
+def answer_report(
+    model,
+    source,
+    question: str,
+    answer,
+    *,
+    frame: int | None = None,
+    structured: Any = None,
+    history: Sequence[tuple[str, str]] = (),
+):
     """The report of one answer: `model` (a loaded SkinVL) names the producer, `answer` is what model.ask returned
     (an Answer, or the answer text), `structured` an optional parsed JSON value (default: a constrained Answer's own
     `structured`), `history` earlier (question, answer) turns of the same conversation (their finish reasons

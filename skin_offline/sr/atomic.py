@@ -26,8 +26,9 @@ class ReportWriteError(SkinOfflineError):
 
 
 def _exists(path: Path) -> ReportExists:
-    return ReportExists(f"{path} already exists; pass --force to overwrite it (force=True in Python), "
-                        "or name another file")
+    return ReportExists(
+        f"{path} already exists; pass --force to overwrite it (force=True in Python), or name another file"
+    )
 
 
 def check_output(path: Path | str, force: bool) -> Path:
@@ -49,8 +50,10 @@ def check_output(path: Path | str, force: bool) -> Path:
 def _failed(path: Path, e: OSError) -> ReportWriteError:
     if e.errno == errno.ENOSPC:
         return ReportWriteError(f"disk full while writing {path}; nothing was written: free space and retry")
-    return ReportWriteError(f"cannot write {path} ({e.strerror or type(e).__name__}); nothing was written: check the "
-                            "folder's permissions and free space")
+    return ReportWriteError(
+        f"cannot write {path} ({e.strerror or type(e).__name__}); nothing was written: check the "
+        "folder's permissions and free space"
+    )
 
 
 def _fsync_folder(folder: Path) -> None:

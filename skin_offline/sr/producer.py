@@ -28,8 +28,13 @@ class Producer:
     def from_manifest(cls, manifest: Manifest, precision: str, bundle_folder: Path | None = None) -> "Producer":
         src = manifest.source
         name = Path(str(src.get("path") or "")).name or (Path(bundle_folder).resolve().name if bundle_folder else "")
-        return cls(model_name=name or "SkinVL", precision=str(precision), bundle_fingerprint=bundle_fingerprint(manifest),
-                   source_fingerprint=str(src.get("fingerprint") or ""), random_weights=manifest.random_weights)
+        return cls(
+            model_name=name or "SkinVL",
+            precision=str(precision),
+            bundle_fingerprint=bundle_fingerprint(manifest),
+            source_fingerprint=str(src.get("fingerprint") or ""),
+            random_weights=manifest.random_weights,
+        )
 
     @classmethod
     def from_model(cls, model) -> "Producer":

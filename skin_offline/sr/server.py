@@ -30,8 +30,9 @@ def _api_error(e: SkinOfflineError) -> APIError:
         return APIError(400, str(e), "invalid_request_error", PARAM, "invalid_image")
     if isinstance(e, UsageError):  # the extra is not installed
         return APIError(400, str(e), "invalid_request_error", PARAM, "unsupported_parameter")
-    return APIError(500, f"{type(e).__name__}: the server could not write this report", "server_error", PARAM,
-                    "internal_error")
+    return APIError(
+        500, f"{type(e).__name__}: the server could not write this report", "server_error", PARAM, "internal_error"
+    )
 
 
 def prepare(chat) -> ReportRequest:

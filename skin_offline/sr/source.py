@@ -18,12 +18,25 @@ from ..errors import ImageError
 
 # What highdicom reads from the evidence by attribute (so a sparse file would fail there): the type 2 attributes of
 # the Patient and General Study modules. The SR keeps them empty where the source has none (type 2: present, empty).
-TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
-         "AccessionNumber", "ReferringPhysicianName")
+TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
 # Type 1 in every stored image: without them the report cannot point at the image nor join its study.
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-_LABELS = {"SOPClassUID": "SOP Class UID", "SOPInstanceUID": "SOP Instance UID",
-           "StudyInstanceUID": "Study Instance UID", "SeriesInstanceUID": "Series Instance UID"}
+_LABELS = {
+    "SOPClassUID": "SOP Class UID",
+    "SOPInstanceUID": "SOP Instance UID",
+    "StudyInstanceUID": "Study Instance UID",
+    "SeriesInstanceUID": "Series Instance UID",
+}
 
 
 @dataclass(frozen=True)
@@ -98,8 +111,9 @@ def read_source(src, frame: int = 0, *, max_pixels: int | None = None) -> Source
     if isinstance(src, (bytes, bytearray, memoryview)):
         return _read(io.BytesIO(bytes(src)), name, frame, max_pixels or max_pixels_from_env())
     if not isinstance(src, (str, Path)):
-        raise ImageError(f"a DICOM Structured Report needs the DICOM file itself (a path or its bytes), "
-                         f"not a {type(src).__name__}")
+        raise ImageError(
+            f"a DICOM Structured Report needs the DICOM file itself (a path or its bytes), not a {type(src).__name__}"
+        )
     try:
         with open(src, "rb") as fp:
             return _read(fp, name, frame, max_pixels or max_pixels_from_env())
@@ -113,13 +127,17 @@ def _read(fp, name: str, frame: int, max_pixels: int) -> SourceImage:
     head = fp.read(132)
     fp.seek(0)
     if head[128:132] != b"DICM":
-        raise ImageError(f"{name} is not a DICOM file: a DICOM Structured Report is filed with the patient and study "
-                         "of a DICOM image, so it can only be written about one; ask about the DICOM image itself")
+        raise ImageError(
+            f"{name} is not a DICOM file: a DICOM Structured Report is filed with the patient and study "
+            "of a DICOM image, so it can only be written about one; ask about the DICOM image itself"
+        )
     header = dicom.read_header_dataset(fp, name, max_pixels=max_pixels)
     with dicom.quietly():
         header.decode()  # text values to str with the file's own character set: the SR re-encodes them (UTF-8)
         missing = [_LABELS[k] for k in REQUIRED_UIDS if not str(header.get(k, "") or "").strip()]
     if missing:
-        raise ImageError(f"{name}: the DICOM file has no {', '.join(missing)}, so a report cannot reference it or "
-                         "join its study; export the image from the PACS or the device again")
+        raise ImageError(
+            f"{name}: the DICOM file has no {', '.join(missing)}, so a report cannot reference it or "
+            "join its study; export the image from the PACS or the device again"
+        )
     return SourceImage(header=header, frame=frame, name=name)

@@ -42,7 +42,9 @@ def default_gemm_min_rows(flags: set[str] | None = None) -> int:
         except ValueError:
             from ...errors import UsageError
 
-            raise UsageError(f"{GEMM_MIN_ROWS_ENV}={env!r} is not an integer; set it to a row count such as 8") from None
+            raise UsageError(
+                f"{GEMM_MIN_ROWS_ENV}={env!r} is not an integer; set it to a row count such as 8"
+            ) from None
     flags = cpu_flags() if flags is None else flags
     return AMX_GEMM_MIN_ROWS if "amx_int8" in flags else DEFAULT_GEMM_MIN_ROWS
 
