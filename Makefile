@@ -40,6 +40,7 @@ LINTED := skin_offline tests benchmarks scripts
 
 test: $(STAMP) $(TOKENIZER)
 	$(BIN)/ruff check -q $(LINTED)
+	$(BIN)/ruff format --check -q $(LINTED)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
