@@ -260,18 +260,6 @@ class Checkpoint:
             out.append(short)
         return out
 
-    def text_names(self) -> list[str]:
-        """Canonical names of every decoder tensor (embed_tokens included)."""
-        prefix = _TEXT_PREFIXES[self.layout][0]
-        names = [
-            k[len(prefix) :]
-            for k in self.store.keys()
-            if k.startswith(prefix)
-            and not k[len(prefix) :].startswith(("mm_projector", "vision_tower", "multi_modal_projector"))
-            and "rotary_emb" not in k
-        ]
-        return names + ["lm_head.weight"]
-
     def text_shape(self, name: str) -> tuple[int, ...]:
         return self.store.shape(
             _LM_HEAD[self.layout] if name == "lm_head.weight" else _TEXT_PREFIXES[self.layout][0] + name

@@ -53,39 +53,3 @@ def vision_features(ckpt: Checkpoint, pixel_values: np.ndarray) -> np.ndarray:
     w2, b2 = ckpt.projector_tensor("linear_2.weight"), ckpt.projector_tensor("linear_2.bias")
     h = torch.nn.functional.gelu(hidden @ w1.T + b1)
     return (h @ w2.T + b2).numpy()
-
-
-@torch.no_grad()
-def decoder_logits(ckpt: Checkpoint, embeds: np.ndarray) -> np.ndarray:
-    """[1,S,H] prompt embeddings -> [1,S,V] logits through transformers' Mistral layers, one at a time."""
-    from transformers import MistralConfig
-    from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralRMSNorm, MistralRotaryEmbedding
-
-    t = ckpt.text
-    cfg = MistralConfig(
-        vocab_size=t.vocab,
-        hidden_size=t.hidden,
-        intermediate_size=t.mlp,
-        num_hidden_layers=1,
-        num_attention_heads=t.heads,
-        num_key_value_heads=t.kv_heads,
-        head_dim=t.head_dim,
-        rope_theta=t.rope_theta,
-        rms_norm_eps=t.rms_norm_eps,
-        sliding_window=None,
-    )
-    cfg._attn_implementation = "eager"
-    x = torch.from_numpy(embeds)
-    seq = x.shape[1]
-    pos = torch.arange(seq)[None]
-    cos_sin = MistralRotaryEmbedding(cfg)(x, pos)
-    mask = torch.full((seq, seq), torch.finfo(torch.float32).min).triu(1)[None, None]
-    for i in range(t.layers):
-        layer = MistralDecoderLayer(cfg, 0).eval()
-        state = {k: ckpt.text_tensor(f"layers.{i}.{k}") for k in layer.state_dict()}
-        layer.load_state_dict(state)
-        x = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
-        del layer, state
-    norm = MistralRMSNorm(t.hidden, eps=t.rms_norm_eps)
-    norm.weight.copy_(ckpt.text_tensor("norm.weight"))
-    return (norm(x) @ ckpt.text_tensor("lm_head.weight").T).numpy()
