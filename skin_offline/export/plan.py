@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import names
-from ..manifest import PadMode, Precision
+from ..manifest import PadMode, Precision, Prefill
 
 ALIGN = 4096
 TOKENIZER_BYTES = 1_400_000  # the Mistral tokenizer.json this exporter writes (1.36 MB), when the checkpoint has none
@@ -232,6 +232,20 @@ def plan_export(
         notes.append(
             f"calibrated int4 pass ({cfg.method_spec().describe()}): {cost.flops / 1e12:.0f} TFLOP, "
             f"~{seconds / 60:.1f} min at this machine's fp32 GEMM rate now, on top of the rest of the export"
+        )
+    if cfg is not None and cfg.precision == Precision.INT4 and cfg.prefill == Prefill.INT8:
+        from .calibrate import measure_gflops
+        from .prefill_gate import check_flops
+
+        # the prefill graph's gate (prefill_gate.py): a layer of the reference and of a quantized graph, three [n,V]
+        # logit tables
+        gate = check_flops(
+            t.hidden, t.mlp, t.heads, t.kv_heads, t.head_dim, t.layers, t.vocab, ckpt.vision.image_tokens
+        )
+        stages["int8 prefill gate"] = baseline + 4 * _layer_params(t) + layer_cut + 3 * 300 * 4 * t.vocab + ACTIVATIONS
+        notes.append(
+            f"int8 prefill graph check against fp32: {gate / 1e12:.0f} TFLOP, ~{gate / 1e9 / measure_gflops() / 60:.1f} "
+            f"min at this machine's fp32 GEMM rate now"
         )
     if transient:  # the int8 tower's gate: the fp32 and int8 vision graphs loaded side by side
         stages["vision int8 gate"] = baseline + sum(vis) + sum(vis) // 4 + ACTIVATIONS

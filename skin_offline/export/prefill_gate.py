@@ -27,10 +27,25 @@ from .layerstream import GraphStack, Group, LayerStack, release_memory, run_pass
 # Slack on the comparison, nats of mean KL. Why: on random weights both graphs sit within ~1e-3 of fp32's flat
 # logits and their order is noise; a broken prefill graph is off by whole nats (the proxy: ~9).
 KL_SLACK = 0.01
-PROBE_IMAGES = (0, 1)  # quality.probe_image seeds
-TURNS_PER_IMAGE = 2
+# One probe image followed by three MM-Skin turns. The image's 576 positions are most of the cost: three layer-
+# streamed passes, 36 TFLOP at 7B (~6 min at 100 GFLOPS); the dry run predicts it (check_flops).
+PROBE_IMAGES = (0,)  # quality.probe_image seeds
+TURNS_PER_IMAGE = 3
 PAIR_OFFSET = 200  # calibration.json pairs the int4 calibration does not reach at its defaults (128 sequences)
 MAX_ANSWER_TOKENS = 48
+
+
+def check_flops(
+    hidden: int, mlp: int, heads: int, kv_heads: int, head_dim: int, layers: int, vocab: int, image_tokens: int
+) -> float:
+    """The check's cost for the dry run: three forward passes (fp32, decode graph, prefill graph) over the probe
+    positions (the image, ~40 question tokens and the answer per turn; attention scores ignored), and three heads
+    over the turns' positions."""
+    q, kv = heads * head_dim, kv_heads * head_dim
+    per_position = 2 * layers * (2 * q * hidden + 2 * kv * hidden + 3 * hidden * mlp)
+    turns = TURNS_PER_IMAGE * (40 + MAX_ANSWER_TOKENS)
+    positions = len(PROBE_IMAGES) * (image_tokens + 8 + turns)
+    return 3.0 * (positions * per_position + len(PROBE_IMAGES) * turns * 2 * hidden * vocab)
 
 
 @dataclass(frozen=True)
