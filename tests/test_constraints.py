@@ -250,3 +250,37 @@ def test_constraints_refuse_what_they_cannot_work_with(model):
         model.prepare(random_image(1), QUESTION, constraint=Choice(["a", "b"]), stop=["\n"])
     with pytest.raises(ConstraintError, match="min_new_tokens"):
         model.prepare_beam(random_image(1), QUESTION, num_beams=2, min_new_tokens=3, constraint=Choice(["a", "b"]))
+
+
+def test_masks_in_a_worker_or_before_sampling_give_the_same_answers(model):
+    """Without a core beyond the decoder's threads the engine computes each mask just before sampling instead of in
+    a worker thread (engine.spare_core); where the mask was computed must not change an answer."""
+    from skin_offline.runtime.engine import spare_core
+
+    assert model.engine.masks_in_worker == spare_core(model.bundle.decoder.session)
+    cases = [JsonSchema(CLINIC_FORM), Regex(REGEXES[0]), Choice(CHOICES[0]), Grammar(GRAMMARS[0])]
+    before = model.engine.masks_in_worker
+    try:
+        model.engine.masks_in_worker = True
+        worker = _run_all(model, cases)
+        model.engine.masks_in_worker = False
+        inline = _run_all(model, cases)
+    finally:
+        model.engine.masks_in_worker = before
+    assert [a.token_ids for a in worker] == [a.token_ids for a in inline]
+    assert all(a.token_ids for a in inline)
+
+
+def test_a_spare_core_is_one_beyond_the_sessions_threads():
+    import os
+    from types import SimpleNamespace
+
+    from skin_offline.runtime.engine import spare_core
+
+    def session(threads):
+        return SimpleNamespace(get_session_options=lambda: SimpleNamespace(intra_op_num_threads=threads))
+
+    cores = len(os.sched_getaffinity(0))
+    assert not spare_core(session(cores)) and not spare_core(session(cores + 2))
+    assert not spare_core(session(0))  # onnxruntime's default: a thread per core
+    assert spare_core(session(cores - 1)) == (cores > 1)
