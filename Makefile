@@ -42,7 +42,7 @@ test: $(STAMP) $(TOKENIZER)
 	$(BIN)/ruff check -q $(LINTED)
 	$(BIN)/ruff format --check -q $(LINTED)
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -n 2 -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" --durations=15
 
 test-slow: $(STAMP) $(TOKENIZER)
 	$(BIN)/python -m pytest -q -m slow
