@@ -424,7 +424,11 @@ def test_default_int8_vision_is_gated_by_its_feature_cosine(llava_model, tmp_pat
     from skin_offline.runtime.pipeline import SkinVL
 
     forced = quantize_bundle(
-        llava_model.bundle_dir, tmp_path / "c", QuantConfig("int4", vision="int8"), quality=False, log=lambda m: None
+        llava_model.bundle_dir,
+        tmp_path / "c",
+        QuantConfig("int4", method="rtn", vision="int8"),
+        quality=False,
+        log=lambda m: None,
     ).manifest
     vis = forced.pick(names.ROLE_VISION)
     assert vis.precision == Precision.INT8  # asked for: kept whatever its cosine
@@ -436,20 +440,20 @@ def test_default_int8_vision_is_gated_by_its_feature_cosine(llava_model, tmp_pat
         cos.append(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
     assert abs(vis.details["feature_cosine_min"] - min(cos)) < 1e-4
     m = quantize_bundle(
-        llava_model.bundle_dir, tmp_path / "a", QuantConfig("int4"), quality=False, log=lambda m: None
+        llava_model.bundle_dir, tmp_path / "a", QuantConfig("int4", method="rtn"), quality=False, log=lambda m: None
     ).manifest
     assert (m.pick(names.ROLE_VISION).precision == Precision.INT8) == (min(cos) >= q.VISION_INT8_MIN_COSINE)
     monkeypatch.setattr(q, "VISION_INT8_MIN_COSINE", min(cos) + 1e-3)  # just above: the gate must reject
     said = []
     m = quantize_bundle(
-        llava_model.bundle_dir, tmp_path / "b", QuantConfig("int4"), quality=False, log=said.append
+        llava_model.bundle_dir, tmp_path / "b", QuantConfig("int4", method="rtn"), quality=False, log=said.append
     ).manifest
     assert [g.precision for g in m.variants(names.ROLE_VISION)] == [Precision.FP32]
     assert not (tmp_path / "b" / names.variant_file(names.VISION_GRAPH, "int8")).exists()
     assert any("vision int8 rejected" in line for line in said)
     monkeypatch.setattr(q, "VISION_INT8_MIN_COSINE", min(cos) - 1e-3)  # just below: kept, its figure recorded
     m = quantize_bundle(
-        llava_model.bundle_dir, tmp_path / "d", QuantConfig("int4"), quality=False, log=lambda m: None
+        llava_model.bundle_dir, tmp_path / "d", QuantConfig("int4", method="rtn"), quality=False, log=lambda m: None
     ).manifest
     assert [g.precision for g in m.variants(names.ROLE_VISION)] == [Precision.INT8]
     assert m.pick(names.ROLE_VISION).details["feature_cosine_min"] >= q.VISION_INT8_MIN_COSINE
