@@ -43,7 +43,7 @@ def teacher_forced(folder: Path, pairs, threads: int) -> tuple[list[np.ndarray],
     """Per held-out turn: [n,V] logits predicting the answer + EOS, and those n target ids."""
     from skin_offline.export.quality import probe_image
     from skin_offline.runtime.pipeline import SkinVL
-    from skin_offline.runtime.prompt import build_prompt_ids
+    from skin_offline.runtime.prompt import Prompt, build_prompt_ids
 
     model = SkinVL.load(folder, threads=threads)
     tok, dec = model.tokenizer, model.bundle.decoder
@@ -53,7 +53,7 @@ def teacher_forced(folder: Path, pairs, threads: int) -> tuple[list[np.ndarray],
         feats = model.bundle.vision.encode(model.pixels(probe_image(EVAL_SEED + i)))[0]
         for q, a in pairs[i * per : (i + 1) * per]:
             answer = tok.answer_ids(a) + [tok.eos_id]
-            emb = model.prompt_embeddings(build_prompt_ids(tok, q), feats)
+            emb = Prompt.of(build_prompt_ids(tok, q), feats.shape[0]).embeds(model.bundle.embed, feats)[None]  # [1,S,H]
             logits, cache = dec.forward(emb, dec.empty_cache(1), keep=1)  # the prompt, as a request prefills it
             rows = [logits[0, -1]]
             for t in answer[:-1]:  # then token by token through the decode graph
@@ -81,10 +81,17 @@ def metrics(ref: list[np.ndarray], got: list[np.ndarray], targets: list[list[int
 
 def decode_speed(folders: dict[str, Path], threads: int, rounds: int) -> dict[str, float]:
     """Median decode tok/s per bundle, the bundles taking turns within each round."""
+    from skin_offline import names
     from skin_offline.export.quality import probe_image
+    from skin_offline.runtime.bundle import Bundle
     from skin_offline.runtime.pipeline import SkinVL
+    from skin_offline.runtime.tokenizer import TextTokenizer
 
-    models = {k: SkinVL.load(f, threads=threads, feature_cache_size=0, prompt_cache_size=0) for k, f in folders.items()}
+    def load(folder: Path) -> SkinVL:  # no feature or prompt cache: every answer pays its vision and prefill
+        b = Bundle.load(folder, threads=threads)
+        return SkinVL(b, TextTokenizer.from_file(b.folder / names.TOKENIZER), feature_cache_size=0, prompt_cache_size=0)
+
+    models = {k: load(f) for k, f in folders.items()}
     img = probe_image(EVAL_SEED)
     for m in models.values():  # warm-up
         m.ask(img, "What is this lesion?", max_new_tokens=8)
@@ -92,7 +99,7 @@ def decode_speed(folders: dict[str, Path], threads: int, rounds: int) -> dict[st
     for _r in range(rounds):
         for k, m in models.items():
             a = m.ask(img, "Describe the lesion in detail.", max_new_tokens=48)
-            rates[k].append(a.timings.decode_tokens_per_s())
+            rates[k].append(a.timings.decode_tokens_per_s)
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
