@@ -273,22 +273,21 @@ class BundleLayers:
     stored [in,out]: transposed back to the checkpoint's [out,in])."""
 
     def __init__(self, dims, source):
-        from transformers import MistralConfig
         from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding
 
-        cfg = MistralConfig(
-            vocab_size=dims.vocab_size,
-            hidden_size=dims.hidden_size,
-            intermediate_size=dims.intermediate_size,
-            num_hidden_layers=1,
-            num_attention_heads=dims.num_heads,
-            num_key_value_heads=dims.num_kv_heads,
-            head_dim=dims.head_dim,
-            rope_theta=dims.rope_theta,
-            rms_norm_eps=dims.rms_norm_eps,
-            sliding_window=None,
+        from .layerstream import layer_config
+
+        d = dims
+        cfg = layer_config(
+            d.vocab_size,
+            d.hidden_size,
+            d.intermediate_size,
+            d.num_heads,
+            d.num_kv_heads,
+            d.head_dim,
+            d.rope_theta,
+            d.rms_norm_eps,
         )
-        cfg._attn_implementation = "eager"
         self.cfg, self.rotary, self.num_layers = cfg, MistralRotaryEmbedding(cfg), dims.num_layers
         self.source = source
         self.inits = {t.name: t for t in source.model.graph.initializer}

@@ -180,27 +180,37 @@ class TorchLayer:
             return y.numpy(), k.contiguous().numpy(), v.contiguous().numpy()
 
 
+def layer_config(
+    vocab: int, hidden: int, mlp: int, heads: int, kv_heads: int, head_dim: int, rope_theta: float, rms_norm_eps: float
+):
+    """transformers' MistralConfig for one decoder layer of these widths (eager attention, no sliding window): what
+    every layer-streamed pass (reference, verification, calibration) builds its layers from."""
+    from transformers import MistralConfig
+
+    cfg = MistralConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=1,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        rope_theta=rope_theta,
+        rms_norm_eps=rms_norm_eps,
+        sliding_window=None,
+    )
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
 class CheckpointStack:
     """transformers' Mistral layers over a checkpoint, one layer's fp32 weights in memory at a time."""
 
     def __init__(self, ckpt):
-        from transformers import MistralConfig
         from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding
 
         t = ckpt.text
-        cfg = MistralConfig(
-            vocab_size=t.vocab,
-            hidden_size=t.hidden,
-            intermediate_size=t.mlp,
-            num_hidden_layers=1,
-            num_attention_heads=t.heads,
-            num_key_value_heads=t.kv_heads,
-            head_dim=t.head_dim,
-            rope_theta=t.rope_theta,
-            rms_norm_eps=t.rms_norm_eps,
-            sliding_window=None,
-        )
-        cfg._attn_implementation = "eager"
+        cfg = layer_config(t.vocab, t.hidden, t.mlp, t.heads, t.kv_heads, t.head_dim, t.rope_theta, t.rms_norm_eps)
         self.ckpt, self.cfg, self.num_layers = ckpt, cfg, t.layers
         self.rotary = MistralRotaryEmbedding(cfg)
 
