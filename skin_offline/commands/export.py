@@ -10,7 +10,13 @@ import typer
 from ..errors import UsageError
 from ..export.choices import DemoLayout, DemoPreset, QuantMethod
 from ..manifest import PadMode, Precision
-from .options import progress_for, quiet_option
+from .options import (
+    calibration_images_option,
+    progress_for,
+    quant_method_option,
+    quiet_option,
+    scale_search_option,
+)
 
 
 def _source(src: Optional[Path], out: Optional[Path], base: Optional[Path], lora: Optional[Path]) -> tuple[Path, Path]:
@@ -62,19 +68,9 @@ def register(app, friendly) -> None:
         precision: Precision = typer.Option(
             Precision.FP32, help="fp32, or int4/int8/fp16 (quantized with `quantize`'s defaults)"
         ),
-        quant_method: Optional[QuantMethod] = typer.Option(
-            None,
-            help="int4/int8 weights: gptq (calibrated; the int4 default) or rtn (round to nearest, no calibration)",
-        ),
-        scale_search: Optional[bool] = typer.Option(
-            None,
-            "--scale-search/--no-scale-search",
-            help="each block's scale by the error on calibration activations (default: on with gptq, off with rtn)",
-        ),
-        calibration_images: Optional[Path] = typer.Option(
-            None,
-            help="folder of your own lesion photos to calibrate int4 on (read, encoded, never stored or logged); default: generated images",
-        ),
+        quant_method: Optional[QuantMethod] = quant_method_option(),
+        scale_search: Optional[bool] = scale_search_option(),
+        calibration_images: Optional[Path] = calibration_images_option(),
         quiet: bool = quiet_option(),
     ):
         """Export a SkinVL / LLaVA checkpoint folder to an ONNX bundle."""

@@ -14,6 +14,29 @@ def quiet_option():
     return typer.Option(False, "--quiet", help="no progress bars or messages on stderr (errors are still printed)")
 
 
+# the int4 method options `export --precision int4` and `quantize` share
+def quant_method_option():
+    return typer.Option(
+        None, help="int4/int8 weights: gptq (calibrated; the int4 default) or rtn (round to nearest, no calibration)"
+    )
+
+
+def scale_search_option():
+    return typer.Option(
+        None,
+        "--scale-search/--no-scale-search",
+        help="each block's scale by the error on calibration activations (default: on with gptq, off with rtn)",
+    )
+
+
+def calibration_images_option():
+    return typer.Option(
+        None,
+        help="folder of your own lesion photos to calibrate int4 on (read, encoded, never stored or logged); "
+        "default: generated images",
+    )
+
+
 def progress_for(quiet: bool):
     """The command's progress display: a bar on a terminal, plain lines in pipes and CI, nothing with --quiet."""
     from ..progress import Mode, Progress

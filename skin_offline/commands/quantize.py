@@ -9,7 +9,13 @@ import typer
 
 from ..export.choices import QuantMethod
 from ..manifest import Precision, Prefill
-from .options import progress_for, quiet_option
+from .options import (
+    calibration_images_option,
+    progress_for,
+    quant_method_option,
+    quiet_option,
+    scale_search_option,
+)
 
 
 def register(app, friendly) -> None:
@@ -27,19 +33,9 @@ def register(app, friendly) -> None:
         ),
         symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="int4/int8: zero points or not"),
         accuracy_level: int = typer.Option(4, help="MatMulNBits compute: 4 = int8 activations (fast), 0 = fp32"),
-        quant_method: Optional[QuantMethod] = typer.Option(
-            None,
-            help="int4/int8 weights: gptq (calibrated; the int4 default) or rtn (round to nearest, no calibration)",
-        ),
-        scale_search: Optional[bool] = typer.Option(
-            None,
-            "--scale-search/--no-scale-search",
-            help="each block's scale by the error on calibration activations (default: on with gptq, off with rtn)",
-        ),
-        calibration_images: Optional[Path] = typer.Option(
-            None,
-            help="folder of your own lesion photos to calibrate int4 on (read, encoded, never stored or logged); default: generated images",
-        ),
+        quant_method: Optional[QuantMethod] = quant_method_option(),
+        scale_search: Optional[bool] = scale_search_option(),
+        calibration_images: Optional[Path] = calibration_images_option(),
         lm_head: Optional[Precision] = typer.Option(
             None, help="lm_head precision for int4/int8 decoders: fp32, int8 (default) or int4"
         ),
