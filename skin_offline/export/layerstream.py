@@ -234,26 +234,39 @@ class CheckpointStack:
 
 # --- a bundle's decoder graph cut per layer -------------------------------------------------------------------
 class GraphStack:
-    """A saved decoder graph (fp32 or quantized) run one layer cut at a time (export/subgraph.py)."""
+    """A decoder graph (fp32 or quantized) run one layer cut at a time (export/subgraph.py): a saved one, or one not
+    written yet: `model` its structure and `fill(cut)` the cut with its weights (prefill_gate's candidate graph)."""
 
-    def __init__(self, path: Path, threads: int | None = None, exact: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        threads: int | None = None,
+        exact: bool = False,
+        *,
+        model=None,
+        fill: Callable | None = None,
+    ):
         from onnx import helper
 
         from .. import names
         from .subgraph import DecoderGraph
 
-        self.graph = DecoderGraph(path)
-        self.threads, self.exact = threads, exact
+        self.graph = DecoderGraph(path, model)
+        self.threads, self.exact, self.fill = threads, exact, fill
         self.num_layers = self.graph.num_layers
         past = self.graph.graph_inputs[names.past_key(0)].type.tensor_type.shape.dim
         self.kv_heads, self.head_dim = past[1].dim_value, past[3].dim_value
         self.dtype = helper.tensor_dtype_to_np_dtype(self.graph.float_type)
         self._head = None
 
+    def _session(self, i: int):
+        cut = self.graph.cut(i, self.exact)
+        return self.graph.session_of(cut if self.fill is None else self.fill(cut), i, self.threads)
+
     def open(self, i: int) -> Layer:
         from .subgraph import run_layer
 
-        session = self.graph.session(i, self.threads, self.exact)
+        session = self._session(i)
         return lambda hidden, past: run_layer(session, hidden, past, i, self.kv_heads, self.head_dim, self.dtype)
 
     def close(self) -> None:
@@ -263,5 +276,5 @@ class GraphStack:
         from .subgraph import HEAD, run_head
 
         if self._head is None:  # kept: called once per probe (the lm_head, 131-524 MB at 7B, read once)
-            self._head = self.graph.session(HEAD, self.threads, self.exact)
+            self._head = self._session(HEAD)
         return run_head(self._head, hidden[None], hidden.shape[0], self.dtype)[0]

@@ -10,19 +10,24 @@ probe turns must be no further from fp32 than those of the decode graph it stand
 whatever the measurement says (the figures still go into the manifest).
 
 The three decoders (fp32 reference, decode graph, prefill graph) run one layer at a time (layerstream.run_pass),
-so the check holds one layer's weights at any model size.
+so the check holds one layer's weights at any model size. A defaulted prefill graph is measured before it is
+written, each layer encoded in memory from the fp32 source, and written (a second pass over the weights) only
+when it passes: a rejected one never takes disk space (at 7B it would be 7 GB next to a ~4 GB bundle).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from ..manifest import GraphVariant, Kernel
 from .layerstream import GraphStack, Group, LayerStack, release_memory, run_pass
+
+if TYPE_CHECKING:
+    from .quantize import GraphPlan
 
 # Slack on the comparison, nats of mean KL. Why: on random weights both graphs sit within ~1e-3 of fp32's flat
 # logits and their order is noise; a broken prefill graph is off by whole nats (the proxy: ~9).
@@ -105,14 +110,13 @@ def _turn_logits(stack: LayerStack, groups: list[Group]) -> np.ndarray:
 
 
 def measure_prefill(
-    reference: LayerStack, decode_graph: Path, prefill_graph: Path, groups: list[Group], threads: int | None = None
+    reference: LayerStack, decode: LayerStack, prefill: LayerStack, groups: list[Group]
 ) -> PrefillCheck:
     from .quality import logit_metrics
 
     ref = _turn_logits(reference, groups)
     got = {}
-    for name, path in (("decode", decode_graph), ("prefill", prefill_graph)):
-        stack = GraphStack(path, threads)
+    for name, stack in (("decode", decode), ("prefill", prefill)):
         got[name] = logit_metrics(ref, _turn_logits(stack, groups))
         stack.close()
     return PrefillCheck(
@@ -124,38 +128,63 @@ def measure_prefill(
     )
 
 
+def defer_prefill(plans: list[GraphPlan], gated: bool) -> tuple[list[GraphPlan], GraphPlan | None]:
+    """The plans to write in the weights' first pass, and a defaulted hybrid's prefill plan held back for
+    `gate_prefill`, which writes it only once it has passed. Asked for by name (`--prefill int8`), it is written
+    with the rest."""
+    qgemm = [p for p in plans if p.kernel == Kernel.QGEMM]
+    if not gated or len(qgemm) != 1 or len(plans) != 2:  # no prefill graph, or the int8-only tier's one graph
+        return plans, None
+    return [p for p in plans if p is not qgemm[0]], qgemm[0]
+
+
 def gate_prefill(
     decoders: list[GraphVariant],
+    deferred: GraphPlan | None,
+    write: Callable[[GraphPlan], GraphVariant],
     out_dir: Path,
-    gated: bool,
     reference: LayerStack,
     groups: Callable[[], list[Group]],
     threads: int | None,
     log: Callable[[str], None],
 ) -> list[GraphVariant]:
     """`decoders` as written, with the hybrid's prefill graph measured (the figures in the decode graph's details,
-    "prefill_gate") and, when `gated` and it fails, removed with its files. Bundles without a decode + prefill pair
-    come back unchanged."""
+    "prefill_gate"). A `deferred` plan (defer_prefill) is measured before it is written, each layer encoded in
+    memory (quantize.encode_cut), and `write` is called only when it passes: a rejected graph (7 GB at 7B, the
+    bundle would be ~4 GB without it) never touches the disk. A forced one was written with the rest and is
+    measured from its file. Bundles without a decode + prefill pair come back unchanged."""
     from dataclasses import replace
 
+    from .quantize import encode_cut
+
+    out_dir = Path(out_dir)
     qgemm = [g for g in decoders if g.kernel == Kernel.QGEMM]
     decode = [g for g in decoders if g.kernel != Kernel.QGEMM]
-    if len(qgemm) != 1 or len(decode) != 1:  # no prefill graph, or the int8-only tier (one QGEMM graph)
+    if len(decode) != 1 or len(qgemm) + (deferred is not None) != 1:
         return decoders
-    (p,), (d,) = qgemm, decode
+    (d,) = decode
+    if deferred is not None:
+        plan = deferred
+        candidate = GraphStack(
+            out_dir / plan.dst_name, threads, model=plan.source.model, fill=lambda c: encode_cut(plan, c)
+        )
+    else:
+        candidate = GraphStack(out_dir / qgemm[0].file, threads)
     log(
         f"checking the int8 prefill graph against fp32 ({len(PROBE_IMAGES)} probe images x {TURNS_PER_IMAGE} turns) ..."
     )
-    check = measure_prefill(reference, Path(out_dir) / d.file, Path(out_dir) / p.file, groups(), threads)
-    kept = check.passed or not gated
+    check = measure_prefill(reference, GraphStack(out_dir / d.file, threads), candidate, groups())
+    del candidate
+    release_memory()
+    kept = check.passed or deferred is None
     d2 = replace(d, details={**d.details, **check.details(kept)})
     if not kept:
         log(
-            f"int8 prefill graph rejected: {check.describe()}; prompts prefill on the {d.precision.value} decode "
-            f"graph (slower first token; --prefill int8 forces the graph)"
+            f"int8 prefill graph rejected, not written: {check.describe()}; prompts prefill on the "
+            f"{d.precision.value} decode graph (slower first token; --prefill int8 forces the graph)"
         )
-        for f in (p.file, *p.data_files):
-            (Path(out_dir) / f).unlink()
         return [d2]
     log(f"int8 prefill graph {'kept' if check.passed else 'kept (forced by --prefill int8)'}: {check.describe()}")
+    if deferred is not None:
+        return [d2, write(deferred)]
     return [d2 if g is d else g for g in decoders]

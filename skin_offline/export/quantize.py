@@ -236,6 +236,7 @@ class GraphPlan:
     quantized_params: int = 0
     float_params: int = 0
     tensors: int = 0  # initializers to stream
+    kernel: Kernel = Kernel.NBITS  # QGEMM: the int8 prefill graph (or the int8-only tier's one graph)
 
 
 def _weight_matmuls(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
@@ -296,7 +297,14 @@ def plan_graph(
             qparams += k * n
     total = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == TensorProto.FLOAT)
     return GraphPlan(
-        source, dst_name, codecs, precision == Precision.FP16, qparams, total - qparams, len(model.graph.initializer)
+        source,
+        dst_name,
+        codecs,
+        precision == Precision.FP16,
+        qparams,
+        total - qparams,
+        len(model.graph.initializer),
+        kernel,
     )
 
 
@@ -377,16 +385,48 @@ def quantize_graphs(
     out = []
     for w in writing:
         w.data.close()
-        model = w.model
-        nodes = [w.replaced.get(n.name, n) if n.op_type == "MatMul" else n for n in model.graph.node]
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(w.inits)
-        if w.replaced and not any(o.domain == MS_DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-        save(model, Path(out_dir) / w.plan.dst_name)
+        _rewrite(w.model, w.inits, w.replaced)
+        save(w.model, Path(out_dir) / w.plan.dst_name)
         out.append((w.plan.dst_name, names.external_data_name(w.plan.dst_name)))
+    return out
+
+
+def _rewrite(model: onnx.ModelProto, inits: list, replaced: dict) -> None:
+    """`model` in place: its weight MatMuls replaced by their codecs' nodes, its initializers by `inits`."""
+    nodes = [replaced.get(n.name, n) if n.op_type == "MatMul" else n for n in model.graph.node]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+    if replaced and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+def encode_cut(plan: GraphPlan, cut: onnx.ModelProto) -> onnx.ModelProto:
+    """A cut of the plan's fp32 source (subgraph.DecoderGraph.cut: one layer, or the head) as the graph `plan`
+    writes would have it, its weights read, encoded and held inline: how prefill_gate runs a graph before (and
+    instead of) writing it. Memory: that cut's encoded weights (one layer). Plans whose encodings need the whole
+    pass (fp16 casts, calibrated codes) are not cut this way."""
+    if plan.to_fp16 or any(getattr(c, "calibrated", False) for c in plan.codecs.values()):
+        raise ValueError(f"encode_cut: {plan.dst_name} needs the whole-graph pass (fp16 or calibrated codecs)")
+    matmuls = _weight_matmuls(cut)
+    inits: list[TensorProto] = []
+    replaced: dict[str, onnx.NodeProto] = {}
+    for t in cut.graph.initializer:
+        arr = plan.source.read(t)
+        codec = plan.codecs.get(t.name)
+        if codec is None:
+            inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), t.name))
+            continue
+        tensors = codec.encode(t.name, arr)
+        del arr
+        inits += [numpy_helper.from_array(x, name) for name, x in tensors]
+        mm = matmuls[t.name]
+        k, n = t.dims
+        replaced[mm.name] = codec.node(mm.input[0], mm.output[0], mm.name, tensors, k, n)
+    out = onnx.ModelProto()
+    out.CopyFrom(cut)  # structure and external references only: small
+    _rewrite(out, inits, replaced)
     return out
 
 
@@ -693,8 +733,9 @@ def write_plans(
 
 def _gate_prefill(
     graphs: list[GraphVariant],
+    deferred: GraphPlan | None,
+    write: Callable[[GraphPlan], GraphVariant],
     tmp: Path,
-    gated: bool,
     src: Path,
     m: Manifest,
     dec32: GraphVariant,
@@ -719,7 +760,7 @@ def _gate_prefill(
             threads,
         )
 
-    return gate_prefill(graphs, tmp, gated, GraphStack(src / dec32.file, threads), groups, threads, log)
+    return gate_prefill(graphs, deferred, write, tmp, GraphStack(src / dec32.file, threads), groups, threads, log)
 
 
 def quantize_bundle(
@@ -759,6 +800,9 @@ def quantize_bundle(
     dec_source = GraphSource.from_file(src / dec32.file)
     prefill_gated = cfg.prefill is None  # a defaulted int8 prefill graph must pass prefill_gate
     cfg, plans = decoder_plans(cfg, dec_source, dec32, str(src))
+    from .prefill_gate import defer_prefill
+
+    first, deferred = defer_prefill(plans, prefill_gated)
 
     if Precision.FP16 in (cfg.precision, cfg.vision):
         # measured here (2 cores, decode tok/s, interleaved medians): hidden-512 model fp16 18.9 vs fp32 20.7; tiny 111 vs 221
@@ -788,10 +832,20 @@ def quantize_bundle(
                 (probe_kw or {}).get("threads"),
                 log,
             )
-        graphs = write_plans(plans, tmp, cfg, {dec32.file: dec32}, log, calibrator)
+        graphs = write_plans(first, tmp, cfg, {dec32.file: dec32}, log, calibrator)
         del calibrator
         graphs = _gate_prefill(
-            graphs, tmp, prefill_gated, src, m, dec32, vis32, emb32, (probe_kw or {}).get("threads"), log
+            graphs,
+            deferred,
+            lambda p: write_plans([p], tmp, cfg, {dec32.file: dec32}, log)[0],
+            tmp,
+            src,
+            m,
+            dec32,
+            vis32,
+            emb32,
+            (probe_kw or {}).get("threads"),
+            log,
         )
         # the fp32 vision graph stays next to an fp16 one (the CPU provider refuses fp16) and as the default; an int8
         # one replaces it (runs everywhere onnxruntime does; --keep-source carries fp32 too) unless it fails the gate

@@ -52,9 +52,11 @@ def boundaries(model: onnx.ModelProto, graph_file: str) -> Boundaries:
 class DecoderGraph:
     """A saved decoder graph's structure (no weights loaded) from which per-layer sessions are cut."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, model: onnx.ModelProto | None = None):
+        """`model`: the graph's structure when it is not (yet) a file at `path` (prefill_gate's candidate graph: its
+        cuts' weights are filled in by the caller); `path` then names it and its folder."""
         self.path = Path(path)
-        self.model = onnx.load(str(self.path), load_external_data=False)
+        self.model = onnx.load(str(self.path), load_external_data=False) if model is None else model
         self.bounds = boundaries(self.model, self.path.name)
         g = self.model.graph
         self.producer = {o: n for n in g.node for o in n.output if o}
@@ -157,6 +159,11 @@ class DecoderGraph:
 
     def session(self, layer: int, threads: int | None = None, exact: bool = False):
         """An onnxruntime session of `cut(layer)` reading its weights from the graph's folder."""
+        return self.session_of(self.cut(layer, exact), layer, threads)
+
+    def session_of(self, cut: onnx.ModelProto, layer: int, threads: int | None = None):
+        """An onnxruntime session of `cut` (one of this graph's cuts, possibly rewritten), external weights read from
+        the graph's folder."""
         import onnxruntime as ort
 
         from ..runtime.sessions import SessionFactory
@@ -165,9 +172,7 @@ class DecoderGraph:
         # the cut model lives in memory: its external initializers resolve against the bundle folder
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path.parent))
         try:
-            return ort.InferenceSession(
-                self.cut(layer, exact).SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"]
-            )
+            return ort.InferenceSession(cut.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime's own error types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BundleError(

@@ -21,7 +21,6 @@ from ..manifest import (
     Attention,
     Flavor,
     GraphVariant,
-    Kernel,
     Manifest,
     ModelDims,
     PadMode,
@@ -313,22 +312,29 @@ def _quantized_decoders(
             log,
         )
         del table
+    from .layerstream import CheckpointStack
+    from .prefill_gate import defer_prefill, gate_prefill, probe_groups
+
+    first, deferred = defer_prefill(plans, prefill_gated)
     with _torch_threads(calib[2] if calib else None):
-        decoders = write_plans(plans, tmp, cfg, {dec32.file: dec32}, log, calibrator)
+        decoders = write_plans(first, tmp, cfg, {dec32.file: dec32}, log, calibrator)
     del calibrator
-    if any(g.kernel == Kernel.QGEMM for g in decoders) and len(decoders) > 1:  # the hybrid: gate its prefill graph
-        from .layerstream import CheckpointStack
-        from .prefill_gate import gate_prefill, probe_groups
+    tok, vision_graph, threads = probes
 
-        tok, vision_graph, threads = probes
+    def groups():
+        table = ckpt.text_tensor("embed_tokens.weight").numpy()  # [V,H]
+        return probe_groups(tok, lambda ids: table[np.asarray(ids, np.int64)], vision_graph, ckpt.preprocess, threads)
 
-        def groups():
-            table = ckpt.text_tensor("embed_tokens.weight").numpy()  # [V,H]
-            return probe_groups(
-                tok, lambda ids: table[np.asarray(ids, np.int64)], vision_graph, ckpt.preprocess, threads
-            )
-
-        decoders = gate_prefill(decoders, tmp, prefill_gated, CheckpointStack(ckpt), groups, threads, log)
+    decoders = gate_prefill(  # the hybrid's prefill graph: measured, written only if kept (others: unchanged)
+        decoders,
+        deferred,
+        lambda p: write_plans([p], tmp, cfg, {dec32.file: dec32}, log)[0],
+        tmp,
+        CheckpointStack(ckpt),
+        groups,
+        threads,
+        log,
+    )
     log(f"writing {cfg.embeddings.value} embedding table ...")
     table = ckpt.text_tensor("embed_tokens.weight").numpy()  # [V,H] fp32: one tensor
     if cfg.embeddings == EmbeddingPrecision.FP32:
