@@ -88,11 +88,17 @@ def test_default_int4_proxy_is_calibrated_verified_and_measured(int4):
     r = m.quality["decoder.int4"]
     assert r["quantization"]["method"] == "gptq" and "calibration" in r["quantization"]
     assert 0 <= r["kl_mean"] and 0 < r["top1_agreement"] <= 1
-    # real weights: the int8 prefill graph's per-tensor activation scales cannot hold a trained LM's outlier channels
-    # (measured: 0.9% top-1 agreement with fp32 against the int4 graph's 83%); its gate drops it from the default
+    # real weights through the int8 prefill graph: its kernel is exact (7-bit codes, no int16 saturation on AVX2), so
+    # it agrees with fp32 about as often as the int4 graph (measured: 85.0% vs 83.2% top-1; with 8-bit codes on
+    # this CPU, 0.9%); the gate keeps it exactly when its mean KL is within KL_SLACK of the int4 graph's (measured:
+    # 0.152 vs 0.087 nats, rejected)
+    from skin_offline.export.prefill_gate import KL_SLACK
+
     gate = g.details["prefill_gate"]
-    assert not gate["passed"] and gate["top1_agreement"] < 0.5 * gate["decode_top1_agreement"]
-    assert [v.kernel.value for v in m.variants("decoder")] == ["nbits"]
+    assert gate["top1_agreement"] > 0.8 * gate["decode_top1_agreement"]
+    assert gate["passed"] == (gate["kl_mean"] <= gate["decode_kl_mean"] + KL_SLACK) == gate["prefill_graph_kept"]
+    kernels = [v.kernel.value for v in m.variants("decoder")]
+    assert kernels == (["nbits", "qgemm"] if gate["passed"] else ["nbits"])
 
 
 def test_int4_proxy_answers_through_ask_classify_and_serve(int4, tmp_path):

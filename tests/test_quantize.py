@@ -404,21 +404,21 @@ def test_int8_vision_is_dynamic_quantization_close_to_fp32(llava_model, tmp_path
     f32 = llava_model.runtime.bundle.vision.encode(pixels)[0]
     f8 = SkinVL.load(out, threads=1, device="cpu").bundle.vision.encode(pixels)[0]
     cos = (f32 * f8).sum(-1) / np.linalg.norm(f32, axis=-1) / np.linalg.norm(f8, axis=-1)
-    # per token, random weights, activations quantized per tensor: min 0.986 / mean 0.995 on a Zen 5 EPYC
-    # (onnxruntime 1.32's AVX-512 VNNI kernels), > 0.999 on the Intel machine before it; a wrong scale or a transposed
-    # weight gives < 0.5. Whether a tower this close is good enough by default is the gate's call (next test).
-    assert cos.min() > 0.98
+    # per token, random weights, activations quantized per tensor: min 0.9996 / mean 0.9998 on the AVX2 CI machine
+    # (with 8-bit codes its saturating u8s8 kernel gave min 0.986: test_qgemm_kernel.py); a wrong scale or a
+    # transposed weight gives < 0.5. Whether a tower this close is good enough by default is the gate's call.
+    assert cos.min() > 0.999
     reports = [
         r for r in (m.quality.get("graphs") or m.quality).values() if isinstance(r, dict) and "feature_cosine_min" in r
     ]
-    assert reports and all(r["feature_cosine_min"] > 0.98 for r in reports)  # the manifest's quality report
+    assert reports and all(r["feature_cosine_min"] > 0.999 for r in reports)  # the manifest's quality report
 
 
 def test_default_int8_vision_is_gated_by_its_feature_cosine(llava_model, tmp_path, monkeypatch):
     """int4/int8 bundles get the int8 tower by default only when its features match fp32 (cosine gate); asked for
-    explicitly, it is kept whatever the gate says. onnxruntime's int8 kernels differ between CPUs (this random
-    model's tower: > 0.999 on an Intel machine, 0.986 on a Zen 5 EPYC), so the default's outcome is checked against
-    the cosine measured here, then the threshold is moved to each side of it."""
+    explicitly, it is kept whatever the gate says. A real checkpoint's tower may fall either side of the threshold,
+    so the default's outcome is checked against the cosine measured here, then the threshold is moved to each side
+    of it."""
     import skin_offline.export.quantize as q
     from skin_offline.export.quality import probe_image
     from skin_offline.runtime.pipeline import SkinVL

@@ -92,7 +92,7 @@ def pack_codes(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class QGemm:
-    """Symmetric int8 per output column (zero point 0, codes in [-127, 127])."""
+    """Symmetric int8 per output column (zero point 0), codes in [-QGEMM_MAX_CODE, QGEMM_MAX_CODE]."""
 
     kernel = Kernel.QGEMM
 
@@ -113,13 +113,24 @@ class QGemm:
 Codec = NBits | QGemm
 
 
+# Why 7-bit codes in an int8 tensor: DynamicQuantizeMatMul multiplies uint8 activations by int8 weights (u8s8), and
+# on x86 CPUs without VNNI (AVX2: most laptops and desktops before ~2021, and this project's 2-core CI machine)
+# onnxruntime's kernel sums each pair of products in a saturating int16 (vpmaddubsw): 255 x 127 x 2 = 64770 clips
+# at 32767. Measured here (AVX2, onnxruntime 1.32, K=512 with outlier channels): codes in [-127, 127] put the
+# kernel 3.3% (relative norm) away from its own exact integer math; codes in [-63, 63] bring it to 4e-8 on any
+# CPU (255 x 63 x 2 = 32130), at one bit of weight precision. onnxruntime's quantizer calls this reduce_range.
+# uint8 weights (u8u8) would also be exact but leave the u8s8 kernels VNNI and AMX machines are fastest with.
+QGEMM_MAX_CODE = 63
+
+
 def pack_qgemm(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """W [K,N] fp32 -> (int8 codes [K,N], scales [N] fp32): per-column absmax / 127, round to nearest."""
-    scales = (np.abs(w).max(axis=0) / 127.0).astype(np.float32)  # [N]
+    """W [K,N] fp32 -> (int8 codes [K,N] in [-QGEMM_MAX_CODE, QGEMM_MAX_CODE], scales [N] fp32): per-column
+    absmax / QGEMM_MAX_CODE, round to nearest."""
+    scales = (np.abs(w).max(axis=0) / np.float32(QGEMM_MAX_CODE)).astype(np.float32)  # [N]
     safe = np.where(scales == 0, np.float32(1), scales)
     q = np.empty(w.shape, np.int8)
     for r in range(0, w.shape[0], 1024):  # row chunks: no full-size float temporaries at 7B widths
-        q[r : r + 1024] = np.clip(np.rint(w[r : r + 1024] / safe), -127, 127)
+        q[r : r + 1024] = np.clip(np.rint(w[r : r + 1024] / safe), -QGEMM_MAX_CODE, QGEMM_MAX_CODE)
     return q, scales
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import names
-from ..manifest import PadMode, Precision, Prefill
+from ..manifest import Kernel, PadMode, Precision, Prefill
 
 ALIGN = 4096
 TOKENIZER_BYTES = 1_400_000  # the Mistral tokenizer.json this exporter writes (1.36 MB), when the checkpoint has none
@@ -243,9 +243,12 @@ def plan_export(
             t.hidden, t.mlp, t.heads, t.kv_heads, t.head_dim, t.layers, t.vocab, ckpt.vision.image_tokens
         )
         stages["int8 prefill gate"] = baseline + 4 * _layer_params(t) + layer_cut + 3 * 300 * 4 * t.vocab + ACTIVATIONS
+        qgemm = names.kernel_variant_file(names.DECODER_GRAPH, "int8", Kernel.QGEMM.value)
+        prefill_bytes = sum(v for k, v in files.items() if k in (qgemm, names.external_data_name(qgemm)))
         notes.append(
             f"int8 prefill graph check against fp32: {gate / 1e12:.0f} TFLOP, ~{gate / 1e9 / measure_gflops() / 60:.1f} "
-            f"min at this machine's fp32 GEMM rate now"
+            f"min at this machine's fp32 GEMM rate now; the graph is written (a second pass over the weights) only "
+            f"when it passes, else the bundle is {(sum(files.values()) - prefill_bytes) / 1e9:.2f} GB"
         )
     if transient:  # the int8 tower's gate: the fp32 and int8 vision graphs loaded side by side
         stages["vision int8 gate"] = baseline + sum(vis) + sum(vis) // 4 + ACTIVATIONS

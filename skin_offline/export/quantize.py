@@ -34,7 +34,7 @@ from ..progress import task
 from .atomic import atomic_folder
 from .calibrate import MethodSpec, QuantMethod, calibrated_weight
 from .calibration import CalibrationSpec
-from .codecs import MS_DOMAIN, Codec, NBits, QGemm
+from .codecs import MS_DOMAIN, QGEMM_MAX_CODE, Codec, NBits, QGemm
 from .onnx_writer import ExternalData, save
 
 Log = Callable[[str], None]
@@ -643,7 +643,11 @@ def _variant(
     kernels = {c.kernel for c in plan.codecs.values()}
     if kernels == {Kernel.QGEMM}:
         precision, kernel = Precision.INT8, Kernel.QGEMM
-        details.update(op="DynamicQuantizeMatMul", weights="int8 per-column", activations="uint8 dynamic per-tensor")
+        details.update(
+            op="DynamicQuantizeMatMul",
+            weights=f"int8 per-column, codes in [-{QGEMM_MAX_CODE}, {QGEMM_MAX_CODE}] (exact on CPUs without VNNI)",
+            activations="uint8 dynamic per-tensor",
+        )
     elif kernels:
         precision = cfg.precision if source.role == names.ROLE_DECODER else cfg.vision
         kernel = Kernel.NBITS
