@@ -59,3 +59,57 @@ def test_dynamic_quantize_matmul_over_the_codecs_codes_is_exact_on_this_cpu():
         assert rel < 1e-6, f"{rows} rows, {outliers} outlier channels: kernel {rel:.2e} from its exact integer math"
         # and the result is the fp32 product up to quantization error (a sanity bound, not the test's point)
         assert np.linalg.norm(got - x @ w) / np.linalg.norm(x @ w) < 0.1
+
+
+def test_a_bundle_with_full_range_codes_is_not_run_through_a_saturating_kernel(llava_model, tmp_path, monkeypatch):
+    """Bundles exported before 7-bit codes (no `max_code` in their QGEMM graphs' details) on a CPU without VNNI: auto
+    mode leaves the prefill graph unloaded and uses the fp32 vision tower when the bundle has one, each with a
+    notice; asked for by name, the prefill graph loads with a notice. With VNNI, or with 7-bit codes, nothing
+    changes."""
+    from dataclasses import replace
+
+    from skin_offline import names
+    from skin_offline.export.quantize import QuantConfig, quantize_bundle
+    from skin_offline.manifest import Kernel, Manifest, Precision
+    from skin_offline.runtime.bundle import Bundle
+    from skin_offline.runtime.kernels import policy
+
+    out = tmp_path / "b"
+    quantize_bundle(
+        llava_model.bundle_dir,
+        out,
+        QuantConfig("int4", method="rtn", prefill="int8", vision="int8"),
+        quality=False,
+        keep_source=True,
+        log=lambda s: None,
+    )
+    m = Manifest.read(out)
+    qgemm = [g for g in m.graphs if g.kernel == Kernel.QGEMM]
+    assert {g.role for g in qgemm} == {names.ROLE_VISION, names.ROLE_DECODER}
+    assert all(g.details["max_code"] == 63 for g in qgemm)
+    avx2 = {"sse2", "avx", "avx2", "fma"}
+    vnni = avx2 | {"avx512f", "avx512_vnni"}
+
+    def load(flags, prefill=None):
+        monkeypatch.setattr(policy, "cpu_flags", lambda: flags)
+        b = Bundle.load(out, threads=1, prefill=prefill)
+        return b.picked, b.notices
+
+    picked, notices = load(avx2)  # 7-bit codes: exact here
+    assert picked["multi_row"].kernel == Kernel.QGEMM and picked[names.ROLE_VISION].precision == Precision.INT8
+    assert not notices
+
+    # the same bundle as an older export wrote it
+    old = replace(
+        m, graphs=tuple(replace(g, details={k: v for k, v in g.details.items() if k != "max_code"}) for g in m.graphs)
+    )
+    old.write(out)
+    picked, notices = load(vnni)
+    assert "multi_row" in picked and picked[names.ROLE_VISION].precision == Precision.INT8 and not notices
+    picked, notices = load(avx2)
+    assert "multi_row" not in picked and picked[names.ROLE_VISION].precision == Precision.FP32
+    assert len(notices) == 2 and all("overflow this CPU's int8 kernel (no VNNI)" in n for n in notices)
+    assert all("\n" not in n and "re-export the bundle" in n for n in notices)
+    picked, notices = load(avx2, prefill="int8")
+    assert picked["multi_row"].kernel == Kernel.QGEMM
+    assert any("loaded anyway: --prefill int8 asked for it" in n for n in notices)

@@ -19,6 +19,7 @@ from onnx import NodeProto, helper
 
 from .. import names
 from ..manifest import Kernel
+from ..runtime.kernels.policy import EXACT_MAX_CODE
 
 MS_DOMAIN = "com.microsoft"
 
@@ -120,7 +121,7 @@ Codec = NBits | QGemm
 # kernel 3.3% (relative norm) away from its own exact integer math; codes in [-63, 63] bring it to 4e-8 on any
 # CPU (255 x 63 x 2 = 32130), at one bit of weight precision. onnxruntime's quantizer calls this reduce_range.
 # uint8 weights (u8u8) would also be exact but leave the u8s8 kernels VNNI and AMX machines are fastest with.
-QGEMM_MAX_CODE = 63
+QGEMM_MAX_CODE = EXACT_MAX_CODE  # runtime/kernels/policy.py: what a loading bundle is checked against
 
 
 def pack_qgemm(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -645,7 +645,8 @@ def _variant(
         precision, kernel = Precision.INT8, Kernel.QGEMM
         details.update(
             op="DynamicQuantizeMatMul",
-            weights=f"int8 per-column, codes in [-{QGEMM_MAX_CODE}, {QGEMM_MAX_CODE}] (exact on CPUs without VNNI)",
+            weights="int8 per-column",
+            max_code=QGEMM_MAX_CODE,  # 7-bit codes: exact on CPUs without VNNI (runtime/kernels/policy.py)
             activations="uint8 dynamic per-tensor",
         )
     elif kernels:

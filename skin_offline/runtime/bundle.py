@@ -18,9 +18,10 @@ import numpy as np
 
 from .. import names
 from ..errors import BundleError
-from ..manifest import Attention, Flavor, GraphVariant, Manifest, Precision, Prefill, sha256_file
+from ..manifest import Attention, Flavor, GraphVariant, Kernel, Manifest, Precision, Prefill, sha256_file
 from .decoder import Decoder, make_decoder
 from .external_data import external_locations
+from .kernels.policy import overflows_here
 from .sessions import SessionFactory
 from .tensorrt import device_for_bundle, graph_providers
 from .vision import VisionEncoder
@@ -136,6 +137,15 @@ def _multi_row_graph(
         )
     if partner is None:
         return None, ()
+    if overflows_here(partner.details):
+        # a graph exported before 7-bit codes, on a CPU without VNNI: its kernel's int16 sums clip (a trained
+        # model's answers go wrong, measured on the proxy: 0.9% top-1 agreement with fp32); auto mode leaves it out
+        why = (
+            f"prefill graph {partner.file}'s int8 codes overflow this CPU's int8 kernel (no VNNI); re-export the bundle"
+        )
+        if prefill is None:
+            return None, (f"{why}; prompts prefill on the {dec.precision.value} graph meanwhile",)
+        return partner, (f"{why} (loaded anyway: --prefill int8 asked for it)",)
     size = sum(manifest.files[f].size for f in {partner.file, *partner.data_files})
     free = _available_memory()
     # the int8 graph is the bigger half of a hybrid bundle (7 GB at 7B): auto mode leaves it out rather than
@@ -217,6 +227,20 @@ class Bundle:
             names.ROLE_EMBEDDINGS,
             prec if prec in {g.precision for g in manifest.variants(names.ROLE_EMBEDDINGS)} else None,
         )
+        overflow_notices: tuple[str, ...] = ()
+        if vis.kernel == Kernel.QGEMM and overflows_here(vis.details):  # exported before 7-bit codes, no VNNI here
+            fp32 = [g for g in manifest.variants(names.ROLE_VISION) if g.precision == Precision.FP32]
+            why = f"vision graph {vis.file}'s int8 codes overflow this CPU's int8 kernel (no VNNI)"
+            if fp32:
+                vis = fp32[0]
+                overflow_notices = (f"{why}; using the bundle's fp32 vision graph (slower); re-export the bundle",)
+            else:
+                overflow_notices = (f"{why}, which blurs image features; re-export the bundle",)
+        if dec.kernel == Kernel.QGEMM and overflows_here(dec.details):  # the int8-only tier, exported before
+            overflow_notices += (
+                f"decoder graph {dec.file}'s int8 codes overflow this CPU's int8 kernel (no VNNI), which degrades "
+                f"answers; re-export the bundle",
+            )
         table, scales = _load_table(folder, manifest, emb)
         vision = VisionEncoder(
             sessions.create(folder / vis.file, graph_providers(choice, folder, names.ROLE_VISION, vis))
@@ -240,7 +264,7 @@ class Bundle:
             ),
             embeddings=table,
             embedding_scales=scales,
-            notices=notices,
+            notices=overflow_notices + notices,
             picked={
                 names.ROLE_VISION: vis,
                 names.ROLE_DECODER: dec,

@@ -34,6 +34,24 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+# The largest int8 weight code onnxruntime's u8s8 GEMM (DynamicQuantizeMatMul) computes exactly on every x86 CPU:
+# without VNNI its int16 pair sums saturate above 255 x 64 x 2 (export/codecs.py says why and what was measured).
+EXACT_MAX_CODE = 63
+
+
+def int8_gemm_saturates(flags: set[str] | None = None) -> bool:
+    """Whether this CPU's u8s8 kernel sums pairs of products in a saturating int16: x86 without VNNI (AVX2 only)."""
+    flags = cpu_flags() if flags is None else flags
+    x86 = "sse2" in flags
+    return x86 and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
+def overflows_here(details: dict, flags: set[str] | None = None) -> bool:
+    """Whether an int8 QGEMM graph (its manifest details) has weight codes this CPU's kernel cannot sum exactly:
+    graphs exported before 7-bit codes record no `max_code` and use the full [-127, 127]."""
+    return int(details.get("max_code", 127)) > EXACT_MAX_CODE and int8_gemm_saturates(flags)
+
+
 def default_gemm_min_rows(flags: set[str] | None = None) -> int:
     env = os.environ.get(GEMM_MIN_ROWS_ENV)
     if env:
