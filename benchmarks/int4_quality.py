@@ -6,9 +6,11 @@ export/calibration.py): the prompt prefilled through the graph the kernel policy
 int4 bundle), then the reference answer fed one token at a time through the decode graph (teacher forcing). On the
 answer tokens (and the EOS after them), against the fp32 bundle: top-1 agreement, mean KL(fp32 || bundle), and the
 perplexity of the reference answers. Bundle size: every file. Decode tok/s: greedy answers of 48 new tokens,
-interleaved across bundles round by round, median per bundle (ratios are taken within the same run).
+interleaved across bundles round by round, median per bundle (ratios are taken within the same run). Last, the
+int8 prefill graph's effect: the default int4 bundle quantized with `--prefill int8`, the same turns prefilled
+through that graph and through the int4 graph (`--prefill-only` runs just this, on the fp32 bundle under OUT).
 
-    python benchmarks/int4_quality.py [PROXY_CHECKPOINT] OUT_DIR [--threads 2] [--rounds 5]
+    python benchmarks/int4_quality.py [PROXY_CHECKPOINT] OUT_DIR [--threads 2] [--rounds 5] [--prefill-only]
 """
 
 from __future__ import annotations
@@ -39,13 +41,16 @@ def eval_pairs(csv_path: Path) -> list[tuple[str, str]]:
     return [(rows[r - 1]["question"].strip(), rows[r - 1]["answer"].strip()) for r in EVAL_ROWS]
 
 
-def teacher_forced(folder: Path, pairs, threads: int) -> tuple[list[np.ndarray], list[list[int]]]:
-    """Per held-out turn: [n,V] logits predicting the answer + EOS, and those n target ids."""
+def teacher_forced(
+    folder: Path, pairs, threads: int, prefill: str | None = None
+) -> tuple[list[np.ndarray], list[list[int]]]:
+    """Per held-out turn: [n,V] logits predicting the answer + EOS, and those n target ids. `prefill`: as
+    SkinVL.load takes it (None: the bundle's default)."""
     from skin_offline.export.quality import probe_image
     from skin_offline.runtime.pipeline import SkinVL
     from skin_offline.runtime.prompt import Prompt, build_prompt_ids
 
-    model = SkinVL.load(folder, threads=threads)
+    model = SkinVL.load(folder, threads=threads, prefill=prefill)
     tok, dec = model.tokenizer, model.bundle.decoder
     per = len(pairs) // EVAL_IMAGES
     out, targets = [], []
@@ -110,6 +115,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--csv", type=Path, default=None)
+    ap.add_argument(
+        "--prefill-only",
+        action="store_true",
+        help="only the int8 prefill graph's effect (needs the fp32 bundle under OUT from a full run)",
+    )
     a = ap.parse_args()
     import sys
 
@@ -119,6 +129,9 @@ def main() -> None:
     from skin_offline.export.to_onnx import export_bundle
     from skin_offline.manifest import Manifest
 
+    if a.prefill_only:
+        prefill_effect(a.out, eval_pairs(a.csv or mmskin_csv()), a.threads)
+        return
     ckpt = a.checkpoint or proxy_checkpoint()
     a.out.mkdir(parents=True, exist_ok=True)
     folders, export_s = {}, {}
@@ -154,6 +167,25 @@ def main() -> None:
         f"default vs rtn: KL {new['kl_mean'] / rtn['kl_mean']:.2f}x, size {new['bundle_bytes'] / rtn['bundle_bytes']:.4f}x, "
         f"decode {new['decode_tok_s'] / rtn['decode_tok_s']:.3f}x"
     )
+    prefill_effect(a.out, pairs, a.threads, ref, targets)
+
+
+def prefill_effect(out: Path, pairs, threads: int, ref=None, targets=None) -> None:
+    """The int8 prefill graph on real weights: the default int4 bundle quantized from the fp32 one with
+    `--prefill int8` (kept whatever its gate says), the same turns prefilled through it and through the int4 graph."""
+    from skin_offline.export.quantize import QuantConfig, quantize_bundle
+    from skin_offline.manifest import Manifest
+
+    folder = out / "int4-prefill-int8"
+    if not (folder / "manifest.json").exists():
+        quantize_bundle(out / "fp32", folder, QuantConfig("int4", prefill="int8"), quality=False, log=lambda m: None)
+    if ref is None:
+        ref, targets = teacher_forced(out / "fp32", pairs, threads)
+    gate = Manifest.read(folder).pick("decoder").details["prefill_gate"]
+    print(f"prefill gate at export: {json.dumps(gate)}")
+    for prefill in ("int8", "decoder"):
+        r = metrics(ref, teacher_forced(folder, pairs, threads, prefill)[0], targets)
+        print(f"int4 default, prompts prefilled through {prefill}: {json.dumps(r)}", flush=True)
 
 
 if __name__ == "__main__":
