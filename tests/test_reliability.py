@@ -421,28 +421,17 @@ def test_ctrl_c_prints_partial_answer(tmp_path, llava_model, good_image):
     full = llava_model.runtime.ask(good_image, QUESTION, max_new_tokens=n)
     assert full.finish_reason == "length"  # a long answer, so the interrupt lands mid-generation
     e = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "c"), "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "skin_offline.cli",
-            "ask",
-            str(good_image),
-            QUESTION,
-            "--bundle",
-            str(llava_model.bundle_dir),
-            "--max-new-tokens",
-            str(n),
-            "--threads",
-            "1",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=e,
-    )
-    first = p.stdout.read1(1 << 16)  # blocks until the first token is printed
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=60)
+    cmd = [sys.executable, "-m", "skin_offline.cli", "ask", str(good_image), QUESTION]
+    cmd += ["--bundle", str(llava_model.bundle_dir), "--max-new-tokens", str(n), "--threads", "1"]
+    for _attempt in range(3):
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e)
+        first = p.stdout.read1(1 << 16)  # blocks until the first token is printed
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+        # on a loaded machine this process may not run again before the child's ~2 s answer is complete: the
+        # interrupt then lands after the end, which tests nothing; only that case is tried again
+        if not (p.returncode == 0 and b"finish: length" in err):
+            break
     text = (first + out).decode()
     assert p.returncode == 130, err.decode()
     assert b"Traceback" not in err and b"[interrupted]" in err
