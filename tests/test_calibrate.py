@@ -248,3 +248,41 @@ def test_config_rules():
         QuantConfig("int4", method="awq")
     with pytest.raises(ConfigError, match="int4/int8"):
         QuantConfig("fp16", method="gptq")
+
+
+def test_each_calibrated_layer_hands_on_what_transformers_computes_with_its_quantized_weights(llava_model):
+    """The hidden states a layer of the calibrated pass hands to the next (its calibration inputs) are those of
+    transformers' MistralDecoderLayer over the same inputs with the layer's weights replaced by the dequantized codes
+    the pass chose: each group's prefix first, each suffix attending to the prefix's keys."""
+    from skin_offline.export.calibrate import LINEARS, Calibrator
+    from skin_offline.export.layerstream import CheckpointStack, Group
+    from skin_offline.export.to_onnx import open_source
+
+    stack = CheckpointStack(open_source(llava_model.ckpt, None))
+    h = stack.cfg.hidden_size
+    rng = np.random.default_rng(0)
+    groups = [  # two prefixes, suffixes of different lengths (one of a single position)
+        Group(rng.normal(size=(9, h)).astype(np.float32), [rng.normal(size=(n, h)).astype(np.float32) for n in ns])
+        for ns in ((5, 1, 7), (3,))
+    ]
+    grid = Grid(4, 16)
+    cal = Calibrator(stack, stack.weights, groups, grid)
+    for i in range(stack.num_layers):
+        before = cal.hidden
+        weights = stack.weights(i)
+        cal._run_layer(i)
+        for lin in LINEARS:
+            r = cal.result[i]
+            weights[lin + ".weight"] = torch_from(dequantize(r.codes[lin], r.scales[lin], grid))
+        layer = stack.open(i, weights)
+        for (hp, hs), (gp, gs) in zip(before, cal.hidden):
+            want_p, k, v = layer(hp, None)
+            np.testing.assert_allclose(gp, want_p, rtol=1e-4, atol=1e-4)
+            for x, got in zip(hs, gs):
+                np.testing.assert_allclose(got, layer(x, (k, v))[0], rtol=1e-4, atol=1e-4)
+
+
+def torch_from(a):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a, np.float32))
