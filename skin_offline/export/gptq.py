@@ -98,7 +98,7 @@ def gptq_codes(
     dampening); deterministic for a given machine and thread count."""
     import torch
 
-    W = torch.from_numpy(np.array(w, np.float32, copy=True))  # [N,K], updated in place
+    W = torch.from_numpy(np.array(w, np.float32, copy=True))  # [N,K]
     H = torch.as_tensor(h, dtype=torch.float32).clone()
     n, k = W.shape
     diag = torch.diagonal(H)
@@ -106,26 +106,31 @@ def gptq_codes(
     diag[dead] = 1.0
     diag += damp * float(diag.mean())
     perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(k)
-    W, H = W[:, perm], H[perm][:, perm]
-    S = torch.from_numpy(np.where(scales == 0, np.float32(1), scales))  # [N, K/bs]
+    # The pass walks W's columns, so they are held as contiguous rows (W^T [K,N], scales^T, codes^T). Why: with
+    # [N,K] every column read, update and code write strides across N cache lines; transposed, the same arithmetic
+    # (identical codes) ran 2.3x faster here (N=14336, K=4096, 2 threads).
+    Wt = W[:, perm].T.contiguous()  # [K,N] in act order, updated in place
+    del W
+    H = H[perm][:, perm]
+    St = torch.from_numpy(np.where(scales == 0, np.float32(1), scales)).T.contiguous()  # [K/bs, N]
     block_of = (perm // grid.block_size).tolist()  # permuted column -> its block (static: original order)
     U = _inverse_cholesky_upper(H)  # [K,K] upper: H^-1 = U^T U
     del H
-    Q = torch.empty((n, k), dtype=torch.int8)
+    Qt = torch.empty((k, n), dtype=torch.int8)
     for i1 in range(0, k, LAZY):
         i2 = min(i1 + LAZY, k)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        W1, U1 = Wt[i1:i2].clone(), U[i1:i2, i1:i2]  # [b,N], [b,b]
         E1 = torch.empty_like(W1)
         for i in range(i2 - i1):
-            w_col, s = W1[:, i], S[:, block_of[i1 + i]]
+            w_col, s = W1[i], St[block_of[i1 + i]]  # [N] each
             q = torch.clamp(torch.round(w_col / s), grid.qmin, grid.qmax)
-            Q[:, i1 + i] = q.to(torch.int8)
+            Qt[i1 + i] = q.to(torch.int8)
             err = (w_col - q * s) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+            W1[i:] -= U1[i, i:][:, None] * err[None, :]
+            E1[i] = err
+        Wt[i2:] -= U[i1:i2, i2:].T @ E1
     inv = torch.argsort(perm)
-    return Q[:, inv].numpy()
+    return Qt[inv].T.contiguous().numpy()
 
 
 def _inverse_cholesky_upper(h):
