@@ -311,7 +311,15 @@ class PassCost:
     peak_bytes: int  # on top of the process: one layer's working set
 
     def seconds(self, gflops: float) -> float:
-        return self.flops / (gflops * 1e9)
+        """At `gflops` (measure_gflops: one large GEMM) scaled by the pass's measured PASS_EFFICIENCY."""
+        return self.flops / (gflops * 1e9 * PASS_EFFICIENCY)
+
+
+# The pass's rate against measure_gflops': one 7B-width layer over 6,196 positions (4.9 TFLOP by pass_cost) took
+# 130 s on 2 AVX2 cores where measure_gflops read 98 GFLOPS (50 s). Why below 1: its linears run ~40 GFLOPS on
+# per-sequence shapes, and GPTQ's column pass, the scale search (NumPy) and attention are not GEMM-bound. Without
+# it the dry run predicted 26.8 min for the 7B pass that ran at ~69 min (before GPTQ's transposed pass).
+PASS_EFFICIENCY = 0.4
 
 
 def pass_cost(

@@ -227,11 +227,14 @@ def plan_export(
     stages = {"write": baseline + (3 if lora else 2) * largest + largest // 4 + mapped}
     notes = []
     if cfg is not None and cfg.calibrated:
+        from .calibrate import PASS_EFFICIENCY
+
         cost, seconds = _calibration_cost(ckpt, cfg)
         stages["calibrated int4 pass"] = stages["write"] + cost.peak_bytes
         notes.append(
             f"calibrated int4 pass ({cfg.method_spec().describe()}): {cost.flops / 1e12:.0f} TFLOP, "
-            f"~{seconds / 60:.1f} min at this machine's fp32 GEMM rate now, on top of the rest of the export"
+            f"~{seconds / 60:.1f} min at this machine's fp32 GEMM rate now (x {PASS_EFFICIENCY}, the pass's measured "
+            f"efficiency), on top of the rest of the export"
         )
     if cfg is not None and cfg.precision == Precision.INT4 and cfg.prefill == Prefill.INT8:
         from .calibrate import measure_gflops
