@@ -34,7 +34,9 @@ def model(llava_model):
     from skin_offline.runtime.tokenizer import TextTokenizer
 
     b = Bundle.load(llava_model.bundle_dir, threads=1)
-    m = SkinVL(b, TextTokenizer.from_file(b.folder / names.TOKENIZER), parallel=8)
+    # the suite is submitted at once: its queue holds every case, so the test does not depend on the engine taking
+    # requests into slots while they are submitted (on a loaded machine it sometimes did not: EngineBusy)
+    m = SkinVL(b, TextTokenizer.from_file(b.folder / names.TOKENIZER), parallel=8, max_queue=len(suite()))
     yield m
     m.close()
 

@@ -417,7 +417,7 @@ def test_pickled_checkpoint_never_unpickled(tmp_path, llava_model):
 
 
 def test_ctrl_c_prints_partial_answer(tmp_path, llava_model, good_image):
-    n = 600
+    n = 1800  # ~3 s of answer on the tiny model (context 2048): time for the interrupt to land on a loaded machine
     full = llava_model.runtime.ask(good_image, QUESTION, max_new_tokens=n)
     assert full.finish_reason == "length"  # a long answer, so the interrupt lands mid-generation
     e = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "c"), "PYTHONUNBUFFERED": "1"}
