@@ -4,7 +4,8 @@
 
 A one-node graph per kernel over the same 4096x14336 weight (Mistral-7B's MLP shape): MatMulNBits int4 and int8
 (block 128, accuracy level 4, packed by onnxruntime's own packer), DynamicQuantizeMatMul int8 per column (the
-QGEMM graph's op, export/codecs.py) and fp32 MatMul. Rounds are interleaved (every kernel at every row count,
+QGEMM graph's op, export/codecs.py), the same after the smoothing Div (a calibrated bundle's prefill graph) and fp32
+MatMul. Rounds are interleaved (every kernel at every row count,
 then again), each cell a median of its runs, and the report gives medians over rounds, each kernel's time
 relative to int4 at the same rows, and the crossover: the fewest rows where QGEMM beats int4 (what
 runtime/kernels/policy.py's gemm_min_rows should be on this machine).
@@ -24,9 +25,9 @@ from onnx import TensorProto, helper, numpy_helper
 K, N, BLOCK = 4096, 14336, 128
 
 
-def _session(node, inits, threads: int):
+def _session(nodes, inits, threads: int):
     g = helper.make_graph(
-        [node],
+        nodes,
         "k",
         [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])],
@@ -43,14 +44,21 @@ def sessions(threads: int) -> dict:
 
     w = np.random.default_rng(0).standard_normal((K, N), dtype=np.float32) * 0.02  # [K,N]
     out = {}
-    for name, codec in (("int4 nbits", NBits(4, BLOCK)), ("int8 nbits", NBits(8, BLOCK)), ("int8 qgemm", QGemm())):
+    absmax = np.abs(np.random.default_rng(1).standard_normal(K)).astype(np.float32) + 1  # any statistics: same ops
+    codecs = (
+        ("int4 nbits", NBits(4, BLOCK)),
+        ("int8 nbits", NBits(8, BLOCK)),
+        ("int8 qgemm", QGemm()),
+        ("int8 qgemm smoothed", QGemm(absmax)),
+    )
+    for name, codec in codecs:
         tensors = codec.encode("W", w)
         out[name] = _session(
-            codec.node("A", "Y", "n", tensors, K, N),
+            codec.nodes("A", "Y", "n", tensors, K, N),
             [numpy_helper.from_array(np.ascontiguousarray(a), n) for n, a in tensors],
             threads,
         )
-    out["fp32"] = _session(helper.make_node("MatMul", ["A", "W"], ["Y"]), [numpy_helper.from_array(w, "W")], threads)
+    out["fp32"] = _session([helper.make_node("MatMul", ["A", "W"], ["Y"])], [numpy_helper.from_array(w, "W")], threads)
     return out
 
 

@@ -89,6 +89,9 @@ Q_WEIGHT_SUFFIX = "_Q{bits}"
 Q_SCALES_SUFFIX = "_scales"
 Q_ZERO_POINTS_SUFFIX = "_zero_points"
 QGEMM_WEIGHT_SUFFIX = "_QGEMM8"  # int8 [K,N] per-column codes (DynamicQuantizeMatMul)
+QGEMM_SMOOTH_SUFFIX = (
+    "_smooth"  # fp32 [K] per-input-channel divisors of a smoothed QGEMM weight (codecs.smooth_factors)
+)
 
 
 def kernel_variant_file(base: str, precision: str, kernel: str) -> str:

@@ -88,17 +88,19 @@ def test_default_int4_proxy_is_calibrated_verified_and_measured(int4):
     r = m.quality["decoder.int4"]
     assert r["quantization"]["method"] == "gptq" and "calibration" in r["quantization"]
     assert 0 <= r["kl_mean"] and 0 < r["top1_agreement"] <= 1
-    # real weights through the int8 prefill graph: its kernel is exact (7-bit codes, no int16 saturation on AVX2), so
-    # it agrees with fp32 about as often as the int4 graph (measured: 85.0% vs 83.2% top-1; with 8-bit codes on
-    # this CPU, 0.9%); the gate keeps it exactly when its mean KL is within KL_SLACK of the int4 graph's (measured:
-    # 0.152 vs 0.087 nats, rejected)
+    # real weights through the int8 prefill graph: its kernel is exact (7-bit codes, no int16 saturation on AVX2) and
+    # it is smoothed with the calibrated pass's activation statistics (SmoothQuant). Measured on these probe turns:
+    # unsmoothed 79.4% top-1 / KL 0.167 nats against the int4 graph's 85.0% / 0.097, rejected; smoothed 86.9% /
+    # 0.047, kept. So the default int4 bundle carries it, and the gate's record is consistent.
     from skin_offline.export.prefill_gate import KL_SLACK
 
     gate = g.details["prefill_gate"]
-    assert gate["top1_agreement"] > 0.8 * gate["decode_top1_agreement"]
     assert gate["passed"] == (gate["kl_mean"] <= gate["decode_kl_mean"] + KL_SLACK) == gate["prefill_graph_kept"]
-    kernels = [v.kernel.value for v in m.variants("decoder")]
-    assert kernels == (["nbits", "qgemm"] if gate["passed"] else ["nbits"])
+    assert gate["passed"] and gate["top1_agreement"] > 0.8 * gate["decode_top1_agreement"], gate
+    qgemm = [v for v in m.variants("decoder") if v.kernel.value == "qgemm"]
+    assert [v.kernel.value for v in m.variants("decoder")] == ["nbits", "qgemm"]
+    assert qgemm[0].details["smoothing"]["weights"] == 7 * m.model.num_layers
+    assert m.verification["graphs"][qgemm[0].file]["layers_checked"] == m.model.num_layers
 
 
 def test_int4_proxy_answers_through_ask_classify_and_serve(int4, tmp_path):

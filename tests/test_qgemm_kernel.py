@@ -14,9 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 from skin_offline.export.codecs import MS_DOMAIN, QGemm
 
 
-def _session(tensors, node, k: int, n: int):
+def _session(tensors, nodes, k: int, n: int):
     g = helper.make_graph(
-        [node],
+        nodes,
         "qgemm",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
@@ -49,7 +49,7 @@ def test_dynamic_quantize_matmul_over_the_codecs_codes_is_exact_on_this_cpu():
     # the kernel's int16 pair sums hold any two products of a uint8 and a stored code
     assert 2 * 255 * int(np.abs(codes).max()) <= np.iinfo(np.int16).max
     assert int(np.abs(codes).max()) >= 60  # and the codes use that range (absmax maps to the top code)
-    sess = _session(tensors, codec.node("x", "y", "mm", tensors, k, n), k, n)
+    sess = _session(tensors, codec.nodes("x", "y", "mm", tensors, k, n), k, n)
     for rows, outliers in ((1, 0), (64, 0), (64, 8), (600, 8)):
         x = rng.standard_normal((rows, k)).astype(np.float32)
         x[:, :outliers] *= 40  # activation outlier channels, as trained LMs have: most values sit near the zero point

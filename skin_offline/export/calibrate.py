@@ -102,6 +102,9 @@ class Calibrator:
         self.sequences = sum(len(g.suffixes) for g in groups)
         self.done = -1
         self.result: dict[int, LayerResult] = {}
+        # graph weight name -> its input's max |x| per channel [K] over the calibration positions (as they arrive
+        # through the quantized layers before it): what smooths the int8 prefill graph (codecs.smooth_factors)
+        self.act_absmax: dict[str, np.ndarray] = {}
 
     # --- what the streaming writer calls ---
     def record(self) -> dict:
@@ -150,6 +153,7 @@ class Calibrator:
 
         def quantize(lins: tuple[str, ...], h: Hessian) -> None:
             for lin in lins:
+                self.act_absmax[f"layers.{i}.{lin}.weight"] = h.absmax.numpy().copy()
                 codes, scales, dq = self._quantize(mods[lin].weight.data, h)
                 res.codes[lin], res.scales[lin] = codes, scales
                 mods[lin].weight = torch.nn.Parameter(torch.from_numpy(dq), requires_grad=False)

@@ -12,7 +12,7 @@ weight by weight through a codec, and a direct export streams each checkpoint we
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from onnx import NodeProto, helper
@@ -67,18 +67,20 @@ class NBits:
             out.append(n * ((kb + per_byte - 1) // per_byte))
         return out
 
-    def node(self, x: str, out: str, node_name: str, tensors: Tensors, k: int, n: int) -> NodeProto:
+    def nodes(self, x: str, out: str, node_name: str, tensors: Tensors, k: int, n: int) -> list[NodeProto]:
         attrs = dict(K=int(k), N=int(n), bits=self.bits, block_size=self.block_size)
         if self.accuracy_level:
             attrs["accuracy_level"] = self.accuracy_level
-        return helper.make_node(
-            "MatMulNBits",
-            [x, *(t for t, _ in tensors)],
-            [out],
-            name=f"{node_name}_Q{self.bits}",
-            domain=MS_DOMAIN,
-            **attrs,
-        )
+        return [
+            helper.make_node(
+                "MatMulNBits",
+                [x, *(t for t, _ in tensors)],
+                [out],
+                name=f"{node_name}_Q{self.bits}",
+                domain=MS_DOMAIN,
+                **attrs,
+            )
+        ]
 
 
 def pack_codes(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:
@@ -91,24 +93,69 @@ def pack_codes(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:
     return np.ascontiguousarray(u)
 
 
+# SmoothQuant (Xiao et al. 2023): DynamicQuantizeMatMul gives each call's activations one uint8 scale per tensor, and
+# a trained LM's few huge channels (hundreds of times the rest) take that scale's whole range; dividing channel k of
+# x by s_k and multiplying row k of W by it leaves x W unchanged and moves the range into the weights, which have
+# one scale per column. s_k = max|x_k|^alpha / max_n|W_kn|^(1-alpha), from the calibration activations' max |x_k|.
+# alpha measured on the real-weights proxy (benchmarks/prefill_smoothing.py, the prefill gate's probe turns: mean KL
+# to fp32 0.167 unsmoothed, 0.055 at 0.5, 0.047 at 0.65, 0.070 at 0.8, 0.125 at 0.9; the int4 decode graph 0.097).
+SMOOTH_ALPHA = 0.65
+
+
+def smooth_factors(act_absmax: np.ndarray, w: np.ndarray, alpha: float) -> np.ndarray:
+    """act_absmax [K], W [K,N] fp32 -> s [K] fp32 > 0 (see SMOOTH_ALPHA). A channel that never fired in calibration
+    (or an all-zero row) keeps s_k = 1: a tiny s_k would blow that channel up should it fire at run time."""
+    if act_absmax.shape != (w.shape[0],):
+        raise ValueError(f"smoothing statistics of shape {act_absmax.shape} for a weight of {w.shape[0]} inputs")
+    wmax = np.empty(w.shape[0], np.float32)
+    for r in range(0, w.shape[0], 1024):
+        wmax[r : r + 1024] = np.abs(w[r : r + 1024]).max(axis=1)
+    a, b = act_absmax.astype(np.float64), wmax.astype(np.float64)
+    s = np.ones(w.shape[0], np.float64)
+    ok = (a > 0) & (b > 0) & np.isfinite(a)
+    s[ok] = a[ok] ** alpha / b[ok] ** (1 - alpha)
+    return s.astype(np.float32)
+
+
 @dataclass(frozen=True)
 class QGemm:
-    """Symmetric int8 per output column (zero point 0), codes in [-QGEMM_MAX_CODE, QGEMM_MAX_CODE]."""
+    """Symmetric int8 per output column (zero point 0), codes in [-QGEMM_MAX_CODE, QGEMM_MAX_CODE]; with `act_absmax`
+    (the calibrated pass's max |x| per input channel), smoothed: see smooth_factors."""
 
+    act_absmax: np.ndarray | None = field(default=None, compare=False, repr=False)  # [K] fp32
+    alpha: float = SMOOTH_ALPHA
     kernel = Kernel.QGEMM
 
     def encode(self, name: str, w: np.ndarray) -> Tensors:
-        q, scales = pack_qgemm(w)
-        return [(name + names.QGEMM_WEIGHT_SUFFIX, q), (name + names.Q_SCALES_SUFFIX, scales)]
+        s = None if self.act_absmax is None else smooth_factors(self.act_absmax, w, self.alpha)
+        return qgemm_tensors(name, w, s)
 
     def nbytes(self, k: int, n: int) -> list[int]:
-        return [k * n, 4 * n]
+        return [k * n, 4 * n] + ([4 * k] if self.act_absmax is not None else [])
 
-    def node(self, x: str, out: str, node_name: str, tensors: Tensors, k: int, n: int) -> NodeProto:
+    def nodes(self, x: str, out: str, node_name: str, tensors: Tensors, k: int, n: int) -> list[NodeProto]:
         # inputs: A, B (int8 [K,N]), b_scale [N]; no b_zero_point (symmetric) and no bias
-        return helper.make_node(
-            "DynamicQuantizeMatMul", [x, *(t for t, _ in tensors)], [out], name=f"{node_name}_QGEMM", domain=MS_DOMAIN
-        )
+        q, scales, *smooth = (t for t, _ in tensors)
+        pre = []
+        if smooth:  # x / s [.., K]: the activations' outlier channels scaled down before the per-tensor quantization
+            pre = [helper.make_node("Div", [x, smooth[0]], [f"{node_name}_smoothed"], name=f"{node_name}_Smooth")]
+            x = f"{node_name}_smoothed"
+        return [
+            *pre,
+            helper.make_node(
+                "DynamicQuantizeMatMul", [x, q, scales], [out], name=f"{node_name}_QGEMM", domain=MS_DOMAIN
+            ),
+        ]
+
+
+def qgemm_tensors(name: str, w: np.ndarray, smooth: np.ndarray | None) -> Tensors:
+    """W [K,N] fp32 (and smoothing factors s [K]) -> the QGEMM tensors: codes and column scales of diag(s) W, and s,
+    which the graph divides the input by. Also how the weight check re-encodes a stored graph (s as stored)."""
+    q, scales = pack_qgemm(w, smooth)
+    out = [(name + names.QGEMM_WEIGHT_SUFFIX, q), (name + names.Q_SCALES_SUFFIX, scales)]
+    if smooth is not None:
+        out.append((name + names.QGEMM_SMOOTH_SUFFIX, smooth))
+    return out
 
 
 Codec = NBits | QGemm
@@ -124,14 +171,22 @@ Codec = NBits | QGemm
 QGEMM_MAX_CODE = EXACT_MAX_CODE  # runtime/kernels/policy.py: what a loading bundle is checked against
 
 
-def pack_qgemm(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """W [K,N] fp32 -> (int8 codes [K,N] in [-QGEMM_MAX_CODE, QGEMM_MAX_CODE], scales [N] fp32): per-column
-    absmax / QGEMM_MAX_CODE, round to nearest."""
-    scales = (np.abs(w).max(axis=0) / np.float32(QGEMM_MAX_CODE)).astype(np.float32)  # [N]
+def pack_qgemm(w: np.ndarray, smooth: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """W [K,N] fp32 (rows times smooth [K] if given) -> (int8 codes [K,N] in [-QGEMM_MAX_CODE, QGEMM_MAX_CODE],
+    scales [N] fp32): per-column absmax / QGEMM_MAX_CODE, round to nearest."""
+
+    def rows(r: int) -> np.ndarray:  # row chunks: no full-size float temporaries at 7B widths
+        chunk = w[r : r + 1024]
+        return chunk if smooth is None else chunk * smooth[r : r + 1024, None]
+
+    amax = np.zeros(w.shape[1], np.float32)
+    for r in range(0, w.shape[0], 1024):
+        np.maximum(amax, np.abs(rows(r)).max(axis=0), out=amax)
+    scales = (amax / np.float32(QGEMM_MAX_CODE)).astype(np.float32)  # [N]
     safe = np.where(scales == 0, np.float32(1), scales)
     q = np.empty(w.shape, np.int8)
-    for r in range(0, w.shape[0], 1024):  # row chunks: no full-size float temporaries at 7B widths
-        q[r : r + 1024] = np.clip(np.rint(w[r : r + 1024] / safe), -QGEMM_MAX_CODE, QGEMM_MAX_CODE)
+    for r in range(0, w.shape[0], 1024):
+        q[r : r + 1024] = np.clip(np.rint(rows(r) / safe), -QGEMM_MAX_CODE, QGEMM_MAX_CODE)
     return q, scales
 
 

@@ -146,13 +146,15 @@ def _inverse_cholesky_upper(h):
 
 class Hessian:
     """Running E[x^T x] of one layer input over calibration positions (fp32, [K,K]), or only its diagonal
-    (`diag_only`: E[x_k^2], what the activation-weighted scale search reads: K values instead of K^2)."""
+    (`diag_only`: E[x_k^2], what the activation-weighted scale search reads: K values instead of K^2), and each
+    channel's max |x_k| (`absmax` [K]: what smoothing the int8 prefill graph reads, codecs.smooth_factors)."""
 
     def __init__(self, k: int, diag_only: bool = False):
         import torch
 
         self.k, self.diag_only = k, diag_only
         self.h = torch.zeros((k,) if diag_only else (k, k), dtype=torch.float32)
+        self.absmax = torch.zeros(k, dtype=torch.float32)
         self.n = 0
 
     def add(self, x) -> None:
@@ -164,6 +166,7 @@ class Hessian:
             return
         self.h.mul_(self.n / (self.n + x.shape[0]))
         self.n += x.shape[0]
+        torch.maximum(self.absmax, x.abs().amax(0), out=self.absmax)
         if self.diag_only:
             self.h.add_(x.square().sum(0), alpha=1.0 / self.n)
         else:

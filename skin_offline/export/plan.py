@@ -248,8 +248,9 @@ def plan_export(
         stages["int8 prefill gate"] = baseline + 4 * _layer_params(t) + layer_cut + 3 * 300 * 4 * t.vocab + ACTIVATIONS
         qgemm = names.kernel_variant_file(names.DECODER_GRAPH, "int8", Kernel.QGEMM.value)
         prefill_bytes = sum(v for k, v in files.items() if k in (qgemm, names.external_data_name(qgemm)))
+        smooth = " (smoothed with the calibrated pass's activation statistics)" if cfg.calibrated else ""
         notes.append(
-            f"int8 prefill graph check against fp32: {gate / 1e12:.0f} TFLOP, ~{gate / 1e9 / measure_gflops() / 60:.1f} "
+            f"int8 prefill graph{smooth} check against fp32: {gate / 1e12:.0f} TFLOP, ~{gate / 1e9 / measure_gflops() / 60:.1f} "
             f"min at this machine's fp32 GEMM rate now; the graph is written (a second pass over the weights) only "
             f"when it passes, else the bundle is {(sum(files.values()) - prefill_bytes) / 1e9:.2f} GB"
         )

@@ -7,17 +7,19 @@ answers prefilled through it agreed with fp32 on ~2% of next tokens (mean KL ~9 
 decode graph alone agrees on 92% (KL 0.07). Random weights have no such channels and pass. So, like the int8 vision
 tower (quantize.write_vision), a defaulted prefill graph must earn its place: its next-token distributions on
 probe turns must be no further from fp32 than those of the decode graph it stands in for. `--prefill int8` keeps it
-whatever the measurement says (the figures still go into the manifest).
+whatever the measurement says (the figures still go into the manifest). After a calibrated int4 pass the graph is
+smoothed (SmoothQuant, codecs.smooth_factors) with that pass's activation statistics.
 
 The three decoders (fp32 reference, decode graph, prefill graph) run one layer at a time (layerstream.run_pass),
-so the check holds one layer's weights at any model size. A defaulted prefill graph is measured before it is
-written, each layer encoded in memory from the fp32 source, and written (a second pass over the weights) only
-when it passes: a rejected one never takes disk space (at 7B it would be 7 GB next to a ~4 GB bundle).
+so the check holds one layer's weights at any model size. The prefill graph is measured before it is written, each
+layer encoded in memory from the fp32 source, and written (a second pass over the weights, after the calibrated
+pass has given its statistics) only when it is kept: a rejected one never takes disk space (at 7B it would be 7 GB
+next to a ~4 GB bundle).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -128,19 +130,32 @@ def measure_prefill(
     )
 
 
-def defer_prefill(plans: list[GraphPlan], gated: bool) -> tuple[list[GraphPlan], GraphPlan | None]:
-    """The plans to write in the weights' first pass, and a defaulted hybrid's prefill plan held back for
-    `gate_prefill`, which writes it only once it has passed. Asked for by name (`--prefill int8`), it is written
-    with the rest."""
+def defer_prefill(plans: list[GraphPlan]) -> tuple[list[GraphPlan], GraphPlan | None]:
+    """The plans to write in the weights' first pass, and a hybrid's prefill plan held back for `gate_prefill`: it is
+    measured (and smoothed with the calibrated pass's activation statistics, `smoothed`) only after that pass, and
+    written, in a second pass over the weights, only if it is kept."""
     qgemm = [p for p in plans if p.kernel == Kernel.QGEMM]
-    if not gated or len(qgemm) != 1 or len(plans) != 2:  # no prefill graph, or the int8-only tier's one graph
+    if len(qgemm) != 1 or len(plans) != 2:  # no prefill graph, or the int8-only tier's one graph
         return plans, None
     return [p for p in plans if p is not qgemm[0]], qgemm[0]
+
+
+def smoothed(plan: GraphPlan | None, act_absmax: dict[str, np.ndarray], alpha: float | None = None) -> GraphPlan | None:
+    """The prefill plan with each weight the calibrated pass saw smoothed by that pass's activation statistics
+    (codecs.smooth_factors: what per-tensor activation scales need on a trained model); the rest (lm_head) as is."""
+    from .codecs import SMOOTH_ALPHA, QGemm
+
+    if plan is None or not act_absmax:
+        return plan
+    a = SMOOTH_ALPHA if alpha is None else alpha
+    codecs = {w: QGemm(act_absmax[w], a) if w in act_absmax else c for w, c in plan.codecs.items()}
+    return replace(plan, codecs=codecs)
 
 
 def gate_prefill(
     decoders: list[GraphVariant],
     deferred: GraphPlan | None,
+    forced: bool,
     write: Callable[[GraphPlan], GraphVariant],
     out_dir: Path,
     reference: LayerStack,
@@ -148,35 +163,28 @@ def gate_prefill(
     threads: int | None,
     log: Callable[[str], None],
 ) -> list[GraphVariant]:
-    """`decoders` as written, with the hybrid's prefill graph measured (the figures in the decode graph's details,
-    "prefill_gate"). A `deferred` plan (defer_prefill) is measured before it is written, each layer encoded in
-    memory (quantize.encode_cut), and `write` is called only when it passes: a rejected graph (7 GB at 7B, the
-    bundle would be ~4 GB without it) never touches the disk. A forced one was written with the rest and is
-    measured from its file. Bundles without a decode + prefill pair come back unchanged."""
-    from dataclasses import replace
-
+    """`decoders` as written, with the hybrid's `deferred` prefill plan (defer_prefill) measured before it is written,
+    each layer encoded in memory (quantize.encode_cut); the figures go into the decode graph's details
+    ("prefill_gate"). `write` is called only when it passes or is `forced` (`--prefill int8`): a rejected graph
+    (7 GB at 7B, the bundle would be ~4 GB without it) never touches the disk. Without a deferred plan, `decoders`
+    come back unchanged."""
     from .quantize import encode_cut
 
-    out_dir = Path(out_dir)
-    qgemm = [g for g in decoders if g.kernel == Kernel.QGEMM]
     decode = [g for g in decoders if g.kernel != Kernel.QGEMM]
-    if len(decode) != 1 or len(qgemm) + (deferred is not None) != 1:
+    if deferred is None or len(decode) != 1:
         return decoders
     (d,) = decode
-    if deferred is not None:
-        plan = deferred
-        candidate = GraphStack(
-            out_dir / plan.dst_name, threads, model=plan.source.model, fill=lambda c: encode_cut(plan, c)
-        )
-    else:
-        candidate = GraphStack(out_dir / qgemm[0].file, threads)
+    plan = deferred
+    candidate = GraphStack(
+        Path(out_dir) / plan.dst_name, threads, model=plan.source.model, fill=lambda c: encode_cut(plan, c)
+    )
     log(
         f"checking the int8 prefill graph against fp32 ({len(PROBE_IMAGES)} probe images x {TURNS_PER_IMAGE} turns) ..."
     )
-    check = measure_prefill(reference, GraphStack(out_dir / d.file, threads), candidate, groups())
+    check = measure_prefill(reference, GraphStack(Path(out_dir) / d.file, threads), candidate, groups())
     del candidate
     release_memory()
-    kept = check.passed or deferred is None
+    kept = check.passed or forced
     d2 = replace(d, details={**d.details, **check.details(kept)})
     if not kept:
         log(
@@ -185,6 +193,4 @@ def gate_prefill(
         )
         return [d2]
     log(f"int8 prefill graph {'kept' if check.passed else 'kept (forced by --prefill int8)'}: {check.describe()}")
-    if deferred is not None:
-        return [d2, write(deferred)]
-    return [d2 if g is d else g for g in decoders]
+    return [d2, write(plan)]

@@ -324,7 +324,7 @@ class _Writing:
     keep_fp32: set
     matmuls: dict
     inits: list = field(default_factory=list)
-    replaced: dict = field(default_factory=dict)  # MatMul node name -> its codec's node
+    replaced: dict = field(default_factory=dict)  # MatMul node name -> its codec's nodes
 
 
 def quantize_graphs(
@@ -379,7 +379,7 @@ def quantize_graphs(
             w.inits += [w.data.add(name, x) for name, x in tensors]
             mm = w.matmuls[t.name]
             k, n = t.dims
-            w.replaced[mm.name] = codec.node(mm.input[0], mm.output[0], mm.name, tensors, k, n)
+            w.replaced[mm.name] = codec.nodes(mm.input[0], mm.output[0], mm.name, tensors, k, n)
             del tensors
         del arr
     out = []
@@ -393,7 +393,7 @@ def quantize_graphs(
 
 def _rewrite(model: onnx.ModelProto, inits: list, replaced: dict) -> None:
     """`model` in place: its weight MatMuls replaced by their codecs' nodes, its initializers by `inits`."""
-    nodes = [replaced.get(n.name, n) if n.op_type == "MatMul" else n for n in model.graph.node]
+    nodes = [m for n in model.graph.node for m in (replaced.get(n.name, [n]) if n.op_type == "MatMul" else [n])]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     del model.graph.initializer[:]
@@ -411,7 +411,7 @@ def encode_cut(plan: GraphPlan, cut: onnx.ModelProto) -> onnx.ModelProto:
         raise ValueError(f"encode_cut: {plan.dst_name} needs the whole-graph pass (fp16 or calibrated codecs)")
     matmuls = _weight_matmuls(cut)
     inits: list[TensorProto] = []
-    replaced: dict[str, onnx.NodeProto] = {}
+    replaced: dict[str, list[onnx.NodeProto]] = {}
     for t in cut.graph.initializer:
         arr = plan.source.read(t)
         codec = plan.codecs.get(t.name)
@@ -423,7 +423,7 @@ def encode_cut(plan: GraphPlan, cut: onnx.ModelProto) -> onnx.ModelProto:
         inits += [numpy_helper.from_array(x, name) for name, x in tensors]
         mm = matmuls[t.name]
         k, n = t.dims
-        replaced[mm.name] = codec.node(mm.input[0], mm.output[0], mm.name, tensors, k, n)
+        replaced[mm.name] = codec.nodes(mm.input[0], mm.output[0], mm.name, tensors, k, n)
     out = onnx.ModelProto()
     out.CopyFrom(cut)  # structure and external references only: small
     _rewrite(out, inits, replaced)
@@ -574,8 +574,9 @@ class QuantResult:
 
 # The default int8 tower is kept only when its image features stay this close to the fp32 tower's on the probe
 # images (min over images of the cosine of the flattened [N,H] features). Measured here on random weights of the
-# full CLIP-L/336 + projector: 0.9997-0.9998; a real checkpoint with activation outliers may fall below, and then
-# keeps its fp32 tower (2-3x slower to encode) rather than ship features nobody measured.
+# full CLIP-L/336 + projector: 0.9997-0.9998 with 8-bit codes, 0.99881 with today's 7-bit ones (codecs.py: exact on
+# CPUs without VNNI), so that random tower now keeps fp32; a real checkpoint that falls below keeps its fp32 tower
+# (2-3x slower to encode) rather than ship features nobody measured.
 VISION_INT8_MIN_COSINE = 0.999
 
 
@@ -649,6 +650,9 @@ def _variant(
             max_code=QGEMM_MAX_CODE,  # 7-bit codes: exact on CPUs without VNNI (runtime/kernels/policy.py)
             activations="uint8 dynamic per-tensor",
         )
+        smooth = [c for c in plan.codecs.values() if isinstance(c, QGemm) and c.act_absmax is not None]
+        if smooth:  # SmoothQuant on the weights the calibrated pass saw (prefill_gate.smoothed)
+            details["smoothing"] = {"alpha": smooth[0].alpha, "weights": len(smooth), "statistics": "calibrated pass"}
     elif kernels:
         precision = cfg.precision if source.role == names.ROLE_DECODER else cfg.vision
         kernel = Kernel.NBITS
@@ -739,6 +743,7 @@ def write_plans(
 def _gate_prefill(
     graphs: list[GraphVariant],
     deferred: GraphPlan | None,
+    forced: bool,
     write: Callable[[GraphPlan], GraphVariant],
     tmp: Path,
     src: Path,
@@ -765,7 +770,9 @@ def _gate_prefill(
             threads,
         )
 
-    return gate_prefill(graphs, deferred, write, tmp, GraphStack(src / dec32.file, threads), groups, threads, log)
+    return gate_prefill(
+        graphs, deferred, forced, write, tmp, GraphStack(src / dec32.file, threads), groups, threads, log
+    )
 
 
 def quantize_bundle(
@@ -803,11 +810,11 @@ def quantize_bundle(
     vision_gated = cfg.vision_defaulted  # a default int8 tower must earn its place (cosine gate below)
     cfg = replace(cfg, vision=cfg.resolved_vision())
     dec_source = GraphSource.from_file(src / dec32.file)
-    prefill_gated = cfg.prefill is None  # a defaulted int8 prefill graph must pass prefill_gate
+    prefill_forced = cfg.prefill == Prefill.INT8  # asked for by name: kept whatever prefill_gate measures
     cfg, plans = decoder_plans(cfg, dec_source, dec32, str(src))
-    from .prefill_gate import defer_prefill
+    from .prefill_gate import defer_prefill, smoothed
 
-    first, deferred = defer_prefill(plans, prefill_gated)
+    first, deferred = defer_prefill(plans)
 
     if Precision.FP16 in (cfg.precision, cfg.vision):
         # measured here (2 cores, decode tok/s, interleaved medians): hidden-512 model fp16 18.9 vs fp32 20.7; tiny 111 vs 221
@@ -838,10 +845,13 @@ def quantize_bundle(
                 log,
             )
         graphs = write_plans(first, tmp, cfg, {dec32.file: dec32}, log, calibrator)
+        if calibrator is not None:
+            deferred = smoothed(deferred, calibrator.act_absmax)
         del calibrator
         graphs = _gate_prefill(
             graphs,
             deferred,
+            prefill_forced,
             lambda p: write_plans([p], tmp, cfg, {dec32.file: dec32}, log)[0],
             tmp,
             src,

@@ -25,6 +25,7 @@ from ..manifest import (
     ModelDims,
     PadMode,
     Precision,
+    Prefill,
     PromptConfig,
     folder_entries,
 )
@@ -289,7 +290,7 @@ def _quantized_decoders(
             (names.external_data_name(names.DECODER_GRAPH),),
             attention=Attention.CONCAT,
         )
-    prefill_gated = cfg.prefill is None  # a defaulted int8 prefill graph must pass prefill_gate
+    prefill_forced = cfg.prefill == Prefill.INT8  # asked for by name: kept whatever prefill_gate measures
     cfg, plans = decoder_plans(cfg, GraphSource.lazy(dec32.file, model, lazy), dec32, where)
     calibrator = None
     calib = probes if cfg.calibrated else None
@@ -313,11 +314,13 @@ def _quantized_decoders(
         )
         del table
     from .layerstream import CheckpointStack
-    from .prefill_gate import defer_prefill, gate_prefill, probe_groups
+    from .prefill_gate import defer_prefill, gate_prefill, probe_groups, smoothed
 
-    first, deferred = defer_prefill(plans, prefill_gated)
+    first, deferred = defer_prefill(plans)
     with _torch_threads(calib[2] if calib else None):
         decoders = write_plans(first, tmp, cfg, {dec32.file: dec32}, log, calibrator)
+    if calibrator is not None:
+        deferred = smoothed(deferred, calibrator.act_absmax)
     del calibrator
     tok, vision_graph, threads = probes
 
@@ -328,6 +331,7 @@ def _quantized_decoders(
     decoders = gate_prefill(  # the hybrid's prefill graph: measured, written only if kept (others: unchanged)
         decoders,
         deferred,
+        prefill_forced,
         lambda p: write_plans([p], tmp, cfg, {dec32.file: dec32}, log)[0],
         tmp,
         CheckpointStack(ckpt),

@@ -86,7 +86,7 @@ class StoredWeights:
 
     def check(self, name: str, w: np.ndarray) -> WeightCheck:
         """`w`: the checkpoint's tensor, fp32, as the checkpoint stores it ([out,in] for linear weights)."""
-        from .codecs import NBits, QGemm
+        from .codecs import NBits
 
         kind = self.kind(name)
         if kind is None:
@@ -102,7 +102,7 @@ class StoredWeights:
                 mismatched=int((stored != want).sum()) if stored.shape == want.shape else int(w.size),
             )
         if kind == "qgemm":
-            codec, stored_as = QGemm(), "int8 per-column"
+            return self._check_qgemm(name, w)
         elif self.calibrated and calibrated_weight(name):
             return self._check_calibrated(name, w, int(kind[-1]))
         else:
@@ -127,6 +127,35 @@ class StoredWeights:
                     per_byte = 2 if kind == "nbits4" else 1
                     g, x = (_unpack(a.reshape(a.shape[0], -1), 4) if per_byte == 2 else a for a in (got, want))
                     res.mismatched += int((g != x).sum())
+        return res
+
+    def _check_qgemm(self, name: str, w: np.ndarray) -> WeightCheck:
+        """An int8 per-column weight: its codes and scales re-encoded from the checkpoint's tensor, bit for bit; a
+        smoothed one (codecs.smooth_factors) with its stored divisors s, which must be finite and positive (the graph
+        then computes x/s @ diag(s) W = x W for any such s, so the codes are what ties it to the checkpoint)."""
+        from .codecs import qgemm_tensors
+
+        sname = name + names.QGEMM_SMOOTH_SUFFIX
+        smooth = self.read(sname) if sname in self.inits else None
+        res = WeightCheck(name, "int8 per-column" + (" smoothed" if smooth is not None else ""), int(w.size))
+        wt = np.ascontiguousarray(w.T, np.float32)  # [K,N] as the graph's MatMul
+        if smooth is not None and (
+            smooth.shape != (wt.shape[0],) or not np.all(np.isfinite(smooth)) or not np.all(smooth > 0)
+        ):
+            res.mismatched = res.values
+            return res
+        for tname, want in qgemm_tensors(name, wt, smooth):
+            if tname not in self.inits:
+                res.missing = True
+                continue
+            got = self.read(tname)
+            if got.shape != want.shape or got.dtype != want.dtype:
+                res.mismatched = res.values
+            elif not np.array_equal(got, want):
+                if tname.endswith(names.Q_SCALES_SUFFIX):
+                    res.bad_scales += int((got != want).sum())
+                else:
+                    res.mismatched += int((got != want).sum())
         return res
 
     def _check_calibrated(self, name: str, w: np.ndarray, bits: int) -> WeightCheck:
@@ -165,9 +194,11 @@ class StoredWeights:
         if kind == "float":
             stored = self.read(name).astype(np.float32)
             return stored.T if stored.ndim == 2 else stored
-        if kind == "qgemm":
+        if kind == "qgemm":  # [N,K] = (codes x column scales)^T, over the smoothing divisors if any
             q = self.read(name + names.QGEMM_WEIGHT_SUFFIX)
-            return q.T.astype(np.float32) * self.read(name + names.Q_SCALES_SUFFIX)[:, None]
+            w = q.T.astype(np.float32) * self.read(name + names.Q_SCALES_SUFFIX)[:, None]
+            sname = name + names.QGEMM_SMOOTH_SUFFIX
+            return w / self.read(sname)[None, :] if sname in self.inits else w
         bits = int(kind[-1])
         packed = self.read(name + names.Q_WEIGHT_SUFFIX.format(bits=bits))
         n, kb, nbytes = packed.shape
