@@ -96,6 +96,12 @@ def test_calibrated_bundle_smooths_its_prefill_graph_and_verifies(llava_model, t
     assert g.details["smoothing"] == {"alpha": SMOOTH_ALPHA, "weights": 7 * layers, "statistics": "calibrated pass"}
     smooth = {t for t in _initializers(out / g.file) if t.endswith(names.QGEMM_SMOOTH_SUFFIX)}
     assert len(smooth) == 7 * layers and all(t.startswith("layers.") for t in smooth)
+    from typer.testing import CliRunner
+
+    from skin_offline.cli import app
+
+    info = CliRunner().invoke(app, ["info", str(out)])
+    assert info.exit_code == 0 and f"smoothed (alpha {SMOOTH_ALPHA}, {7 * layers} weights)" in info.output
     v = verify_against_checkpoint(out, llava_model.ckpt, log=lambda s: None)
     assert v["passed"] and v["graphs"][g.file]["layers_checked"] == layers
     assert v["graphs"][g.file]["max_layer_rel_diff"] < 1e-4  # exact mode: x / s @ (codes x scales) in fp32

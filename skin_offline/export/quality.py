@@ -453,6 +453,10 @@ def logit_metrics(ref: np.ndarray, got: np.ndarray) -> dict:
 # --- for `skin-offline info` ----------------------------------------------------------------------------
 def format_details(details: dict) -> str:
     """A graph variant's quantization details in one short phrase ('' for none)."""
+    if details.get("op") == "DynamicQuantizeMatMul":  # a QGEMM graph (the int8 prefill graph, the int8 tower)
+        smooth = details.get("smoothing")
+        extra = f", smoothed (alpha {smooth['alpha']}, {smooth['weights']} weights)" if smooth else ""
+        return f"[int8 per-column weights, per-tensor activations{extra}]"
     if "bits" not in details:
         return ""
     parts = [
