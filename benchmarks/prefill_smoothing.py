@@ -25,9 +25,11 @@ def main() -> None:
     a = ap.parse_args()
 
     import shutil
+    from dataclasses import replace
 
     from skin_offline import names
     from skin_offline.export import prefill_gate as pg
+    from skin_offline.export.codecs import QGemm
     from skin_offline.export.layerstream import GraphStack
     from skin_offline.export.quantize import QuantConfig, encode_cut, quantize_bundle
     from skin_offline.manifest import Flavor, Kernel, Manifest, Precision
@@ -48,9 +50,12 @@ def main() -> None:
     dec32 = s.pick(names.ROLE_DECODER, Precision.FP32, Flavor.CONTRIB)
     decode = next(g for g in m.variants(names.ROLE_DECODER) if g.kernel != Kernel.QGEMM)
     groups = _groups(src, s, a.threads)
+    plain = replace(
+        seen["plan"], codecs={w: QGemm() if isinstance(c, QGemm) else c for w, c in seen["plan"].codecs.items()}
+    )
     rows = []
     for alpha in [None, *a.alphas]:
-        plan = seen["plan"] if alpha is None else real(seen["plan"], seen["act_absmax"], alpha)
+        plan = plain if alpha is None else real(seen["plan"], seen["act_absmax"], alpha)
         t = time.perf_counter()
         cand = GraphStack(
             a.out / plan.dst_name, a.threads, model=plan.source.model, fill=lambda c, p=plan: encode_cut(p, c)

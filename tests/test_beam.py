@@ -194,7 +194,11 @@ def test_cancelled_beam_request_frees_its_rows_and_leaves_others_unchanged(llava
         img = random_image(60)
         solo = m.ask(img, "Describe the border.", max_new_tokens=40).token_ids
         other = m.engine.submit(m.prepare(img, "Describe the border.", max_new_tokens=40))
-        beam = m.engine.submit(m.prepare_beam(random_image(61), QUESTION, num_beams=5, max_new_tokens=200))
+        # as long as the context allows (1000 forced tokens: seconds even on a fast machine), so the cancel lands
+        # mid-search
+        beam = m.engine.submit(
+            m.prepare_beam(random_image(61), QUESTION, num_beams=5, max_new_tokens=1000, min_new_tokens=1000)
+        )
         stop = threading.Timer(0.3, beam.cancel)
         stop.start()
         last = list(beam)[-1]

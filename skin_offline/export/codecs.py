@@ -119,19 +119,27 @@ def smooth_factors(act_absmax: np.ndarray, w: np.ndarray, alpha: float) -> np.nd
 
 @dataclass(frozen=True)
 class QGemm:
-    """Symmetric int8 per output column (zero point 0), codes in [-QGEMM_MAX_CODE, QGEMM_MAX_CODE]; with `act_absmax`
-    (the calibrated pass's max |x| per input channel), smoothed: see smooth_factors."""
+    """Symmetric int8 per output column (zero point 0), codes in [-QGEMM_MAX_CODE, QGEMM_MAX_CODE]; `smooth`ed (see
+    smooth_factors) with `act_absmax`, the calibrated pass's max |x| per input channel. A plan marks the weights to
+    smooth before the pass has run (the dry run counts their divisors); prefill_gate.smoothed hands them the statistics."""
 
     act_absmax: np.ndarray | None = field(default=None, compare=False, repr=False)  # [K] fp32
     alpha: float = SMOOTH_ALPHA
+    smooth: bool = False  # set by act_absmax
     kernel = Kernel.QGEMM
 
+    def __post_init__(self):
+        if self.act_absmax is not None:
+            object.__setattr__(self, "smooth", True)
+
     def encode(self, name: str, w: np.ndarray) -> Tensors:
+        if self.smooth and self.act_absmax is None:
+            raise ValueError(f"{name}: smoothing needs the calibrated pass's statistics (prefill_gate.smoothed)")
         s = None if self.act_absmax is None else smooth_factors(self.act_absmax, w, self.alpha)
         return qgemm_tensors(name, w, s)
 
     def nbytes(self, k: int, n: int) -> list[int]:
-        return [k * n, 4 * n] + ([4 * k] if self.act_absmax is not None else [])
+        return [k * n, 4 * n] + ([4 * k] if self.smooth else [])
 
     def nodes(self, x: str, out: str, node_name: str, tensors: Tensors, k: int, n: int) -> list[NodeProto]:
         # inputs: A, B (int8 [K,N]), b_scale [N]; no b_zero_point (symmetric) and no bias

@@ -141,14 +141,15 @@ def defer_prefill(plans: list[GraphPlan]) -> tuple[list[GraphPlan], GraphPlan | 
 
 
 def smoothed(plan: GraphPlan | None, act_absmax: dict[str, np.ndarray], alpha: float | None = None) -> GraphPlan | None:
-    """The prefill plan with each weight the calibrated pass saw smoothed by that pass's activation statistics
-    (codecs.smooth_factors: what per-tensor activation scales need on a trained model); the rest (lm_head) as is."""
+    """The prefill plan with each weight it marks for smoothing (those the calibrated pass quantizes) given that pass's
+    activation statistics (codecs.smooth_factors: what per-tensor activation scales need on a trained model); the
+    rest (lm_head) as is."""
     from .codecs import SMOOTH_ALPHA, QGemm
 
-    if plan is None or not act_absmax:
+    if plan is None:
         return plan
     a = SMOOTH_ALPHA if alpha is None else alpha
-    codecs = {w: QGemm(act_absmax[w], a) if w in act_absmax else c for w, c in plan.codecs.items()}
+    codecs = {w: QGemm(act_absmax[w], a) if isinstance(c, QGemm) and c.smooth else c for w, c in plan.codecs.items()}
     return replace(plan, codecs=codecs)
 
 

@@ -280,7 +280,10 @@ def plan_graph(
             t = next(t for t in model.graph.initializer if t.name == wname)
             k, n = t.dims
             if kernel == Kernel.QGEMM:
-                codecs[wname] = QGemm()
+                # a hybrid's prefill graph is smoothed with the calibrated pass's statistics (prefill_gate.smoothed);
+                # the int8-only tier's one graph has no such pass before it
+                smooth = cfg.calibrated and cfg.precision == Precision.INT4 and calibrated_weight(wname)
+                codecs[wname] = QGemm(smooth=smooth)
             else:
                 p = lm_head if (lm_head is not None and node.output[0] == names.LOGITS) else precision
                 if p not in _BITS:
