@@ -39,8 +39,8 @@ def main() -> None:
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("extra", nargs="*")
-    a = ap.parse_args()
+    a, extra = ap.parse_known_args()  # after `--`: export options (argparse's nargs="*" positional refuses them)
+    a.extra = [x for x in extra if x != "--"]
     cli = [
         sys.executable,
         "-m",
