@@ -113,7 +113,12 @@ class StoredWeights:
             codec = NBits(bits, bs, symmetric, scale_search=self.nbits_search)
             stored_as = f"int{bits} block {bs}" + ("" if symmetric else " asym")
         res = WeightCheck(name, stored_as, int(w.size))
-        for tname, want in codec.encode(name, np.ascontiguousarray(w.T, np.float32)):  # [K,N] as the graph's MatMul
+        # [K,N] as the graph's MatMul
+        return self._compare(res, codec.encode(name, np.ascontiguousarray(w.T, np.float32)), kind == "nbits4")
+
+    def _compare(self, res: WeightCheck, tensors, int4: bool) -> WeightCheck:
+        """The stored tensors against `tensors` (name, expected array), counted into `res`."""
+        for tname, want in tensors:
             if tname not in self.inits:
                 res.missing = True
                 continue
@@ -124,8 +129,7 @@ class StoredWeights:
                 if tname.endswith(names.Q_SCALES_SUFFIX):
                     res.bad_scales += int((got != want).sum())
                 else:  # count values, not bytes (two int4 codes share a byte)
-                    per_byte = 2 if kind == "nbits4" else 1
-                    g, x = (_unpack(a.reshape(a.shape[0], -1), 4) if per_byte == 2 else a for a in (got, want))
+                    g, x = (_unpack(a.reshape(a.shape[0], -1), 4) if int4 else a for a in (got, want))
                     res.mismatched += int((g != x).sum())
         return res
 
@@ -144,19 +148,7 @@ class StoredWeights:
         ):
             res.mismatched = res.values
             return res
-        for tname, want in qgemm_tensors(name, wt, smooth):
-            if tname not in self.inits:
-                res.missing = True
-                continue
-            got = self.read(tname)
-            if got.shape != want.shape or got.dtype != want.dtype:
-                res.mismatched = res.values
-            elif not np.array_equal(got, want):
-                if tname.endswith(names.Q_SCALES_SUFFIX):
-                    res.bad_scales += int((got != want).sum())
-                else:
-                    res.mismatched += int((got != want).sum())
-        return res
+        return self._compare(res, qgemm_tensors(name, wt, smooth), int4=False)
 
     def _check_calibrated(self, name: str, w: np.ndarray, bits: int) -> WeightCheck:
         """A calibrated weight (export/calibrate.py): its codes depend on the calibration activations, so they are
